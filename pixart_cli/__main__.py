@@ -1,0 +1,3 @@
+from pixart_cli.cli import main
+
+main()

@@ -1,0 +1,264 @@
+"""The `pixart` command: parse options, call a stage function, print. No torch at import time."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pixart_cli import __version__, options
+from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError
+from pixart_cli.output import Output
+
+app = typer.Typer(
+    name="pixart",
+    help="Run PixArt text-to-image models in memory-staged steps: encode (T5) → denoise (transformer) → "
+         "decode (VAE). Each stage loads only its own model. stdout carries only the written paths.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised inside the work so that temp files are cleaned up on the way out."""
+
+
+def _on_sigterm(signum, frame):
+    raise _Terminated()
+
+
+def _run(out: Output, work: Callable[[], None]) -> None:
+    """Run one command's work; turn every failure into one line and an exit code (traceback: PIXART_DEBUG=1)."""
+    debug = os.environ.get("PIXART_DEBUG") == "1"
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    from pixart_cli import runtime
+
+    runtime.quiet_libraries()
+    runtime.lean_imports()
+    try:
+        work()
+    except (Exception, KeyboardInterrupt, _Terminated) as error:  # the edge: one line, not a traceback
+        code, message = _failure(error)
+        if debug:
+            traceback.print_exception(error)
+        out.error(message)
+        raise typer.Exit(code) from None
+    out.close()
+
+
+def _failure(error: BaseException) -> tuple[int, str]:
+    """Exit code and one-line message for any failure."""
+    if isinstance(error, PixartError):
+        return error.exit_code, str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_SIGINT, "interrupted; no output was written"
+    if isinstance(error, _Terminated):
+        return EXIT_SIGTERM, "terminated; no output was written"
+    return EXIT_RUNTIME, _unexpected(error)
+
+
+def _unexpected(error: Exception) -> str:
+    if type(error).__name__ == "OutOfMemoryError":
+        return ("out of device memory; pass a smaller --vram budget (for example --vram 4GB), use --dtype fp16, "
+                "or --device cpu")
+    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"{type(error).__name__}: {detail} (run with PIXART_DEBUG=1 for the traceback)"
+
+
+def _model(model: Optional[str]) -> str:
+    from pixart_cli.models import default_model
+
+    return default_model() if model is None else model
+
+
+def _check_common(device: str, dtype: str) -> None:
+    from pixart_cli.runtime import check_device, check_dtype
+
+    check_device(device)
+    check_dtype(dtype)
+
+
+def _write_images(out: Output, images: list, meta: dict, output: Path) -> None:
+    from pixart_cli import artifacts
+
+    for index, (image, path) in enumerate(zip(images, artifacts.output_paths(output, len(images)))):
+        parameters, settings = artifacts.image_metadata(meta, index)
+        out.wrote(artifacts.save_image(path, image, parameters, settings))
+
+
+def _check_image_outputs(output: Path, count: int, inputs: tuple[Path, ...] = ()) -> None:
+    from pixart_cli import artifacts
+
+    for path in artifacts.output_paths(output, count):
+        artifacts.require_writable(path, "--output", inputs)
+
+
+def _note_seeds(out: Output, meta: dict) -> None:
+    seeds = meta["seeds"]
+    text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]}"
+    out.note(f"seed: {text}", seeds=seeds)
+
+
+@app.command()
+def encode(
+    prompts: options.Prompts,
+    output: options.output_option("embeddings") = Path("embeddings.pt"),
+    negative_prompt: options.NegativePrompt = "",
+    model: options.Model = None,
+    max_sequence_length: options.MaxSequenceLength = None,
+    clean_caption: options.CleanCaption = True,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    quiet: options.Quiet = False,
+    json: options.Json = False,
+) -> None:
+    """Encode prompts with the T5 text encoder only → embeddings.pt."""
+    out = Output("encode", quiet, json)
+
+    def work():
+        from pixart_cli import artifacts
+        from pixart_cli.encode import check_inputs, encode
+
+        _check_common(device, dtype)
+        check_inputs(prompts, negative_prompt, max_sequence_length, clean_caption)
+        artifacts.require_writable(output, "--output")
+        embeddings = encode(prompts, model=_model(model), negative_prompt=negative_prompt, device=device,
+                            dtype=dtype, max_sequence_length=max_sequence_length, clean_caption=clean_caption,
+                            progress=out.progress)
+        out.wrote(artifacts.save(output, embeddings))
+
+    _run(out, work)
+
+
+@app.command()
+def denoise(
+    embeddings: Annotated[Path, typer.Argument(help="Embeddings file written by `pixart encode`.")],
+    output: options.output_option("latents") = Path("latents.pt"),
+    model: options.ModelFromFile = None,
+    steps: options.Steps = None,
+    guidance_scale: options.GuidanceScale = None,
+    seed: options.Seed = None,
+    width: options.Width = None,
+    height: options.Height = None,
+    no_binning: options.NoBinning = False,
+    num_images: options.NumImages = 1,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    quiet: options.Quiet = False,
+    json: options.Json = False,
+) -> None:
+    """Denoise with the transformer and scheduler only → latents.pt."""
+    out = Output("denoise", quiet, json)
+
+    def work():
+        from pixart_cli import artifacts
+        from pixart_cli.denoise import check_inputs, denoise
+
+        _check_common(device, dtype)
+        check_inputs(steps, guidance_scale, seed, width, height, num_images)
+        artifacts.require_writable(output, "--output", (embeddings,))
+        loaded = artifacts.load_embeddings(embeddings)
+        latents = denoise(loaded, model=model, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
+                          height=height, binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
+                          source_path=str(embeddings), progress=out.progress)
+        _note_seeds(out, latents.meta)
+        out.wrote(artifacts.save(output, latents))
+
+    _run(out, work)
+
+
+@app.command()
+def decode(
+    latents: Annotated[Path, typer.Argument(help="Latents file written by `pixart denoise`.")],
+    output: options.output_option("image (several: out-0.png, out-1.png, ...; DIR/ works)") = Path("image.png"),
+    model: options.ModelFromFile = None,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    quiet: options.Quiet = False,
+    json: options.Json = False,
+) -> None:
+    """Decode latents with the VAE only → image.png."""
+    out = Output("decode", quiet, json)
+
+    def work():
+        from pixart_cli import artifacts
+        from pixart_cli.decode import decode
+
+        _check_common(device, dtype)
+        loaded = artifacts.load_latents(latents)
+        _check_image_outputs(output, loaded.latents.shape[0], (latents,))
+        images = decode(loaded, model=model, device=device, dtype=dtype, source_path=str(latents),
+                        progress=out.progress)
+        _write_images(out, images, loaded.meta, output)
+
+    _run(out, work)
+
+
+@app.command()
+def generate(
+    prompts: options.Prompts,
+    output: options.output_option("image (several: out-0.png, out-1.png, ...; DIR/ works)") = Path("image.png"),
+    negative_prompt: options.NegativePrompt = "",
+    model: options.Model = None,
+    steps: options.Steps = None,
+    guidance_scale: options.GuidanceScale = None,
+    seed: options.Seed = None,
+    width: options.Width = None,
+    height: options.Height = None,
+    no_binning: options.NoBinning = False,
+    num_images: options.NumImages = 1,
+    max_sequence_length: options.MaxSequenceLength = None,
+    clean_caption: options.CleanCaption = True,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    quiet: options.Quiet = False,
+    json: options.Json = False,
+) -> None:
+    """encode → denoise → decode in one process, freeing each model before the next loads."""
+    out = Output("generate", quiet, json)
+
+    def work():
+        from pixart_cli.generate import generate
+
+        _check_common(device, dtype)
+        _check_image_outputs(output, len(prompts) * max(num_images, 1))
+        images, meta = generate(prompts, model=_model(model), negative_prompt=negative_prompt, steps=steps,
+                                guidance_scale=guidance_scale, seed=seed, width=width, height=height,
+                                binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
+                                max_sequence_length=max_sequence_length, clean_caption=clean_caption,
+                                progress=out.progress)
+        _note_seeds(out, meta)
+        _write_images(out, images, meta, output)
+
+    _run(out, work)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"pixart-cli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Show the version and exit.")] = False,
+) -> None:
+    """Run PixArt text-to-image models in memory-staged steps."""
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app(prog_name="pixart")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

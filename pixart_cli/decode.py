@@ -1,0 +1,60 @@
+"""Stage 3: latents -> images. Loads only the VAE."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pixart_cli import artifacts, runtime
+from pixart_cli.errors import bad_file
+from pixart_cli.models import Model, load_component
+
+Progress = Callable[[str, int, int], None]
+
+
+def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
+    """Latents must match this VAE's channels and scale; checked on its config before the weights load."""
+    channels = source.config("vae").get("latent_channels", 4)
+    found = latents.latents.shape[1]
+    if found != channels:
+        raise bad_file(path, f"latents have {found} channels but the VAE of {source.id} takes {channels}")
+    scale = source.vae_scale_factor
+    height, width = latents.meta["height"], latents.meta["width"]
+    if latents.latents.shape[2] * scale != height or latents.latents.shape[3] * scale != width:
+        raise bad_file(path, f"latents {list(latents.latents.shape)} do not decode to the recorded "
+                             f"{width}x{height} with this VAE (x{scale})")
+
+
+def decode(latents: artifacts.Latents, *, model: str | None = None, device: str = "auto", dtype: str = "auto",
+           source_path: str = "latents", progress: Progress | None = None) -> list:
+    """Decode latents [N, 4, h, w] to N PIL images at the requested size (binning undone, as the pipeline does)."""
+    import torch
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import PixArtImageProcessor
+
+    # 1. Check the latents against the VAE config
+    meta = latents.meta
+    source = Model(meta["model"] if model is None else model, meta.get("revision") if model is None else None)
+    check_fits(latents, source, source_path)
+    torch_device = runtime.resolve_device(device)
+    torch_dtype = runtime.resolve_dtype(dtype, torch_device)
+
+    # 2. Load the VAE only
+    vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=torch_dtype)
+    vae.to(torch_device).eval()
+    processor = PixArtImageProcessor(vae_scale_factor=source.vae_scale_factor)
+    resize = (meta["requested_height"], meta["requested_width"]) != (meta["height"], meta["width"])
+
+    # 3. Decode one image at a time: the activations at 1024² dominate this stage's memory
+    images = []
+    with torch.inference_mode():
+        for index in range(latents.latents.shape[0]):
+            sample = latents.latents[index:index + 1].to(torch_device, torch_dtype) / vae.config.scaling_factor
+            image = vae.decode(sample, return_dict=False)[0]
+            if resize:
+                image = processor.resize_and_crop_tensor(image, meta["requested_width"], meta["requested_height"])
+            images.extend(processor.postprocess(image.float(), output_type="pil"))
+            if progress:
+                progress("decode", index + 1, latents.latents.shape[0])
+    del vae
+    runtime.free(torch_device)
+    return images

@@ -1,0 +1,143 @@
+"""Stage 2: embeddings -> latents. Loads only the transformer and the scheduler."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+
+from pixart_cli import artifacts, runtime
+from pixart_cli.errors import PixartError, bad_file
+from pixart_cli.models import Model, load_component, stage_pipeline
+
+Progress = Callable[[str, int, int], None]
+MAX_SEED = 2**32 - 1
+# With one step the pipeline returns the scheduler's pred_original_sample (step(...)[1]); these don't give one.
+NO_SINGLE_STEP = {"DPMSolverMultistepScheduler", "SASolverScheduler"}
+
+
+def check_inputs(steps: int | None, guidance_scale: float | None, seed: int | None, width: int | None,
+                 height: int | None, num_images: int) -> None:
+    """Reject bad settings before anything loads (each message names the flag and the fix)."""
+    if steps is not None and steps < 1:
+        raise PixartError(f"--steps {steps}: must be at least 1")
+    if guidance_scale is not None and not guidance_scale >= 0:  # also rejects NaN
+        raise PixartError(f"--guidance-scale {guidance_scale}: must be 0 or more")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise PixartError(f"--seed {seed}: must be between 0 and {MAX_SEED}")
+    for flag, value in (("--width", width), ("--height", height)):
+        if value is not None and (value < 8 or value % 8):
+            raise PixartError(f"{flag} {value}: must be a positive multiple of 8")
+    if num_images < 1:
+        raise PixartError(f"--num-images {num_images}: must be at least 1")
+
+
+def check_fits(embeddings: artifacts.Embeddings, source: Model, path: str, width: int, height: int) -> None:
+    """The embeddings and the size must suit this transformer; checked on its config before any weights load."""
+    caption_channels = source.config("transformer").get("caption_channels")
+    width_found = embeddings.prompt_embeds.shape[-1]
+    if caption_channels is not None and width_found != caption_channels:
+        raise bad_file(path, f"embeddings are {width_found} wide but {source.id} takes {caption_channels}; "
+                             "encode with the same model family")
+    limit = 4 * source.native_size
+    for flag, value in (("--width", width), ("--height", height)):
+        if value > limit:
+            raise PixartError(f"{flag} {value}: beyond this model's maximum of {limit} (4x its native "
+                              f"{source.native_size}); use a smaller size")
+
+
+def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps: int | None = None,
+            guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
+            height: int | None = None, binning: bool = True, num_images: int = 1, device: str = "auto",
+            dtype: str = "auto", source_path: str = "embeddings", progress: Progress | None = None
+            ) -> artifacts.Latents:
+    """Run the pipeline's denoising loop on stored embeddings.
+
+    embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
+    Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
+    """
+    import torch
+    from diffusers import PixArtTransformer2DModel
+    from diffusers.schedulers import SchedulerMixin
+
+    # 1. Check inputs against the model's configs; fill each default from the model's family
+    check_inputs(steps, guidance_scale, seed, width, height, num_images)
+    meta_in = embeddings.meta
+    source = Model(meta_in["model"] if model is None else model, meta_in.get("revision") if model is None else None)
+    family = source.family
+    requested_width = source.native_size if width is None else width
+    requested_height = source.native_size if height is None else height
+    check_fits(embeddings, source, source_path, requested_width, requested_height)
+    timesteps = list(family.timesteps) if steps is None and family.timesteps else None
+    steps = family.steps if steps is None else steps
+    scheduler_name = source.config("scheduler").get("_class_name", "")
+    if steps == 1 and not timesteps and scheduler_name in NO_SINGLE_STEP:
+        raise PixartError(f"--steps 1: {scheduler_name} cannot take a single step in the PixArt pipeline; "
+                          "use --steps 2 or more (one-step models such as DMD use their own scheduler)")
+    guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale
+    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
+    torch_device = runtime.resolve_device(device)
+    torch_dtype = runtime.resolve_dtype(dtype, torch_device)
+
+    # 2. Resolution binning, as the pipeline does it; models without a bin table keep the requested size
+    table = source.bin_table if binning else None
+    if table is not None:
+        from diffusers.image_processor import PixArtImageProcessor
+
+        height, width = PixArtImageProcessor.classify_height_width_bin(requested_height, requested_width, table)
+    else:
+        height, width = requested_height, requested_width
+
+    # 3. Load the transformer and scheduler only
+    transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
+                                 dtype=torch_dtype)
+    transformer.to(torch_device).eval()
+    scheduler_class = _scheduler_class(source)
+    scheduler = load_component(source, "scheduler", scheduler_class.from_pretrained)
+    assert isinstance(scheduler, SchedulerMixin)
+    pipe = stage_pipeline(source, transformer=transformer, scheduler=scheduler)
+
+    # 4. Denoise: one CPU generator per image, seeds seed, seed+1, ...
+    batch = embeddings.prompt_embeds.shape[0] * num_images
+    seeds = [seed + index for index in range(batch)]
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    total = len(timesteps) if timesteps else steps
+
+    def on_step(step: int, timestep, latents) -> None:
+        if progress:
+            progress("denoise", step + 1, total)
+
+    tensors = {key: value.to(torch_device) for key, value in embeddings.tensors().items()}
+    with torch.inference_mode():
+        latents = pipe(prompt=None, negative_prompt=None, **tensors, num_inference_steps=None if timesteps else steps,
+                       timesteps=timesteps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
+                       height=height, width=width, generator=generators, output_type="latent",
+                       use_resolution_binning=False, callback=on_step, return_dict=False)[0]
+    latents = latents.cpu()
+    del pipe, transformer, tensors
+    runtime.free(torch_device)
+
+    # 5. Record everything decode and a reader of the file need
+    prompts = [p for p in meta_in["prompts"] for _ in range(num_images)]
+    meta = {
+        "format": artifacts.LATENTS_FORMAT, "version": artifacts.FORMAT_VERSION,
+        "model": source.id, "revision": source.revision, "family": family.name,
+        "dtype": runtime.dtype_name(torch_dtype), "prompts": prompts,
+        "negative_prompt": meta_in.get("negative_prompt", ""), "seeds": seeds, "steps": steps,
+        "timesteps": timesteps, "guidance_scale": float(guidance_scale), "scheduler": type(scheduler).__name__,
+        "height": height, "width": width, "requested_height": requested_height, "requested_width": requested_width,
+        "binned": table is not None, "clean_caption": meta_in.get("clean_caption"),
+        "max_sequence_length": meta_in.get("max_sequence_length"),
+    }
+    return artifacts.Latents(latents, meta)
+
+
+def _scheduler_class(source: Model):
+    """The scheduler class named in the model's scheduler config."""
+    import diffusers
+
+    name = source.config("scheduler").get("_class_name", "")
+    scheduler_class = getattr(diffusers, name, None)
+    if scheduler_class is None:
+        raise PixartError(f"--model {source.id}: unknown scheduler class {name!r} in scheduler/scheduler_config.json",
+                          1)
+    return scheduler_class

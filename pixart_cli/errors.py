@@ -1,0 +1,22 @@
+"""The one error type of pixart-cli. The CLI turns it into one line on stderr and its exit code."""
+
+from __future__ import annotations
+
+# Exit codes, as scripts see them.
+EXIT_RUNTIME = 1  # the work failed: out of memory, model missing, broken model folder
+EXIT_USAGE = 2  # bad input: an option, a prompt, a file; nothing was loaded or written
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class PixartError(Exception):
+    """A failure the user can fix. ``str(error)`` is the single line shown; it names the value and the fix."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def bad_file(path, problem: str) -> PixartError:
+    """An input file that cannot be used: the line names the file first."""
+    return PixartError(f"{path}: {problem}")

@@ -1,0 +1,31 @@
+"""All three stages in one process: the same stage functions, each model freed before the next loads."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from pixart_cli.decode import decode
+from pixart_cli.denoise import check_inputs as check_denoise_inputs
+from pixart_cli.denoise import denoise
+from pixart_cli.encode import check_inputs as check_encode_inputs
+from pixart_cli.encode import encode
+
+Progress = Callable[[str, int, int], None]
+
+
+def generate(prompts: Sequence[str], *, model: str, negative_prompt: str = "", steps: int | None = None,
+             guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
+             height: int | None = None, binning: bool = True, num_images: int = 1, device: str = "auto",
+             dtype: str = "auto", max_sequence_length: int | None = None, clean_caption: bool = True,
+             progress: Progress | None = None):
+    """prompts -> (images, latents meta). Each stage's model is dropped when its function returns."""
+    # Every option is checked before the first (slowest) model loads.
+    check_encode_inputs(list(prompts), negative_prompt, max_sequence_length, clean_caption)
+    check_denoise_inputs(steps, guidance_scale, seed, width, height, num_images)
+    embeddings = encode(prompts, model=model, negative_prompt=negative_prompt, device=device, dtype=dtype,
+                        max_sequence_length=max_sequence_length, clean_caption=clean_caption, progress=progress)
+    latents = denoise(embeddings, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
+                      height=height, binning=binning, num_images=num_images, device=device, dtype=dtype,
+                      progress=progress)
+    images = decode(latents, device=device, dtype=dtype, progress=progress)
+    return images, latents.meta

@@ -1,0 +1,202 @@
+"""Model folders and families: where a component lives, what its config says, and each family's defaults.
+
+Model facts come from the configs (``model_index.json``, ``transformer/config.json``, ...), never from
+constants, so tiny test models and the real checkpoints go through the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pixart_cli.errors import EXIT_RUNTIME, PixartError
+
+DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
+MODEL_ENV = "PIXART_MODEL"
+
+
+@dataclass(frozen=True)
+class Family:
+    """Defaults of one PixArt family; the user's flags always win over them."""
+
+    name: str
+    pipeline: str  # diffusers pipeline class whose methods each stage reuses
+    steps: int
+    guidance_scale: float
+    max_sequence_length: int
+    timesteps: tuple[int, ...] | None = None  # a fixed schedule (one-step models) replaces `steps`
+
+
+FAMILIES = {
+    "alpha": Family("alpha", "PixArtAlphaPipeline", steps=20, guidance_scale=4.5, max_sequence_length=120),
+    "sigma": Family("sigma", "PixArtSigmaPipeline", steps=20, guidance_scale=4.5, max_sequence_length=300),
+    "lcm": Family("lcm", "PixArtAlphaPipeline", steps=4, guidance_scale=0.0, max_sequence_length=120),
+    "dmd": Family("dmd", "PixArtAlphaPipeline", steps=1, guidance_scale=1.0, max_sequence_length=120,
+                  timesteps=(400,)),
+}
+
+# Transformer sample_size -> the resolution-binning table the pipelines use for it.
+BIN_TABLES = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
+              32: "ASPECT_RATIO_256_BIN"}
+
+
+def default_model() -> str:
+    """The model used when --model is not given: $PIXART_MODEL, else the PixArt-α 1024 checkpoint."""
+    return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def _looks_local(model: str) -> bool:
+    """A folder that exists, or anything that cannot be a hub id ("owner/name"), is a local path."""
+    return os.path.isdir(model) or not _HUB_ID.match(model)
+
+
+class Model:
+    """One model, a local diffusers folder or a Hugging Face id, read one component at a time."""
+
+    def __init__(self, model: str, revision: str | None = None):
+        self.id = model
+        self.revision = revision
+        self.local = _looks_local(model)
+        if self.local:
+            folder = Path(model).expanduser()
+            if not folder.is_dir():
+                raise PixartError(f"--model {model}: no such folder; give a diffusers model folder or a Hugging Face id")
+            if not (folder / "model_index.json").is_file():
+                raise PixartError(f"--model {model}: not a diffusers model folder (no model_index.json)")
+            self.root = folder
+        self._configs: dict[str, dict] = {}
+
+    def __repr__(self) -> str:
+        return f"Model({self.id!r})"
+
+    def file(self, relative: str) -> Path:
+        """Local path of one file of the model, downloading it (once) for a hub id."""
+        if self.local:
+            path = self.root / relative
+            if not path.is_file():
+                raise PixartError(f"--model {self.id}: {relative} is missing; the model folder is incomplete",
+                                  EXIT_RUNTIME)
+            return path
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.id, relative, revision=self.revision))
+        except Exception as error:  # offline, unknown repo, gated: one line either way
+            raise model_unavailable(self.id, error) from error
+
+    def config(self, component: str | None) -> dict:
+        """A component's config.json (``None``: model_index.json), parsed."""
+        name = "model_index.json" if component is None else f"{component}/{_config_name(component)}"
+        if name not in self._configs:
+            path = self.file(name)
+            try:
+                self._configs[name] = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                raise PixartError(f"--model {self.id}: {name} is broken ({error})", EXIT_RUNTIME) from error
+        return self._configs[name]
+
+    def load_args(self, component: str) -> dict:
+        """Keyword arguments for ``from_pretrained`` of one component."""
+        source = str(self.root) if self.local else self.id
+        return {"pretrained_model_name_or_path": source, "subfolder": component, "revision": self.revision}
+
+    # --- facts read from the configs -------------------------------------------------------------------
+    @property
+    def family(self) -> Family:
+        """The family, from the pipeline class, the scheduler and the transformer config."""
+        pipeline = self.config(None).get("_class_name", "")
+        if pipeline == "PixArtSigmaPipeline":
+            return FAMILIES["sigma"]
+        scheduler = self.config("scheduler").get("_class_name", "")
+        if scheduler == "LCMScheduler":
+            return FAMILIES["lcm"]
+        if scheduler == "DDPMScheduler":
+            return FAMILIES["dmd"]
+        return FAMILIES["alpha"]
+
+    @property
+    def sample_size(self) -> int:
+        """Latent side of the transformer's native resolution."""
+        return int(self.config("transformer")["sample_size"])
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Pixels per latent, as the pipelines compute it."""
+        return 2 ** (len(self.config("vae")["block_out_channels"]) - 1)
+
+    @property
+    def native_size(self) -> int:
+        """Native image side in pixels (1024 for PixArt-XL-2-1024-MS)."""
+        return self.sample_size * self.vae_scale_factor
+
+    @property
+    def bin_table(self) -> dict[str, list[float]] | None:
+        """The pipeline's aspect-ratio bins for this transformer, or None where it has none."""
+        name = BIN_TABLES.get(self.sample_size)
+        if name is None:
+            return None
+        if name == "ASPECT_RATIO_2048_BIN":
+            from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as module
+        else:
+            from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as module
+        return getattr(module, name)
+
+
+def _config_name(component: str) -> str:
+    return {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(component, "config.json")
+
+
+def model_unavailable(model: str, error: Exception) -> PixartError:
+    """The line for a hub model that cannot be had (offline, unknown, gated)."""
+    reason = type(error).__name__
+    return PixartError(
+        f"--model {model}: not in the local Hugging Face cache and could not be downloaded ({reason}); "
+        f"download it once with `hf download {model}` while online, or point --model at a local diffusers folder",
+        EXIT_RUNTIME,
+    )
+
+
+def pipeline_class(family: Family):
+    """The diffusers pipeline class whose methods a stage borrows (imported only when a stage runs)."""
+    import diffusers
+
+    return getattr(diffusers, family.pipeline)
+
+
+def stage_pipeline(model: Model, **components):
+    """A pipeline holding only one stage's components (the others None), to reuse its methods unchanged.
+
+    Its ``vae_scale_factor`` and image processor come from the VAE config, as if the VAE were loaded.
+    """
+    names = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
+    pipe = pipeline_class(model.family)(**{name: components.get(name) for name in names})
+    if components.get("vae") is None:
+        from diffusers.image_processor import PixArtImageProcessor
+
+        pipe.vae_scale_factor = model.vae_scale_factor
+        pipe.image_processor = PixArtImageProcessor(vae_scale_factor=model.vae_scale_factor)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_component(model: Model, component: str, load, **kwargs):
+    """``load(**from_pretrained args)`` with a broken or missing model turned into one line."""
+    try:
+        return load(**model.load_args(component), **kwargs)
+    except PixartError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as error:
+        if type(error).__name__ == "OutOfMemoryError":
+            raise
+        message = str(error).lower()
+        if not model.local and ("offline" in message or "connect" in message or "not found" in message):
+            raise model_unavailable(model.id, error) from error
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise PixartError(f"--model {model.id}: cannot load {component}/ ({detail}); the model folder may be "
+                          "damaged: download it again", EXIT_RUNTIME) from error

@@ -1,0 +1,49 @@
+"""Options shared by the commands, defined once. ``None`` means "not given": the stage picks the default.
+
+No torch here: ``pixart --help`` must stay instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pixart_cli.models import DEFAULT_MODEL, MODEL_ENV
+
+MODEL_HELP = (f"Hugging Face id or local diffusers folder [env: {MODEL_ENV}; default: {DEFAULT_MODEL}]. "
+              "A hub model is downloaded once on first use (about 20 GB for PixArt-XL-2-1024-MS).")
+
+Prompts = Annotated[list[str], typer.Argument(help="Text prompt(s); each gives one embedding.", show_default=False)]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)]
+ModelFromFile = Annotated[Optional[str], typer.Option(
+    "--model", "-m", help="Model folder or id [default: the one recorded in the input file].", show_default=False)]
+Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
+Dtype = Annotated[str, typer.Option(help="auto (fp16 on CUDA/MPS, fp32 on CPU), fp32, fp16 or bf16.")]
+NegativePrompt = Annotated[str, typer.Option("--negative-prompt", "-n", help="What to steer away from.")]
+MaxSequenceLength = Annotated[Optional[int], typer.Option(
+    help="Tokens per prompt, padded [default: the model's, 120 for PixArt-α, 300 for Σ].", show_default=False)]
+CleanCaption = Annotated[bool, typer.Option(
+    "--clean-caption/--no-clean-caption", help="Clean prompts as the diffusers pipeline does by default.")]
+Steps = Annotated[Optional[int], typer.Option(help="Denoising steps [default: the model's, 20].",
+                                              show_default=False)]
+GuidanceScale = Annotated[Optional[float], typer.Option(
+    "--guidance-scale", "-g", help="Classifier-free guidance; ≤1 turns it off [default: the model's, 4.5].",
+    show_default=False)]
+Seed = Annotated[Optional[int], typer.Option(help="Seed of image 1; image i gets seed+i [default: random, shown "
+                                                  "on stderr and recorded].", show_default=False)]
+Width = Annotated[Optional[int], typer.Option(help="Image width in pixels [default: the model's native size].",
+                                              show_default=False)]
+Height = Annotated[Optional[int], typer.Option(help="Image height in pixels [default: the model's native size].",
+                                               show_default=False)]
+NoBinning = Annotated[bool, typer.Option("--no-binning", help="Denoise at exactly --width x --height instead of "
+                                                              "the nearest trained aspect-ratio bin.")]
+NumImages = Annotated[int, typer.Option("--num-images", help="Images per prompt.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the written paths (or errors).")]
+Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of paths.")]
+
+
+def output_option(what: str):
+    """``-o/--output`` with a per-command default file name."""
+    return Annotated[Path, typer.Option("--output", "-o", help=f"Where to write the {what}.")]

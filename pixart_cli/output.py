@@ -1,0 +1,84 @@
+"""The one output sink: written paths on stdout (or one JSON document), everything else on stderr."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+class Output:
+    """Human mode prints each path on stdout and notes/progress on stderr; --quiet keeps only paths;
+    --json prints one JSON document on stdout at the end and keeps stderr for progress."""
+
+    def __init__(self, command: str, quiet: bool = False, as_json: bool = False):
+        self.command = command
+        self.quiet = quiet
+        self.as_json = as_json
+        self.record: dict = {"command": command, "outputs": []}
+        self._progress = None
+        self._tasks: dict[str, int] = {}
+        self._started: dict[str, float] = {}
+        self._console = None
+
+    @property
+    def console(self):
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False)
+        return self._console
+
+    def note(self, message: str, **fields) -> None:
+        """A line for people on stderr; ``fields`` also go into the JSON document."""
+        self.record.update(fields)
+        if not self.quiet:
+            self.console.print(message, markup=False)
+
+    def wrote(self, path) -> None:
+        """A file was written: its path goes to stdout (scripts read it)."""
+        self.record["outputs"].append(str(path))
+        if not self.as_json:
+            print(path, flush=True)
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        """Progress callback for the stage functions: a rich bar on a terminal, one line per stage otherwise."""
+        if self.quiet:
+            return
+        if stage not in self._started:
+            self._started[stage] = time.perf_counter()
+        if self.console.is_terminal:
+            if self._progress is None:
+                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+                self._progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
+                                          TimeElapsedColumn(), console=self.console, transient=False)
+                self._progress.start()
+            if stage not in self._tasks:
+                self._tasks[stage] = self._progress.add_task(stage, total=total)
+            self._progress.update(self._tasks[stage], completed=done, total=total)
+        elif done == total:
+            self.console.print(f"{stage}: {done}/{total} done in {time.perf_counter() - self._started[stage]:.1f} s",
+                               markup=False)
+
+    def close(self) -> None:
+        """Stop the progress display and, in JSON mode, print the document."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        if self.as_json:
+            print(json.dumps(self.record, indent=2, default=str), flush=True)
+
+    def error(self, message: str) -> None:
+        """The single red line of a failure; shown even with --quiet."""
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+        self.console.print(f"[bold red]error:[/] {_escape(message)}", soft_wrap=True)
+        sys.stderr.flush()
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)

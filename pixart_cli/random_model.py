@@ -1,0 +1,163 @@
+"""Build a random-weight PixArt-α model folder in the diffusers layout.
+
+No weights can be downloaded where this project is built, so the tests, `make demo` and the GPU
+benchmark all run on models made here:
+
+* ``tiny``: a few MB, built on the CPU in about a second. Its tokenizer is a sentencepiece model
+  trained on the spot and saved the way the real checkpoint ships it (``spiece.model``, no
+  ``tokenizer.json``).
+* ``full``: the PixArt-XL-2-1024-MS architecture at full size (T5-v1.1-XXL, 28-layer DiT, SD VAE),
+  for memory and speed measurements. Memory and time do not depend on weight values.
+
+Usage: ``python -m pixart_cli.random_model OUT_DIR [--size tiny|full] [--sample-size N]``.
+Images made with these weights are noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+from pathlib import Path
+
+# Tokens that the tiny tokenizer learns from; the words of the test prompts, so they are not all <unk>.
+_CORPUS = """
+a cute cat sitting on a red chair in the sun, photo, high detail
+an astronaut riding a horse on the moon, oil painting
+a bowl of fruit: apples, pears and grapes on a wooden table
+dogs and cats playing in the snow at night under the stars
+a small house by the lake with mountains behind it, watercolor
+visit our shop at www example com for more pictures of cute animals
+""".strip().splitlines()
+
+
+def train_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> int:
+    """Train a T5-style sentencepiece tokenizer into ``folder`` (spiece.model only); return its vocab size."""
+    import sentencepiece as spm
+    from transformers import T5Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = io.BytesIO()
+    # T5's special ids: pad 0, eos 1, unk 2, no bos.
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_CORPUS * 4),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    (folder / "spiece.model").write_bytes(model.getvalue())
+    # The real checkpoint ships only the slow tokenizer's files (no tokenizer.json); keep that layout so that
+    # loading it is what the tests exercise.
+    config = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
+              "extra_ids": 0, "legacy": True, "model_max_length": 512}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
+    tokenizer = T5Tokenizer.from_pretrained(folder)
+    return len(tokenizer)
+
+
+def _copy_tokenizer(source: Path, folder: Path) -> int:
+    import shutil
+
+    from transformers import T5Tokenizer
+
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    return len(T5Tokenizer.from_pretrained(folder))
+
+
+def _build_modules(t5_config, dit: dict, vae: dict, device: str, scale_t5: bool):
+    """Instantiate the three networks with random weights in the current default dtype."""
+    import torch
+    from diffusers import AutoencoderKL, PixArtTransformer2DModel
+    from transformers import T5EncoderModel
+
+    with torch.device(device):
+        text_encoder = T5EncoderModel(t5_config)
+        if scale_t5:
+            # Random T5 weights overflow fp16 activations; scaled down they stay finite.
+            with torch.no_grad():
+                for module in text_encoder.modules():
+                    if isinstance(module, torch.nn.Linear):
+                        module.weight.mul_(0.05)
+        transformer = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **dit)
+        autoencoder = AutoencoderKL(
+            in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.18215,
+            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **vae,
+        )
+    return text_encoder, transformer, autoencoder
+
+
+def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokenizer_dir: Path | None = None,
+          device: str = "cpu", seed: int = 0) -> Path:
+    """Write a random PixArt-α pipeline folder to ``out`` and return it."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+    from transformers import T5Config, T5Tokenizer
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    if tokenizer_dir is not None:
+        vocab = _copy_tokenizer(Path(tokenizer_dir), out / "tokenizer")
+    else:
+        vocab = train_tiny_tokenizer(out / "tokenizer")
+
+    if size == "tiny":
+        dtype = torch.float32
+        t5 = T5Config(vocab_size=vocab, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False)
+        dit = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, caption_channels=32,
+                   cross_attention_dim=16, sample_size=32 if sample_size is None else sample_size, norm_num_groups=1)
+        vae = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64)
+    elif size == "full":
+        dtype = torch.float16
+        t5 = T5Config(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
+                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False)
+        dit = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, caption_channels=4096,
+                   cross_attention_dim=1152, sample_size=128 if sample_size is None else sample_size)
+        vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
+    else:
+        raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
+
+    previous_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build in the target dtype: a full-size fp32 T5 would need 19 GB first
+    try:
+        text_encoder, transformer, autoencoder = _build_modules(t5, dit, vae, device, scale_t5=size == "full")
+    finally:
+        torch.set_default_dtype(previous_dtype)
+    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
+                                            prediction_type="epsilon", num_train_timesteps=1000)
+    # The tokenizer folder is already in place; the pipeline saves the other four next to it.
+    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=text_encoder, vae=autoencoder, transformer=transformer,
+                               scheduler=scheduler)
+    # Shards like the real checkpoint's, so per-shard loading paths are exercised.
+    pipe.save_pretrained(out, max_shard_size="5GB" if size == "full" else "100MB")
+    index_path = out / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["tokenizer"] = ["transformers", "T5Tokenizer"]
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+    info = {"random_weights": True, "size": size, "note": "built by pixart_cli.random_model; images are noise"}
+    (out / "RANDOM_WEIGHTS.json").write_text(json.dumps(info, indent=1) + "\n")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pixart_cli.random_model", description=__doc__.split("\n")[0])
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
+    parser.add_argument("--sample-size", type=int, default=None, help="transformer sample_size (latent side)")
+    parser.add_argument("--tokenizer", type=Path, default=None, help="copy this T5 tokenizer folder instead")
+    parser.add_argument("--device", default="cpu", help="where to build the weights (full size: cuda is fast)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    print(build(args.out, args.size, args.sample_size, args.tokenizer, args.device))
+
+
+if __name__ == "__main__":
+    main()
