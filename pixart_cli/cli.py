@@ -35,14 +35,14 @@ def _on_sigterm(signum, frame):
     raise _Terminated()
 
 
-def _run(out: Output, work: Callable[[], None]) -> None:
+def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None:
     """Run one command's work; turn every failure into one line and an exit code (traceback: PIXART_DEBUG=1)."""
     debug = os.environ.get("PIXART_DEBUG") == "1"
     signal.signal(signal.SIGTERM, _on_sigterm)
     from pixart_cli import runtime
 
     runtime.quiet_libraries()
-    runtime.lean_imports()
+    runtime.lean_imports(quantized)
     try:
         work()
     except (Exception, KeyboardInterrupt, _Terminated) as error:  # the edge: one line, not a traceback
@@ -79,11 +79,13 @@ def _model(model: Optional[str]) -> str:
     return default_model() if model is None else model
 
 
-def _check_common(device: str, dtype: str) -> None:
+def _check_common(device: str, dtype: str, vram: Optional[str]) -> None:
+    from pixart_cli.memory import parse_vram
     from pixart_cli.runtime import check_device, check_dtype
 
     check_device(device)
     check_dtype(dtype)
+    parse_vram(vram)
 
 
 def _write_images(out: Output, images: list, meta: dict, output: Path) -> None:
@@ -101,6 +103,26 @@ def _check_image_outputs(output: Path, count: int, inputs: tuple[Path, ...] = ()
         artifacts.require_writable(path, "--output", inputs)
 
 
+class _Stages:
+    """What every stage call gets from the CLI: the progress bar, the plan notes and the memory reports."""
+
+    def __init__(self, out: Output, report_memory: bool, device: str, vram: Optional[str]):
+        self.out = out
+        self.report_memory = report_memory
+        self.reports: list = []
+        if vram is not None and device == "cpu":
+            out.note(f"--vram {vram} is ignored on CPU")
+
+    def kwargs(self) -> dict:
+        return {"progress": self.out.progress, "log": self.out.note, "reports": self.reports}
+
+    def finish(self) -> None:
+        if self.report_memory:
+            for report in self.reports:
+                self.out.note(report.describe())
+            self.out.record["memory"] = [report.as_dict() for report in self.reports]
+
+
 def _note_seeds(out: Output, meta: dict) -> None:
     seeds = meta["seeds"]
     text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]}"
@@ -110,13 +132,16 @@ def _note_seeds(out: Output, meta: dict) -> None:
 @app.command()
 def encode(
     prompts: options.Prompts,
-    output: options.output_option("embeddings") = Path("embeddings.pt"),
+    output: options.EmbeddingsOutput = Path("embeddings.pt"),
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
     max_sequence_length: options.MaxSequenceLength = None,
     clean_caption: options.CleanCaption = True,
+    text_encoder_precision: options.TextEncoderPrecision = "full",
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
+    vram: options.Vram = None,
+    report_memory: options.ReportMemory = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -127,21 +152,23 @@ def encode(
         from pixart_cli import artifacts
         from pixart_cli.encode import check_inputs, encode
 
-        _check_common(device, dtype)
-        check_inputs(prompts, negative_prompt, max_sequence_length, clean_caption)
+        _check_common(device, dtype, vram)
+        check_inputs(prompts, negative_prompt, max_sequence_length, clean_caption, text_encoder_precision)
         artifacts.require_writable(output, "--output")
+        stages = _Stages(out, report_memory, device, vram)
         embeddings = encode(prompts, model=_model(model), negative_prompt=negative_prompt, device=device,
                             dtype=dtype, max_sequence_length=max_sequence_length, clean_caption=clean_caption,
-                            progress=out.progress)
+                            vram=vram, precision=text_encoder_precision, **stages.kwargs())
         out.wrote(artifacts.save(output, embeddings))
+        stages.finish()
 
-    _run(out, work)
+    _run(out, work, quantized=text_encoder_precision != "full")
 
 
 @app.command()
 def denoise(
-    embeddings: Annotated[Path, typer.Argument(help="Embeddings file written by `pixart encode`.")],
-    output: options.output_option("latents") = Path("latents.pt"),
+    embeddings: options.EmbeddingsFile,
+    output: options.LatentsOutput = Path("latents.pt"),
     model: options.ModelFromFile = None,
     steps: options.Steps = None,
     guidance_scale: options.GuidanceScale = None,
@@ -152,6 +179,8 @@ def denoise(
     num_images: options.NumImages = 1,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
+    vram: options.Vram = None,
+    report_memory: options.ReportMemory = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -162,26 +191,30 @@ def denoise(
         from pixart_cli import artifacts
         from pixart_cli.denoise import check_inputs, denoise
 
-        _check_common(device, dtype)
+        _check_common(device, dtype, vram)
         check_inputs(steps, guidance_scale, seed, width, height, num_images)
         artifacts.require_writable(output, "--output", (embeddings,))
         loaded = artifacts.load_embeddings(embeddings)
+        stages = _Stages(out, report_memory, device, vram)
         latents = denoise(loaded, model=model, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
                           height=height, binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
-                          source_path=str(embeddings), progress=out.progress)
+                          vram=vram, source_path=str(embeddings), **stages.kwargs())
         _note_seeds(out, latents.meta)
         out.wrote(artifacts.save(output, latents))
+        stages.finish()
 
     _run(out, work)
 
 
 @app.command()
 def decode(
-    latents: Annotated[Path, typer.Argument(help="Latents file written by `pixart denoise`.")],
-    output: options.output_option("image (several: out-0.png, out-1.png, ...; DIR/ works)") = Path("image.png"),
+    latents: options.LatentsFile,
+    output: options.ImageOutput = Path("image.png"),
     model: options.ModelFromFile = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
+    vram: options.Vram = None,
+    report_memory: options.ReportMemory = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -192,12 +225,14 @@ def decode(
         from pixart_cli import artifacts
         from pixart_cli.decode import decode
 
-        _check_common(device, dtype)
+        _check_common(device, dtype, vram)
         loaded = artifacts.load_latents(latents)
         _check_image_outputs(output, loaded.latents.shape[0], (latents,))
-        images = decode(loaded, model=model, device=device, dtype=dtype, source_path=str(latents),
-                        progress=out.progress)
+        stages = _Stages(out, report_memory, device, vram)
+        images = decode(loaded, model=model, device=device, dtype=dtype, vram=vram, source_path=str(latents),
+                        **stages.kwargs())
         _write_images(out, images, loaded.meta, output)
+        stages.finish()
 
     _run(out, work)
 
@@ -205,7 +240,7 @@ def decode(
 @app.command()
 def generate(
     prompts: options.Prompts,
-    output: options.output_option("image (several: out-0.png, out-1.png, ...; DIR/ works)") = Path("image.png"),
+    output: options.ImageOutput = Path("image.png"),
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
     steps: options.Steps = None,
@@ -217,8 +252,11 @@ def generate(
     num_images: options.NumImages = 1,
     max_sequence_length: options.MaxSequenceLength = None,
     clean_caption: options.CleanCaption = True,
+    text_encoder_precision: options.TextEncoderPrecision = "full",
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
+    vram: options.Vram = None,
+    report_memory: options.ReportMemory = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -228,17 +266,19 @@ def generate(
     def work():
         from pixart_cli.generate import generate
 
-        _check_common(device, dtype)
+        _check_common(device, dtype, vram)
         _check_image_outputs(output, len(prompts) * max(num_images, 1))
+        stages = _Stages(out, report_memory, device, vram)
         images, meta = generate(prompts, model=_model(model), negative_prompt=negative_prompt, steps=steps,
                                 guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                                 binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
-                                max_sequence_length=max_sequence_length, clean_caption=clean_caption,
-                                progress=out.progress)
+                                max_sequence_length=max_sequence_length, clean_caption=clean_caption, vram=vram,
+                                precision=text_encoder_precision, **stages.kwargs())
         _note_seeds(out, meta)
         _write_images(out, images, meta, output)
+        stages.finish()
 
-    _run(out, work)
+    _run(out, work, quantized=text_encoder_precision != "full")
 
 
 def _version(value: bool) -> None:

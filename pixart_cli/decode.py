@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pixart_cli import artifacts, runtime
+from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import bad_file
 from pixart_cli.models import Model, load_component
 
@@ -25,7 +25,8 @@ def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
 
 
 def decode(latents: artifacts.Latents, *, model: str | None = None, device: str = "auto", dtype: str = "auto",
-           source_path: str = "latents", progress: Progress | None = None) -> list:
+           vram: str | None = None, source_path: str = "latents", progress: Progress | None = None,
+           log: Callable[[str], None] | None = None, reports: list | None = None) -> list:
     """Decode latents [N, 4, h, w] to N PIL images at the requested size (binning undone, as the pipeline does)."""
     import torch
     from diffusers import AutoencoderKL
@@ -38,15 +39,32 @@ def decode(latents: artifacts.Latents, *, model: str | None = None, device: str 
     torch_device = runtime.resolve_device(device)
     torch_dtype = runtime.resolve_dtype(dtype, torch_device)
 
-    # 2. Load the VAE only
-    vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=torch_dtype)
-    vae.to(torch_device).eval()
+    # 2. Pick full or tiled decode for the budget, then load the VAE only
+    budget_bytes = memory.parse_vram(vram)
+    meter = memory.Meter("decode", torch_device)
+    budget, context = memory.device_budget(budget_bytes, torch_device)
+    config = source.config("vae")
+    skeleton = memory.meta_model(AutoencoderKL.from_config, config, torch_dtype)
+    chosen = memory.plan_decode(budget, context, memory.parameter_bytes(skeleton), config["block_out_channels"][0],
+                                meta["height"], meta["width"], torch_dtype.itemsize)
+    del skeleton
+    if log:
+        log(chosen.describe())
+    with meter.phase("load"):
+        kwargs = {"device_map": {"": torch_device}} if torch_device.type == "cuda" else {}
+        vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=torch_dtype, **kwargs)
+        vae.to(torch_device).eval()
+        if chosen.tile:
+            # diffusers' tiled decode; its tile size is the config's sample_size unless set here.
+            vae.enable_tiling()
+            vae.tile_sample_min_size = chosen.tile
+            vae.tile_latent_min_size = chosen.tile // source.vae_scale_factor
     processor = PixArtImageProcessor(vae_scale_factor=source.vae_scale_factor)
     resize = (meta["requested_height"], meta["requested_width"]) != (meta["height"], meta["width"])
 
     # 3. Decode one image at a time: the activations at 1024² dominate this stage's memory
     images = []
-    with torch.inference_mode():
+    with meter.phase("compute"), torch.inference_mode():
         for index in range(latents.latents.shape[0]):
             sample = latents.latents[index:index + 1].to(torch_device, torch_dtype) / vae.config.scaling_factor
             image = vae.decode(sample, return_dict=False)[0]
@@ -57,4 +75,8 @@ def decode(latents: artifacts.Latents, *, model: str | None = None, device: str 
                 progress("decode", index + 1, latents.latents.shape[0])
     del vae
     runtime.free(torch_device)
+    report = meter.finish()
+    report.plan = chosen.name if not chosen.tile else f"tiled-{chosen.tile}"
+    if reports is not None:
+        reports.append(report)
     return images

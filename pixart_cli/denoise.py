@@ -5,7 +5,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Callable
 
-from pixart_cli import artifacts, runtime
+from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import PixartError, bad_file
 from pixart_cli.models import Model, load_component, stage_pipeline
 
@@ -48,8 +48,9 @@ def check_fits(embeddings: artifacts.Embeddings, source: Model, path: str, width
 def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps: int | None = None,
             guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
             height: int | None = None, binning: bool = True, num_images: int = 1, device: str = "auto",
-            dtype: str = "auto", source_path: str = "embeddings", progress: Progress | None = None
-            ) -> artifacts.Latents:
+            dtype: str = "auto", vram: str | None = None, source_path: str = "embeddings",
+            progress: Progress | None = None, log: Callable[[str], None] | None = None,
+            reports: list | None = None) -> artifacts.Latents:
     """Run the pipeline's denoising loop on stored embeddings.
 
     embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
@@ -87,34 +88,69 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     else:
         height, width = requested_height, requested_width
 
-    # 3. Load the transformer and scheduler only
-    transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
-                                 dtype=torch_dtype)
-    transformer.to(torch_device).eval()
-    scheduler_class = _scheduler_class(source)
-    scheduler = load_component(source, "scheduler", scheduler_class.from_pretrained)
-    assert isinstance(scheduler, SchedulerMixin)
-    pipe = stage_pipeline(source, transformer=transformer, scheduler=scheduler)
+    # 3. Pick a plan for the budget from the transformer's exact size, then load it and the scheduler only
+    budget_bytes = memory.parse_vram(vram)
+    meter = memory.Meter("denoise", torch_device)
+    budget, context = memory.device_budget(budget_bytes, torch_device)
+    config = source.config("transformer")
+    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, torch_dtype)
+    scale = source.vae_scale_factor * config.get("patch_size", 2)
+    prompts_in = embeddings.prompt_embeds.shape[0]
+    chosen = memory.plan_denoise(budget, context, memory.parameter_bytes(skeleton), (height // scale) * (width // scale),
+                                 skeleton.inner_dim, torch_dtype.itemsize, prompts_in * num_images,
+                                 guidance_scale > 1)
+    del skeleton
+    if log:
+        log(chosen.describe())
+    with meter.phase("load"):
+        if chosen.name == "streamed":
+            # Below the transformer's own size: diffusers' group offloading streams its blocks from CPU RAM.
+            transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
+                                         dtype=torch_dtype)
+            transformer.enable_group_offload(onload_device=torch_device, offload_type="block_level",
+                                             num_blocks_per_group=1, use_stream=torch_device.type == "cuda")
+        else:
+            kwargs = {"device_map": {"": torch_device}} if torch_device.type == "cuda" else {}
+            transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
+                                         dtype=torch_dtype, **kwargs)
+            transformer.to(torch_device)
+        transformer.eval()
+        scheduler = load_component(source, "scheduler", _scheduler_class(source).from_pretrained)
+        assert isinstance(scheduler, SchedulerMixin)
+        pipe = stage_pipeline(source, transformer=transformer, scheduler=scheduler)
 
-    # 4. Denoise: one CPU generator per image, seeds seed, seed+1, ...
-    batch = embeddings.prompt_embeds.shape[0] * num_images
-    seeds = [seed + index for index in range(batch)]
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    total = len(timesteps) if timesteps else steps
+    # 4. Denoise in batches of the plan's size: one CPU generator per image, seeds seed, seed+1, ...
+    #    Row r of the flat batch is image r % num_images of prompt r // num_images, as in the pipeline.
+    total_images = prompts_in * num_images
+    seeds = [seed + index for index in range(total_images)]
+    batch = chosen.batch or total_images
+    steps_per_batch = len(timesteps) if timesteps else steps
+    done = 0
 
     def on_step(step: int, timestep, latents) -> None:
         if progress:
-            progress("denoise", step + 1, total)
+            progress("denoise", done * steps_per_batch + step + 1, -(-total_images // batch) * steps_per_batch)
 
-    tensors = {key: value.to(torch_device) for key, value in embeddings.tensors().items()}
-    with torch.inference_mode():
-        latents = pipe(prompt=None, negative_prompt=None, **tensors, num_inference_steps=None if timesteps else steps,
-                       timesteps=timesteps, guidance_scale=guidance_scale, num_images_per_prompt=num_images,
-                       height=height, width=width, generator=generators, output_type="latent",
-                       use_resolution_binning=False, callback=on_step, return_dict=False)[0]
-    latents = latents.cpu()
+    rows = [index // num_images for index in range(total_images)]
+    parts = []
+    with meter.phase("compute"), torch.inference_mode():
+        for start in range(0, total_images, batch):
+            picked = rows[start:start + batch]
+            tensors = {key: value[picked].to(torch_device) for key, value in embeddings.tensors().items()}
+            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch]]
+            parts.append(pipe(prompt=None, negative_prompt=None, **tensors,
+                              num_inference_steps=None if timesteps else steps, timesteps=timesteps,
+                              guidance_scale=guidance_scale, height=height, width=width, generator=generators,
+                              output_type="latent", use_resolution_binning=False, callback=on_step,
+                              return_dict=False)[0].cpu())
+            done += 1
+    latents = torch.cat(parts)
     del pipe, transformer, tensors
     runtime.free(torch_device)
+    report = meter.finish()
+    report.plan = chosen.name
+    if reports is not None:
+        reports.append(report)
 
     # 5. Record everything decode and a reader of the file need
     prompts = [p for p in meta_in["prompts"] for _ in range(num_images)]
@@ -125,7 +161,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
         "negative_prompt": meta_in.get("negative_prompt", ""), "seeds": seeds, "steps": steps,
         "timesteps": timesteps, "guidance_scale": float(guidance_scale), "scheduler": type(scheduler).__name__,
         "height": height, "width": width, "requested_height": requested_height, "requested_width": requested_width,
-        "binned": table is not None, "clean_caption": meta_in.get("clean_caption"),
+        "binned": table is not None, "plan": chosen.name, "clean_caption": meta_in.get("clean_caption"),
         "max_sequence_length": meta_in.get("max_sequence_length"),
     }
     return artifacts.Latents(latents, meta)

@@ -9,6 +9,7 @@ from pixart_cli.denoise import check_inputs as check_denoise_inputs
 from pixart_cli.denoise import denoise
 from pixart_cli.encode import check_inputs as check_encode_inputs
 from pixart_cli.encode import encode
+from pixart_cli.memory import parse_vram
 
 Progress = Callable[[str, int, int], None]
 
@@ -17,15 +18,17 @@ def generate(prompts: Sequence[str], *, model: str, negative_prompt: str = "", s
              guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
              height: int | None = None, binning: bool = True, num_images: int = 1, device: str = "auto",
              dtype: str = "auto", max_sequence_length: int | None = None, clean_caption: bool = True,
-             progress: Progress | None = None):
+             vram: str | None = None, precision: str = "full", progress: Progress | None = None,
+             log: Callable[[str], None] | None = None, reports: list | None = None):
     """prompts -> (images, latents meta). Each stage's model is dropped when its function returns."""
     # Every option is checked before the first (slowest) model loads.
-    check_encode_inputs(list(prompts), negative_prompt, max_sequence_length, clean_caption)
+    check_encode_inputs(list(prompts), negative_prompt, max_sequence_length, clean_caption, precision)
     check_denoise_inputs(steps, guidance_scale, seed, width, height, num_images)
-    embeddings = encode(prompts, model=model, negative_prompt=negative_prompt, device=device, dtype=dtype,
-                        max_sequence_length=max_sequence_length, clean_caption=clean_caption, progress=progress)
+    parse_vram(vram)
+    shared = {"device": device, "dtype": dtype, "vram": vram, "progress": progress, "log": log, "reports": reports}
+    embeddings = encode(prompts, model=model, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
+                        clean_caption=clean_caption, precision=precision, **shared)
     latents = denoise(embeddings, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
-                      height=height, binning=binning, num_images=num_images, device=device, dtype=dtype,
-                      progress=progress)
-    images = decode(latents, device=device, dtype=dtype, progress=progress)
+                      height=height, binning=binning, num_images=num_images, **shared)
+    images = decode(latents, **shared)
     return images, latents.meta

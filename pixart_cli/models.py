@@ -101,6 +101,18 @@ class Model:
                 raise PixartError(f"--model {self.id}: {name} is broken ({error})", EXIT_RUNTIME) from error
         return self._configs[name]
 
+    def folder(self, component: str) -> Path:
+        """Local folder of one component (downloading only that component for a hub id)."""
+        if self.local:
+            return self.root / component
+        from huggingface_hub import snapshot_download
+
+        try:
+            root = snapshot_download(self.id, revision=self.revision, allow_patterns=[f"{component}/*"])
+        except Exception as error:  # offline, unknown repo, gated: one line either way
+            raise model_unavailable(self.id, error) from error
+        return Path(root) / component
+
     def load_args(self, component: str) -> dict:
         """Keyword arguments for ``from_pretrained`` of one component."""
         source = str(self.root) if self.local else self.id

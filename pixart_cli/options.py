@@ -40,10 +40,27 @@ Height = Annotated[Optional[int], typer.Option(help="Image height in pixels [def
 NoBinning = Annotated[bool, typer.Option("--no-binning", help="Denoise at exactly --width x --height instead of "
                                                               "the nearest trained aspect-ratio bin.")]
 NumImages = Annotated[int, typer.Option("--num-images", help="Images per prompt.")]
+EmbeddingsFile = Annotated[Path, typer.Argument(help="Embeddings file written by `pixart encode`.",
+                                               show_default=False)]
+LatentsFile = Annotated[Path, typer.Argument(help="Latents file written by `pixart denoise`.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the written paths (or errors).")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of paths.")]
 
 
-def output_option(what: str):
-    """``-o/--output`` with a per-command default file name."""
+def _output(what: str):
     return Annotated[Path, typer.Option("--output", "-o", help=f"Where to write the {what}.")]
+
+
+EmbeddingsOutput = _output("embeddings")
+LatentsOutput = _output("latents")
+ImageOutput = _output("image; several images become out-0.png, out-1.png, ... and DIR/ works")
+Vram = Annotated[Optional[str], typer.Option(
+    help="Device memory budget, e.g. 8GB or 3GB (GiB) [default: auto = free memory less 0.5 GB]. Each stage "
+         "picks the fastest plan under it and names it on stderr. Ignored on CPU.", show_default=False)]
+TextEncoderPrecision = Annotated[str, typer.Option(
+    "--text-encoder-precision",
+    help="full, 8bit or 4bit (bitsandbytes, CUDA only). 8bit/4bit cut T5's memory but change the embeddings, "
+         "so images differ from full precision; full precision streams T5 under small budgets instead.")]
+ReportMemory = Annotated[bool, typer.Option(
+    "--report-memory", help="After each stage: peak device memory (allocated, reserved, CUDA context), peak RSS, "
+                            "load and compute seconds. With --json, in the JSON document.")]

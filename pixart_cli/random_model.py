@@ -32,6 +32,11 @@ visit our shop at www example com for more pictures of cute animals
 """.strip().splitlines()
 
 
+# PixArt-XL-2-1024-MS's scheduler: DPM-Solver++ 2M on linear betas, epsilon prediction.
+_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
+                  num_train_timesteps=1000)
+
+
 def train_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> int:
     """Train a T5-style sentencepiece tokenizer into ``folder`` (spiece.model only); return its vocab size."""
     import sentencepiece as spm
@@ -94,19 +99,10 @@ def _build_modules(t5_config, dit: dict, vae: dict, device: str, scale_t5: bool)
     return text_encoder, transformer, autoencoder
 
 
-def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokenizer_dir: Path | None = None,
-          device: str = "cpu", seed: int = 0) -> Path:
-    """Write a random PixArt-α pipeline folder to ``out`` and return it."""
+def _configs(size: str, vocab: int, sample_size: int | None):
+    """(T5Config, transformer kwargs, VAE kwargs, torch dtype) of the tiny or the full-size architecture."""
     import torch
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
-    from transformers import T5Config, T5Tokenizer
-
-    out = Path(out)
-    torch.manual_seed(seed)
-    if tokenizer_dir is not None:
-        vocab = _copy_tokenizer(Path(tokenizer_dir), out / "tokenizer")
-    else:
-        vocab = train_tiny_tokenizer(out / "tokenizer")
+    from transformers import T5Config
 
     if size == "tiny":
         dtype = torch.float32
@@ -125,14 +121,48 @@ def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokeniz
     else:
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
 
+    return t5, dit, vae, dtype
+
+
+def write_full_size_configs(out: Path) -> Path:
+    """PixArt-XL-2-1024-MS's folder layout with configs only, no weights: enough to plan memory exactly."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    out = Path(out)
+    t5, dit, vae, _ = _configs("full", 32128, None)
+    text_encoder, transformer, autoencoder = _build_modules(t5, dit, vae, "meta", scale_t5=False)
+    text_encoder.config.save_pretrained(out / "text_encoder")
+    transformer.save_config(out / "transformer")
+    autoencoder.save_config(out / "vae")
+    DPMSolverMultistepScheduler(**_SCHEDULER).save_config(out / "scheduler")
+    index = {"_class_name": "PixArtAlphaPipeline", "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
+             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokenizer_dir: Path | None = None,
+          device: str = "cpu", seed: int = 0) -> Path:
+    """Write a random PixArt-α pipeline folder to ``out`` and return it."""
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    if tokenizer_dir is not None:
+        vocab = _copy_tokenizer(Path(tokenizer_dir), out / "tokenizer")
+    else:
+        vocab = train_tiny_tokenizer(out / "tokenizer")
+
+    t5, dit, vae, dtype = _configs(size, vocab, sample_size)
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: a full-size fp32 T5 would need 19 GB first
     try:
         text_encoder, transformer, autoencoder = _build_modules(t5, dit, vae, device, scale_t5=size == "full")
     finally:
         torch.set_default_dtype(previous_dtype)
-    scheduler = DPMSolverMultistepScheduler(beta_start=0.0001, beta_end=0.02, beta_schedule="linear",
-                                            prediction_type="epsilon", num_train_timesteps=1000)
+    scheduler = DPMSolverMultistepScheduler(**_SCHEDULER)
     # The tokenizer folder is already in place; the pipeline saves the other four next to it.
     pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=text_encoder, vae=autoencoder, transformer=transformer,
                                scheduler=scheduler)

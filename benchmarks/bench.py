@@ -1,0 +1,177 @@
+"""GPU benchmark: pixart's stages vs diffusers on the full-size PixArt-XL-2-1024-MS architecture, random weights.
+
+    python benchmarks/bench.py --model DIR --tokenizer T5_TOKENIZER_DIR --out RESULTS_DIR CASE...
+
+Builds the model into DIR first if it is missing (memory and time do not depend on weight values). Every case
+runs as separate processes, one after another, on an otherwise idle GPU. For each process it records the
+wall time and the peak of nvidia-smi's memory.used above the idle level (what a user's card must hold), and
+pixart's own --report-memory JSON. Results: RESULTS_DIR/results.json and RESULTS_DIR/results.md.
+
+Cases: pixart-8GB, pixart-3GB (staged: three processes, then generate), encode-group-offload (T5 under
+diffusers' group offloading, to compare with pixart's streaming), and the diffusers baselines all-gpu,
+model-cpu-offload, group-offload, staged-8bit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPT = "a small house by a lake with mountains behind it, watercolor"
+DIFFUSERS_CASES = ("all-gpu", "model-cpu-offload", "group-offload", "staged-8bit")
+
+
+class GpuPeak:
+    """Peak nvidia-smi memory.used (MiB) while a block runs, sampled every 20 ms."""
+
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def used_mib() -> int:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.strip().splitlines()[0])
+
+    def _poll(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.used_mib())
+            self._stop.wait(0.02)
+
+    def __enter__(self):
+        self.idle = self.used_mib()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+    @property
+    def peak_gb(self) -> float:
+        return round((self.peak - self.idle) / 1024, 2)
+
+
+def run(label: str, command: list[str], cwd: Path, log: list) -> dict:
+    """One process: wall time, nvidia-smi peak above idle, and its stdout parsed as JSON when it is JSON."""
+    started = time.perf_counter()
+    with GpuPeak() as gpu:
+        proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    wall = round(time.perf_counter() - started, 2)
+    entry = {"label": label, "wall_s": wall, "smi_peak_gb": gpu.peak_gb, "rc": proc.returncode,
+             "command": " ".join(command)}
+    try:
+        entry["report"] = json.loads(proc.stdout)
+    except ValueError:
+        entry["stdout"] = proc.stdout[-2000:]
+    entry["stderr"] = proc.stderr[-3000:]
+    log.append(entry)
+    print(json.dumps({k: v for k, v in entry.items() if k not in ("stderr", "report")}), flush=True)
+    if proc.returncode:
+        print(proc.stderr[-3000:], file=sys.stderr, flush=True)
+    return entry
+
+
+def pixart(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pixart_cli", *args]
+
+
+def pixart_case(budget: str, model: Path, work: Path, log: list) -> None:
+    common = ["--model", str(model), "--vram", budget, "--report-memory", "--json"]
+    work.mkdir(parents=True, exist_ok=True)
+    run(f"pixart encode {budget}", pixart("encode", PROMPT, "-o", "emb.pt", *common), work, log)
+    run(f"pixart denoise {budget}", pixart("denoise", "emb.pt", "-o", "lat.pt", "--seed", "0", *common), work, log)
+    run(f"pixart decode {budget}", pixart("decode", "lat.pt", "-o", "img.png", *common), work, log)
+    run(f"pixart generate {budget}", pixart("generate", PROMPT, "-o", "gen.png", "--seed", "0", *common), work, log)
+
+
+ENCODE_GROUP_OFFLOAD = r"""
+import json, sys, time, torch
+t0 = time.perf_counter()
+from transformers import T5EncoderModel, T5Tokenizer
+from diffusers.hooks import apply_group_offloading
+model = sys.argv[1]
+tok = T5Tokenizer.from_pretrained(model, subfolder="tokenizer")
+te = T5EncoderModel.from_pretrained(model, subfolder="text_encoder", dtype=torch.float16)
+apply_group_offloading(te, onload_device=torch.device("cuda"), offload_type="block_level", num_blocks_per_group=1,
+                       use_stream=True)
+t1 = time.perf_counter()
+ids = tok(["a cat", ""], padding="max_length", max_length=120, return_tensors="pt")
+with torch.no_grad():
+    te(ids.input_ids.cuda(), attention_mask=ids.attention_mask.cuda())
+torch.cuda.synchronize()
+t2 = time.perf_counter()
+free, total = torch.cuda.mem_get_info()
+print(json.dumps({"load_s": round(t1 - t0, 2), "encode_s": round(t2 - t1, 2),
+                  "peak_gb": round((torch.cuda.max_memory_reserved() + total - free - torch.cuda.memory_reserved())
+                                   / 2**30, 3)}))
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, required=True)
+    parser.add_argument("--tokenizer", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("cases", nargs="+")
+    args = parser.parse_args()
+    args.model, args.tokenizer = args.model.resolve(), args.tokenizer.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log: list = []
+    if not (args.model / "model_index.json").is_file():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "pixart_cli.random_model", str(args.model), "--size", "full",
+                        "--tokenizer", str(args.tokenizer), "--device", "cuda"], check=True)
+        print(f"built {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
+    device = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                            capture_output=True, text=True).stdout.strip()
+    for case in args.cases:
+        if case.startswith("pixart-"):
+            pixart_case(case.removeprefix("pixart-"), args.model, args.out / case, log)
+        elif case in DIFFUSERS_CASES:
+            out_json = args.out / f"{case}.json"
+            entry = run(f"diffusers {case}", [sys.executable, str(HERE / "baselines.py"), str(args.model), case,
+                                              str(out_json)], args.out, log)
+            if out_json.is_file():
+                entry["report"] = json.loads(out_json.read_text())
+        elif case == "encode-group-offload":
+            run("T5 group offload (diffusers)", [sys.executable, "-c", ENCODE_GROUP_OFFLOAD, str(args.model)],
+                args.out, log)
+        else:
+            raise SystemExit(f"unknown case {case}")
+    results = {"device": device, "date": time.strftime("%Y-%m-%d"), "runs": log}
+    (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "results.md").write_text(table(results))
+    print(table(results))
+
+
+def table(results: dict) -> str:
+    """Markdown: one row per process."""
+    lines = [f"Device: {results['device']}; date {results['date']}; 1024², 20 steps, cfg 4.5, fp16.", "",
+             "| run | wall s | nvidia-smi peak GB | pixart: plan, device peak GB (reserved+context), RSS GB, "
+             "load s, compute s |", "|---|---|---|---|"]
+    for entry in results["runs"]:
+        detail = ""
+        report = entry.get("report") or {}
+        for stage in report.get("memory", []):
+            detail += (f"{stage['stage']} {stage['plan']}: {stage['peak_device_gb']:.2f}, RSS {stage['peak_rss_gb']:.2f}, "
+                       f"{stage['load_s']:.1f}+{stage['compute_s']:.1f} s; ")
+        if not detail and report:
+            detail = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("case", "device"))
+        status = "" if entry["rc"] == 0 else f" (exit {entry['rc']})"
+        lines.append(f"| {entry['label']}{status} | {entry['wall_s']} | {entry['smi_peak_gb']} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,236 @@
+"""VRAM budgets, the plan each stage picks under one, and peak-memory measurement.
+
+Sizes are in bytes; "GB" on the command line means GiB (2**30), the unit nvidia-smi's MiB add up to.
+A budget counts everything this process holds on the device: the CUDA context plus PyTorch's reserved memory.
+The estimates are weights (exact, counted from the model config on the meta device) plus activations
+(a per-element factor, calibrated on the full-size model in benchmarks/ and written next to each constant).
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pixart_cli.errors import PixartError
+
+GIB = 2**30
+AUTO_MARGIN = int(0.5 * GIB)  # left free under --vram auto, for the allocator's fragmentation and other apps
+CONTEXT_ESTIMATE = int(0.6 * GIB)  # CUDA context before we can measure it (0.61 GB on H100/H200)
+
+# Activation factors, measured on the full-size PixArt-XL-2-1024-MS (benchmarks/bench.py):
+T5_ACTIVATIONS_PER_TOKEN = 8  # encode activations ≈ 8 x tokens x d_ff x dtype size
+DIT_ACTIVATIONS_PER_TOKEN = 40  # activations of one sample ≈ 40 x tokens x hidden x dtype size
+VAE_ACTIVATIONS_PER_PIXEL = 18  # full decode ≈ 18 x block_out_channels[0] x H x W x dtype size
+VAE_TILES = (512, 256, 128)  # tile sides tried, largest first (pixels)
+
+
+def parse_vram(text: str | None) -> int | None:
+    """'8GB' / '3.5G' / '512MB' / 'auto' -> bytes (None for auto)."""
+    if text is None or text.strip().lower() == "auto":
+        return None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([GM])(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise PixartError(f"--vram {text!r}: not a size; use auto, or a size such as 8GB, 3GB or 512MB")
+    value = float(match.group(1)) * (GIB if match.group(2).upper() == "G" else 2**20)
+    if value < 256 * 2**20:
+        raise PixartError(f"--vram {text}: too small to run anything; give at least 512MB")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one stage runs under a budget. ``estimate`` is the expected device peak incl. the CUDA context."""
+
+    stage: str
+    name: str
+    estimate: int
+    budget: int | None
+    tile: int | None = None  # VAE tile side in pixels, for tiled decode
+    batch: int | None = None  # images per transformer call, for denoise
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.estimate <= self.budget
+
+    def describe(self) -> str:
+        extra = f", tile {self.tile}px" if self.tile else ""
+        extra += f", batch {self.batch}" if self.batch else ""
+        if self.budget is None:
+            return f"{self.stage}: plan {self.name}{extra} (no device budget on this device)"
+        text = (f"{self.stage}: plan {self.name}{extra} (estimated peak {self.estimate / GIB:.2f} GB, "
+                f"budget {self.budget / GIB:.2f} GB)")
+        if not self.fits:
+            text += "; no plan fits the budget, this is the smallest and may run out of memory"
+        return text
+
+
+def device_budget(vram: int | None, device) -> tuple[int | None, int]:
+    """(budget in bytes or None on CPU/MPS, CUDA context size) for a device. auto = free memory less a margin."""
+    if device.type != "cuda":
+        return None, 0
+    import torch
+
+    free, total = torch.cuda.mem_get_info(device)
+    # What the device holds beyond PyTorch's own pool: our CUDA context (and any other process's memory).
+    context = max(total - free - torch.cuda.memory_reserved(device), 0)
+    if vram is None:
+        return context + free - AUTO_MARGIN, context
+    return vram, context
+
+
+def parameter_bytes(model) -> int:
+    """Bytes of a (meta or real) model's parameters and buffers, each tied tensor counted once."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def meta_model(builder, config, dtype):
+    """Instantiate ``builder(config)`` on the meta device in ``dtype``: exact sizes, no weights, no memory."""
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            return builder(config)
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def plan_encode(budget: int | None, context: int, t5_bytes: int, block_bytes: int, embedding_bytes: int,
+                tokens: int, d_ff: int, dtype_size: int, precision: str = "full") -> Plan:
+    """Resident T5 when it fits; else stream it block by block. 8bit/4bit only when asked for."""
+    activations = T5_ACTIVATIONS_PER_TOKEN * tokens * d_ff * dtype_size
+    if precision != "full":
+        quantized = {"8bit": t5_bytes // 2, "4bit": t5_bytes // 4}[precision]
+        return Plan("encode", f"resident-{precision}", context + quantized + activations, budget)
+    resident = context + t5_bytes + activations
+    if budget is None or resident <= budget:
+        return Plan("encode", "resident", resident, budget)
+    streamed = context + embedding_bytes + 2 * block_bytes + activations
+    return Plan("encode", "streamed", streamed, budget)
+
+
+def plan_denoise(budget: int | None, context: int, transformer_bytes: int, tokens_per_sample: int, hidden: int,
+                 dtype_size: int, images: int, cfg: bool) -> Plan:
+    """Resident transformer with the largest batch that fits; streamed (group offload) below its size."""
+    per_image = DIT_ACTIVATIONS_PER_TOKEN * tokens_per_sample * hidden * dtype_size * (2 if cfg else 1)
+    if budget is None:
+        return Plan("denoise", "resident", context + transformer_bytes + per_image * images, budget, batch=images)
+    room = budget - context - transformer_bytes
+    if room >= per_image:
+        batch = max(1, min(images, room // per_image))
+        return Plan("denoise", "resident", context + transformer_bytes + per_image * batch, budget, batch=batch)
+    return Plan("denoise", "streamed", context + transformer_bytes // 8 + per_image, budget, batch=1)
+
+
+def plan_decode(budget: int | None, context: int, vae_bytes: int, first_channels: int, height: int, width: int,
+                dtype_size: int) -> Plan:
+    """Full decode when it fits; else tiled decode with the largest tile that fits."""
+    def estimate(h: int, w: int) -> int:
+        return context + vae_bytes + VAE_ACTIVATIONS_PER_PIXEL * first_channels * h * w * dtype_size
+
+    full = estimate(height, width)
+    if budget is None or full <= budget:
+        return Plan("decode", "full", full, budget)
+    for tile in VAE_TILES:
+        if tile < max(height, width) and estimate(min(tile, height), min(tile, width)) <= budget:
+            return Plan("decode", "tiled", estimate(min(tile, height), min(tile, width)), budget, tile=tile)
+    tile = VAE_TILES[-1]
+    return Plan("decode", "tiled", estimate(min(tile, height), min(tile, width)), budget, tile=tile)
+
+
+# --- measurement ---------------------------------------------------------------------------------------
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as handle:
+            import os
+
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class StageReport:
+    """What one stage used: device peaks, the CUDA context, peak RSS, and seconds loading and computing."""
+
+    stage: str
+    plan: str = ""
+    device: str = "cpu"
+    load_s: float = 0.0
+    compute_s: float = 0.0
+    peak_allocated: int = 0
+    peak_reserved: int = 0
+    context: int = 0
+    peak_rss: int = 0
+    _marks: dict = field(default_factory=dict, repr=False)
+
+    def as_dict(self) -> dict:
+        gb = lambda n: round(n / GIB, 3)  # noqa: E731
+        return {"stage": self.stage, "plan": self.plan, "device": self.device, "load_s": round(self.load_s, 3),
+                "compute_s": round(self.compute_s, 3), "peak_allocated_gb": gb(self.peak_allocated),
+                "peak_reserved_gb": gb(self.peak_reserved), "cuda_context_gb": gb(self.context),
+                "peak_device_gb": gb(self.peak_reserved + self.context), "peak_rss_gb": gb(self.peak_rss)}
+
+    def describe(self) -> str:
+        d = self.as_dict()
+        device = (f"device peak {d['peak_device_gb']:.2f} GB (reserved {d['peak_reserved_gb']:.2f} + context "
+                  f"{d['cuda_context_gb']:.2f}; allocated {d['peak_allocated_gb']:.2f}), " if self.context else "")
+        return (f"{self.stage}: {device}RSS peak {d['peak_rss_gb']:.2f} GB, load {self.load_s:.2f} s, "
+                f"compute {self.compute_s:.2f} s")
+
+
+class Meter:
+    """Measures one stage: wrap loading in ``meter.loading()`` and the work in ``meter.computing()``."""
+
+    def __init__(self, stage: str, device):
+        self.report = StageReport(stage, device=str(device))
+        self.device = device
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample_rss, daemon=True)
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            free, total = torch.cuda.mem_get_info(device)
+            self.report.context = max(total - free - torch.cuda.memory_reserved(device), 0)
+        self.report.peak_rss = _rss()
+        self._thread.start()
+
+    def _sample_rss(self) -> None:
+        while not self._stop.wait(0.02):
+            self.report.peak_rss = max(self.report.peak_rss, _rss())
+
+    def phase(self, name: str):
+        meter = self
+
+        class _Phase:
+            def __enter__(self):
+                self.started = time.perf_counter()
+
+            def __exit__(self, *exc):
+                if meter.device.type == "cuda":
+                    import torch
+
+                    torch.cuda.synchronize(meter.device)
+                elapsed = time.perf_counter() - self.started
+                setattr(meter.report, f"{name}_s", getattr(meter.report, f"{name}_s") + elapsed)
+
+        return _Phase()
+
+    def finish(self) -> StageReport:
+        self._stop.set()
+        self._thread.join()
+        self.report.peak_rss = max(self.report.peak_rss, _rss())
+        if self.device.type == "cuda":
+            import torch
+
+            self.report.peak_allocated = torch.cuda.max_memory_allocated(self.device)
+            self.report.peak_reserved = torch.cuda.max_memory_reserved(self.device)
+        return self.report

@@ -1,0 +1,122 @@
+"""VRAM budgets: the planner on the full-size configs (no weights), and every plan end to end on the tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SEED, max_diff
+from pixart_cli import decode as decode_module
+from pixart_cli import denoise as denoise_module
+from pixart_cli import encode as encode_module
+from pixart_cli import memory, random_model
+from pixart_cli.errors import PixartError
+from pixart_cli.models import Model
+
+GB = memory.GIB
+CONTEXT = memory.CONTEXT_ESTIMATE
+
+
+@pytest.mark.parametrize("text, expected", [("8GB", 8 * GB), ("3gb", 3 * GB), ("2.5G", int(2.5 * GB)),
+                                            ("512MB", 512 * 2**20), ("auto", None), (None, None)])
+def test_parse_vram(text, expected):
+    assert memory.parse_vram(text) == expected
+
+
+@pytest.mark.parametrize("text", ["8", "lots", "-3GB", "8TB", "100MB"])
+def test_parse_vram_rejects_with_the_flag_named(text):
+    with pytest.raises(PixartError, match=r"^--vram"):
+        memory.parse_vram(text)
+
+
+@pytest.fixture(scope="module")
+def full_size(tmp_path_factory) -> Model:
+    """PixArt-XL-2-1024-MS configs only (T5-XXL, 28-layer DiT, SD VAE): planning needs no weights."""
+    return Model(str(random_model.write_full_size_configs(tmp_path_factory.mktemp("full") / "model")))
+
+
+def test_full_size_weights_are_counted_exactly(full_size):
+    plan = encode_module.plan(full_size, None, CONTEXT, torch.float16, 2, 120)
+    # T5-v1.1-XXL encoder: 4,762,310,656 parameters; the 24 `wo` (10240 x 4096) stay fp32 under fp16.
+    wo = 24 * 10240 * 4096
+    t5_bytes = (4_762_310_656 - wo) * 2 + wo * 4
+    assert plan.name == "resident"
+    assert t5_bytes < plan.estimate - CONTEXT < t5_bytes + 0.1 * GB
+
+
+@pytest.mark.parametrize("budget, encode_plan, denoise_plan, decode_plan", [
+    (None, "resident", "resident", "full"),  # CPU: no budget
+    (24 * GB, "resident", "resident", "full"),
+    (8 * GB, "streamed", "resident", "full"),
+    (3 * GB, "streamed", "resident", "tiled"),
+    (int(1.5 * GB), "streamed", "streamed", "tiled"),
+])
+def test_planner_on_full_size_configs(full_size, budget, encode_plan, denoise_plan, decode_plan):
+    fp16 = torch.float16
+    encode = encode_module.plan(full_size, budget, CONTEXT, fp16, 2, 120)
+    assert encode.name == encode_plan
+    transformer = memory.meta_model(__import__("diffusers").PixArtTransformer2DModel.from_config,
+                                    full_size.config("transformer"), fp16)
+    denoise = memory.plan_denoise(budget, CONTEXT, memory.parameter_bytes(transformer), 64 * 64,
+                                  transformer.inner_dim, 2, 1, cfg=True)
+    assert denoise.name == denoise_plan
+    vae_bytes = memory.parameter_bytes(memory.meta_model(__import__("diffusers").AutoencoderKL.from_config,
+                                                         full_size.config("vae"), fp16))
+    decode = memory.plan_decode(budget, CONTEXT, vae_bytes, 128, 1024, 1024, 2)
+    assert decode.name == decode_plan
+    for plan in (encode, denoise, decode):
+        # 1.5 GB is below streamed T5 (context + embedding + blocks): the smallest plan runs, with a warning.
+        expected_fit = not (plan is encode and budget == int(1.5 * GB))
+        assert plan.fits is expected_fit, plan.describe()
+        assert ("no plan fits" in plan.describe()) is not expected_fit
+
+
+def test_denoise_batch_grows_with_the_budget():
+    small = memory.plan_denoise(4 * GB, CONTEXT, int(1.2 * GB), 4096, 1152, 2, images=16, cfg=True)
+    large = memory.plan_denoise(40 * GB, CONTEXT, int(1.2 * GB), 4096, 1152, 2, images=16, cfg=True)
+    assert 1 <= small.batch < large.batch == 16
+
+
+@pytest.fixture
+def tiny_budget(monkeypatch):
+    """Pretend the CPU is a device with a 1 KB budget, so every stage takes its smallest plan."""
+    monkeypatch.setattr(memory, "device_budget", lambda vram, device: (1024, 0))
+
+
+def test_every_small_plan_matches_the_plain_plan(tiny_model, tiny_budget, monkeypatch):
+    logs: list[str] = []
+    small_embeddings = encode_module.encode(["a cute cat"], model=str(tiny_model), device="cpu", log=logs.append)
+    small_latents = denoise_module.denoise(small_embeddings, steps=2, seed=SEED, device="cpu", log=logs.append)
+    small_images = decode_module.decode(small_latents, device="cpu", log=logs.append)
+    assert [line.split(" (")[0] for line in logs] == ["encode: plan streamed", "denoise: plan streamed, batch 1",
+                                                      "decode: plan tiled, tile 128px"]
+    monkeypatch.undo()
+    embeddings = encode_module.encode(["a cute cat"], model=str(tiny_model), device="cpu")
+    latents = denoise_module.denoise(embeddings, steps=2, seed=SEED, device="cpu")
+    for key, value in embeddings.tensors().items():
+        assert torch.equal(value, small_embeddings.tensors()[key]), key  # streamed T5 == resident T5
+    assert torch.equal(latents.latents, small_latents.latents)  # group-offloaded == resident transformer
+    # Tiled decode blends overlapping tiles, so it is not the full decode; it must be diffusers' tiled decode.
+    from diffusers import AutoencoderKL
+    from diffusers.image_processor import PixArtImageProcessor
+
+    vae = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")
+    vae.enable_tiling()
+    vae.tile_sample_min_size, vae.tile_latent_min_size = 128, 16
+    with torch.no_grad():
+        reference = vae.decode(latents.latents / vae.config.scaling_factor, return_dict=False)[0]
+    reference = np.asarray(PixArtImageProcessor(vae_scale_factor=8).postprocess(reference, output_type="pil")[0])
+    assert max_diff(np.asarray(small_images[0])[None], reference[None]) <= 1
+
+
+def test_report_memory_names_each_stage(tiny_model):
+    from pixart_cli.generate import generate
+
+    reports: list = []
+    generate(["a cat"], model=str(tiny_model), steps=2, seed=SEED, device="cpu", reports=reports)
+    assert [r.stage for r in reports] == ["encode", "denoise", "decode"]
+    for report in reports:
+        row = report.as_dict()
+        assert row["peak_rss_gb"] > 0 and row["load_s"] > 0 and row["compute_s"] > 0
+        assert row["peak_device_gb"] == 0  # CPU: no device memory
