@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole list N times, interleaved")
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args()
     args.model, args.tokenizer = args.model.resolve(), args.tokenizer.resolve()
@@ -134,8 +135,12 @@ def main() -> None:
         print(f"built {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
     device = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
                             capture_output=True, text=True).stdout.strip()
-    for case in args.cases:
-        if case.startswith("pixart-"):
+    for case in [case for _ in range(args.repeat) for case in args.cases]:
+        if case == "generate-8GB":  # the one-process comparison with diffusers all-gpu, alone
+            run("pixart generate 8GB", pixart("generate", PROMPT, "-o", "gen.png", "--seed", "0", "--model",
+                                              str(args.model), "--vram", "8GB", "--report-memory", "--json"),
+                args.out, log)
+        elif case.startswith("pixart-"):
             pixart_case(case.removeprefix("pixart-"), args.model, args.out / case, log)
         elif case in DIFFUSERS_CASES:
             out_json = args.out / f"{case}.json"
@@ -148,14 +153,24 @@ def main() -> None:
                 args.out, log)
         else:
             raise SystemExit(f"unknown case {case}")
-    results = {"device": device, "date": time.strftime("%Y-%m-%d"), "runs": log}
+    results = {"device": device, "date": time.strftime("%Y-%m-%d"), "runs": log, "medians": medians(log)}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(table(results))
     print(table(results))
 
 
+def medians(log: list) -> dict:
+    """Median wall seconds per label, over repeated runs."""
+    import statistics
+
+    walls: dict[str, list[float]] = {}
+    for entry in log:
+        walls.setdefault(entry["label"], []).append(entry["wall_s"])
+    return {label: {"median_wall_s": statistics.median(values), "runs": values} for label, values in walls.items()}
+
+
 def table(results: dict) -> str:
-    """Markdown: one row per process."""
+    """Markdown: one row per process, then the medians of repeated runs."""
     lines = [f"Device: {results['device']}; date {results['date']}; 1024², 20 steps, cfg 4.5, fp16.", "",
              "| run | wall s | nvidia-smi peak GB | pixart: plan, device peak GB (reserved+context), RSS GB, "
              "load s, compute s |", "|---|---|---|---|"]
@@ -169,6 +184,10 @@ def table(results: dict) -> str:
             detail = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("case", "device"))
         status = "" if entry["rc"] == 0 else f" (exit {entry['rc']})"
         lines.append(f"| {entry['label']}{status} | {entry['wall_s']} | {entry['smi_peak_gb']} | {detail} |")
+    repeated = {label: row for label, row in results["medians"].items() if len(row["runs"]) > 1}
+    if repeated:
+        lines += ["", "| run | median wall s | all runs |", "|---|---|---|"]
+        lines += [f"| {label} | {row['median_wall_s']} | {row['runs']} |" for label, row in repeated.items()]
     return "\n".join(lines) + "\n"
 
 
