@@ -96,11 +96,29 @@ def _write_images(out: Output, images: list, meta: dict, output: Path) -> None:
         out.wrote(artifacts.save_image(path, image, parameters, settings))
 
 
-def _check_image_outputs(output: Path, count: int, inputs: tuple[Path, ...] = ()) -> None:
+def _check_image_outputs(output: Path, count: int, inputs: tuple[Path, ...] = (), overwrite: bool = True) -> None:
     from pixart_cli import artifacts
 
     for path in artifacts.output_paths(output, count):
-        artifacts.require_writable(path, "--output", inputs)
+        artifacts.require_writable(path, "--output", inputs, overwrite)
+
+
+def _prompts(prompts: Optional[list[str]], prompts_file: Optional[Path]) -> list[str]:
+    """PROMPT arguments, then the lines of --prompts-file (``-``: stdin)."""
+    collected = list(prompts or [])
+    if prompts_file is not None:
+        try:
+            text = sys.stdin.read() if str(prompts_file) == "-" else prompts_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise PixartError(f"--prompts-file {prompts_file}: cannot read it ({error.__class__.__name__}: "
+                              f"{getattr(error, 'strerror', None) or error})") from None
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise PixartError(f"--prompts-file {prompts_file}: holds no prompts; write one prompt per line")
+        collected += lines
+    if not collected:
+        raise PixartError("PROMPT: give at least one prompt, or --prompts-file FILE")
+    return collected
 
 
 class _Stages:
@@ -131,7 +149,8 @@ def _note_seeds(out: Output, meta: dict) -> None:
 
 @app.command()
 def encode(
-    prompts: options.Prompts,
+    prompts: options.Prompts = None,
+    prompts_file: options.PromptsFile = None,
     output: options.EmbeddingsOutput = Path("embeddings.pt"),
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
@@ -142,6 +161,7 @@ def encode(
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
     report_memory: options.ReportMemory = False,
+    no_overwrite: options.NoOverwrite = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -153,10 +173,11 @@ def encode(
         from pixart_cli.encode import check_inputs, encode
 
         _check_common(device, dtype, vram)
-        check_inputs(prompts, negative_prompt, max_sequence_length, clean_caption, text_encoder_precision)
-        artifacts.require_writable(output, "--output")
+        texts = _prompts(prompts, prompts_file)
+        check_inputs(texts, negative_prompt, max_sequence_length, clean_caption, text_encoder_precision)
+        artifacts.require_writable(output, "--output", overwrite=not no_overwrite)
         stages = _Stages(out, report_memory, device, vram)
-        embeddings = encode(prompts, model=_model(model), negative_prompt=negative_prompt, device=device,
+        embeddings = encode(texts, model=_model(model), negative_prompt=negative_prompt, device=device,
                             dtype=dtype, max_sequence_length=max_sequence_length, clean_caption=clean_caption,
                             vram=vram, precision=text_encoder_precision, **stages.kwargs())
         out.wrote(artifacts.save(output, embeddings))
@@ -181,6 +202,7 @@ def denoise(
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
     report_memory: options.ReportMemory = False,
+    no_overwrite: options.NoOverwrite = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -193,7 +215,7 @@ def denoise(
 
         _check_common(device, dtype, vram)
         check_inputs(steps, guidance_scale, seed, width, height, num_images)
-        artifacts.require_writable(output, "--output", (embeddings,))
+        artifacts.require_writable(output, "--output", (embeddings,), overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
         stages = _Stages(out, report_memory, device, vram)
         latents = denoise(loaded, model=model, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
@@ -215,6 +237,7 @@ def decode(
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
     report_memory: options.ReportMemory = False,
+    no_overwrite: options.NoOverwrite = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -227,7 +250,7 @@ def decode(
 
         _check_common(device, dtype, vram)
         loaded = artifacts.load_latents(latents)
-        _check_image_outputs(output, loaded.latents.shape[0], (latents,))
+        _check_image_outputs(output, loaded.latents.shape[0], (latents,), overwrite=not no_overwrite)
         stages = _Stages(out, report_memory, device, vram)
         images = decode(loaded, model=model, device=device, dtype=dtype, vram=vram, source_path=str(latents),
                         **stages.kwargs())
@@ -239,7 +262,8 @@ def decode(
 
 @app.command()
 def generate(
-    prompts: options.Prompts,
+    prompts: options.Prompts = None,
+    prompts_file: options.PromptsFile = None,
     output: options.ImageOutput = Path("image.png"),
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
@@ -257,6 +281,7 @@ def generate(
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
     report_memory: options.ReportMemory = False,
+    no_overwrite: options.NoOverwrite = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -267,9 +292,10 @@ def generate(
         from pixart_cli.generate import generate
 
         _check_common(device, dtype, vram)
-        _check_image_outputs(output, len(prompts) * max(num_images, 1))
+        texts = _prompts(prompts, prompts_file)
+        _check_image_outputs(output, len(texts) * max(num_images, 1), overwrite=not no_overwrite)
         stages = _Stages(out, report_memory, device, vram)
-        images, meta = generate(prompts, model=_model(model), negative_prompt=negative_prompt, steps=steps,
+        images, meta = generate(texts, model=_model(model), negative_prompt=negative_prompt, steps=steps,
                                 guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                                 binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
                                 max_sequence_length=max_sequence_length, clean_caption=clean_caption, vram=vram,

@@ -20,3 +20,9 @@ class PixartError(Exception):
 def bad_file(path, problem: str) -> PixartError:
     """An input file that cannot be used: the line names the file first."""
     return PixartError(f"{path}: {problem}")
+
+
+def detail(error: BaseException) -> str:
+    """The first line of an error, short enough for a one-line message."""
+    text = str(error).strip()
+    return text.splitlines()[0][:200] if text else type(error).__name__

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pixart_cli.errors import EXIT_RUNTIME, PixartError
+from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 MODEL_ENV = "PIXART_MODEL"
@@ -209,6 +209,27 @@ def load_component(model: Model, component: str, load, **kwargs):
         message = str(error).lower()
         if not model.local and ("offline" in message or "connect" in message or "not found" in message):
             raise model_unavailable(model.id, error) from error
-        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise PixartError(f"--model {model.id}: cannot load {component}/ ({detail}); the model folder may be "
+        broken = _broken_weight_file(model, component)
+        if broken is not None:
+            raise PixartError(f"--model {model.id}: {broken} is damaged (truncated or not safetensors); download "
+                              "the model again", EXIT_RUNTIME) from error
+        raise PixartError(f"--model {model.id}: cannot load {component}/ ({detail(error)}); the model folder may be "
                           "damaged: download it again", EXIT_RUNTIME) from error
+
+
+def _broken_weight_file(model: Model, component: str) -> str | None:
+    """The first .safetensors file of a local component whose header or size is wrong, as 'component/file'."""
+    if not model.local:
+        return None
+    from pixart_cli.streaming import TensorFile
+
+    for path in sorted((model.root / component).glob("*.safetensors")):
+        try:
+            tensor_file = TensorFile(path)
+            tensor_file.close()
+            end = max((e["data_offsets"][1] for e in tensor_file.entries.values()), default=0)
+            if tensor_file.data_start + end > tensor_file.size:
+                return f"{component}/{path.name}"
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            return f"{component}/{path.name}"
+    return None

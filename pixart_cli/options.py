@@ -15,7 +15,12 @@ from pixart_cli.models import DEFAULT_MODEL, MODEL_ENV
 MODEL_HELP = (f"Hugging Face id or local diffusers folder [env: {MODEL_ENV}; default: {DEFAULT_MODEL}]. "
               "A hub model is downloaded once on first use (about 20 GB for PixArt-XL-2-1024-MS).")
 
-Prompts = Annotated[list[str], typer.Argument(help="Text prompt(s); each gives one embedding.", show_default=False)]
+Prompts = Annotated[Optional[list[str]], typer.Argument(help="Text prompt(s); each gives one embedding.",
+                                                       show_default=False)]
+PromptsFile = Annotated[Optional[Path], typer.Option(
+    "--prompts-file", help="Read prompts from FILE, one per line (blank lines skipped); - reads stdin.",
+    show_default=False)]
+NoOverwrite = Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace an existing output file.")]
 Model = Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)]
 ModelFromFile = Annotated[Optional[str], typer.Option(
     "--model", "-m", help="Model folder or id [default: the one recorded in the input file].", show_default=False)]

@@ -41,7 +41,10 @@ class TensorFile:
     def __init__(self, path: Path):
         self.path = Path(path)
         with open(path, "rb") as handle:
-            (length,) = struct.unpack("<Q", handle.read(8))
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise ValueError(f"{path}: not a safetensors file (too short)")
+            (length,) = struct.unpack("<Q", prefix)
             if not 0 < length < 100_000_000:
                 raise ValueError(f"{path}: not a safetensors file (header length {length})")
             header = json.loads(handle.read(length))

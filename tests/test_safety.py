@@ -1,0 +1,274 @@
+"""Hostile and broken inputs: exit 2, one line naming the file, no traceback, nothing written, no code run."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import SEED, run_pixart
+from pixart_cli import artifacts
+from pixart_cli.denoise import denoise
+from pixart_cli.encode import encode
+from pixart_cli.errors import PixartError
+from test_cli import assert_one_line_error, invoke
+
+MARKER = "PAYLOAD_RAN"
+
+
+class Payload:
+    """Unpickling this would create a marker file (it must never happen)."""
+
+    def __init__(self, folder):
+        self.command = f"touch {folder / MARKER}"
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.fixture(scope="module")
+def good(tiny_model, tmp_path_factory):
+    """A valid embeddings file and latents file of the tiny model, and their dicts to mutate."""
+    folder = tmp_path_factory.mktemp("good")
+    embeddings = encode(["a cute cat"], model=str(tiny_model), device="cpu")
+    latents = denoise(embeddings, steps=2, seed=SEED, device="cpu")
+    artifacts.save(folder / "emb.pt", embeddings)
+    artifacts.save(folder / "lat.pt", latents)
+    load = lambda name: torch.load(folder / name, weights_only=True)  # noqa: E731
+    return {"emb": folder / "emb.pt", "lat": folder / "lat.pt", "emb_data": load("emb.pt"),
+            "lat_data": load("lat.pt")}
+
+
+def _mutated(data: dict, **changes) -> dict:
+    copy = {key: value for key, value in data.items()}
+    copy["meta"] = dict(data["meta"])
+    for key, value in changes.items():
+        if key.startswith("meta_"):
+            copy["meta"][key[5:]] = value
+        elif value is None:
+            copy.pop(key)
+        else:
+            copy[key] = value
+    return copy
+
+
+def _hostile_files(folder: Path, good: dict) -> dict[str, tuple[str, Path, str]]:
+    """name -> (command, file, fragment expected in the error line)."""
+    emb, lat = good["emb_data"], good["lat_data"]
+    files = {}
+
+    def save(name, data):
+        torch.save(data, folder / name)
+        return folder / name
+
+    def raw(name, payload: bytes):
+        (folder / name).write_bytes(payload)
+        return folder / name
+
+    evil = Payload(folder)
+    files["pickle-top-level"] = ("denoise", raw("evil.pt", pickle.dumps(evil, protocol=2)), "refused")
+    files["pickle-protocol-4"] = ("denoise", raw("evil4.pt", pickle.dumps(evil, protocol=4)),
+                                  "not a pixart .pt file")
+    zipped_evil = folder / "evil-zip.pt"
+    torch.save({"meta": {"format": "pixart-cli/embeddings"}, "x": evil}, zipped_evil)
+    files["pickle-in-zip"] = ("denoise", zipped_evil, "refused")
+    nested = dict(emb)
+    nested["meta"] = dict(emb["meta"], extra={"deep": [evil]})
+    torch.save(nested, folder / "evil-meta.pt")
+    files["pickle-in-meta"] = ("denoise", folder / "evil-meta.pt", "refused")
+    files["empty"] = ("denoise", raw("empty.pt", b""), "not a pixart .pt file")
+    whole = good["emb"].read_bytes()
+    files["truncated"] = ("denoise", raw("truncated.pt", whole[: len(whole) // 2]), "not a pixart .pt file")
+    files["random-bytes"] = ("denoise", raw("random.pt", os.urandom(4096)), "not a pixart .pt file")
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(folder / "picture.png")
+    files["png-renamed"] = ("denoise", raw("picture.pt", (folder / "picture.png").read_bytes()),
+                            "not a pixart .pt file")
+    files["latents-to-denoise"] = ("denoise", good["lat"], "is a latents file")
+    files["embeddings-to-decode"] = ("decode", good["emb"], "is a embeddings file")
+    files["newer-version"] = ("denoise", save("newer.pt", _mutated(emb, meta_version=99)), "newer")
+    wide = torch.zeros(1, 120, 64)
+    files["embeddings-too-wide"] = ("denoise", save("wide.pt", _mutated(emb, prompt_embeds=wide,
+                                                                         negative_prompt_embeds=wide)), "64 wide")
+    long = torch.zeros(1, 200, 32)
+    long_mask = torch.ones(1, 200, dtype=torch.long)
+    files["sequence-length"] = ("denoise", save("long.pt", _mutated(
+        emb, prompt_embeds=long, negative_prompt_embeds=long, prompt_attention_mask=long_mask,
+        negative_prompt_attention_mask=long_mask)), "200 tokens")
+    files["latent-channels"] = ("decode", save("channels.pt", _mutated(lat, latents=torch.zeros(1, 8, 32, 32))),
+                                "8 channels")
+    files["latent-size"] = ("decode", save("size.pt", _mutated(lat, latents=torch.zeros(1, 4, 16, 16))),
+                            "do not decode to the recorded 256x256")
+    nan = emb["prompt_embeds"].clone()
+    nan[0, 0, 0] = float("nan")
+    files["nan"] = ("denoise", save("nan.pt", _mutated(emb, prompt_embeds=nan)), "NaN or inf")
+    inf = lat["latents"].clone()
+    inf[0, 0, 0, 0] = float("inf")
+    files["inf"] = ("decode", save("inf.pt", _mutated(lat, latents=inf)), "NaN or inf")
+    files["missing-key"] = ("denoise", save("missing.pt", _mutated(emb, negative_prompt_embeds=None)),
+                            "missing tensor 'negative_prompt_embeds'")
+    files["missing-meta"] = ("decode", save("nometa.pt", {"latents": lat["latents"]}), "no meta")
+    return files
+
+
+HOSTILE = ["pickle-top-level", "pickle-protocol-4", "pickle-in-zip", "pickle-in-meta", "empty", "truncated", "random-bytes",
+           "png-renamed", "latents-to-denoise", "embeddings-to-decode", "newer-version", "embeddings-too-wide",
+           "sequence-length", "latent-channels", "latent-size", "nan", "inf", "missing-key", "missing-meta"]
+
+
+@pytest.fixture(scope="module")
+def hostile(good, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hostile")
+    return folder, _hostile_files(folder, good)
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_file(name, hostile, tmp_path):
+    folder, files = hostile
+    command, path, fragment = files[name]
+    result = invoke(command, path, "-o", "out.x" if command == "denoise" else "out.png", cwd=tmp_path)
+    assert_one_line_error(result, 2, str(path), fragment)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert not (folder / MARKER).exists()  # the payload never ran
+
+
+def test_hostile_files_cover_the_issue_list(hostile):
+    assert sorted(hostile[1]) == sorted(HOSTILE)
+
+
+def test_payload_is_real(tmp_path):
+    """The payload does run when a careless loader uses pickle, so the tests above prove something."""
+    pickle.loads(pickle.dumps(Payload(tmp_path)))
+    assert (tmp_path / MARKER).exists()
+
+
+# --- bad options: checked before any model or torch loads --------------------------------------------------
+@pytest.mark.parametrize("args, fragment", [
+    (["encode", "--prompts-file", "{empty}"], "holds no prompts"),
+    (["encode"], "give at least one prompt"),
+    (["generate", "cat", "--steps", "0"], "--steps 0"),
+    (["generate", "cat", "--guidance-scale", "-2"], "--guidance-scale"),
+    (["generate", "cat", "--width", "1001"], "--width 1001"),
+    (["generate", "cat", "--num-images", "0"], "--num-images 0"),
+    (["generate", "cat", "--device", "gpu7"], "--device 'gpu7'"),
+    (["generate", "cat", "-o", "/nonexistent/dir/x.png"], "does not exist"),
+    (["encode", "cat", "-o", "{existing}", "--no-overwrite"], "already exists"),
+    (["encode", "cat", "--vram", "lots"], "--vram 'lots'"),
+])
+def test_bad_options_fail_fast_in_a_real_process(args, fragment, tmp_path):
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "existing.pt").write_bytes(b"keep me")
+    args = [a.replace("{empty}", "empty.txt").replace("{existing}", "existing.pt") for a in args]
+    started = time.perf_counter()
+    result = run_pixart(*args, cwd=tmp_path, check=False)
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr
+    assert (tmp_path / "existing.pt").read_bytes() == b"keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.txt", "existing.pt"]
+    assert elapsed < 1.5  # no torch import: ~0.3 s here; generous for a loaded CI machine
+
+
+def test_unwritable_output_folder(tmp_path, monkeypatch):
+    # Tests run as root in CI, where chmod cannot make a folder unwritable; the check itself is os.access.
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("locked") else
+                        real_access(path, mode))
+    (tmp_path / "locked").mkdir()
+    result = invoke("encode", "cat", "-o", tmp_path / "locked" / "x.pt", cwd=tmp_path)
+    assert_one_line_error(result, 2, "locked is not writable")
+
+
+def test_prompts_file_and_stdin(tiny_model, tmp_path):
+    (tmp_path / "prompts.txt").write_text("a cute cat\n\na red chair\n")
+    result = run_pixart("encode", "--prompts-file", "prompts.txt", "--model", tiny_model, cwd=tmp_path)
+    assert artifacts.load_embeddings(tmp_path / "embeddings.pt").meta["prompts"] == ["a cute cat", "a red chair"]
+    piped = subprocess.run([str(Path(sys.executable).parent / "pixart"), "encode", "--prompts-file", "-", "-o",
+                            "piped.pt", "--model", str(tiny_model)], input="a dog\n", capture_output=True, text=True,
+                           cwd=tmp_path)
+    assert piped.returncode == 0 and piped.stdout == "piped.pt\n", piped.stderr
+    assert artifacts.load_embeddings(tmp_path / "piped.pt").meta["prompts"] == ["a dog"]
+    assert result.stdout == "embeddings.pt\n"
+
+
+# --- interruption -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_during_a_stage_leaves_no_output(signum, code, good, tmp_path):
+    """A long denoise in a real process, interrupted once its plan line shows the stage is running."""
+    process = subprocess.Popen([str(Path(sys.executable).parent / "pixart"), "denoise", str(good["emb"]),
+                                "--steps", "100000", "-o", "lat.pt"], cwd=tmp_path, stderr=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    for line in process.stderr:
+        if "denoise: plan" in line:
+            break
+    time.sleep(1.0)  # well inside the denoising loop
+    process.send_signal(signum)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == code, stderr
+    assert stdout == "" and "no output was written" in stderr and "Traceback" not in stderr
+    assert list(tmp_path.iterdir()) == []  # no latents.pt, no temp file
+
+
+# --- runtime failures -------------------------------------------------------------------------------------
+def test_corrupted_model_file_is_named(tiny_model, tmp_path, good):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "transformer" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    result = invoke("denoise", good["emb"], "--model", broken, "--steps", "2", cwd=tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    # The plan line came first; the failure is one line, last.
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [result.stderr.strip().splitlines()[-1]]
+    assert "transformer/diffusion_pytorch_model.safetensors is damaged" in errors[0]
+    assert not (tmp_path / "latents.pt").exists()
+
+
+def test_existing_output_is_replaced_atomically(good, tmp_path):
+    (tmp_path / "lat.pt").write_bytes(b"old")
+    result = invoke("denoise", good["emb"], "--steps", "2", "--seed", "1", "-o", "lat.pt", cwd=tmp_path)
+    assert result.exit_code == 0
+    assert artifacts.load_latents(tmp_path / "lat.pt").meta["seeds"] == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lat.pt"]  # no temp file left beside it
+
+
+# --- fuzzing ----------------------------------------------------------------------------------------------
+@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                    HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzzed_files_only_raise_the_tools_error(good, tmp_path_factory, data):
+    source = good["emb"].read_bytes() if data.draw(st.booleans()) else good["lat"].read_bytes()
+    kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "garbage"]))
+    if kind == "garbage":
+        blob = data.draw(st.binary(max_size=2048))
+    else:
+        position = data.draw(st.integers(0, len(source) - 1))
+        if kind == "flip":
+            count = data.draw(st.integers(1, 8))
+            blob = bytearray(source)
+            for offset in range(count):
+                blob[(position + offset * 97) % len(blob)] ^= data.draw(st.integers(1, 255))
+            blob = bytes(blob)
+        elif kind == "truncate":
+            blob = source[:position]
+        else:
+            blob = source[:position] + data.draw(st.binary(min_size=1, max_size=64)) + source[position:]
+    path = tmp_path_factory.getbasetemp() / "fuzz.pt"
+    path.write_bytes(blob)
+    for loader in (artifacts.load_embeddings, artifacts.load_latents):
+        try:
+            loader(path)
+        except PixartError as error:
+            assert str(error).startswith(str(path)) and "\n" not in str(error)
