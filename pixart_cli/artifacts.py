@@ -96,7 +96,7 @@ def _plain(meta: dict) -> dict:
 
 
 # --- reading ---------------------------------------------------------------------------------------------
-def _read(path: Path, expected_format: str) -> dict:
+def _read(path: Path, expected_formats: tuple[str, ...]) -> dict:
     """torch.load with weights_only=True, then the checks common to every .pt file."""
     import pickle
 
@@ -119,12 +119,11 @@ def _read(path: Path, expected_format: str) -> dict:
         raise bad_file(path, "not a pixart .pt file (no meta dict)")
     meta = data["meta"]
     fmt, version = meta.get("format"), meta.get("version")
-    if fmt != expected_format:
+    if fmt not in expected_formats:
         kind = {EMBEDDINGS_FORMAT: "embeddings", LATENTS_FORMAT: "latents"}
-        what = kind.get(fmt)
-        if what:
-            raise bad_file(path, f"is a {what} file, but {kind[expected_format]} are needed here")
-        raise bad_file(path, f"unknown format {fmt!r}; expected {expected_format}")
+        if fmt in kind:
+            raise bad_file(path, f"is a {kind[fmt]} file, but {kind[expected_formats[0]]} are needed here")
+        raise bad_file(path, f"unknown format {fmt!r}; expected {' or '.join(expected_formats)}")
     if not isinstance(version, int) or isinstance(version, bool):
         raise bad_file(path, f"format version {version!r} is not a number")
     if version > FORMAT_VERSION:
@@ -179,9 +178,32 @@ def _meta_field(path: Path, meta: dict, key: str, kind: type | tuple):
     return value
 
 
+def load_any(path: Path) -> Embeddings | Latents:
+    """An embeddings or a latents file, whichever ``path`` is (validated as such)."""
+    data = _read(path, (EMBEDDINGS_FORMAT, LATENTS_FORMAT))
+    if data["meta"]["format"] == EMBEDDINGS_FORMAT:
+        return _embeddings(path, data)
+    return _latents(path, data)
+
+
+def describe(path: Path) -> dict:
+    """What `pixart info` shows: a .pt file's tensors and meta, or an image's embedded settings."""
+    path = Path(path)
+    if path.suffix.lower() in IMAGE_FORMATS:
+        return {"file": str(path), "kind": "image", **read_image_metadata(path)}
+    artifact = load_any(path)
+    tensors = {key: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+               for key, value in artifact.tensors().items()}
+    kind = "embeddings" if isinstance(artifact, Embeddings) else "latents"
+    return {"file": str(path), "kind": kind, "tensors": tensors, "meta": artifact.meta}
+
+
 def load_embeddings(path: Path) -> Embeddings:
     """Read and validate an embeddings file (shapes agree with each other; not yet with a model)."""
-    data = _read(path, EMBEDDINGS_FORMAT)
+    return _embeddings(path, _read(path, (EMBEDDINGS_FORMAT,)))
+
+
+def _embeddings(path: Path, data: dict) -> Embeddings:
     meta = data["meta"]
     embeds = _tensor(path, data, "prompt_embeds", 3, "f")
     mask = _tensor(path, data, "prompt_attention_mask", 2, "i")
@@ -208,7 +230,10 @@ def load_embeddings(path: Path) -> Embeddings:
 
 def load_latents(path: Path) -> Latents:
     """Read and validate a latents file (internally consistent; not yet checked against a VAE)."""
-    data = _read(path, LATENTS_FORMAT)
+    return _latents(path, _read(path, (LATENTS_FORMAT,)))
+
+
+def _latents(path: Path, data: dict) -> Latents:
     meta = data["meta"]
     latents = _tensor(path, data, "latents", 4, "f")
     for key in ("height", "width", "requested_height", "requested_width"):
@@ -228,16 +253,68 @@ def load_latents(path: Path) -> Latents:
 
 
 # --- images ----------------------------------------------------------------------------------------------
-def save_image(path: Path, image, parameters: str, settings: dict) -> Path:
-    """Write a PNG atomically with an A1111-style "parameters" chunk and a JSON chunk of every setting."""
-    from PIL.PngImagePlugin import PngInfo
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+_EXIF_IFD, _USER_COMMENT, _IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
 
-    info = PngInfo()
-    info.add_text("parameters", parameters)
-    info.add_text("pixart", json.dumps(_plain(settings), sort_keys=True))
+
+def image_format(path: Path, option: str = "--output") -> str:
+    """PIL format name for an output path's extension."""
+    fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
+    if fmt is None:
+        raise PixartError(f"{option} {path}: unknown image type {Path(path).suffix or '(none)'}; use .png, .jpg "
+                          "or .webp")
+    return fmt
+
+
+def save_image(path: Path, image, parameters: str, settings: dict) -> Path:
+    """Write an image atomically, its format chosen by the extension, with the generation settings inside.
+
+    PNG: an A1111-style "parameters" text chunk and a "pixart" chunk with every setting as JSON.
+    JPEG/WebP: the same two in EXIF (UserComment, as A1111 writes it, and ImageDescription).
+    """
+    fmt = image_format(path)
+    settings_json = json.dumps(_plain(settings), sort_keys=True)
+    if fmt == "PNG":
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("parameters", parameters)
+        info.add_text("pixart", settings_json)
+        extra = {"pnginfo": info}
+    else:
+        from PIL import Image
+
+        exif = Image.Exif()
+        exif[_IMAGE_DESCRIPTION] = settings_json
+        exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + parameters.encode("utf-16-be")
+        extra = {"exif": exif.tobytes(), "quality": 95}
     with atomic_path(path) as temp:
-        image.save(temp, format="PNG", pnginfo=info)
+        image.save(temp, format=fmt, **extra)
     return Path(path)
+
+
+def read_image_metadata(path: Path) -> dict:
+    """{"parameters": str | None, "settings": dict | None, "format", "size"} of an image pixart wrote."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            fmt, size = image.format, list(image.size)
+            if fmt == "PNG":
+                parameters, settings = image.text.get("parameters"), image.text.get("pixart")
+            else:
+                exif = image.getexif()
+                settings = exif.get(_IMAGE_DESCRIPTION)
+                comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
+                parameters = (comment[8:].decode("utf-16-be", "replace") if isinstance(comment, bytes)
+                              and comment.startswith(b"UNICODE") else comment)
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
+        raise bad_file(path, f"not an image pixart can read ({detail(error)})") from error
+    try:
+        settings = json.loads(settings) if settings else None
+    except ValueError:
+        settings = None
+    return {"format": fmt, "size": size, "parameters": parameters, "settings": settings}
 
 
 def require_writable(path: Path, option: str, inputs: tuple[Path, ...] = (), overwrite: bool = True) -> Path:
@@ -286,6 +363,7 @@ def output_paths(output: Path, count: int) -> list[Path]:
     text = str(output)
     if text.endswith(("/", os.sep)) or Path(output).is_dir():
         return [Path(output) / (f"image-{i}.png" if count > 1 else "image.png") for i in range(count)]
+    image_format(output)
     output = Path(output)
     if count == 1:
         return [output]

@@ -157,6 +157,7 @@ def encode(
     max_sequence_length: options.MaxSequenceLength = None,
     clean_caption: options.CleanCaption = True,
     text_encoder_precision: options.TextEncoderPrecision = "full",
+    cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -179,7 +180,7 @@ def encode(
         stages = _Stages(out, report_memory, device, vram)
         embeddings = encode(texts, model=_model(model), negative_prompt=negative_prompt, device=device,
                             dtype=dtype, max_sequence_length=max_sequence_length, clean_caption=clean_caption,
-                            vram=vram, precision=text_encoder_precision, **stages.kwargs())
+                            vram=vram, precision=text_encoder_precision, cache=cache, **stages.kwargs())
         out.wrote(artifacts.save(output, embeddings))
         stages.finish()
 
@@ -198,6 +199,8 @@ def denoise(
     height: options.Height = None,
     no_binning: options.NoBinning = False,
     num_images: options.NumImages = 1,
+    scheduler: options.Scheduler = None,
+    batch_size: options.BatchSize = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -214,13 +217,14 @@ def denoise(
         from pixart_cli.denoise import check_inputs, denoise
 
         _check_common(device, dtype, vram)
-        check_inputs(steps, guidance_scale, seed, width, height, num_images)
+        check_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
         artifacts.require_writable(output, "--output", (embeddings,), overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
         stages = _Stages(out, report_memory, device, vram)
         latents = denoise(loaded, model=model, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
-                          height=height, binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
-                          vram=vram, source_path=str(embeddings), **stages.kwargs())
+                          height=height, binning=not no_binning, num_images=num_images, scheduler=scheduler,
+                          batch_size=batch_size, device=device, dtype=dtype, vram=vram,
+                          source_path=str(embeddings), **stages.kwargs())
         _note_seeds(out, latents.meta)
         out.wrote(artifacts.save(output, latents))
         stages.finish()
@@ -233,6 +237,7 @@ def decode(
     latents: options.LatentsFile,
     output: options.ImageOutput = Path("image.png"),
     model: options.ModelFromFile = None,
+    batch_size: options.BatchSize = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -241,7 +246,7 @@ def decode(
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
-    """Decode latents with the VAE only → image.png."""
+    """Decode latents with the VAE only → image.png (.jpg and .webp work too)."""
     out = Output("decode", quiet, json)
 
     def work():
@@ -252,8 +257,8 @@ def decode(
         loaded = artifacts.load_latents(latents)
         _check_image_outputs(output, loaded.latents.shape[0], (latents,), overwrite=not no_overwrite)
         stages = _Stages(out, report_memory, device, vram)
-        images = decode(loaded, model=model, device=device, dtype=dtype, vram=vram, source_path=str(latents),
-                        **stages.kwargs())
+        images = decode(loaded, model=model, device=device, dtype=dtype, batch_size=batch_size, vram=vram,
+                        source_path=str(latents), **stages.kwargs())
         _write_images(out, images, loaded.meta, output)
         stages.finish()
 
@@ -277,6 +282,9 @@ def generate(
     max_sequence_length: options.MaxSequenceLength = None,
     clean_caption: options.CleanCaption = True,
     text_encoder_precision: options.TextEncoderPrecision = "full",
+    scheduler: options.Scheduler = None,
+    batch_size: options.BatchSize = None,
+    cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -299,12 +307,47 @@ def generate(
                                 guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                                 binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
                                 max_sequence_length=max_sequence_length, clean_caption=clean_caption, vram=vram,
-                                precision=text_encoder_precision, **stages.kwargs())
+                                precision=text_encoder_precision, scheduler=scheduler, batch_size=batch_size,
+                                cache=cache, **stages.kwargs())
         _note_seeds(out, meta)
         _write_images(out, images, meta, output)
         stages.finish()
 
     _run(out, work, quantized=text_encoder_precision != "full")
+
+
+@app.command()
+def info(
+    file: options.InfoFile,
+    json: options.Json = False,
+) -> None:
+    """Show what a .pt file or an image made by pixart holds: tensors, prompts, seeds, settings."""
+    out = Output("info", False, json)
+
+    def work():
+        from pixart_cli import artifacts
+
+        described = artifacts.describe(file)
+        out.record.update(described)
+        if not json:
+            print(_info_table(described), end="")
+
+    _run(out, work)
+
+
+def _info_table(described: dict) -> str:
+    """Aligned `key  value` lines for people."""
+    rows = [("file", described["file"]), ("kind", described["kind"])]
+    for key, tensor in described.get("tensors", {}).items():
+        rows.append((key, f"{tensor['dtype']} {tensor['shape']}"))
+    if described["kind"] == "image":
+        rows += [("format", described["format"]), ("size", "x".join(map(str, described["size"])))]
+        if described["parameters"]:
+            rows.append(("parameters", described["parameters"].replace("\n", " | ")))
+    settings = described.get("meta") or described.get("settings") or {}
+    rows += [(key, settings[key]) for key in sorted(settings)]
+    width = max(len(key) for key, _ in rows)
+    return "".join(f"{key:<{width}}  {value}\n" for key, value in rows)
 
 
 def _version(value: bool) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 from collections.abc import Callable
 
@@ -13,11 +14,23 @@ Progress = Callable[[str, int, int], None]
 MAX_SEED = 2**32 - 1
 # With one step the pipeline returns the scheduler's pred_original_sample (step(...)[1]); these don't give one.
 NO_SINGLE_STEP = {"DPMSolverMultistepScheduler", "SASolverScheduler"}
+# --scheduler names -> diffusers classes, each built with from_config on the model's own scheduler config.
+SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "sa-solver": "SASolverScheduler", "ddim": "DDIMScheduler",
+              "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
+              "lcm": "LCMScheduler", "ddpm": "DDPMScheduler"}
+# SA-Solver names DPM-Solver++'s data prediction differently (PixArt-Σ's docs build it this way).
+SCHEDULER_OVERRIDES = {"SASolverScheduler": {"algorithm_type": "data_prediction"}}
 
 
 def check_inputs(steps: int | None, guidance_scale: float | None, seed: int | None, width: int | None,
-                 height: int | None, num_images: int) -> None:
+                 height: int | None, num_images: int, scheduler: str | None = None,
+                 batch_size: int | None = None) -> None:
     """Reject bad settings before anything loads (each message names the flag and the fix)."""
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise PixartError(f"--scheduler {scheduler!r}: unknown; use one of {', '.join(SCHEDULERS)} "
+                          "(default: the model's own)")
+    if batch_size is not None and batch_size < 1:
+        raise PixartError(f"--batch-size {batch_size}: must be at least 1")
     if steps is not None and steps < 1:
         raise PixartError(f"--steps {steps}: must be at least 1")
     if guidance_scale is not None and not guidance_scale >= 0:  # also rejects NaN
@@ -47,8 +60,9 @@ def check_fits(embeddings: artifacts.Embeddings, source: Model, path: str, width
 
 def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps: int | None = None,
             guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
-            height: int | None = None, binning: bool = True, num_images: int = 1, device: str = "auto",
-            dtype: str = "auto", vram: str | None = None, source_path: str = "embeddings",
+            height: int | None = None, binning: bool = True, num_images: int = 1, scheduler: str | None = None,
+            batch_size: int | None = None, device: str = "auto", dtype: str = "auto", vram: str | None = None,
+            source_path: str = "embeddings",
             progress: Progress | None = None, log: Callable[[str], None] | None = None,
             reports: list | None = None) -> artifacts.Latents:
     """Run the pipeline's denoising loop on stored embeddings.
@@ -56,12 +70,12 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
     Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
     """
+    import diffusers
     import torch
     from diffusers import PixArtTransformer2DModel
-    from diffusers.schedulers import SchedulerMixin
 
     # 1. Check inputs against the model's configs; fill each default from the model's family
-    check_inputs(steps, guidance_scale, seed, width, height, num_images)
+    check_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
     meta_in = embeddings.meta
     source = Model(meta_in["model"] if model is None else model, meta_in.get("revision") if model is None else None)
     family = source.family
@@ -70,7 +84,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     check_fits(embeddings, source, source_path, requested_width, requested_height)
     timesteps = list(family.timesteps) if steps is None and family.timesteps else None
     steps = family.steps if steps is None else steps
-    scheduler_name = source.config("scheduler").get("_class_name", "")
+    scheduler_name = _scheduler_name(source, scheduler)
     if steps == 1 and not timesteps and scheduler_name in NO_SINGLE_STEP:
         raise PixartError(f"--steps 1: {scheduler_name} cannot take a single step in the PixArt pipeline; "
                           "use --steps 2 or more (one-step models such as DMD use their own scheduler)")
@@ -100,6 +114,8 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
                                  skeleton.inner_dim, torch_dtype.itemsize, prompts_in * num_images,
                                  guidance_scale > 1)
     del skeleton
+    if batch_size is not None:  # the user's flag wins over the plan's batch
+        chosen = dataclasses.replace(chosen, batch=batch_size)
     if log:
         log(chosen.describe())
     with meter.phase("load"):
@@ -115,9 +131,10 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
                                          dtype=torch_dtype, **kwargs)
             transformer.to(torch_device)
         transformer.eval()
-        scheduler = load_component(source, "scheduler", _scheduler_class(source).from_pretrained)
-        assert isinstance(scheduler, SchedulerMixin)
-        pipe = stage_pipeline(source, transformer=transformer, scheduler=scheduler)
+        # The model's own scheduler config, as the class the user picked (default: the model's own class).
+        noise_scheduler = getattr(diffusers, scheduler_name).from_config(
+            source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {}))
+        pipe = stage_pipeline(source, transformer=transformer, scheduler=noise_scheduler)
 
     # 4. Denoise in batches of the plan's size: one CPU generator per image, seeds seed, seed+1, ...
     #    Row r of the flat batch is image r % num_images of prompt r // num_images, as in the pipeline.
@@ -159,7 +176,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
         "model": source.id, "revision": source.revision, "family": family.name,
         "dtype": runtime.dtype_name(torch_dtype), "prompts": prompts,
         "negative_prompt": meta_in.get("negative_prompt", ""), "seeds": seeds, "steps": steps,
-        "timesteps": timesteps, "guidance_scale": float(guidance_scale), "scheduler": type(scheduler).__name__,
+        "timesteps": timesteps, "guidance_scale": float(guidance_scale), "scheduler": scheduler_name,
         "height": height, "width": width, "requested_height": requested_height, "requested_width": requested_width,
         "binned": table is not None, "plan": chosen.name, "clean_caption": meta_in.get("clean_caption"),
         "max_sequence_length": meta_in.get("max_sequence_length"),
@@ -167,13 +184,12 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     return artifacts.Latents(latents, meta)
 
 
-def _scheduler_class(source: Model):
-    """The scheduler class named in the model's scheduler config."""
+def _scheduler_name(source: Model, choice: str | None) -> str:
+    """The diffusers class name of the scheduler: the user's --scheduler, else the model's own."""
     import diffusers
 
-    name = source.config("scheduler").get("_class_name", "")
-    scheduler_class = getattr(diffusers, name, None)
-    if scheduler_class is None:
+    name = SCHEDULERS[choice] if choice is not None else source.config("scheduler").get("_class_name", "")
+    if not isinstance(getattr(diffusers, name, None), type):
         raise PixartError(f"--model {source.id}: unknown scheduler class {name!r} in scheduler/scheduler_config.json",
                           1)
-    return scheduler_class
+    return name

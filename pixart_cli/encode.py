@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import PixartError
@@ -83,20 +86,20 @@ def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
 
 def encode(prompts: Sequence[str], *, model: str, negative_prompt: str = "", device: str = "auto",
            dtype: str = "auto", max_sequence_length: int | None = None, clean_caption: bool = True,
-           vram: str | None = None, precision: str = "full", revision: str | None = None,
+           vram: str | None = None, precision: str = "full", revision: str | None = None, cache=None,
            progress: Progress | None = None, log: Callable[[str], None] | None = None,
            reports: list | None = None) -> artifacts.Embeddings:
     """Encode prompts (and the negative prompt) with T5, as the pipeline's ``__call__`` does.
 
     Returns Embeddings: prompt_embeds / negative_prompt_embeds [B, L, C], masks [B, L], L = max_sequence_length.
+    With ``cache`` (a folder), prompts encoded before with the same model and settings skip T5.
     """
     import torch
-    from transformers import T5Tokenizer
 
-    # 1. Check inputs, read the model's facts, pick a plan for the budget
+    # 1. Check inputs and read the model's facts
     prompts = list(prompts)
     check_inputs(prompts, negative_prompt, max_sequence_length, clean_caption, precision)
-    budget_bytes = memory.parse_vram(vram)
+    memory.parse_vram(vram)
     source = Model(model, revision)
     family = source.family
     max_length = family.max_sequence_length if max_sequence_length is None else max_sequence_length
@@ -106,46 +109,104 @@ def encode(prompts: Sequence[str], *, model: str, negative_prompt: str = "", dev
         raise PixartError(f"--text-encoder-precision {precision}: bitsandbytes quantization needs a CUDA GPU; "
                           "use full precision (--dtype bf16 halves T5's memory on CPU)")
     meter = memory.Meter("encode", torch_device)
-    budget, context = memory.device_budget(budget_bytes, torch_device)
-    texts = prompts + [negative_prompt]
-    chosen = plan(source, budget, context, torch_dtype, len(texts), max_length, precision)
-    if log:
-        log(chosen.describe())
+    settings = {"model": source.id, "revision": revision, "text_encoder": source.config("text_encoder"),
+                "negative_prompt": negative_prompt, "max_sequence_length": max_length,
+                "clean_caption": clean_caption, "dtype": runtime.dtype_name(torch_dtype), "precision": precision}
+    store = EmbeddingCache(cache, settings) if cache is not None else None
+    rows = {prompt: store.get(prompt) for prompt in prompts} if store else {}
+    todo = [prompt for prompt in dict.fromkeys(prompts) if rows.get(prompt) is None]
 
-    # 2. Load the tokenizer and T5 only; dtype at load time (a later .to(fp16) breaks T5, diffusers #8604)
-    with meter.phase("load"):
-        tokenizer = load_component(source, "tokenizer", T5Tokenizer.from_pretrained)
-        text_encoder = _load_text_encoder(source, chosen, torch_dtype, torch_device)
-        pipe = stage_pipeline(source, tokenizer=tokenizer, text_encoder=text_encoder)
-
-    # 3. Prompts and the negative prompt in as few T5 calls as possible, with the pipeline's own
-    #    encode_prompt (same cleaning, padding and truncation as __call__; without CFG it encodes the list as is)
-    rows, masks = [], []
-    with meter.phase("compute"), torch.inference_mode():
-        for start in range(0, len(texts), BATCH):
-            chunk = texts[start:start + BATCH]
-            embeds, mask, _, _ = pipe.encode_prompt(chunk, do_classifier_free_guidance=False, device=torch_device,
-                                                    clean_caption=clean_caption, max_sequence_length=max_length)
-            rows.append(embeds.cpu())
-            masks.append(mask.cpu())
-            if progress:
-                progress("encode", min(start + BATCH, len(texts)), len(texts))
-    embeds, mask = torch.cat(rows), torch.cat(masks)
-    count = len(prompts)
-    negative = embeds[count:].expand(count, -1, -1).clone()
-    negative_mask = mask[count:].expand(count, -1).clone()
-    del pipe, text_encoder
-    runtime.free(torch_device)
+    # 2. Encode what the cache lacks: those prompts and the negative prompt, in as few T5 calls as possible
+    plan_name = "cache"
+    if todo:
+        (embeds, mask), plan_name = _encode_texts(source, todo + [negative_prompt], max_length, clean_caption,
+                                                  torch_dtype, torch_device, vram, precision, meter, progress, log)
+        for index, prompt in enumerate(todo):
+            rows[prompt] = (embeds[index:index + 1], mask[index:index + 1], embeds[-1:], mask[-1:])
+            if store:
+                store.put(prompt, rows[prompt])
+    elif log:
+        log(f"encode: all {len(prompts)} prompt(s) found in the cache {cache}; T5 not loaded")
+    tensors = [torch.cat([rows[prompt][i] for prompt in prompts]) for i in range(4)]
     report = meter.finish()
-    report.plan = chosen.name
+    report.plan = plan_name
     if reports is not None:
         reports.append(report)
 
-    # 4. Record what the next stage needs
+    # 3. Record what the next stage needs
     meta = {
         "format": artifacts.EMBEDDINGS_FORMAT, "version": artifacts.FORMAT_VERSION,
         "model": source.id, "revision": revision, "family": family.name, "dtype": runtime.dtype_name(torch_dtype),
         "prompts": prompts, "negative_prompt": negative_prompt, "max_sequence_length": max_length,
         "clean_caption": clean_caption, "text_encoder_precision": precision,
     }
-    return artifacts.Embeddings(embeds[:count], mask[:count], negative, negative_mask, meta)
+    return artifacts.Embeddings(*tensors, meta=meta)
+
+
+def _encode_texts(source: Model, texts: list[str], max_length: int, clean_caption: bool, dtype, device,
+                  vram: str | None, precision: str, meter: memory.Meter, progress, log):
+    """Load T5 under a memory plan and encode ``texts``. Returns ((embeds [N, L, C], mask [N, L]), plan name)."""
+    import torch
+    from transformers import T5Tokenizer
+
+    budget, context = memory.device_budget(memory.parse_vram(vram), device)
+    chosen = plan(source, budget, context, dtype, len(texts), max_length, precision)
+    if log:
+        log(chosen.describe())
+
+    # Load the tokenizer and T5 only; dtype at load time (a later .to(fp16) breaks T5, diffusers #8604)
+    with meter.phase("load"):
+        tokenizer = load_component(source, "tokenizer", T5Tokenizer.from_pretrained)
+        text_encoder = _load_text_encoder(source, chosen, dtype, device)
+        pipe = stage_pipeline(source, tokenizer=tokenizer, text_encoder=text_encoder)
+
+    # The pipeline's own encode_prompt (same cleaning, padding and truncation as __call__; without CFG it
+    # encodes the list as given). Its warning naming the text cut off a long prompt is passed on.
+    embeds, masks = [], []
+    with meter.phase("compute"), torch.inference_mode(), runtime.forward_warnings(
+            "diffusers.pipelines.pixart_alpha", log or (lambda message: None)):
+        for start in range(0, len(texts), BATCH):
+            chunk = texts[start:start + BATCH]
+            chunk_embeds, chunk_mask, _, _ = pipe.encode_prompt(
+                chunk, do_classifier_free_guidance=False, device=device, clean_caption=clean_caption,
+                max_sequence_length=max_length)
+            embeds.append(chunk_embeds.cpu())
+            masks.append(chunk_mask.cpu())
+            if progress:
+                progress("encode", min(start + BATCH, len(texts)), len(texts))
+    del pipe, text_encoder
+    runtime.free(device)
+    return (torch.cat(embeds), torch.cat(masks)), chosen.name
+
+
+class EmbeddingCache:
+    """One embeddings file per (model, T5 config, prompt, settings), named by their hash; read back validated."""
+
+    def __init__(self, folder, settings: dict):
+        self.folder = Path(folder).expanduser()
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise PixartError(f"--cache {folder}: cannot create it ({error.strerror})") from None
+        self.settings = settings
+
+    def path(self, prompt: str) -> Path:
+        key = json.dumps({**self.settings, "prompt": prompt}, sort_keys=True)
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
+
+    def get(self, prompt: str):
+        """(embeds, mask, negative, negative mask) of one prompt, each [1, ...], or None."""
+        path = self.path(prompt)
+        if not path.is_file():
+            return None
+        try:
+            entry = artifacts.load_embeddings(path)
+        except PixartError:
+            return None  # a damaged entry is encoded again and rewritten
+        return tuple(entry.tensors().values()) if entry.meta.get("prompts") == [prompt] else None
+
+    def put(self, prompt: str, row: tuple) -> None:
+        meta = {"format": artifacts.EMBEDDINGS_FORMAT, "version": artifacts.FORMAT_VERSION,
+                "model": self.settings["model"], "family": "cache", "dtype": self.settings["dtype"],
+                "prompts": [prompt], "max_sequence_length": self.settings["max_sequence_length"]}
+        artifacts.save(self.path(prompt), artifacts.Embeddings(*row, meta=meta))

@@ -16,6 +16,9 @@ from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 MODEL_ENV = "PIXART_MODEL"
+# Where components missing from a model folder come from (PixArt-DMD ships only its transformer and scheduler).
+BASE_MODEL_ENV = "PIXART_BASE_MODEL"
+SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,11 @@ FAMILIES = {
 # Transformer sample_size -> the resolution-binning table the pipelines use for it.
 BIN_TABLES = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
               32: "ASPECT_RATIO_256_BIN"}
+
+
+def base_model() -> str:
+    """The model lending T5, tokenizer and VAE to one without them: $PIXART_BASE_MODEL, else PixArt-α 1024."""
+    return os.environ.get(BASE_MODEL_ENV) or DEFAULT_MODEL
 
 
 def default_model() -> str:
@@ -71,9 +79,25 @@ class Model:
                 raise PixartError(f"--model {model}: not a diffusers model folder (no model_index.json)")
             self.root = folder
         self._configs: dict[str, dict] = {}
+        self._base: Model | None = None
 
     def __repr__(self) -> str:
         return f"Model({self.id!r})"
+
+    def owner(self, component: str) -> Model:
+        """The model that holds ``component``: this one, or the base model where this one lacks T5, its
+        tokenizer or the VAE (as PixArt-DMD does)."""
+        if component not in SHARED_COMPONENTS:
+            return self
+        entry = self.config(None).get(component)
+        present = entry not in (None, [None, None]) and (not self.local or (self.root / component).is_dir())
+        if present:
+            return self
+        if self._base is None:
+            if base_model() == self.id:
+                raise PixartError(f"--model {self.id}: has no {component}/ and is itself the base model", EXIT_RUNTIME)
+            self._base = Model(base_model())
+        return self._base
 
     def file(self, relative: str) -> Path:
         """Local path of one file of the model, downloading it (once) for a hub id."""
@@ -92,6 +116,8 @@ class Model:
 
     def config(self, component: str | None) -> dict:
         """A component's config.json (``None``: model_index.json), parsed."""
+        if component is not None and self.owner(component) is not self:
+            return self.owner(component).config(component)
         name = "model_index.json" if component is None else f"{component}/{_config_name(component)}"
         if name not in self._configs:
             path = self.file(name)
@@ -103,6 +129,8 @@ class Model:
 
     def folder(self, component: str) -> Path:
         """Local folder of one component (downloading only that component for a hub id)."""
+        if self.owner(component) is not self:
+            return self.owner(component).folder(component)
         if self.local:
             return self.root / component
         from huggingface_hub import snapshot_download
@@ -115,6 +143,8 @@ class Model:
 
     def load_args(self, component: str) -> dict:
         """Keyword arguments for ``from_pretrained`` of one component."""
+        if self.owner(component) is not self:
+            return self.owner(component).load_args(component)
         source = str(self.root) if self.local else self.id
         return {"pretrained_model_name_or_path": source, "subfolder": component, "revision": self.revision}
 
@@ -219,6 +249,7 @@ def load_component(model: Model, component: str, load, **kwargs):
 
 def _broken_weight_file(model: Model, component: str) -> str | None:
     """The first .safetensors file of a local component whose header or size is wrong, as 'component/file'."""
+    model = model.owner(component)
     if not model.local:
         return None
     from pixart_cli.streaming import TensorFile

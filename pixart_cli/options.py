@@ -48,6 +48,8 @@ NumImages = Annotated[int, typer.Option("--num-images", help="Images per prompt.
 EmbeddingsFile = Annotated[Path, typer.Argument(help="Embeddings file written by `pixart encode`.",
                                                show_default=False)]
 LatentsFile = Annotated[Path, typer.Argument(help="Latents file written by `pixart denoise`.", show_default=False)]
+InfoFile = Annotated[Path, typer.Argument(help="A .pt file (embeddings or latents) or an image pixart wrote.",
+                                          show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the written paths (or errors).")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of paths.")]
 
@@ -69,3 +71,13 @@ TextEncoderPrecision = Annotated[str, typer.Option(
 ReportMemory = Annotated[bool, typer.Option(
     "--report-memory", help="After each stage: peak device memory (allocated, reserved, CUDA context), peak RSS, "
                             "load and compute seconds. With --json, in the JSON document.")]
+Scheduler = Annotated[Optional[str], typer.Option(
+    help="dpm++, sa-solver, ddim, euler, euler-a, lcm or ddpm, built from the model's scheduler config "
+         "[default: the model's own].", show_default=False)]
+BatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", help="Images per transformer / VAE call [default: as many as the memory plan allows for "
+                         "denoise, 1 for decode].", show_default=False)]
+Cache = Annotated[Optional[Path], typer.Option(
+    "--cache", envvar="PIXART_CACHE", help="Embedding cache folder: encode skips T5 for a model + prompt + settings "
+                                          "it has already encoded [env: PIXART_CACHE; default: off].",
+    show_default=False)]

@@ -93,8 +93,8 @@ def _build_modules(t5_config, dit: dict, vae: dict, device: str, scale_t5: bool)
                         module.weight.mul_(0.05)
         transformer = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **dit)
         autoencoder = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, scaling_factor=0.18215,
-            down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, **vae,
+            in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, **{"scaling_factor": 0.18215, **vae},
         )
     return text_encoder, transformer, autoencoder
 
@@ -142,9 +142,16 @@ def write_full_size_configs(out: Path) -> Path:
     return out
 
 
+FAMILIES = ("alpha", "sigma", "lcm", "dmd")
+
+
 def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokenizer_dir: Path | None = None,
-          device: str = "cpu", seed: int = 0) -> Path:
-    """Write a random PixArt-α pipeline folder to ``out`` and return it."""
+          device: str = "cpu", seed: int = 0, family: str = "alpha") -> Path:
+    """Write a random PixArt pipeline folder of one family to ``out`` and return it.
+
+    sigma: PixArtSigmaPipeline, no micro-conditions, SDXL-VAE scaling. lcm: LCMScheduler. dmd: DDPMScheduler and,
+    like the published DMD checkpoint, no tokenizer, T5 or VAE (they come from a base model).
+    """
     import torch
     from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
 
@@ -156,23 +163,37 @@ def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokeniz
         vocab = train_tiny_tokenizer(out / "tokenizer")
 
     t5, dit, vae, dtype = _configs(size, vocab, sample_size)
+    if family == "sigma":
+        dit.update(use_additional_conditions=False, interpolation_scale=2 if dit["sample_size"] >= 128 else 1)
+        vae["scaling_factor"] = 0.13025
     previous_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # build in the target dtype: a full-size fp32 T5 would need 19 GB first
     try:
         text_encoder, transformer, autoencoder = _build_modules(t5, dit, vae, device, scale_t5=size == "full")
     finally:
         torch.set_default_dtype(previous_dtype)
-    scheduler = DPMSolverMultistepScheduler(**_SCHEDULER)
+    import diffusers
+
+    scheduler_class = {"lcm": diffusers.LCMScheduler, "dmd": diffusers.DDPMScheduler}.get(
+        family, DPMSolverMultistepScheduler)
+    scheduler = scheduler_class(**_SCHEDULER)
+    pipeline_class = diffusers.PixArtSigmaPipeline if family == "sigma" else PixArtAlphaPipeline
+    if family == "dmd":  # the published DMD repo has only its transformer and scheduler
+        import shutil
+
+        shutil.rmtree(out / "tokenizer")
+        text_encoder = autoencoder = None
     # The tokenizer folder is already in place; the pipeline saves the other four next to it.
-    pipe = PixArtAlphaPipeline(tokenizer=None, text_encoder=text_encoder, vae=autoencoder, transformer=transformer,
-                               scheduler=scheduler)
+    pipe = pipeline_class(tokenizer=None, text_encoder=text_encoder, vae=autoencoder, transformer=transformer,
+                          scheduler=scheduler)
     # Shards like the real checkpoint's, so per-shard loading paths are exercised.
     pipe.save_pretrained(out, max_shard_size="5GB" if size == "full" else "100MB")
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
-    index["tokenizer"] = ["transformers", "T5Tokenizer"]
+    if family != "dmd":
+        index["tokenizer"] = ["transformers", "T5Tokenizer"]
     index_path.write_text(json.dumps(index, indent=2) + "\n")
-    info = {"random_weights": True, "size": size, "note": "built by pixart_cli.random_model; images are noise"}
+    info = {"random_weights": True, "size": size, "family": family, "note": "built by pixart_cli.random_model; images are noise"}
     (out / "RANDOM_WEIGHTS.json").write_text(json.dumps(info, indent=1) + "\n")
     return out
 
@@ -184,9 +205,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sample-size", type=int, default=None, help="transformer sample_size (latent side)")
     parser.add_argument("--tokenizer", type=Path, default=None, help="copy this T5 tokenizer folder instead")
     parser.add_argument("--device", default="cpu", help="where to build the weights (full size: cuda is fast)")
+    parser.add_argument("--family", choices=FAMILIES, default="alpha")
     args = parser.parse_args(argv)
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    print(build(args.out, args.size, args.sample_size, args.tokenizer, args.device))
+    print(build(args.out, args.size, args.sample_size, args.tokenizer, args.device, family=args.family))
 
 
 if __name__ == "__main__":

@@ -96,3 +96,33 @@ def free(device) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+class forward_warnings:
+    """Route one library logger's warnings to ``log`` while a block runs (they are silenced otherwise).
+
+    Used for diffusers' "part of your input was truncated" warning, which names the dropped text.
+    """
+
+    def __init__(self, logger_name: str, log):
+        self.logger = logging.getLogger(logger_name)
+        self.log = log
+
+    def __enter__(self):
+        log = self.log
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                log(f"warning: {record.getMessage()}")
+
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.handler = Handler(logging.WARNING)
+        self.logger.setLevel(logging.WARNING)
+        self.logger.propagate = False
+        self.logger.addHandler(self.handler)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]

@@ -1,0 +1,162 @@
+"""The PixArt family, schedulers, batches, the embedding cache, image metadata and `pixart info`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import SEED, max_diff
+from pixart_cli import artifacts, random_model
+from pixart_cli.decode import decode
+from pixart_cli.denoise import denoise
+from pixart_cli.encode import encode
+from pixart_cli.generate import generate
+from pixart_cli.models import Model
+from test_cli import invoke
+
+PROMPT = "a small house by the lake"
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory, tiny_model):
+    root = tmp_path_factory.mktemp("families")
+    return {family: random_model.build(root / family, "tiny", family=family) for family in ("sigma", "lcm", "dmd")}
+
+
+def oracle(pipe_class, folder, prompt, seed=SEED, **kwargs):
+    pipe = pipe_class.from_pretrained(folder, **kwargs.pop("components", {}))
+    pipe.set_progress_bar_config(disable=True)
+    if "scheduler" in kwargs:
+        pipe.scheduler = kwargs.pop("scheduler")(pipe.scheduler.config)
+    images = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), **kwargs).images
+    return np.stack([np.asarray(image) for image in images])
+
+
+def ours(model, prompt, seed=SEED, **options):
+    images, meta = generate([prompt], model=str(model), seed=seed, device="cpu", **options)
+    return np.stack([np.asarray(image) for image in images]), meta
+
+
+def test_family_detection(tiny_model, family_models):
+    assert Model(str(tiny_model)).family.name == "alpha"
+    assert {name: Model(str(path)).family.name for name, path in family_models.items()} == {
+        "sigma": "sigma", "lcm": "lcm", "dmd": "dmd"}
+
+
+def test_sigma_equals_its_pipeline(family_models):
+    from diffusers import PixArtSigmaPipeline
+
+    image, meta = ours(family_models["sigma"], PROMPT, steps=3)
+    assert meta["family"] == "sigma" and meta["max_sequence_length"] == 300
+    assert max_diff(image, oracle(PixArtSigmaPipeline, family_models["sigma"], PROMPT, num_inference_steps=3)) <= 1
+
+
+def test_lcm_defaults_and_parity(family_models):
+    from diffusers import PixArtAlphaPipeline
+
+    image, meta = ours(family_models["lcm"], PROMPT)
+    assert (meta["steps"], meta["guidance_scale"], meta["scheduler"]) == (4, 0.0, "LCMScheduler")
+    reference = oracle(PixArtAlphaPipeline, family_models["lcm"], PROMPT, num_inference_steps=4, guidance_scale=0.0)
+    assert max_diff(image, reference) <= 1
+
+
+def test_dmd_borrows_t5_and_vae_from_the_base_model(family_models, tiny_model, monkeypatch):
+    from diffusers import AutoencoderKL, PixArtAlphaPipeline
+    from transformers import T5EncoderModel, T5Tokenizer
+
+    monkeypatch.setenv("PIXART_BASE_MODEL", str(tiny_model))
+    image, meta = ours(family_models["dmd"], PROMPT)
+    assert (meta["steps"], meta["timesteps"], meta["guidance_scale"]) == (1, [400], 1.0)
+    components = {"tokenizer": T5Tokenizer.from_pretrained(tiny_model, subfolder="tokenizer"),
+                  "text_encoder": T5EncoderModel.from_pretrained(tiny_model, subfolder="text_encoder"),
+                  "vae": AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")}
+    reference = oracle(PixArtAlphaPipeline, family_models["dmd"], PROMPT, components=components,
+                       timesteps=[400], num_inference_steps=1, guidance_scale=1.0)
+    assert max_diff(image, reference) <= 1
+
+
+def test_user_flags_win_over_family_defaults(family_models):
+    _, meta = ours(family_models["lcm"], PROMPT, steps=2, guidance_scale=1.5)
+    assert (meta["steps"], meta["guidance_scale"]) == (2, 1.5)
+
+
+@pytest.mark.parametrize("name, class_name", [("euler-a", "EulerAncestralDiscreteScheduler"),
+                                              ("ddim", "DDIMScheduler"), ("sa-solver", "SASolverScheduler")])
+def test_scheduler_choice_equals_pipeline_with_that_scheduler(tiny_model, name, class_name):
+    import diffusers
+    from diffusers import PixArtAlphaPipeline
+
+    image, meta = ours(tiny_model, PROMPT, steps=3, scheduler=name)
+    assert meta["scheduler"] == class_name
+    from pixart_cli.denoise import SCHEDULER_OVERRIDES
+
+    scheduler_class = getattr(diffusers, class_name)
+    overrides = SCHEDULER_OVERRIDES.get(class_name, {})
+    reference = oracle(PixArtAlphaPipeline, tiny_model, PROMPT, num_inference_steps=3,
+                       scheduler=lambda config: scheduler_class.from_config(config, **overrides))
+    assert max_diff(image, reference) <= 1
+
+
+def test_batches_give_the_same_images_as_one_by_one(tiny_model):
+    prompts = ["a cat", "a dog", "a chair"]
+    batched, _ = generate(prompts, model=str(tiny_model), steps=2, seed=SEED, num_images=2, batch_size=6,
+                          device="cpu")
+    single, meta = generate(prompts, model=str(tiny_model), steps=2, seed=SEED, num_images=2, batch_size=1,
+                            device="cpu")
+    assert meta["seeds"] == list(range(SEED, SEED + 6))
+    assert meta["prompts"] == ["a cat", "a cat", "a dog", "a dog", "a chair", "a chair"]
+    for left, right in zip(batched, single):
+        assert max_diff(np.asarray(left), np.asarray(right)) <= 1
+
+
+def test_embedding_cache_skips_t5(tiny_model, tmp_path):
+    logs: list[str] = []
+    first = encode(["a cat", "a dog"], model=str(tiny_model), device="cpu", cache=tmp_path, log=logs.append)
+    assert len(list(tmp_path.glob("*.pt"))) == 2
+    logs.clear()
+    second = encode(["a dog", "a cat"], model=str(tiny_model), device="cpu", cache=tmp_path, log=logs.append)
+    assert logs == [f"encode: all 2 prompt(s) found in the cache {tmp_path}; T5 not loaded"]
+    assert torch.equal(second.prompt_embeds[0], first.prompt_embeds[1])
+    other = encode(["a cat"], model=str(tiny_model), device="cpu", cache=tmp_path, negative_prompt="blurry",
+                   log=logs.append)
+    assert any("plan resident" in line for line in logs)  # another negative prompt is another cache entry
+    assert not torch.equal(other.negative_prompt_embeds, first.negative_prompt_embeds[:1])
+
+
+def test_long_prompt_warns_with_the_dropped_text(tiny_model):
+    logs: list[str] = []
+    encode(["a cute cat " * 40 + "THE END"], model=str(tiny_model), device="cpu", max_sequence_length=16,
+           log=logs.append)
+    warnings = [line for line in logs if line.startswith("warning:")]
+    assert len(warnings) == 1 and "truncated" in warnings[0] and "end" in warnings[0].lower()
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
+def test_images_carry_their_settings_and_info_reads_them(tiny_model, tmp_path, suffix):
+    result = invoke("generate", PROMPT, "--steps", "2", "--seed", "11", "--model", tiny_model, "-o",
+                    f"pic{suffix}", cwd=tmp_path)
+    assert result.exit_code == 0 and result.stdout == f"pic{suffix}\n"
+    shown = invoke("info", f"pic{suffix}", "--json", cwd=tmp_path)
+    described = json.loads(shown.stdout)
+    assert described["settings"]["seed"] == 11 and described["settings"]["prompt"] == PROMPT
+    assert "Steps: 2, Sampler: DPM++ 2M, CFG scale: 4.5, Seed: 11, Size: 256x256" in described["parameters"]
+    table = invoke("info", f"pic{suffix}", cwd=tmp_path).stdout
+    assert "seed" in table and "11" in table
+
+
+def test_info_on_pt_files_and_bad_extension(tiny_model, tmp_path):
+    embeddings = encode([PROMPT], model=str(tiny_model), device="cpu")
+    artifacts.save(tmp_path / "emb.pt", embeddings)
+    described = json.loads(invoke("info", "emb.pt", "--json", cwd=tmp_path).stdout)
+    assert described["kind"] == "embeddings"
+    assert described["tensors"]["prompt_embeds"] == {"shape": [1, 120, 32], "dtype": "float32"}
+    assert described["meta"]["prompts"] == [PROMPT]
+    latents = denoise(embeddings, steps=2, seed=SEED, device="cpu")
+    artifacts.save(tmp_path / "lat.pt", latents)
+    assert json.loads(invoke("info", "lat.pt", "--json", cwd=tmp_path).stdout)["meta"]["seeds"] == [SEED]
+    result = invoke("decode", "lat.pt", "-o", "pic.bmp", cwd=tmp_path)
+    assert result.exit_code == 2 and "unknown image type .bmp" in result.stderr
+    assert len(decode(latents, device="cpu", batch_size=1)) == 1
