@@ -26,7 +26,8 @@ class Output:
         if self._console is None:
             from rich.console import Console
 
-            self._console = Console(stderr=True, highlight=False)
+            # soft_wrap: a line stays one line for scripts reading stderr, whatever the width
+            self._console = Console(stderr=True, highlight=False, soft_wrap=True)
         return self._console
 
     def note(self, message: str, **fields) -> None:
