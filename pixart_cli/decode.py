@@ -79,8 +79,5 @@ def decode(latents: artifacts.Latents, *, model: str | None = None, device: str 
                 progress("decode", len(images), total)
     del vae
     runtime.free(torch_device)
-    report = meter.finish()
-    report.plan = chosen.name if not chosen.tile else f"tiled-{chosen.tile}"
-    if reports is not None:
-        reports.append(report)
+    meter.finish(chosen.name if not chosen.tile else f"tiled-{chosen.tile}", reports)
     return images

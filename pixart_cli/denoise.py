@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import secrets
 from collections.abc import Callable
 
 from pixart_cli import artifacts, memory, runtime
-from pixart_cli.errors import PixartError, bad_file
+from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models import Model, load_component, stage_pipeline
 
 Progress = Callable[[str, int, int], None]
@@ -146,7 +147,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
 
     def on_step(step: int, timestep, latents) -> None:
         if progress:
-            progress("denoise", done * steps_per_batch + step + 1, -(-total_images // batch) * steps_per_batch)
+            progress("denoise", done * steps_per_batch + step + 1, math.ceil(total_images / batch) * steps_per_batch)
 
     rows = [index // num_images for index in range(total_images)]
     parts = []
@@ -164,10 +165,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     latents = torch.cat(parts)
     del pipe, transformer, tensors
     runtime.free(torch_device)
-    report = meter.finish()
-    report.plan = chosen.name
-    if reports is not None:
-        reports.append(report)
+    meter.finish(chosen.name, reports)
 
     # 5. Record everything decode and a reader of the file need
     prompts = [p for p in meta_in["prompts"] for _ in range(num_images)]
@@ -191,5 +189,5 @@ def _scheduler_name(source: Model, choice: str | None) -> str:
     name = SCHEDULERS[choice] if choice is not None else source.config("scheduler").get("_class_name", "")
     if not isinstance(getattr(diffusers, name, None), type):
         raise PixartError(f"--model {source.id}: unknown scheduler class {name!r} in scheduler/scheduler_config.json",
-                          1)
+                          EXIT_RUNTIME)
     return name

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pixart_cli import artifacts, memory, runtime
-from pixart_cli.errors import PixartError
+from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
 from pixart_cli.models import Model, load_component, stage_pipeline
 
 Progress = Callable[[str, int, int], None]
@@ -68,7 +68,8 @@ def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
         try:
             return StreamedT5(source.folder("text_encoder"), dtype, device).model
         except (OSError, KeyError, ValueError) as error:
-            raise PixartError(f"--model {source.id}: cannot stream text_encoder/ ({error})", 1) from error
+            raise PixartError(f"--model {source.id}: cannot stream text_encoder/ ({detail(error)})",
+                              EXIT_RUNTIME) from error
     kwargs = {"dtype": dtype}
     if chosen.name.startswith("resident-"):
         from transformers import BitsAndBytesConfig
@@ -128,10 +129,7 @@ def encode(prompts: Sequence[str], *, model: str, negative_prompt: str = "", dev
     elif log:
         log(f"encode: all {len(prompts)} prompt(s) found in the cache {cache}; T5 not loaded")
     tensors = [torch.cat([rows[prompt][i] for prompt in prompts]) for i in range(4)]
-    report = meter.finish()
-    report.plan = plan_name
-    if reports is not None:
-        reports.append(report)
+    meter.finish(plan_name, reports)
 
     # 3. Record what the next stage needs
     meta = {

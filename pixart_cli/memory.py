@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 import threading
 import time
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from pixart_cli.errors import PixartError
 
@@ -168,7 +169,6 @@ class StageReport:
     peak_reserved: int = 0
     context: int = 0
     peak_rss: int = 0
-    _marks: dict = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> dict:
         gb = lambda n: round(n / GIB, 3)  # noqa: E731
@@ -186,7 +186,8 @@ class StageReport:
 
 
 class Meter:
-    """Measures one stage: wrap loading in ``meter.loading()`` and the work in ``meter.computing()``."""
+    """Measures one stage: wrap loading in ``meter.phase("load")`` and the work in ``meter.phase("compute")``,
+    then ``finish(plan)``. Peak RSS is sampled every 20 ms by a background thread."""
 
     def __init__(self, stage: str, device):
         self.report = StageReport(stage, device=str(device))
@@ -207,24 +208,21 @@ class Meter:
         while not self._stop.wait(0.02):
             self.report.peak_rss = max(self.report.peak_rss, _rss())
 
+    @contextmanager
     def phase(self, name: str):
-        meter = self
+        """Add the block's wall time (device work included) to ``load_s`` or ``compute_s``."""
+        started = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            import torch
 
-        class _Phase:
-            def __enter__(self):
-                self.started = time.perf_counter()
+            torch.cuda.synchronize(self.device)
+        field_name = f"{name}_s"
+        setattr(self.report, field_name, getattr(self.report, field_name) + time.perf_counter() - started)
 
-            def __exit__(self, *exc):
-                if meter.device.type == "cuda":
-                    import torch
-
-                    torch.cuda.synchronize(meter.device)
-                elapsed = time.perf_counter() - self.started
-                setattr(meter.report, f"{name}_s", getattr(meter.report, f"{name}_s") + elapsed)
-
-        return _Phase()
-
-    def finish(self) -> StageReport:
+    def finish(self, plan: str, reports: list | None = None) -> StageReport:
+        """Stop measuring; the report is appended to ``reports`` when one is given."""
+        self.report.plan = plan
         self._stop.set()
         self._thread.join()
         self.report.peak_rss = max(self.report.peak_rss, _rss())
@@ -233,4 +231,6 @@ class Meter:
 
             self.report.peak_allocated = torch.cuda.max_memory_allocated(self.device)
             self.report.peak_reserved = torch.cuda.max_memory_reserved(self.device)
+        if reports is not None:
+            reports.append(self.report)
         return self.report
