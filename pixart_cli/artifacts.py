@@ -24,7 +24,6 @@ LATENTS_FORMAT = "pixart-cli/latents"
 FORMAT_VERSION = 1
 
 EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
-LATENT_KEYS = ("latents",)
 _PLAIN = (str, int, float, bool, type(None))
 
 
@@ -313,6 +312,8 @@ def read_image_metadata(path: Path) -> dict:
     try:
         settings = json.loads(settings) if settings else None
     except ValueError:
+        settings = None
+    if not isinstance(settings, dict):  # another program's description, not ours
         settings = None
     return {"format": fmt, "size": size, "parameters": parameters, "settings": settings}
 

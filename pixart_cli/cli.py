@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from pixart_cli import __version__, options
-from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError
+from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, detail
 from pixart_cli.output import Output
 
 app = typer.Typer(
@@ -69,8 +69,7 @@ def _unexpected(error: Exception) -> str:
     if type(error).__name__ == "OutOfMemoryError":
         return ("out of device memory; pass a smaller --vram budget (for example --vram 4GB), use --dtype fp16, "
                 "or --device cpu")
-    detail = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {detail} (run with PIXART_DEBUG=1 for the traceback)"
+    return f"{type(error).__name__}: {detail(error)} (run with PIXART_DEBUG=1 for the traceback)"
 
 
 def _model(model: Optional[str]) -> str:
@@ -128,8 +127,12 @@ class _Stages:
         self.out = out
         self.report_memory = report_memory
         self.reports: list = []
-        if vram is not None and device == "cpu":
-            out.note(f"--vram {vram} is ignored on CPU")
+        if vram is not None:
+            from pixart_cli.runtime import resolve_device
+
+            resolved = resolve_device(device)
+            if resolved.type != "cuda":  # budgets are for CUDA memory; CPU and MPS share system RAM
+                out.note(f"--vram {vram} is ignored on {resolved.type.upper()}")
 
     def kwargs(self) -> dict:
         return {"progress": self.out.progress, "log": self.out.note, "reports": self.reports}

@@ -44,6 +44,7 @@ def check_inputs(prompts: Sequence[str], negative_prompt: str, max_sequence_leng
 def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max_length: int,
          precision: str = "full") -> memory.Plan:
     """Pick resident / streamed / quantized T5 from exact sizes counted on the meta device."""
+    import torch
     from transformers import T5Config, T5EncoderModel
 
     from pixart_cli.streaming import parameter_dtypes
@@ -54,8 +55,11 @@ def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max
     sizes = {name: p.numel() * dtypes[name].itemsize for name, p in skeleton.named_parameters()}
     block = sum(size for name, size in sizes.items() if name.startswith("encoder.block.0."))
     embedding = sizes.get("shared.weight", 0)
+    # bitsandbytes quantizes the blocks' Linear weights, except those transformers keeps in fp32 (`wo`)
+    linear = {f"{name}.weight" for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
+    quantizable = sum(size for name, size in sizes.items() if name in linear and dtypes[name] == dtype)
     return memory.plan_encode(budget, context, sum(sizes.values()), block, embedding, min(texts, BATCH) * max_length,
-                              config.d_ff, dtype.itemsize, precision)
+                              config.d_ff, dtype.itemsize, precision, quantizable)
 
 
 def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):

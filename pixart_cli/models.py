@@ -233,12 +233,13 @@ def load_component(model: Model, component: str, load, **kwargs):
         return load(**model.load_args(component), **kwargs)
     except PixartError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
         if type(error).__name__ == "OutOfMemoryError":
             raise
         message = str(error).lower()
-        if not model.local and ("offline" in message or "connect" in message or "not found" in message):
-            raise model_unavailable(model.id, error) from error
+        holder = model.owner(component)
+        if not holder.local and ("offline" in message or "connect" in message or "not found" in message):
+            raise model_unavailable(holder.id, error) from error
         broken = _broken_weight_file(model, component)
         if broken is not None:
             raise PixartError(f"--model {model.id}: {broken} is damaged (truncated or not safetensors); download "

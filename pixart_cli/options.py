@@ -66,8 +66,9 @@ Vram = Annotated[Optional[str], typer.Option(
          "picks the fastest plan under it and names it on stderr. Ignored on CPU.", show_default=False)]
 TextEncoderPrecision = Annotated[str, typer.Option(
     "--text-encoder-precision",
-    help="full, 8bit or 4bit (bitsandbytes, CUDA only). 8bit/4bit cut T5's memory but change the embeddings, "
-         "so images differ from full precision; full precision streams T5 under small budgets instead.")]
+    help="full, 8bit or 4bit (bitsandbytes, CUDA only). 8bit/4bit change the embeddings, so images differ from "
+         "full precision, and still need ~8.3 / ~6.7 GB for T5-XXL (its wo layers stay fp32); full precision "
+         "streams T5 in ~1.5 GB under small budgets instead.")]
 ReportMemory = Annotated[bool, typer.Option(
     "--report-memory", help="After each stage: peak device memory (allocated, reserved, CUDA context), peak RSS, "
                             "load and compute seconds. With --json, in the JSON document.")]

@@ -9,7 +9,6 @@ import warnings
 
 from pixart_cli.errors import PixartError
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 

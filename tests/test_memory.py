@@ -45,6 +45,14 @@ def test_full_size_weights_are_counted_exactly(full_size):
     assert t5_bytes < plan.estimate - CONTEXT < t5_bytes + 0.1 * GB
 
 
+@pytest.mark.parametrize("precision, measured", [("8bit", 8.29), ("4bit", 6.67)])
+def test_quantized_t5_estimate_matches_the_h100_measurement(full_size, precision, measured):
+    # Measured 2026-11-26 on an NVIDIA H100 (reserved + 0.51 GB context): bitsandbytes leaves `wo` in fp32.
+    plan = encode_module.plan(full_size, None, int(0.51 * GB), torch.float16, 2, 120, precision)
+    assert plan.name == f"resident-{precision}"
+    assert abs(plan.estimate / GB - measured) < 0.5, plan.describe()
+
+
 @pytest.mark.parametrize("budget, encode_plan, denoise_plan, decode_plan", [
     (None, "resident", "resident", "full"),  # CPU: no budget
     (24 * GB, "resident", "resident", "full"),
