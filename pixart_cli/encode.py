@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from pixart_cli import artifacts, memory, runtime
-from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
+from pixart_cli.errors import PixartError
 from pixart_cli.models import Model, load_component, stage_pipeline
 
 Progress = Callable[[str, int, int], None]
@@ -63,17 +63,19 @@ def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max
 
 
 def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
-    """The T5 encoder for a plan: resident (straight onto the device), streamed, or bitsandbytes-quantized."""
+    """The T5 encoder for a plan: resident or streamed through our reader, or bitsandbytes-quantized."""
     from transformers import T5EncoderModel
 
-    if chosen.name == "streamed":
+    if chosen.name in ("streamed", "resident"):
+        # Our reader (parallel pread, no memory map) serves both plans: low RSS, and faster than transformers'
+        # loader (README, benchmark).
         from pixart_cli.streaming import StreamedT5
 
-        try:
-            return StreamedT5(source.folder("text_encoder"), dtype, device).model
-        except (OSError, KeyError, ValueError) as error:
-            raise PixartError(f"--model {source.id}: cannot stream text_encoder/ ({detail(error)})",
-                              EXIT_RUNTIME) from error
+        def read(**_):
+            folder = source.folder("text_encoder")
+            return StreamedT5(folder, dtype, device, resident=chosen.name == "resident").model
+
+        return load_component(source, "text_encoder", read)
     kwargs = {"dtype": dtype}
     if chosen.name.startswith("resident-"):
         from transformers import BitsAndBytesConfig

@@ -109,9 +109,13 @@ def parameter_dtypes(model, dtype) -> dict[str, object]:
 
 
 class StreamedT5:
-    """Owns a meta-device T5EncoderModel whose blocks are loaded on entry and freed on exit."""
+    """Owns a meta-device T5EncoderModel whose blocks are loaded on entry and freed on exit.
 
-    def __init__(self, folder: Path, dtype, device):
+    With ``resident=True`` every block is read up front instead (same reader: parallel ``pread``, no memory
+    map), which gives a resident T5 without transformers' load pass.
+    """
+
+    def __init__(self, folder: Path, dtype, device, resident: bool = False):
         import torch
         from accelerate.utils import set_module_tensor_to_device
         from transformers import T5Config, T5EncoderModel
@@ -140,6 +144,12 @@ class StreamedT5:
         self._put("shared.weight", self._read([embedding_key])[embedding_key])
         self.model.encoder.embed_tokens.weight = self.model.shared.weight
         self._load(resident)
+        if resident:
+            # Block by block, not all at once: all fp16 `wo` copies in flight before their fp32 conversion
+            # left 1.8 GB of allocator holes (H100, 2026-11-26).
+            for index in sorted(self.blocks):
+                self._load(self.blocks[index])
+            return
         # 2. Each block is read onto the device just before it runs, and dropped after.
         for index, block in enumerate(self.model.encoder.block):
             block.register_forward_pre_hook(self._make_loader(index))

@@ -236,6 +236,34 @@ def test_corrupted_model_file_is_named(tiny_model, tmp_path, good):
     assert not (tmp_path / "latents.pt").exists()
 
 
+def test_corrupted_text_encoder_is_named(tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    weights = broken / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    result = invoke("encode", "a cat", "--model", broken, cwd=tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    assert "text_encoder/model.safetensors is damaged" in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "embeddings.pt").exists()
+
+
+def test_out_of_memory_is_one_line_suggesting_vram(good, tmp_path, monkeypatch):
+    class OutOfMemoryError(RuntimeError):  # the name torch.cuda.OutOfMemoryError carries
+        pass
+
+    def exhausted(*args, **kwargs):
+        raise OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr("pixart_cli.denoise.stage_pipeline", exhausted)
+    result = invoke("denoise", good["emb"], "--steps", "2", cwd=tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: out of device memory") and "--vram" in last
+    assert not (tmp_path / "latents.pt").exists()
+
+
 def test_existing_output_is_replaced_atomically(good, tmp_path):
     (tmp_path / "lat.pt").write_bytes(b"old")
     result = invoke("denoise", good["emb"], "--steps", "2", "--seed", "1", "-o", "lat.pt", cwd=tmp_path)
