@@ -10,10 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from pixart_cli.models import DEFAULT_MODEL, MODEL_ENV
+from pixart_cli.models import BASE_MODEL_ENV, DEFAULT_MODEL, MODEL_ENV
 
 MODEL_HELP = (f"Hugging Face id or local diffusers folder [env: {MODEL_ENV}; default: {DEFAULT_MODEL}]. "
-              "A hub model is downloaded once on first use (about 20 GB for PixArt-XL-2-1024-MS).")
+              "A hub model is downloaded once on first use (about 20 GB for PixArt-XL-2-1024-MS). A model without "
+              f"its own T5, tokenizer or VAE (PixArt-DMD) takes them from ${BASE_MODEL_ENV} [default: "
+              f"{DEFAULT_MODEL}].")
 
 Prompts = Annotated[Optional[list[str]], typer.Argument(help="Text prompt(s); each gives one embedding.",
                                                        show_default=False)]
