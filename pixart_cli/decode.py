@@ -19,7 +19,8 @@ def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
         raise bad_file(path, f"latents have {found} channels but the VAE of {source.id} takes {channels}")
     scale = source.vae_scale_factor
     height, width = latents.meta["height"], latents.meta["width"]
-    if latents.latents.shape[2] * scale != height or latents.latents.shape[3] * scale != width:
+    decoded_size = (latents.latents.shape[2] * scale, latents.latents.shape[3] * scale)
+    if decoded_size != (height, width):
         raise bad_file(path, f"latents {list(latents.latents.shape)} do not decode to the recorded "
                              f"{width}x{height} with this VAE (x{scale})")
 

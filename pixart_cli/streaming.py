@@ -130,20 +130,20 @@ class StreamedT5:
         self.dtypes = parameter_dtypes(self.model, dtype)
         self._set = set_module_tensor_to_device
         self.blocks: dict[int, list[str]] = defaultdict(list)
-        resident = []
+        always_loaded = []
         for name in self.dtypes:
             match = _BLOCK.match(name)
             if match:
                 self.blocks[int(match.group(1))].append(name)
             elif name not in _TIED_EMBEDDING:
-                resident.append(name)
+                always_loaded.append(name)
         # 1. The embedding (tied between `shared` and `encoder.embed_tokens`) and the final norm stay loaded.
         embedding_key = next((key for key in _TIED_EMBEDDING if key in self.files), None)
         if embedding_key is None:
             raise KeyError(f"{folder}: no embedding weight ({' or '.join(_TIED_EMBEDDING)})")
         self._put("shared.weight", self._read([embedding_key])[embedding_key])
         self.model.encoder.embed_tokens.weight = self.model.shared.weight
-        self._load(resident)
+        self._load(always_loaded)
         if resident:
             # Block by block, not all at once: all fp16 `wo` copies in flight before their fp32 conversion
             # left 1.8 GB of allocator holes (H100, 2026-11-26).

@@ -118,6 +118,31 @@ def test_every_small_plan_matches_the_plain_plan(tiny_model, tiny_budget, monkey
     assert max_diff(np.asarray(small_images[0])[None], reference[None]) <= 1
 
 
+@pytest.mark.parametrize("resident", [False, True])
+def test_streamed_t5_holds_blocks_only_while_they_run(tiny_model, resident):
+    from transformers import T5EncoderModel
+
+    from pixart_cli.streaming import StreamedT5
+
+    streamed = StreamedT5(tiny_model / "text_encoder", torch.float32, torch.device("cpu"), resident=resident)
+    block_devices = {p.device.type for p in streamed.model.encoder.block.parameters()}
+    assert block_devices == ({"cpu"} if resident else {"meta"})
+    assert streamed.model.shared.weight.device.type == "cpu"
+    seen = []
+    streamed.model.encoder.block[1].register_forward_pre_hook(
+        lambda module, args: seen.append({p.device.type for p in streamed.model.encoder.block.parameters()}))
+    ids = torch.tensor([[5, 6, 7, 1]])
+    with torch.no_grad():
+        ours = streamed.model(ids, attention_mask=torch.ones_like(ids))[0]
+        reference = T5EncoderModel.from_pretrained(tiny_model / "text_encoder")(ids, torch.ones_like(ids))[0]
+    assert torch.equal(ours, reference)
+    # When block 1 starts, block 0 is gone again and block 1 is loaded (streamed); everything stays (resident).
+    assert seen == ([{"cpu"}] if resident else [{"cpu", "meta"}])
+    if not resident:
+        assert [p.device.type for p in streamed.model.encoder.block[0].parameters()] == ["meta"] * len(
+            list(streamed.model.encoder.block[0].parameters()))
+
+
 def test_report_memory_names_each_stage(tiny_model):
     from pixart_cli.generate import generate
 
