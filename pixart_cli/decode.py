@@ -43,9 +43,8 @@ def decode(latents: artifacts.Latents, *, model: str | None = None, device: str 
     torch_dtype = runtime.resolve_dtype(dtype, torch_device)
 
     # 2. Pick full or tiled decode for the budget, then load the VAE only
-    budget_bytes = memory.parse_vram(vram)
     meter = memory.Meter("decode", torch_device)
-    budget, context = memory.device_budget(budget_bytes, torch_device)
+    budget, context = memory.device_budget(vram, torch_device)
     config = source.config("vae")
     skeleton = memory.meta_model(AutoencoderKL.from_config, config, torch_dtype)
     chosen = memory.plan_decode(budget, context, memory.parameter_bytes(skeleton), config["block_out_channels"][0],

@@ -104,9 +104,8 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
         height, width = requested_height, requested_width
 
     # 3. Pick a plan for the budget from the transformer's exact size, then load it and the scheduler only
-    budget_bytes = memory.parse_vram(vram)
     meter = memory.Meter("denoise", torch_device)
-    budget, context = memory.device_budget(budget_bytes, torch_device)
+    budget, context = memory.device_budget(vram, torch_device)
     config = source.config("transformer")
     skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, torch_dtype)
     scale = source.vae_scale_factor * config.get("patch_size", 2)

@@ -153,7 +153,7 @@ def _encode_texts(source: Model, texts: list[str], max_length: int, clean_captio
     import torch
     from transformers import T5Tokenizer
 
-    budget, context = memory.device_budget(memory.parse_vram(vram), device)
+    budget, context = memory.device_budget(vram, device)
     chosen = plan(source, budget, context, dtype, len(texts), max_length, precision)
     if log:
         log(chosen.describe())

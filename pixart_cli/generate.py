@@ -9,7 +9,6 @@ from pixart_cli.denoise import check_inputs as check_denoise_inputs
 from pixart_cli.denoise import denoise
 from pixart_cli.encode import check_inputs as check_encode_inputs
 from pixart_cli.encode import encode
-from pixart_cli.memory import parse_vram
 
 Progress = Callable[[str, int, int], None]
 
@@ -25,7 +24,6 @@ def generate(prompts: Sequence[str], *, model: str, negative_prompt: str = "", s
     # Every option is checked before the first (slowest) model loads.
     check_encode_inputs(list(prompts), negative_prompt, max_sequence_length, clean_caption, precision)
     check_denoise_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
-    parse_vram(vram)
     shared = {"device": device, "dtype": dtype, "vram": vram, "progress": progress, "log": log, "reports": reports}
     embeddings = encode(prompts, model=model, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
                         clean_caption=clean_caption, precision=precision, cache=cache, **shared)

@@ -24,8 +24,8 @@ CONTEXT_ESTIMATE = int(0.6 * GIB)  # CUDA context before we can measure it (0.61
 T5_ACTIVATIONS_PER_TOKEN = 8  # encode activations ≈ 8 x tokens x d_ff x dtype size
 DIT_ACTIVATIONS_PER_TOKEN = 40  # activations of one sample ≈ 40 x tokens x hidden x dtype size
 VAE_ACTIVATIONS_PER_PIXEL = 18  # full decode ≈ 18 x block_out_channels[0] x H x W x dtype size
-VAE_TILES = (512, 256, 128)
-QUANTIZE_OVERHEAD = int(0.3 * GIB)  # bitsandbytes' load-time staging: 8-bit T5 measured 0.3 GB over its weights  # tile sides tried, largest first (pixels)
+VAE_TILES = (512, 256, 128)  # tile sides tried, largest first (pixels)
+QUANTIZE_OVERHEAD = int(0.3 * GIB)  # bitsandbytes' load-time staging: 8-bit T5 measured 0.3 GB over its weights
 
 
 def parse_vram(text: str | None) -> int | None:
@@ -37,7 +37,7 @@ def parse_vram(text: str | None) -> int | None:
         raise PixartError(f"--vram {text!r}: not a size; use auto, or a size such as 8GB, 3GB or 512MB")
     value = float(match.group(1)) * (GIB if match.group(2).upper() == "G" else 2**20)
     if value < 256 * 2**20:
-        raise PixartError(f"--vram {text}: too small to run anything; give at least 512MB")
+        raise PixartError(f"--vram {text}: too small to run anything; give at least 256MB")
     return int(value)
 
 
@@ -68,8 +68,10 @@ class Plan:
         return text
 
 
-def device_budget(vram: int | None, device) -> tuple[int | None, int]:
-    """(budget in bytes or None on CPU/MPS, CUDA context size) for a device. auto = free memory less a margin."""
+def device_budget(vram: str | None, device) -> tuple[int | None, int]:
+    """(budget in bytes or None on CPU/MPS, CUDA context size) for a --vram value on a device.
+    auto = free memory less a margin."""
+    budget = parse_vram(vram)
     if device.type != "cuda":
         return None, 0
     import torch
@@ -77,9 +79,9 @@ def device_budget(vram: int | None, device) -> tuple[int | None, int]:
     free, total = torch.cuda.mem_get_info(device)
     # What the device holds beyond PyTorch's own pool: our CUDA context (and any other process's memory).
     context = max(total - free - torch.cuda.memory_reserved(device), 0)
-    if vram is None:
+    if budget is None:
         return context + free - AUTO_MARGIN, context
-    return vram, context
+    return budget, context
 
 
 def parameter_bytes(model) -> int:
@@ -143,11 +145,11 @@ def plan_decode(budget: int | None, context: int, vae_bytes: int, first_channels
     full = estimate(height, width)
     if budget is None or full <= budget:
         return Plan("decode", "full", full, budget)
-    for tile in VAE_TILES:
-        if tile < max(height, width) and estimate(min(tile, height), min(tile, width)) <= budget:
-            return Plan("decode", "tiled", estimate(min(tile, height), min(tile, width)), budget, tile=tile)
-    tile = VAE_TILES[-1]
-    return Plan("decode", "tiled", estimate(min(tile, height), min(tile, width)), budget, tile=tile)
+    tiled = [Plan("decode", "tiled", estimate(min(tile, height), min(tile, width)), budget, tile=tile)
+             for tile in VAE_TILES if tile < max(height, width)] or [
+        Plan("decode", "tiled", full, budget, tile=VAE_TILES[-1])]
+    # the largest tile that fits, else the smallest tile there is
+    return next((plan for plan in tiled if plan.fits), tiled[-1])
 
 
 # --- measurement ---------------------------------------------------------------------------------------

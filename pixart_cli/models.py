@@ -116,8 +116,9 @@ class Model:
 
     def config(self, component: str | None) -> dict:
         """A component's config.json (``None``: model_index.json), parsed."""
-        if component is not None and self.owner(component) is not self:
-            return self.owner(component).config(component)
+        holder = self if component is None else self.owner(component)
+        if holder is not self:
+            return holder.config(component)
         name = "model_index.json" if component is None else f"{component}/{_config_name(component)}"
         if name not in self._configs:
             path = self.file(name)
@@ -129,8 +130,9 @@ class Model:
 
     def folder(self, component: str) -> Path:
         """Local folder of one component (downloading only that component for a hub id)."""
-        if self.owner(component) is not self:
-            return self.owner(component).folder(component)
+        holder = self.owner(component)
+        if holder is not self:
+            return holder.folder(component)
         if self.local:
             return self.root / component
         from huggingface_hub import snapshot_download
@@ -143,8 +145,9 @@ class Model:
 
     def load_args(self, component: str) -> dict:
         """Keyword arguments for ``from_pretrained`` of one component."""
-        if self.owner(component) is not self:
-            return self.owner(component).load_args(component)
+        holder = self.owner(component)
+        if holder is not self:
+            return holder.load_args(component)
         source = str(self.root) if self.local else self.id
         return {"pretrained_model_name_or_path": source, "subfolder": component, "revision": self.revision}
 

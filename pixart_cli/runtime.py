@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import warnings
+from contextlib import contextmanager
 
 from pixart_cli.errors import PixartError
 
@@ -97,31 +98,26 @@ def free(device) -> None:
         torch.cuda.empty_cache()
 
 
-class forward_warnings:
+@contextmanager
+def forward_warnings(logger_name: str, log):
     """Route one library logger's warnings to ``log`` while a block runs (they are silenced otherwise).
 
     Used for diffusers' "part of your input was truncated" warning, which names the dropped text.
     """
 
-    def __init__(self, logger_name: str, log):
-        self.logger = logging.getLogger(logger_name)
-        self.log = log
+    class Handler(logging.Handler):
+        def emit(self, record):
+            log(f"warning: {record.getMessage()}")
 
-    def __enter__(self):
-        log = self.log
-
-        class Handler(logging.Handler):
-            def emit(self, record):
-                log(f"warning: {record.getMessage()}")
-
-        self.saved = (self.logger.level, self.logger.propagate)
-        self.handler = Handler(logging.WARNING)
-        self.logger.setLevel(logging.WARNING)
-        self.logger.propagate = False
-        self.logger.addHandler(self.handler)
-        return self
-
-    def __exit__(self, *exc):
-        self.logger.removeHandler(self.handler)
-        self.logger.setLevel(self.saved[0])
-        self.logger.propagate = self.saved[1]
+    logger = logging.getLogger(logger_name)
+    saved = (logger.level, logger.propagate)
+    handler = Handler(logging.WARNING)
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]

@@ -72,7 +72,7 @@ class TensorFile:
                 raise ValueError(f"{self.path}: truncated while reading {name}")
             offset += got
         tensor = buffer.view(getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])).reshape(entry["shape"])
-        return tensor.to(device) if device.type != "cpu" else tensor.clone()
+        return tensor if device.type == "cpu" else tensor.to(device)  # the buffer is this tensor's alone
 
     def close(self) -> None:
         os.close(self.fd)
