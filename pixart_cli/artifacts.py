@@ -25,6 +25,7 @@ FORMAT_VERSION = 1
 
 EMBEDDING_KEYS = ("prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask")
 _PLAIN = (str, int, float, bool, type(None))
+_WRITER = {EMBEDDINGS_FORMAT: "encode", LATENTS_FORMAT: "denoise"}
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Embeddings:
     negative_prompt_embeds: Any
     negative_prompt_attention_mask: Any
     meta: dict = field(default_factory=dict)
+    FORMAT = EMBEDDINGS_FORMAT
 
     def tensors(self) -> dict:
         return {key: getattr(self, key) for key in EMBEDDING_KEYS}
@@ -47,6 +49,7 @@ class Latents:
 
     latents: Any
     meta: dict = field(default_factory=dict)
+    FORMAT = LATENTS_FORMAT
 
     def tensors(self) -> dict:
         return {"latents": self.latents}
@@ -71,11 +74,12 @@ def atomic_path(path: Path):
 
 
 def save(path: Path, artifact: Embeddings | Latents) -> Path:
-    """Write an Embeddings or Latents file atomically; tensors go to the CPU first."""
+    """Write an Embeddings or Latents file atomically, stamped with its format and version; tensors go to the
+    CPU first."""
     import torch
 
     payload = {key: value.detach().cpu().contiguous() for key, value in artifact.tensors().items()}
-    payload["meta"] = _plain(artifact.meta)
+    payload["meta"] = _plain({**artifact.meta, "format": artifact.FORMAT, "version": FORMAT_VERSION})
     with atomic_path(path) as temp:
         torch.save(payload, temp)
     return Path(path)
@@ -119,9 +123,10 @@ def _read(path: Path, expected_formats: tuple[str, ...]) -> dict:
     meta = data["meta"]
     fmt, version = meta.get("format"), meta.get("version")
     if fmt not in expected_formats:
-        kind = {EMBEDDINGS_FORMAT: "embeddings", LATENTS_FORMAT: "latents"}
+        kind = {EMBEDDINGS_FORMAT: "an embeddings", LATENTS_FORMAT: "a latents"}
         if fmt in kind:
-            raise bad_file(path, f"is a {kind[fmt]} file, but {kind[expected_formats[0]]} are needed here")
+            raise bad_file(path, f"is {kind[fmt]} file, but {kind[expected_formats[0]].split()[-1]} are needed here; give "
+                                 f"the file `pixart {_WRITER[expected_formats[0]]}` wrote")
         raise bad_file(path, f"unknown format {fmt!r}; expected {' or '.join(expected_formats)}")
     if not isinstance(version, int) or isinstance(version, bool):
         raise bad_file(path, f"format version {version!r} is not a number")
@@ -338,11 +343,6 @@ def require_writable(path: Path, option: str, inputs: tuple[Path, ...] = (), ove
     return path
 
 
-SAMPLER_NAMES = {"DPMSolverMultistepScheduler": "DPM++ 2M", "SASolverScheduler": "SA-Solver", "DDIMScheduler": "DDIM",
-                 "EulerDiscreteScheduler": "Euler", "EulerAncestralDiscreteScheduler": "Euler a",
-                 "LCMScheduler": "LCM", "DDPMScheduler": "DDPM"}
-
-
 def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
     """(A1111 "parameters" text, JSON settings) for image ``index`` of a latents meta."""
     settings = {key: meta.get(key) for key in ("model", "revision", "family", "negative_prompt", "steps", "timesteps",
@@ -351,7 +351,9 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
     settings.update(prompt=meta["prompts"][index], seed=meta["seeds"][index], width=meta["requested_width"],
                     height=meta["requested_height"], denoise_width=meta["width"], denoise_height=meta["height"],
                     generator="pixart-cli")
-    sampler = SAMPLER_NAMES.get(str(meta.get("scheduler")), meta.get("scheduler"))
+    from pixart_cli.settings import sampler_name
+
+    sampler = sampler_name(str(meta.get("scheduler")))
     parameters = (f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n"
                   f"Steps: {settings['steps']}, Sampler: {sampler}, CFG scale: {settings['guidance_scale']}, "
                   f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, "

@@ -18,6 +18,7 @@ from pixart_cli.output import Output
 
 app = typer.Typer(
     name="pixart",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Run PixArt text-to-image models in memory-staged steps: encode (T5) → denoise (transformer) → "
          "decode (VAE). Each stage loads only its own model. stdout carries only the written paths.",
     no_args_is_help=True,
@@ -49,7 +50,7 @@ def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None
         code, message = _failure(error)
         if debug:
             traceback.print_exception(error)
-        out.error(message)
+        out.error(message, code)
         raise typer.Exit(code) from None
     out.close()
 
@@ -66,25 +67,38 @@ def _failure(error: BaseException) -> tuple[int, str]:
 
 
 def _unexpected(error: Exception) -> str:
-    if type(error).__name__ == "OutOfMemoryError":
+    torch = sys.modules.get("torch")  # an out-of-memory error means torch is loaded; never import it here
+    if torch is not None and isinstance(error, torch.OutOfMemoryError):
         return ("out of device memory; pass a smaller --vram budget (for example --vram 4GB), use --dtype fp16, "
                 "or --device cpu")
     return f"{type(error).__name__}: {detail(error)} (run with PIXART_DEBUG=1 for the traceback)"
 
 
-def _model(model: Optional[str]) -> str:
-    from pixart_cli.models import default_model
+def _context(out: Output, model, device: str, dtype: str, budget: Optional[int], report_memory: bool):
+    """The one run context of a command: device and dtype resolved once, the parsed --vram budget, the model, and
+    the output sink's progress, notes and memory reports."""
+    from pixart_cli.runtime import RunContext
 
-    return default_model() if model is None else model
+    return RunContext.resolve(model, device, dtype, budget, progress=out.progress, log=out.note,
+                              reports=[] if report_memory else None)
 
 
-def _check_common(device: str, dtype: str, vram: Optional[str]) -> None:
+def _new_model(model: Optional[str], revision: Optional[str]):
+    """--model (default: $PIXART_MODEL, else the default checkpoint) at --revision."""
+    from pixart_cli.models import Model, default_model
+
+    return Model(default_model() if model is None else model, revision)
+
+
+def _check_common(device: str, dtype: str, vram: Optional[str]) -> Optional[int]:
+    """Device and dtype words checked before torch loads (resolved later, once, in the run context); returns the
+    parsed --vram budget in bytes (None: auto)."""
     from pixart_cli.memory import parse_vram
     from pixart_cli.runtime import check_device, check_dtype
 
     check_device(device)
     check_dtype(dtype)
-    parse_vram(vram)
+    return parse_vram(vram)
 
 
 def _write_images(out: Output, images: list, meta: dict, output: Path) -> None:
@@ -104,6 +118,8 @@ def _check_image_outputs(output: Path, count: int, inputs: tuple[Path, ...] = ()
 
 def _prompts(prompts: Optional[list[str]], prompts_file: Optional[Path]) -> list[str]:
     """PROMPT arguments, then the lines of --prompts-file (``-``: stdin)."""
+    from pixart_cli.settings import check_prompts
+
     collected = list(prompts or [])
     if prompts_file is not None:
         try:
@@ -115,48 +131,25 @@ def _prompts(prompts: Optional[list[str]], prompts_file: Optional[Path]) -> list
         if not lines:
             raise PixartError(f"--prompts-file {prompts_file}: holds no prompts; write one prompt per line")
         collected += lines
-    if not collected:
-        raise PixartError("PROMPT: give at least one prompt, or --prompts-file FILE")
-    return collected
+    return check_prompts(collected)
 
 
-class _Stages:
-    """What every stage call gets from the CLI: the progress bar, the plan notes and the memory reports."""
-
-    def __init__(self, out: Output, report_memory: bool, device: str, vram: Optional[str]):
-        self.out = out
-        self.report_memory = report_memory
-        self.reports: list = []
-        if vram is not None:
-            from pixart_cli.runtime import resolve_device
-
-            resolved = resolve_device(device)
-            if resolved.type != "cuda":  # budgets are for CUDA memory; CPU and MPS share system RAM
-                out.note(f"--vram {vram} is ignored on {resolved.type.upper()}")
-
-    def kwargs(self) -> dict:
-        return {"progress": self.out.progress, "log": self.out.note, "reports": self.reports}
-
-    def finish(self) -> None:
-        if self.report_memory:
-            for report in self.reports:
-                self.out.note(report.describe())
-            self.out.record["memory"] = [report.as_dict() for report in self.reports]
+def _finish(out: Output, ctx) -> None:
+    """After the work: the memory reports asked for with --report-memory."""
+    if ctx.reports is not None:
+        for report in ctx.reports:
+            out.note(report.describe())
+        out.record["memory"] = [report.as_dict() for report in ctx.reports]
 
 
-def _note_seeds(out: Output, meta: dict) -> None:
-    seeds = meta["seeds"]
-    text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]}"
-    out.note(f"seed: {text}", seeds=seeds)
-
-
-@app.command()
+@app.command(short_help="Prompts → embeddings.pt (loads only T5).")
 def encode(
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
     output: options.EmbeddingsOutput = Path("embeddings.pt"),
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
+    revision: options.Revision = None,
     max_sequence_length: options.MaxSequenceLength = None,
     clean_caption: options.CleanCaption = True,
     text_encoder_precision: options.TextEncoderPrecision = "full",
@@ -174,27 +167,28 @@ def encode(
 
     def work():
         from pixart_cli import artifacts
-        from pixart_cli.encode import check_inputs, encode
+        from pixart_cli.encode import encode
+        from pixart_cli.settings import EncodeSettings
 
-        _check_common(device, dtype, vram)
+        # 1. Every option and path, before torch or a model loads
+        budget = _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
-        check_inputs(texts, negative_prompt, max_sequence_length, clean_caption, text_encoder_precision)
+        settings = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         artifacts.require_writable(output, "--output", overwrite=not no_overwrite)
-        stages = _Stages(out, report_memory, device, vram)
-        embeddings = encode(texts, model=_model(model), negative_prompt=negative_prompt, device=device,
-                            dtype=dtype, max_sequence_length=max_sequence_length, clean_caption=clean_caption,
-                            vram=vram, precision=text_encoder_precision, cache=cache, **stages.kwargs())
-        out.wrote(artifacts.save(output, embeddings))
-        stages.finish()
+        # 2. Resolve once, run, write
+        ctx = _context(out, _new_model(model, revision), device, dtype, budget, report_memory)
+        out.wrote(artifacts.save(output, encode(texts, settings, ctx)))
+        _finish(out, ctx)
 
     _run(out, work, quantized=text_encoder_precision != "full")
 
 
-@app.command()
+@app.command(short_help="embeddings.pt → latents.pt (loads only the transformer).")
 def denoise(
     embeddings: options.EmbeddingsFile,
     output: options.LatentsOutput = Path("latents.pt"),
     model: options.ModelFromFile = None,
+    revision: options.Revision = None,
     steps: options.Steps = None,
     guidance_scale: options.GuidanceScale = None,
     seed: options.Seed = None,
@@ -203,7 +197,7 @@ def denoise(
     no_binning: options.NoBinning = False,
     num_images: options.NumImages = 1,
     scheduler: options.Scheduler = None,
-    batch_size: options.BatchSize = None,
+    batch_size: options.DenoiseBatchSize = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -217,30 +211,33 @@ def denoise(
 
     def work():
         from pixart_cli import artifacts
-        from pixart_cli.denoise import check_inputs, denoise
+        from pixart_cli.denoise import denoise
+        from pixart_cli.models import model_for_file
+        from pixart_cli.settings import DenoiseSettings
 
-        _check_common(device, dtype, vram)
-        check_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
+        # 1. Every option and path, then the input file, before a model loads
+        budget = _check_common(device, dtype, vram)
+        settings = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images, scheduler,
+                                   batch_size).with_seed()
         artifacts.require_writable(output, "--output", (embeddings,), overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
-        stages = _Stages(out, report_memory, device, vram)
-        latents = denoise(loaded, model=model, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
-                          height=height, binning=not no_binning, num_images=num_images, scheduler=scheduler,
-                          batch_size=batch_size, device=device, dtype=dtype, vram=vram,
-                          source_path=str(embeddings), **stages.kwargs())
-        _note_seeds(out, latents.meta)
+        # 2. Resolve once, run, write
+        ctx = _context(out, model_for_file(model, revision, loaded.meta), device, dtype, budget, report_memory)
+        latents = denoise(loaded, settings, ctx, source_path=str(embeddings))
+        out.record["seeds"] = latents.meta["seeds"]
         out.wrote(artifacts.save(output, latents))
-        stages.finish()
+        _finish(out, ctx)
 
     _run(out, work)
 
 
-@app.command()
+@app.command(short_help="latents.pt → images (loads only the VAE).")
 def decode(
     latents: options.LatentsFile,
     output: options.ImageOutput = Path("image.png"),
     model: options.ModelFromFile = None,
-    batch_size: options.BatchSize = None,
+    revision: options.Revision = None,
+    batch_size: options.DecodeBatchSize = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -255,26 +252,27 @@ def decode(
     def work():
         from pixart_cli import artifacts
         from pixart_cli.decode import decode
+        from pixart_cli.models import model_for_file
 
-        _check_common(device, dtype, vram)
+        budget = _check_common(device, dtype, vram)
         loaded = artifacts.load_latents(latents)
         _check_image_outputs(output, loaded.latents.shape[0], (latents,), overwrite=not no_overwrite)
-        stages = _Stages(out, report_memory, device, vram)
-        images = decode(loaded, model=model, device=device, dtype=dtype, batch_size=batch_size, vram=vram,
-                        source_path=str(latents), **stages.kwargs())
+        ctx = _context(out, model_for_file(model, revision, loaded.meta), device, dtype, budget, report_memory)
+        images = decode(loaded, ctx, batch_size=batch_size, source_path=str(latents))
         _write_images(out, images, loaded.meta, output)
-        stages.finish()
+        _finish(out, ctx)
 
     _run(out, work)
 
 
-@app.command()
+@app.command(short_help="Prompts → images: encode, denoise, decode in one process.")
 def generate(
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
     output: options.ImageOutput = Path("image.png"),
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
+    revision: options.Revision = None,
     steps: options.Steps = None,
     guidance_scale: options.GuidanceScale = None,
     seed: options.Seed = None,
@@ -286,7 +284,7 @@ def generate(
     clean_caption: options.CleanCaption = True,
     text_encoder_precision: options.TextEncoderPrecision = "full",
     scheduler: options.Scheduler = None,
-    batch_size: options.BatchSize = None,
+    batch_size: options.GenerateBatchSize = None,
     cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -301,28 +299,29 @@ def generate(
 
     def work():
         from pixart_cli.generate import generate
+        from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
-        _check_common(device, dtype, vram)
+        # 1. Every option and path, before torch or a model loads
+        budget = _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
-        _check_image_outputs(output, len(texts) * max(num_images, 1), overwrite=not no_overwrite)
-        stages = _Stages(out, report_memory, device, vram)
-        images, meta = generate(texts, model=_model(model), negative_prompt=negative_prompt, steps=steps,
-                                guidance_scale=guidance_scale, seed=seed, width=width, height=height,
-                                binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
-                                max_sequence_length=max_sequence_length, clean_caption=clean_caption, vram=vram,
-                                precision=text_encoder_precision, scheduler=scheduler, batch_size=batch_size,
-                                cache=cache, **stages.kwargs())
-        _note_seeds(out, meta)
+        encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
+        denoising = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images,
+                                    scheduler, batch_size).with_seed()
+        _check_image_outputs(output, len(texts) * num_images, overwrite=not no_overwrite)
+        # 2. Resolve once, run the three stages, write
+        ctx = _context(out, _new_model(model, revision), device, dtype, budget, report_memory)
+        images, meta = generate(texts, encoding, denoising, ctx, decode_batch_size=batch_size)
+        out.record["seeds"] = meta["seeds"]
         _write_images(out, images, meta, output)
-        stages.finish()
+        _finish(out, ctx)
 
     _run(out, work, quantized=text_encoder_precision != "full")
 
 
-@app.command()
+@app.command(short_help="What a .pt file or a pixart image holds.")
 def info(
     file: options.InfoFile,
-    json: options.Json = False,
+    json: options.InfoJson = False,
 ) -> None:
     """Show what a .pt file or an image made by pixart holds: tensors, prompts, seeds, settings."""
     out = Output("info", False, json)

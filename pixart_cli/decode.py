@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from pixart_cli import artifacts, memory, runtime
+from pixart_cli import artifacts, memory
+from pixart_cli.denoise import check_finite
 from pixart_cli.errors import PixartError, bad_file
 from pixart_cli.models import Model, load_component
-
-Progress = Callable[[str, int, int], None]
+from pixart_cli.runtime import RunContext
 
 
 def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
@@ -17,6 +15,10 @@ def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
     found = latents.latents.shape[1]
     if found != channels:
         raise bad_file(path, f"latents have {found} channels but the VAE of {source.id} takes {channels}")
+    limit = 4 * source.native_size
+    for key in ("requested_width", "requested_height"):
+        if latents.meta[key] > limit:
+            raise bad_file(path, f"meta.{key} is {latents.meta[key]}, beyond this model's maximum of {limit}")
     scale = source.vae_scale_factor
     height, width = latents.meta["height"], latents.meta["width"]
     decoded_size = (latents.latents.shape[2] * scale, latents.latents.shape[3] * scale)
@@ -25,37 +27,34 @@ def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
                              f"{width}x{height} with this VAE (x{scale})")
 
 
-def decode(latents: artifacts.Latents, *, model: str | None = None, device: str = "auto", dtype: str = "auto",
-           batch_size: int | None = None, vram: str | None = None, source_path: str = "latents", progress: Progress | None = None,
-           log: Callable[[str], None] | None = None, reports: list | None = None) -> list:
+def decode(latents: artifacts.Latents, ctx: RunContext, batch_size: int | None = None,
+           source_path: str = "latents") -> list:
     """Decode latents [N, 4, h, w] to N PIL images at the requested size (binning undone, as the pipeline does)."""
     import torch
-    from diffusers import AutoencoderKL
     from diffusers.image_processor import PixArtImageProcessor
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     # 1. Check the latents against the VAE config
     if batch_size is not None and batch_size < 1:
         raise PixartError(f"--batch-size {batch_size}: must be at least 1")
     meta = latents.meta
-    source = Model(meta["model"] if model is None else model, meta.get("revision") if model is None else None)
+    source = ctx.model
     check_fits(latents, source, source_path)
-    torch_device = runtime.resolve_device(device)
-    torch_dtype = runtime.resolve_dtype(dtype, torch_device)
+    check_finite(latents.latents, meta.get("dtype", ctx.dtype_name))
 
     # 2. Pick full or tiled decode for the budget, then load the VAE only
-    meter = memory.Meter("decode", torch_device)
-    budget, context = memory.device_budget(vram, torch_device)
+    meter = ctx.meter("decode")
+    budget, context = ctx.budget()
     config = source.config("vae")
-    skeleton = memory.meta_model(AutoencoderKL.from_config, config, torch_dtype)
+    skeleton = memory.meta_model(AutoencoderKL.from_config, config, ctx.dtype)
     chosen = memory.plan_decode(budget, context, memory.parameter_bytes(skeleton), config["block_out_channels"][0],
-                                meta["height"], meta["width"], torch_dtype.itemsize)
+                                meta["height"], meta["width"], ctx.dtype.itemsize)
     del skeleton
-    if log:
-        log(chosen.describe())
+    ctx.note(chosen.describe())
     with meter.phase("load"):
-        kwargs = {"device_map": {"": torch_device}} if torch_device.type == "cuda" else {}
-        vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=torch_dtype, **kwargs)
-        vae.to(torch_device).eval()
+        kwargs = {"device_map": {"": ctx.device}} if ctx.device.type == "cuda" else {}
+        vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype, **kwargs)
+        vae.to(ctx.device).eval()
         if chosen.tile:
             # diffusers' tiled decode; its tile size is the config's sample_size unless set here.
             vae.enable_tiling()
@@ -68,16 +67,16 @@ def decode(latents: artifacts.Latents, *, model: str | None = None, device: str 
     images = []
     total = latents.latents.shape[0]
     step = 1 if batch_size is None else batch_size
+    ctx.advance("decode", 0, total)
     with meter.phase("compute"), torch.inference_mode():
         for start in range(0, total, step):
-            sample = latents.latents[start:start + step].to(torch_device, torch_dtype) / vae.config.scaling_factor
+            sample = latents.latents[start:start + step].to(ctx.device, ctx.dtype) / vae.config.scaling_factor
             image = vae.decode(sample, return_dict=False)[0]
             if resize:
                 image = processor.resize_and_crop_tensor(image, meta["requested_width"], meta["requested_height"])
             images.extend(processor.postprocess(image.float(), output_type="pil"))
-            if progress:
-                progress("decode", len(images), total)
+            ctx.advance("decode", len(images), total)
     del vae
-    runtime.free(torch_device)
-    meter.finish(chosen.name if not chosen.tile else f"tiled-{chosen.tile}", reports)
+    ctx.free()
+    meter.finish(chosen.name if not chosen.tile else f"tiled-{chosen.tile}", ctx.reports)
     return images

@@ -4,188 +4,227 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
-from collections.abc import Callable
+from dataclasses import dataclass
 
-from pixart_cli import artifacts, memory, runtime
+from pixart_cli import artifacts, memory
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models import Model, load_component, stage_pipeline
+from pixart_cli.runtime import RunContext
+from pixart_cli.settings import SCHEDULERS, DenoiseSettings
 
-Progress = Callable[[str, int, int], None]
-MAX_SEED = 2**32 - 1
 # With one step the pipeline returns the scheduler's pred_original_sample (step(...)[1]); these don't give one.
 NO_SINGLE_STEP = {"DPMSolverMultistepScheduler", "SASolverScheduler"}
-# --scheduler names -> diffusers classes, each built with from_config on the model's own scheduler config.
-SCHEDULERS = {"dpm++": "DPMSolverMultistepScheduler", "sa-solver": "SASolverScheduler", "ddim": "DDIMScheduler",
-              "euler": "EulerDiscreteScheduler", "euler-a": "EulerAncestralDiscreteScheduler",
-              "lcm": "LCMScheduler", "ddpm": "DDPMScheduler"}
 # SA-Solver names DPM-Solver++'s data prediction differently (PixArt-Σ's docs build it this way).
 SCHEDULER_OVERRIDES = {"SASolverScheduler": {"algorithm_type": "data_prediction"}}
 
 
-def check_inputs(steps: int | None, guidance_scale: float | None, seed: int | None, width: int | None,
-                 height: int | None, num_images: int, scheduler: str | None = None,
-                 batch_size: int | None = None) -> None:
-    """Reject bad settings before anything loads (each message names the flag and the fix)."""
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise PixartError(f"--scheduler {scheduler!r}: unknown; use one of {', '.join(SCHEDULERS)} "
-                          "(default: the model's own)")
-    if batch_size is not None and batch_size < 1:
-        raise PixartError(f"--batch-size {batch_size}: must be at least 1")
-    if steps is not None and steps < 1:
-        raise PixartError(f"--steps {steps}: must be at least 1")
-    if guidance_scale is not None and not guidance_scale >= 0:  # also rejects NaN
-        raise PixartError(f"--guidance-scale {guidance_scale}: must be 0 or more")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise PixartError(f"--seed {seed}: must be between 0 and {MAX_SEED}")
-    for flag, value in (("--width", width), ("--height", height)):
-        if value is not None and (value < 8 or value % 8):
-            raise PixartError(f"{flag} {value}: must be a positive multiple of 8")
-    if num_images < 1:
-        raise PixartError(f"--num-images {num_images}: must be at least 1")
+@dataclass(frozen=True)
+class Schedule:
+    """The run's settings with the model family's defaults filled in, and the size the transformer runs at."""
+
+    steps: int
+    timesteps: list[int] | None  # a fixed schedule (one-step models) replaces `steps`
+    guidance_scale: float
+    scheduler: str  # diffusers class name
+    requested_width: int
+    requested_height: int
+    width: int  # binned (or requested, without a bin table or with --no-binning)
+    height: int
+    binned: bool
+
+    @property
+    def steps_per_image(self) -> int:
+        return len(self.timesteps) if self.timesteps else self.steps
 
 
-def check_fits(embeddings: artifacts.Embeddings, source: Model, path: str, width: int, height: int) -> None:
-    """The embeddings and the size must suit this transformer; checked on its config before any weights load."""
-    caption_channels = source.config("transformer").get("caption_channels")
-    width_found = embeddings.prompt_embeds.shape[-1]
-    if caption_channels is not None and width_found != caption_channels:
-        raise bad_file(path, f"embeddings are {width_found} wide but {source.id} takes {caption_channels}; "
-                             "encode with the same model family")
-    limit = 4 * source.native_size
-    for flag, value in (("--width", width), ("--height", height)):
-        if value > limit:
-            raise PixartError(f"{flag} {value}: beyond this model's maximum of {limit} (4x its native "
-                              f"{source.native_size}); use a smaller size")
-
-
-def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps: int | None = None,
-            guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
-            height: int | None = None, binning: bool = True, num_images: int = 1, scheduler: str | None = None,
-            batch_size: int | None = None, device: str = "auto", dtype: str = "auto", vram: str | None = None,
-            source_path: str = "embeddings",
-            progress: Progress | None = None, log: Callable[[str], None] | None = None,
-            reports: list | None = None) -> artifacts.Latents:
-    """Run the pipeline's denoising loop on stored embeddings.
-
-    embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
-    Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
-    """
-    import diffusers
-    import torch
-    from diffusers import PixArtTransformer2DModel
-
-    # 1. Check inputs against the model's configs; fill each default from the model's family
-    check_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
-    meta_in = embeddings.meta
-    source = Model(meta_in["model"] if model is None else model, meta_in.get("revision") if model is None else None)
+def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
+    """Fill each default from the model's family and configs, check what only the model can tell, and bin the
+    size as the pipeline does. Reads configs only: no weights load."""
     family = source.family
-    requested_width = source.native_size if width is None else width
-    requested_height = source.native_size if height is None else height
-    check_fits(embeddings, source, source_path, requested_width, requested_height)
-    timesteps = list(family.timesteps) if steps is None and family.timesteps else None
-    steps = family.steps if steps is None else steps
-    scheduler_name = _scheduler_name(source, scheduler)
-    if steps == 1 and not timesteps and scheduler_name in NO_SINGLE_STEP:
-        raise PixartError(f"--steps 1: {scheduler_name} cannot take a single step in the PixArt pipeline; "
+    timesteps = list(family.timesteps) if settings.steps is None and family.timesteps else None
+    steps = family.steps if settings.steps is None else settings.steps
+    scheduler = scheduler_class_name(source, settings.scheduler)
+    if steps == 1 and not timesteps and scheduler in NO_SINGLE_STEP:
+        raise PixartError(f"--steps 1: {scheduler} cannot take a single step in the PixArt pipeline; "
                           "use --steps 2 or more (one-step models such as DMD use their own scheduler)")
-    guidance_scale = family.guidance_scale if guidance_scale is None else guidance_scale
-    seed = secrets.randbelow(MAX_SEED + 1) if seed is None else seed
-    torch_device = runtime.resolve_device(device)
-    torch_dtype = runtime.resolve_dtype(dtype, torch_device)
-
-    # 2. Resolution binning, as the pipeline does it; models without a bin table keep the requested size
-    table = source.bin_table if binning else None
+    train_steps = source.config("scheduler").get("num_train_timesteps")
+    if isinstance(train_steps, int) and steps > train_steps:
+        raise PixartError(f"--steps {steps}: this model's scheduler has only {train_steps} timesteps; use fewer")
+    guidance = family.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
+    requested_width = source.native_size if settings.width is None else settings.width
+    requested_height = source.native_size if settings.height is None else settings.height
+    _check_size(source, requested_width, requested_height, patches=False)
+    table = source.bin_table if settings.binning else None
     if table is not None:
         from diffusers.image_processor import PixArtImageProcessor
 
         height, width = PixArtImageProcessor.classify_height_width_bin(requested_height, requested_width, table)
     else:
         height, width = requested_height, requested_width
+    _check_size(source, width, height, binned=table is not None)  # the size the transformer runs at
+    return Schedule(steps, timesteps, float(guidance), scheduler, requested_width, requested_height, width, height,
+                    table is not None)
 
-    # 3. Pick a plan for the budget from the transformer's exact size, then load it and the scheduler only
-    meter = memory.Meter("denoise", torch_device)
-    budget, context = memory.device_budget(vram, torch_device)
-    config = source.config("transformer")
-    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, torch_dtype)
-    scale = source.vae_scale_factor * config.get("patch_size", 2)
-    prompts_in = embeddings.prompt_embeds.shape[0]
-    chosen = memory.plan_denoise(budget, context, memory.parameter_bytes(skeleton), (height // scale) * (width // scale),
-                                 skeleton.inner_dim, torch_dtype.itemsize, prompts_in * num_images,
-                                 guidance_scale > 1)
-    del skeleton
-    if batch_size is not None:  # the user's flag wins over the plan's batch
-        chosen = dataclasses.replace(chosen, batch=batch_size)
-    if log:
-        log(chosen.describe())
+
+def _check_size(source: Model, width: int, height: int, binned: bool = False, patches: bool = True) -> None:
+    """Within 4x the native size, and (``patches``) a whole number of transformer patches, which the transformer
+    needs: otherwise it fails only after the run has done its work."""
+    limit = 4 * source.native_size
+    multiple = source.vae_scale_factor * int(source.config("transformer").get("patch_size", 2))
+    for flag, value in (("--width", width), ("--height", height)):
+        if value > limit:
+            raise PixartError(f"{flag} {value}: beyond this model's maximum of {limit} (4x its native "
+                              f"{source.native_size}); use a smaller size")
+        if patches and value % multiple:
+            where = "the bin it falls in" if binned else "without binning it"
+            raise PixartError(f"{flag} {value}: {where} must be a multiple of {multiple} for this model "
+                              f"(VAE x{source.vae_scale_factor}, patch {multiple // source.vae_scale_factor}); "
+                              f"use {max(multiple, value // multiple * multiple)}")
+
+
+def check_fits(embeddings: artifacts.Embeddings, source: Model, path: str) -> None:
+    """The embeddings must suit this transformer; checked on its config before any weights load."""
+    caption_channels = source.config("transformer").get("caption_channels")
+    width_found = embeddings.prompt_embeds.shape[-1]
+    if caption_channels is not None and width_found != caption_channels:
+        raise bad_file(path, f"embeddings are {width_found} wide but {source.id} takes {caption_channels}; "
+                             "encode with the same model family")
+
+
+def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: RunContext,
+            source_path: str = "embeddings") -> artifacts.Latents:
+    """Run the pipeline's denoising loop on stored embeddings.
+
+    embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
+    Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
+    """
+    # 1. Check inputs against the model's configs; fill each default from the model's family
+    settings = settings.with_seed()
+    source = ctx.model
+    settings.check_total(embeddings.prompt_embeds.shape[0])
+    check_fits(embeddings, source, source_path)
+    plan = schedule(settings, source)
+    total_images = embeddings.prompt_embeds.shape[0] * settings.num_images
+    seeds = [settings.seed + index for index in range(total_images)]
+    # Shown before the work, so that an interrupted or failed run can be repeated.
+    ctx.note(f"seed: {seeds[0]}" if total_images == 1 else f"seed: {seeds[0]}..{seeds[-1]} (image i: seed + i)")
+
+    # 2. Pick a plan for the budget from the transformer's exact size, then load it and the scheduler only
+    meter = ctx.meter("denoise")
+    chosen = _plan(plan, total_images, ctx)
+    if settings.batch_size is not None:  # the user's flag wins over the plan's batch
+        chosen = dataclasses.replace(chosen, batch=settings.batch_size)
+    ctx.note(chosen.describe())
     with meter.phase("load"):
-        if chosen.name == "streamed":
-            # Below the transformer's own size: diffusers' group offloading streams its blocks from CPU RAM.
-            transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
-                                         dtype=torch_dtype)
-            transformer.enable_group_offload(onload_device=torch_device, offload_type="block_level",
-                                             num_blocks_per_group=1, use_stream=torch_device.type == "cuda")
-        else:
-            kwargs = {"device_map": {"": torch_device}} if torch_device.type == "cuda" else {}
-            transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
-                                         dtype=torch_dtype, **kwargs)
-            transformer.to(torch_device)
-        transformer.eval()
-        # The model's own scheduler config, as the class the user picked (default: the model's own class).
-        noise_scheduler = getattr(diffusers, scheduler_name).from_config(
-            source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {}))
-        pipe = stage_pipeline(source, transformer=transformer, scheduler=noise_scheduler)
+        pipe = _load(chosen, plan.scheduler, ctx)
 
-    # 4. Denoise in batches of the plan's size: one CPU generator per image, seeds seed, seed+1, ...
-    #    Row r of the flat batch is image r % num_images of prompt r // num_images, as in the pipeline.
-    total_images = prompts_in * num_images
-    seeds = [seed + index for index in range(total_images)]
-    batch = chosen.batch or total_images
-    steps_per_batch = len(timesteps) if timesteps else steps
-    done = 0
+    # 3. Denoise in batches of the plan's size
+    with meter.phase("compute"):
+        latents = _denoise_batches(pipe, embeddings, settings, plan, chosen.batch, ctx)
+    del pipe
+    ctx.free()
+    meter.finish(chosen.name, ctx.reports)
+    check_finite(latents, ctx.dtype_name)
 
-    def on_step(step: int, timestep, latents) -> None:
-        if progress:
-            progress("denoise", done * steps_per_batch + step + 1, math.ceil(total_images / batch) * steps_per_batch)
-
-    rows = [index // num_images for index in range(total_images)]
-    parts = []
-    with meter.phase("compute"), torch.inference_mode():
-        for start in range(0, total_images, batch):
-            picked = rows[start:start + batch]
-            tensors = {key: value[picked].to(torch_device) for key, value in embeddings.tensors().items()}
-            generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch]]
-            parts.append(pipe(prompt=None, negative_prompt=None, **tensors,
-                              num_inference_steps=None if timesteps else steps, timesteps=timesteps,
-                              guidance_scale=guidance_scale, height=height, width=width, generator=generators,
-                              output_type="latent", use_resolution_binning=False, callback=on_step,
-                              return_dict=False)[0].cpu())
-            done += 1
-    latents = torch.cat(parts)
-    del pipe, transformer, tensors
-    runtime.free(torch_device)
-    meter.finish(chosen.name, reports)
-
-    # 5. Record everything decode and a reader of the file need
-    prompts = [p for p in meta_in["prompts"] for _ in range(num_images)]
+    # 4. Record everything decode and a reader of the file need
+    meta_in = embeddings.meta
     meta = {
-        "format": artifacts.LATENTS_FORMAT, "version": artifacts.FORMAT_VERSION,
-        "model": source.id, "revision": source.revision, "family": family.name,
-        "dtype": runtime.dtype_name(torch_dtype), "prompts": prompts,
-        "negative_prompt": meta_in.get("negative_prompt", ""), "seeds": seeds, "steps": steps,
-        "timesteps": timesteps, "guidance_scale": float(guidance_scale), "scheduler": scheduler_name,
-        "height": height, "width": width, "requested_height": requested_height, "requested_width": requested_width,
-        "binned": table is not None, "plan": chosen.name, "clean_caption": meta_in.get("clean_caption"),
-        "max_sequence_length": meta_in.get("max_sequence_length"),
+        "model": source.id, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
+        "prompts": [p for p in meta_in["prompts"] for _ in range(settings.num_images)],
+        "negative_prompt": meta_in.get("negative_prompt", ""),
+        "seeds": seeds, "steps": plan.steps,
+        "timesteps": plan.timesteps, "guidance_scale": plan.guidance_scale, "scheduler": plan.scheduler,
+        "height": plan.height, "width": plan.width, "requested_height": plan.requested_height,
+        "requested_width": plan.requested_width, "binned": plan.binned, "plan": chosen.name,
+        "clean_caption": meta_in.get("clean_caption"), "max_sequence_length": meta_in.get("max_sequence_length"),
     }
     return artifacts.Latents(latents, meta)
 
 
-def _scheduler_name(source: Model, choice: str | None) -> str:
+def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
+    """Resident with the largest batch that fits, or streamed, from the transformer's size on the meta device."""
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+
+    source = ctx.model
+    config = source.config("transformer")
+    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, ctx.dtype)
+    scale = source.vae_scale_factor * config.get("patch_size", 2)
+    budget, context = ctx.budget()
+    return memory.plan_denoise(budget, context, memory.parameter_bytes(skeleton),
+                               (plan.height // scale) * (plan.width // scale), skeleton.inner_dim,
+                               ctx.dtype.itemsize, images, plan.guidance_scale > 1)
+
+
+def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext):
+    """A pipeline holding only the transformer (resident or group-offloaded) and the scheduler."""
+    import diffusers
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+
+    source, device = ctx.model, ctx.device
+    if chosen.name == "streamed":
+        # Below the transformer's own size: diffusers' group offloading streams its blocks from CPU RAM.
+        transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
+                                     dtype=ctx.dtype)
+        transformer.enable_group_offload(onload_device=device, offload_type="block_level",
+                                         num_blocks_per_group=1, use_stream=device.type == "cuda")
+    else:
+        kwargs = {"device_map": {"": device}} if device.type == "cuda" else {}
+        transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
+                                     dtype=ctx.dtype, **kwargs)
+        transformer.to(device)
+    transformer.eval()
+    # The model's own scheduler config, as the class the user picked (default: the model's own class).
+    noise_scheduler = getattr(diffusers, scheduler_name).from_config(
+        source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {}))
+    return stage_pipeline(source, transformer=transformer, scheduler=noise_scheduler)
+
+
+def _denoise_batches(pipe, embeddings: artifacts.Embeddings, settings: DenoiseSettings, plan: Schedule, batch: int,
+                     ctx: RunContext):
+    """All images, ``batch`` at a time, each with its own CPU generator (seeds seed, seed+1, ...).
+
+    Row r of the flat batch is image r % num_images of prompt r // num_images, as in the pipeline.
+    """
+    import torch
+
+    total = embeddings.prompt_embeds.shape[0] * settings.num_images
+    rows = [index // settings.num_images for index in range(total)]
+    batches = math.ceil(total / batch)
+    total_steps = batches * plan.steps_per_image
+    parts = []
+    ctx.advance("denoise", 0, total_steps)
+    with torch.inference_mode():
+        for number, start in enumerate(range(0, total, batch)):
+            picked = rows[start:start + batch]
+            tensors = {key: value[picked].to(ctx.device) for key, value in embeddings.tensors().items()}
+            generators = [torch.Generator("cpu").manual_seed(settings.seed + index)
+                          for index in range(start, start + len(picked))]
+
+            def on_step(step: int, timestep, latents, done=number * plan.steps_per_image) -> None:
+                ctx.advance("denoise", done + step + 1, total_steps)
+
+            parts.append(pipe(prompt=None, negative_prompt=None, **tensors,
+                              num_inference_steps=None if plan.timesteps else plan.steps, timesteps=plan.timesteps,
+                              guidance_scale=plan.guidance_scale, height=plan.height, width=plan.width,
+                              generator=generators, output_type="latent", use_resolution_binning=False,
+                              callback=on_step, return_dict=False)[0].cpu())
+    return torch.cat(parts)
+
+
+def check_finite(latents, dtype_name: str) -> None:
+    """NaN or inf made at run time (fp16 overflow, a bad LoRA) would decode to a black image: fail instead."""
+    import torch
+
+    if not bool(torch.isfinite(latents).all()):
+        advice = "try --dtype bf16 or fp32" if dtype_name == "fp16" else "check the model and any LoRA"
+        raise PixartError(f"denoising produced NaN or inf values (numeric overflow); {advice}", EXIT_RUNTIME)
+
+
+def scheduler_class_name(source: Model, choice: str | None) -> str:
     """The diffusers class name of the scheduler: the user's --scheduler, else the model's own."""
     import diffusers
 
-    name = SCHEDULERS[choice] if choice is not None else source.config("scheduler").get("_class_name", "")
+    name = SCHEDULERS[choice].class_name if choice is not None else source.config("scheduler").get("_class_name", "")
     if not isinstance(getattr(diffusers, name, None), type):
         raise PixartError(f"--model {source.id}: unknown scheduler class {name!r} in scheduler/scheduler_config.json",
                           EXIT_RUNTIME)

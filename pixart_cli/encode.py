@@ -4,41 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import PixartError
 from pixart_cli.models import Model, load_component, stage_pipeline
+from pixart_cli.runtime import RunContext
+from pixart_cli.settings import EncodeSettings, check_prompts
 
-Progress = Callable[[str, int, int], None]
-PRECISIONS = ("full", "8bit", "4bit")
 BATCH = 16  # texts per T5 call: a streamed T5 reads its weights once per call
-
-
-def check_inputs(prompts: Sequence[str], negative_prompt: str, max_sequence_length: int | None,
-                 clean_caption: bool, precision: str = "full") -> None:
-    """Reject bad prompts and settings before anything loads."""
-    if not prompts:
-        raise PixartError("PROMPT: give at least one prompt")
-    for index, prompt in enumerate(prompts):
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise PixartError(f"PROMPT #{index + 1} is empty; give some text to draw")
-    if not isinstance(negative_prompt, str):
-        raise PixartError(f"--negative-prompt {negative_prompt!r}: must be text")
-    if max_sequence_length is not None and not 1 <= max_sequence_length <= 4096:
-        raise PixartError(f"--max-sequence-length {max_sequence_length}: must be between 1 and 4096")
-    if precision not in PRECISIONS:
-        raise PixartError(f"--text-encoder-precision {precision!r}: use full, 8bit or 4bit")
-    if clean_caption:
-        import importlib.util
-
-        missing = [name for name, module in (("beautifulsoup4", "bs4"), ("ftfy", "ftfy"))
-                   if importlib.util.find_spec(module) is None]
-        if missing:
-            # diffusers would silently skip cleaning and give a different image than the pipeline's default.
-            raise PixartError(f"caption cleaning needs {' and '.join(missing)}: pip install {' '.join(missing)}, "
-                              "or pass --no-clean-caption")
 
 
 def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max_length: int,
@@ -91,95 +66,92 @@ def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
     return model.eval()
 
 
-def encode(prompts: Sequence[str], *, model: str, negative_prompt: str = "", device: str = "auto",
-           dtype: str = "auto", max_sequence_length: int | None = None, clean_caption: bool = True,
-           vram: str | None = None, precision: str = "full", revision: str | None = None, cache=None,
-           progress: Progress | None = None, log: Callable[[str], None] | None = None,
-           reports: list | None = None) -> artifacts.Embeddings:
+def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) -> artifacts.Embeddings:
     """Encode prompts (and the negative prompt) with T5, as the pipeline's ``__call__`` does.
 
     Returns Embeddings: prompt_embeds / negative_prompt_embeds [B, L, C], masks [B, L], L = max_sequence_length.
-    With ``cache`` (a folder), prompts encoded before with the same model and settings skip T5.
+    With ``settings.cache`` (a folder), prompts encoded before with the same model and settings skip T5.
     """
     import torch
 
     # 1. Check inputs and read the model's facts
-    prompts = list(prompts)
-    check_inputs(prompts, negative_prompt, max_sequence_length, clean_caption, precision)
-    memory.parse_vram(vram)
-    source = Model(model, revision)
-    family = source.family
-    max_length = family.max_sequence_length if max_sequence_length is None else max_sequence_length
-    torch_device = runtime.resolve_device(device)
-    torch_dtype = runtime.resolve_dtype(dtype, torch_device)
-    if precision != "full" and torch_device.type != "cuda":
-        raise PixartError(f"--text-encoder-precision {precision}: bitsandbytes quantization needs a CUDA GPU; "
-                          "use full precision (--dtype bf16 halves T5's memory on CPU)")
-    meter = memory.Meter("encode", torch_device)
-    settings = {"model": source.id, "revision": revision, "text_encoder": source.config("text_encoder"),
-                "negative_prompt": negative_prompt, "max_sequence_length": max_length,
-                "clean_caption": clean_caption, "dtype": runtime.dtype_name(torch_dtype), "precision": precision}
-    store = EmbeddingCache(cache, settings) if cache is not None else None
+    prompts = check_prompts(prompts)
+    source = ctx.model
+    max_length = max_sequence_length(settings, source)
+    if settings.precision != "full" and ctx.device.type != "cuda":
+        raise PixartError(f"--text-encoder-precision {settings.precision}: bitsandbytes quantization needs a CUDA "
+                          "GPU; use full precision (--dtype bf16 halves T5's memory on CPU)")
+    meter = ctx.meter("encode")
+    cache_key = {"model": source.id, "revision": source.revision, "text_encoder": source.config("text_encoder"),
+                 "negative_prompt": settings.negative_prompt, "max_sequence_length": max_length,
+                 "clean_caption": settings.clean_caption, "dtype": ctx.dtype_name, "precision": settings.precision}
+    store = EmbeddingCache(settings.cache, cache_key) if settings.cache is not None else None
     rows = {prompt: store.get(prompt) for prompt in prompts} if store else {}
     todo = [prompt for prompt in dict.fromkeys(prompts) if rows.get(prompt) is None]
 
     # 2. Encode what the cache lacks: those prompts and the negative prompt, in as few T5 calls as possible
     plan_name = "cache"
     if todo:
-        (embeds, mask), plan_name = _encode_texts(source, todo + [negative_prompt], max_length, clean_caption,
-                                                  torch_dtype, torch_device, vram, precision, meter, progress, log)
+        (embeds, mask), plan_name = _encode_texts(todo + [settings.negative_prompt], max_length, settings, ctx, meter)
         for index, prompt in enumerate(todo):
             rows[prompt] = (embeds[index:index + 1], mask[index:index + 1], embeds[-1:], mask[-1:])
             if store:
                 store.put(prompt, rows[prompt])
-    elif log:
-        log(f"encode: all {len(prompts)} prompt(s) found in the cache {cache}; T5 not loaded")
+    else:
+        ctx.note(f"encode: all {len(prompts)} prompt(s) found in the cache {settings.cache}; T5 not loaded")
     tensors = [torch.cat([rows[prompt][i] for prompt in prompts]) for i in range(4)]
-    meter.finish(plan_name, reports)
+    meter.finish(plan_name, ctx.reports)
 
     # 3. Record what the next stage needs
     meta = {
-        "format": artifacts.EMBEDDINGS_FORMAT, "version": artifacts.FORMAT_VERSION,
-        "model": source.id, "revision": revision, "family": family.name, "dtype": runtime.dtype_name(torch_dtype),
-        "prompts": prompts, "negative_prompt": negative_prompt, "max_sequence_length": max_length,
-        "clean_caption": clean_caption, "text_encoder_precision": precision,
+        "model": source.id, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
+        "prompts": prompts, "negative_prompt": settings.negative_prompt, "max_sequence_length": max_length,
+        "clean_caption": settings.clean_caption, "text_encoder_precision": settings.precision,
     }
     return artifacts.Embeddings(*tensors, meta=meta)
 
 
-def _encode_texts(source: Model, texts: list[str], max_length: int, clean_caption: bool, dtype, device,
-                  vram: str | None, precision: str, meter: memory.Meter, progress, log):
+def max_sequence_length(settings: EncodeSettings, source: Model) -> int:
+    """Tokens per prompt: the user's, else the model family's."""
+    if settings.max_sequence_length is None:
+        return source.family.max_sequence_length
+    return settings.max_sequence_length
+
+
+def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, ctx: RunContext,
+                  meter: memory.Meter):
     """Load T5 under a memory plan and encode ``texts``. Returns ((embeds [N, L, C], mask [N, L]), plan name)."""
     import torch
     from transformers import T5Tokenizer
 
-    budget, context = memory.device_budget(vram, device)
-    chosen = plan(source, budget, context, dtype, len(texts), max_length, precision)
-    if log:
-        log(chosen.describe())
+    source = ctx.model
+    budget, context = ctx.budget()
+    chosen = plan(source, budget, context, ctx.dtype, len(texts), max_length, settings.precision)
+    ctx.note(chosen.describe())
 
     # Load the tokenizer and T5 only; dtype at load time (a later .to(fp16) breaks T5, diffusers #8604)
     with meter.phase("load"):
         tokenizer = load_component(source, "tokenizer", T5Tokenizer.from_pretrained)
-        text_encoder = _load_text_encoder(source, chosen, dtype, device)
+        text_encoder = _load_text_encoder(source, chosen, ctx.dtype, ctx.device)
         pipe = stage_pipeline(source, tokenizer=tokenizer, text_encoder=text_encoder)
 
     # The pipeline's own encode_prompt (same cleaning, padding and truncation as __call__; without CFG it
     # encodes the list as given). Its warning naming the text cut off a long prompt is passed on.
     embeds, masks = [], []
+    ctx.advance("encode", 0, len(texts))
     with meter.phase("compute"), torch.inference_mode(), runtime.forward_warnings(
-            "diffusers.pipelines.pixart_alpha", log or (lambda message: None)):
+            "diffusers.pipelines.pixart_alpha", ctx.note):
         for start in range(0, len(texts), BATCH):
             chunk = texts[start:start + BATCH]
             chunk_embeds, chunk_mask, _, _ = pipe.encode_prompt(
-                chunk, do_classifier_free_guidance=False, device=device, clean_caption=clean_caption,
+                chunk, do_classifier_free_guidance=False, device=ctx.device, clean_caption=settings.clean_caption,
                 max_sequence_length=max_length)
             embeds.append(chunk_embeds.cpu())
             masks.append(chunk_mask.cpu())
-            if progress:
-                progress("encode", min(start + BATCH, len(texts)), len(texts))
+            # counts texts: the prompts and, last, the negative prompt ("" when none is given)
+            ctx.advance("encode", min(start + BATCH, len(texts)), len(texts))
     del pipe, text_encoder
-    runtime.free(device)
+    ctx.free()
     return (torch.cat(embeds), torch.cat(masks)), chosen.name
 
 
@@ -210,7 +182,6 @@ class EmbeddingCache:
         return tuple(entry.tensors().values()) if entry.meta.get("prompts") == [prompt] else None
 
     def put(self, prompt: str, row: tuple) -> None:
-        meta = {"format": artifacts.EMBEDDINGS_FORMAT, "version": artifacts.FORMAT_VERSION,
-                "model": self.settings["model"], "family": "cache", "dtype": self.settings["dtype"],
+        meta = {"model": self.settings["model"], "family": "cache", "dtype": self.settings["dtype"],
                 "prompts": [prompt], "max_sequence_length": self.settings["max_sequence_length"]}
         artifacts.save(self.path(prompt), artifacts.Embeddings(*row, meta=meta))

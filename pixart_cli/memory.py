@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pixart_cli.errors import PixartError
 
 GIB = 2**30
+MIN_VRAM = 256 * 2**20
+MAX_VRAM = 2**50
 AUTO_MARGIN = int(0.5 * GIB)  # left free under --vram auto, for the allocator's fragmentation and other apps
 CONTEXT_ESTIMATE = int(0.6 * GIB)  # CUDA context before we can measure it (0.61 GB on H100/H200)
 
@@ -24,7 +26,9 @@ CONTEXT_ESTIMATE = int(0.6 * GIB)  # CUDA context before we can measure it (0.61
 T5_ACTIVATIONS_PER_TOKEN = 8  # encode activations ≈ 8 x tokens x d_ff x dtype size
 DIT_ACTIVATIONS_PER_TOKEN = 40  # activations of one sample ≈ 40 x tokens x hidden x dtype size
 VAE_ACTIVATIONS_PER_PIXEL = 18  # full decode ≈ 18 x block_out_channels[0] x H x W x dtype size
-VAE_TILES = (512, 256, 128)  # tile sides tried, largest first (pixels)
+VAE_TILES = (512, 256, 128)
+# Images per transformer call without a device budget (CPU, MPS): larger batches are no faster there.
+UNBUDGETED_BATCH = 8  # tile sides tried, largest first (pixels)
 QUANTIZE_OVERHEAD = int(0.3 * GIB)  # bitsandbytes' load-time staging: 8-bit T5 measured 0.3 GB over its weights
 
 
@@ -36,8 +40,11 @@ def parse_vram(text: str | None) -> int | None:
     if not match:
         raise PixartError(f"--vram {text!r}: not a size; use auto, or a size such as 8GB, 3GB or 512MB")
     value = float(match.group(1)) * (GIB if match.group(2).upper() == "G" else 2**20)
-    if value < 256 * 2**20:
+    if value < MIN_VRAM:
         raise PixartError(f"--vram {text}: too small to run anything; give at least 256MB")
+    if value > MAX_VRAM:  # also catches digits that overflow a float
+        raise PixartError(f"--vram {text}: larger than any device ({MAX_VRAM // 2**40} TB); give the card's size "
+                          "or auto")
     return int(value)
 
 
@@ -68,10 +75,9 @@ class Plan:
         return text
 
 
-def device_budget(vram: str | None, device) -> tuple[int | None, int]:
-    """(budget in bytes or None on CPU/MPS, CUDA context size) for a --vram value on a device.
-    auto = free memory less a margin."""
-    budget = parse_vram(vram)
+def device_budget(budget: int | None, device) -> tuple[int | None, int]:
+    """(budget in bytes or None on CPU/MPS, CUDA context size) for a parsed --vram value (None: auto, the free
+    memory less a margin) on a device."""
     if device.type != "cuda":
         return None, 0
     import torch
@@ -127,8 +133,9 @@ def plan_denoise(budget: int | None, context: int, transformer_bytes: int, token
                  dtype_size: int, images: int, cfg: bool) -> Plan:
     """Resident transformer with the largest batch that fits; streamed (group offload) below its size."""
     per_image = DIT_ACTIVATIONS_PER_TOKEN * tokens_per_sample * hidden * dtype_size * (2 if cfg else 1)
-    if budget is None:
-        return Plan("denoise", "resident", context + transformer_bytes + per_image * images, budget, batch=images)
+    if budget is None:  # CPU / MPS: batches bounded only so that a long list never allocates all at once
+        batch = min(images, UNBUDGETED_BATCH)
+        return Plan("denoise", "resident", context + transformer_bytes + per_image * batch, budget, batch=batch)
     room = budget - context - transformer_bytes
     if room >= per_image:
         batch = max(1, min(images, room // per_image))

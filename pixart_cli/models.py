@@ -109,10 +109,7 @@ class Model:
             return path
         from huggingface_hub import hf_hub_download
 
-        try:
-            return Path(hf_hub_download(self.id, relative, revision=self.revision))
-        except Exception as error:  # offline, unknown repo, gated: one line either way
-            raise model_unavailable(self.id, error) from error
+        return Path(self._from_hub(hf_hub_download, self.id, relative, revision=self.revision))
 
     def config(self, component: str | None) -> dict:
         """A component's config.json (``None``: model_index.json), parsed."""
@@ -137,11 +134,27 @@ class Model:
             return self.root / component
         from huggingface_hub import snapshot_download
 
-        try:
-            root = snapshot_download(self.id, revision=self.revision, allow_patterns=[f"{component}/*"])
-        except Exception as error:  # offline, unknown repo, gated: one line either way
-            raise model_unavailable(self.id, error) from error
+        root = self._from_hub(snapshot_download, self.id, revision=self.revision, allow_patterns=[f"{component}/*"])
         return Path(root) / component
+
+    def _from_hub(self, fetch, *args, **kwargs) -> str:
+        """The local cache first (no network at all); else a download, when the Hub can be reached at all: the hub
+        client retries an unreachable host for ~25 s and logs each try, where one line is all a user needs."""
+        import huggingface_hub
+
+        try:
+            return fetch(*args, **kwargs, local_files_only=True)
+        except Exception as error:  # noqa: BLE001 - not cached (or offline mode): try the network below
+            cached_error = error
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise model_unavailable(self.id, cached_error) from cached_error
+        unreachable = _hub_unreachable()
+        if unreachable:
+            raise model_unavailable(self.id, cached_error, unreachable) from cached_error
+        try:
+            return fetch(*args, **kwargs)
+        except Exception as error:  # unknown repo, gated, network: one line either way
+            raise model_unavailable(self.id, error) from error
 
     def load_args(self, component: str) -> dict:
         """Keyword arguments for ``from_pretrained`` of one component."""
@@ -193,13 +206,42 @@ class Model:
         return getattr(module, name)
 
 
+def model_for_file(flag: str | None, revision: str | None, meta: dict) -> Model:
+    """The model a stage runs with: --model (and --revision) when given, else the one the input file names."""
+    if flag is not None:
+        return Model(flag, revision)
+    return Model(meta["model"], meta.get("revision") if revision is None else revision)
+
+
 def _config_name(component: str) -> str:
     return {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(component, "config.json")
 
 
-def model_unavailable(model: str, error: Exception) -> PixartError:
-    """The line for a hub model that cannot be had (offline, unknown, gated)."""
-    reason = type(error).__name__
+HUB_PROBE_TIMEOUT = 5.0  # seconds to open a connection to the Hub before calling it unreachable
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached (a short reason), or None when a connection opens. Behind a proxy the
+    client's own attempt decides, so no probe is made there."""
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    import huggingface_hub
+
+    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT).close()
+    except OSError as error:
+        return f"{endpoint.hostname} unreachable: {getattr(error, 'strerror', None) or type(error).__name__}"
+    return None
+
+
+def model_unavailable(model: str, error: Exception, reason: str | None = None) -> PixartError:
+    """The line for a hub model that cannot be had (offline, unreachable, unknown, gated)."""
+    reason = type(error).__name__ if reason is None else reason
     return PixartError(
         f"--model {model}: not in the local Hugging Face cache and could not be downloaded ({reason}); "
         f"download it once with `hf download {model}` while online, or point --model at a local diffusers folder",

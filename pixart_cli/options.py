@@ -1,5 +1,6 @@
 """Options shared by the commands, defined once. ``None`` means "not given": the stage picks the default.
 
+Help text is built from the constants and the family table, so a default is written in one place only.
 No torch here: ``pixart --help`` must stay instant.
 """
 
@@ -10,77 +11,112 @@ from typing import Annotated, Optional
 
 import typer
 
-from pixart_cli.models import BASE_MODEL_ENV, DEFAULT_MODEL, MODEL_ENV
+from pixart_cli.memory import AUTO_MARGIN, GIB
+from pixart_cli.models import BASE_MODEL_ENV, DEFAULT_MODEL, FAMILIES, MODEL_ENV
+from pixart_cli.settings import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, PRECISIONS, SCHEDULERS
+
+
+def _by_family(attribute: str) -> str:
+    """'20 for alpha, sigma; 4 for lcm; 1 for dmd': one family default, from the family table."""
+    values: dict = {}
+    for family in FAMILIES.values():
+        values.setdefault(getattr(family, attribute), []).append(family.name)
+    return "; ".join(f"{value:g} for {', '.join(names)}" for value, names in values.items())
+
 
 MODEL_HELP = (f"Hugging Face id or local diffusers folder [env: {MODEL_ENV}; default: {DEFAULT_MODEL}]. "
               "A hub model is downloaded once on first use (about 20 GB for PixArt-XL-2-1024-MS). A model without "
               f"its own T5, tokenizer or VAE (PixArt-DMD) takes them from ${BASE_MODEL_ENV} [default: "
               f"{DEFAULT_MODEL}].")
 
-Prompts = Annotated[Optional[list[str]], typer.Argument(help="Text prompt(s); each gives one embedding.",
-                                                       show_default=False)]
+Prompts = Annotated[Optional[list[str]], typer.Argument(
+    metavar="PROMPT", help="Text prompt(s), each quoted.", show_default=False)]
 PromptsFile = Annotated[Optional[Path], typer.Option(
-    "--prompts-file", help="Read prompts from FILE, one per line (blank lines skipped); - reads stdin.",
-    show_default=False)]
+    "--prompts-file", metavar="FILE", help="Read prompts from FILE, one per line (blank lines skipped); - reads "
+                                           "stdin.", show_default=False)]
 NoOverwrite = Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace an existing output file.")]
-Model = Annotated[Optional[str], typer.Option("--model", "-m", help=MODEL_HELP, show_default=False)]
+Model = Annotated[Optional[str], typer.Option("--model", "-m", metavar="ID|DIR", help=MODEL_HELP,
+                                              show_default=False)]
 ModelFromFile = Annotated[Optional[str], typer.Option(
-    "--model", "-m", help="Model folder or id [default: the one recorded in the input file].", show_default=False)]
-Device = Annotated[str, typer.Option(help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps.")]
-Dtype = Annotated[str, typer.Option(help="auto (fp16 on CUDA/MPS, fp32 on CPU), fp32, fp16 or bf16.")]
-NegativePrompt = Annotated[str, typer.Option("--negative-prompt", "-n", help="What to steer away from.")]
+    "--model", "-m", metavar="ID|DIR", help="Model folder or Hugging Face id [default: the one recorded in the "
+                                            "input file].", show_default=False)]
+Revision = Annotated[Optional[str], typer.Option(
+    "--revision", metavar="REV", help="Branch, tag or commit of a Hugging Face model [default: main, or the one "
+                                      "recorded in the input file].", show_default=False)]
+Device = Annotated[str, typer.Option(metavar="DEVICE", help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N "
+                                                            "or mps.")]
+Dtype = Annotated[str, typer.Option(metavar="DTYPE", help="auto (fp16 on CUDA/MPS, fp32 on CPU), fp32, fp16 or "
+                                                          "bf16.")]
+NegativePrompt = Annotated[str, typer.Option("--negative-prompt", "-n", metavar="TEXT",
+                                             help="What to steer away from.")]
 MaxSequenceLength = Annotated[Optional[int], typer.Option(
-    help="Tokens per prompt, padded [default: the model's, 120 for PixArt-α, 300 for Σ].", show_default=False)]
+    metavar="N", help=f"Tokens per prompt, padded [default: the model family's: "
+                      f"{_by_family('max_sequence_length')}].", show_default=False)]
 CleanCaption = Annotated[bool, typer.Option(
     "--clean-caption/--no-clean-caption", help="Clean prompts as the diffusers pipeline does by default.")]
-Steps = Annotated[Optional[int], typer.Option(help="Denoising steps [default: the model's, 20].",
-                                              show_default=False)]
-GuidanceScale = Annotated[Optional[float], typer.Option(
-    "--guidance-scale", "-g", help="Classifier-free guidance; ≤1 turns it off [default: the model's, 4.5].",
+Steps = Annotated[Optional[int], typer.Option(
+    metavar="N", help=f"Denoising steps, 1 to {MAX_STEPS} [default: the model family's: {_by_family('steps')}].",
     show_default=False)]
-Seed = Annotated[Optional[int], typer.Option(help="Seed of image 1; image i gets seed+i [default: random, shown "
-                                                  "on stderr and recorded].", show_default=False)]
-Width = Annotated[Optional[int], typer.Option(help="Image width in pixels [default: the model's native size].",
-                                              show_default=False)]
-Height = Annotated[Optional[int], typer.Option(help="Image height in pixels [default: the model's native size].",
-                                               show_default=False)]
+GuidanceScale = Annotated[Optional[float], typer.Option(
+    "--guidance-scale", "-g", metavar="SCALE",
+    help=f"Classifier-free guidance, 0 to {MAX_GUIDANCE:g}; ≤1 turns it off [default: the model family's: "
+         f"{_by_family('guidance_scale')}].", show_default=False)]
+Seed = Annotated[Optional[int], typer.Option(
+    metavar="N", help=f"Seed of image 1, 0 to {MAX_SEED}; image i gets seed+i [default: random, shown on stderr "
+                      "and recorded].", show_default=False)]
+Width = Annotated[Optional[int], typer.Option(metavar="PX", help="Image width in pixels [default: the model's "
+                                                                  "native size].", show_default=False)]
+Height = Annotated[Optional[int], typer.Option(metavar="PX", help="Image height in pixels [default: the model's "
+                                                                   "native size].", show_default=False)]
 NoBinning = Annotated[bool, typer.Option("--no-binning", help="Denoise at exactly --width x --height instead of "
                                                               "the nearest trained aspect-ratio bin.")]
-NumImages = Annotated[int, typer.Option("--num-images", help="Images per prompt.")]
-EmbeddingsFile = Annotated[Path, typer.Argument(help="Embeddings file written by `pixart encode`.",
-                                               show_default=False)]
-LatentsFile = Annotated[Path, typer.Argument(help="Latents file written by `pixart denoise`.", show_default=False)]
-InfoFile = Annotated[Path, typer.Argument(help="A .pt file (embeddings or latents) or an image pixart wrote.",
-                                          show_default=False)]
+NumImages = Annotated[int, typer.Option("--num-images", metavar="N",
+                                        help=f"Images per prompt (at most {MAX_IMAGES} in one run).")]
+EmbeddingsFile = Annotated[Path, typer.Argument(metavar="EMBEDDINGS", help="Embeddings file written by "
+                                                                           "`pixart encode`.", show_default=False)]
+LatentsFile = Annotated[Path, typer.Argument(metavar="LATENTS", help="Latents file written by `pixart denoise`.",
+                                             show_default=False)]
+InfoFile = Annotated[Path, typer.Argument(metavar="FILE", help="A .pt file (embeddings or latents) or an image "
+                                                               "pixart wrote.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the written paths (or errors).")]
-Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of paths.")]
+Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of the paths (errors "
+                                                   "too: {\"error\": ..., \"exit_code\": N}).")]
+InfoJson = Annotated[bool, typer.Option("--json", help="Print the description as one JSON document.")]
 
 
 def _output(what: str):
-    return Annotated[Path, typer.Option("--output", "-o", help=f"Where to write the {what}.")]
+    return Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help=f"Where to write the {what}.")]
 
 
-EmbeddingsOutput = _output("embeddings")
-LatentsOutput = _output("latents")
-ImageOutput = _output("image; several images become out-0.png, out-1.png, ... and DIR/ works")
+EmbeddingsOutput = _output("embeddings (a folder: FOLDER/embeddings.pt)")
+LatentsOutput = _output("latents (a folder: FOLDER/latents.pt)")
+ImageOutput = _output("image; several images become out-0.png, out-1.png, ... (.jpg and .webp work too); "
+                      "a folder or DIR/ gets image.png or image-0.png, ...")
 Vram = Annotated[Optional[str], typer.Option(
-    help="Device memory budget, e.g. 8GB or 3GB (GiB) [default: auto = free memory less 0.5 GB]. Each stage "
-         "picks the fastest plan under it and names it on stderr. Ignored on CPU.", show_default=False)]
+    metavar="SIZE", help=f"Device memory budget, e.g. 8GB or 3GB (GiB) [default: auto = free memory less "
+                         f"{AUTO_MARGIN / GIB:g} GB]. Each stage picks the fastest plan under it and names it on "
+                         "stderr. Ignored on CPU.", show_default=False)]
 TextEncoderPrecision = Annotated[str, typer.Option(
-    "--text-encoder-precision",
-    help="full, 8bit or 4bit (bitsandbytes, CUDA only). 8bit/4bit change the embeddings, so images differ from "
-         "full precision, and still need ~8.3 / ~6.7 GB for T5-XXL (its wo layers stay fp32); full precision "
-         "streams T5 in ~1.5 GB under small budgets instead.")]
+    "--text-encoder-precision", metavar="|".join(PRECISIONS),
+    help="bitsandbytes 8bit/4bit (CUDA only) change the embeddings, so images differ from full precision, and "
+         "still need ~8.3 / ~6.7 GB for T5-XXL (its wo layers stay fp32); full precision streams T5 in ~1.5 GB "
+         "under small budgets instead.")]
 ReportMemory = Annotated[bool, typer.Option(
     "--report-memory", help="After each stage: peak device memory (allocated, reserved, CUDA context), peak RSS, "
                             "load and compute seconds. With --json, in the JSON document.")]
 Scheduler = Annotated[Optional[str], typer.Option(
-    help="dpm++, sa-solver, ddim, euler, euler-a, lcm or ddpm, built from the model's scheduler config "
-         "[default: the model's own].", show_default=False)]
-BatchSize = Annotated[Optional[int], typer.Option(
-    "--batch-size", help="Images per transformer / VAE call [default: as many as the memory plan allows for "
-                         "denoise, 1 for decode].", show_default=False)]
+    metavar="NAME", help=f"{', '.join(SCHEDULERS)}: that diffusers scheduler built from the model's scheduler "
+                         "config [default: the model's own].", show_default=False)]
+DenoiseBatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", metavar="N", help="Images per transformer call [default: as many as the memory plan allows].",
+    show_default=False)]
+DecodeBatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", metavar="N", help="Images per VAE call [default: 1; decode activations dominate memory].",
+    show_default=False)]
+GenerateBatchSize = Annotated[Optional[int], typer.Option(
+    "--batch-size", metavar="N", help="Images per transformer and per VAE call [default: as many as the memory "
+                                      "plan allows for denoise, 1 for decode].", show_default=False)]
 Cache = Annotated[Optional[Path], typer.Option(
-    "--cache", envvar="PIXART_CACHE", help="Embedding cache folder: encode skips T5 for a model + prompt + settings "
-                                          "it has already encoded [env: PIXART_CACHE; default: off].",
+    "--cache", envvar="PIXART_CACHE", metavar="DIR", help="Embedding cache folder: encode skips T5 for a model + "
+                                                          "prompt + settings it has already encoded [default: off].",
     show_default=False)]

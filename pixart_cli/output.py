@@ -6,6 +6,9 @@ import json
 import sys
 import time
 
+# What each stage's progress counts (encode also encodes the negative prompt, "" when none is given).
+UNITS = {"encode": "texts (the prompts and the negative prompt)", "denoise": "steps", "decode": "images"}
+
 
 class Output:
     """Human mode prints each path on stdout and notes/progress on stderr; --quiet keeps only paths;
@@ -43,23 +46,29 @@ class Output:
             print(path, flush=True)
 
     def progress(self, stage: str, done: int, total: int) -> None:
-        """Progress callback for the stage functions: a rich bar on a terminal, one line per stage otherwise."""
+        """Progress callback for the stage functions: a rich bar on a terminal, one line per stage otherwise.
+
+        A stage calls it with ``done=0`` when its work starts, so the time shown is the time of that work.
+        """
         if self.quiet:
             return
-        if stage not in self._started:
+        if done == 0 or stage not in self._started:
             self._started[stage] = time.perf_counter()
         if self.console.is_terminal:
             if self._progress is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                                           TimeElapsedColumn, TimeRemainingColumn)
 
                 self._progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
-                                          TimeElapsedColumn(), console=self.console, transient=False)
+                                          TaskProgressColumn(show_speed=True), TimeElapsedColumn(),
+                                          TimeRemainingColumn(), console=self.console, transient=False)
                 self._progress.start()
             if stage not in self._tasks:
                 self._tasks[stage] = self._progress.add_task(stage, total=total)
             self._progress.update(self._tasks[stage], completed=done, total=total)
         elif done == total:
-            self.console.print(f"{stage}: {done}/{total} done in {time.perf_counter() - self._started[stage]:.1f} s",
+            elapsed = time.perf_counter() - self._started[stage]
+            self.console.print(f"{stage}: {done}/{total} {UNITS.get(stage, 'done')} in {elapsed:.1f} s",
                                markup=False)
 
     def close(self) -> None:
@@ -70,13 +79,17 @@ class Output:
         if self.as_json:
             print(json.dumps(self.record, indent=2, default=str), flush=True)
 
-    def error(self, message: str) -> None:
-        """The single red line of a failure; shown even with --quiet."""
+    def error(self, message: str, exit_code: int) -> None:
+        """The single red line of a failure, shown even with --quiet; with --json, stdout still gets one JSON
+        document, so a script that parses stdout always can."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
         self.console.print(f"[bold red]error:[/] {_escape(message)}", soft_wrap=True)
         sys.stderr.flush()
+        if self.as_json:
+            print(json.dumps({**self.record, "error": message, "exit_code": exit_code}, indent=2, default=str),
+                  flush=True)
 
 
 def _escape(text: str) -> str:

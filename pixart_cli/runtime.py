@@ -1,4 +1,5 @@
-"""Device and dtype resolution, quiet libraries, and freeing a stage's model before the next one loads."""
+"""The run context (device, dtype, VRAM budget, model, callbacks) resolved once at the edge; quiet libraries;
+freeing a stage's model before the next one loads."""
 
 from __future__ import annotations
 
@@ -6,9 +7,16 @@ import gc
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 from pixart_cli.errors import PixartError
+from pixart_cli.models import Model
+
+Progress = Callable[[str, int, int], None]
+Log = Callable[[str], None]
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -20,9 +28,13 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning)
+    # Only the libraries' own advisory warnings; a warning from our code or the user's still shows.
+    for module in ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate", "bitsandbytes"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     logging.getLogger("torch").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; our own line says it all
 
 
 def lean_imports(quantized: bool = False) -> None:
@@ -50,6 +62,67 @@ def check_dtype(dtype: str) -> str:
     if dtype == "auto" or dtype in DTYPES:
         return dtype
     raise PixartError(f"--dtype {dtype!r}: unknown dtype; use auto, fp32, fp16 or bf16")
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs besides its own inputs, resolved once: stages never parse CLI strings.
+
+    ``vram`` is the --vram budget in bytes (None: auto, the device's free memory less a margin, measured when
+    each stage plans, after the previous stage's model is gone). ``progress(stage, done, total)``, ``log(line)``
+    and ``reports`` (a list each stage appends its memory report to) are optional.
+    """
+
+    device: Any  # torch.device
+    dtype: Any  # torch.dtype
+    model: Model
+    vram: int | None = None
+    progress: Progress | None = None
+    log: Log | None = None
+    reports: list | None = field(default=None)
+
+    @classmethod
+    def resolve(cls, model: Model | str, device: str = "auto", dtype: str = "auto", vram: int | None = None,
+                **callbacks) -> RunContext:
+        """Build a context from the user's words: ``model`` a Model (or a folder / hub id), ``device`` auto, cpu,
+        cuda, cuda:N or mps, ``dtype`` auto, fp32, fp16 or bf16, ``vram`` a budget in bytes (``memory.parse_vram``)
+        or None for auto."""
+        torch_device = resolve_device(device)
+        context = cls(torch_device, resolve_dtype(dtype, torch_device),
+                      model if isinstance(model, Model) else Model(model), vram, **callbacks)
+        if vram is not None and torch_device.type != "cuda":
+            # budgets are for CUDA memory; CPU and MPS share system RAM
+            context.note(f"--vram {vram / 2**30:g}GB is ignored on {torch_device.type.upper()}")
+        return context
+
+    def with_model(self, model: Model) -> RunContext:
+        return replace(self, model=model)
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+    def budget(self) -> tuple[int | None, int]:
+        """(budget in bytes, or None off CUDA; CUDA context bytes), measured now."""
+        from pixart_cli.memory import device_budget
+
+        return device_budget(self.vram, self.device)
+
+    def note(self, line: str) -> None:
+        if self.log is not None:
+            self.log(line)
+
+    def advance(self, stage: str, done: int, total: int) -> None:
+        if self.progress is not None:
+            self.progress(stage, done, total)
+
+    def meter(self, stage: str):
+        from pixart_cli.memory import Meter
+
+        return Meter(stage, self.device)
+
+    def free(self) -> None:
+        free(self.device)
 
 
 def resolve_device(device: str):

@@ -10,42 +10,18 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SEED
+from helpers import SEED, assert_one_line_error, encoded, invoke
 from pixart_cli import artifacts
 from pixart_cli.cli import app
-from pixart_cli.encode import encode
 
 runner = CliRunner()
-
-
-def invoke(*args, cwd):
-    """Run the CLI in this process (fast) from folder ``cwd``."""
-    import os
-
-    previous = os.getcwd()
-    os.chdir(cwd)
-    try:
-        return runner.invoke(app, [str(a) for a in args])
-    finally:
-        os.chdir(previous)
 
 
 @pytest.fixture(scope="module")
 def embeddings_file(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("emb") / "embeddings.pt"
-    artifacts.save(path, encode(["a cute cat"], model=str(tiny_model), device="cpu"))
+    artifacts.save(path, encoded(["a cute cat"], tiny_model))
     return path
-
-
-def assert_one_line_error(result, code, *fragments):
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    assert result.stdout == ""
 
 
 def test_help_does_not_import_torch_and_is_fast():
@@ -60,16 +36,50 @@ def test_help_does_not_import_torch_and_is_fast():
     assert time.perf_counter() - started < 2.0  # generous for a loaded CI box; typically ~0.25 s
 
 
-def test_every_command_has_help():
-    for command in ("encode", "denoise", "decode", "generate"):
-        result = runner.invoke(app, [command, "--help"])
-        assert result.exit_code == 0 and "--device" in result.stdout
+@pytest.mark.parametrize("command, options", [
+    ("encode", ["--negative-prompt TEXT", "--max-sequence-length N", "--revision REV", "--cache DIR"]),
+    ("denoise", ["EMBEDDINGS", "--steps N", "--guidance-scale SCALE", "--seed N", "--batch-size N"]),
+    ("decode", ["LATENTS", "--batch-size N", "Images per VAE call"]),
+    ("generate", ["[PROMPT]...", "--steps N", "--vram SIZE", "--prompts-file FILE"]),
+    ("info", ["FILE", "--json"]),
+])
+def test_help_names_each_option_with_a_plain_metavar(command, options):
+    for flag in ("--help", "-h"):
+        result = runner.invoke(app, [command, flag], env={"COLUMNS": "200"})
+        assert result.exit_code == 0, result.output
+        for option in options:
+            assert option in result.stdout, (option, result.stdout)
+        # options show a plain metavar, never a Python type
+        assert not any(leak in result.stdout for leak in ("<int>", "<str>", "<float>", "{embeddings}"))
+
+
+def test_help_defaults_come_from_the_family_table():
+    from pixart_cli.models import FAMILIES
+
+    text = " ".join(runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "400"}).stdout.split())
+    for family in FAMILIES.values():
+        assert f"{family.steps} for" in text and f"{family.max_sequence_length:g} for" in text
+
+
+def test_command_list_is_not_cut():
+    result = runner.invoke(app, ["-h"], env={"COLUMNS": "80"})
+    assert result.exit_code == 0
+    listed = result.stdout.split("Commands:")[1].splitlines()[1:]
+    assert [line.split()[0] for line in listed if line.strip()] == ["encode", "denoise", "decode", "generate", "info"]
+    assert not any(line.rstrip().endswith("...") for line in listed), listed
+
+
+def test_json_error_is_a_json_document(tmp_path):
+    result = invoke("denoise", "missing.pt", "--json", cwd=tmp_path)
+    assert result.exit_code == 2
+    document = json.loads(result.stdout)
+    assert document["exit_code"] == 2 and "missing.pt" in document["error"] and document["outputs"] == []
 
 
 @pytest.mark.parametrize("args, fragments", [
-    (["denoise", "{emb}", "--steps", "0"], ["--steps 0", "at least 1"]),
+    (["denoise", "{emb}", "--steps", "0"], ["--steps 0", "between 1 and 1000"]),
     (["denoise", "{emb}", "--steps", "1"], ["--steps 1", "DPMSolverMultistepScheduler", "--steps 2"]),
-    (["denoise", "{emb}", "--guidance-scale", "-1"], ["--guidance-scale -1.0", "0 or more"]),
+    (["denoise", "{emb}", "--guidance-scale", "-1"], ["--guidance-scale -1.0", "from 0 to 100"]),
     (["denoise", "{emb}", "--width", "100"], ["--width 100", "multiple of 8"]),
     (["denoise", "{emb}", "--width", "99999992"], ["--width 99999992", "maximum"]),
     (["denoise", "{emb}", "--num-images", "0"], ["--num-images 0"]),
@@ -79,7 +89,7 @@ def test_every_command_has_help():
     (["denoise", "{emb}", "-o", "{emb}"], ["is also the input file"]),
     (["denoise", "{emb}", "-o", "missing/dir/x.pt"], ["does not exist"]),
     (["denoise", "nope.pt"], ["nope.pt", "no such file"]),
-    (["decode", "{emb}"], ["is a embeddings file", "latents are needed"]),
+    (["decode", "{emb}"], ["is an embeddings file", "latents are needed", "pixart denoise"]),
     (["encode", ""], ["PROMPT #1 is empty"]),
     (["encode", "cat", "--model", "/no/such/folder"], ["--model /no/such/folder", "no such folder"]),
 ])

@@ -8,14 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SEED, max_diff
+from helpers import SEED, decoded, denoised, encoded, generated, invoke, max_diff
 from pixart_cli import artifacts, random_model
-from pixart_cli.decode import decode
-from pixart_cli.denoise import denoise
-from pixart_cli.encode import encode
-from pixart_cli.generate import generate
 from pixart_cli.models import Model
-from test_cli import invoke
 
 PROMPT = "a small house by the lake"
 
@@ -36,7 +31,7 @@ def oracle(pipe_class, folder, prompt, seed=SEED, **kwargs):
 
 
 def ours(model, prompt, seed=SEED, **options):
-    images, meta = generate([prompt], model=str(model), seed=seed, device="cpu", **options)
+    images, meta = generated([prompt], model, seed=seed, **options)
     return np.stack([np.asarray(image) for image in images]), meta
 
 
@@ -102,10 +97,8 @@ def test_scheduler_choice_equals_pipeline_with_that_scheduler(tiny_model, name, 
 
 def test_batches_give_the_same_images_as_one_by_one(tiny_model):
     prompts = ["a cat", "a dog", "a chair"]
-    batched, _ = generate(prompts, model=str(tiny_model), steps=2, seed=SEED, num_images=2, batch_size=6,
-                          device="cpu")
-    single, meta = generate(prompts, model=str(tiny_model), steps=2, seed=SEED, num_images=2, batch_size=1,
-                            device="cpu")
+    batched, _ = generated(prompts, tiny_model, steps=2, seed=SEED, num_images=2, batch_size=6)
+    single, meta = generated(prompts, tiny_model, steps=2, seed=SEED, num_images=2, batch_size=1)
     assert meta["seeds"] == list(range(SEED, SEED + 6))
     assert meta["prompts"] == ["a cat", "a cat", "a dog", "a dog", "a chair", "a chair"]
     for left, right in zip(batched, single):
@@ -114,13 +107,13 @@ def test_batches_give_the_same_images_as_one_by_one(tiny_model):
 
 def test_embedding_cache_skips_t5(tiny_model, tmp_path):
     logs: list[str] = []
-    first = encode(["a cat", "a dog"], model=str(tiny_model), device="cpu", cache=tmp_path, log=logs.append)
+    first = encoded(["a cat", "a dog"], tiny_model, cache=tmp_path, log=logs.append)
     assert len(list(tmp_path.glob("*.pt"))) == 2
     logs.clear()
-    second = encode(["a dog", "a cat"], model=str(tiny_model), device="cpu", cache=tmp_path, log=logs.append)
+    second = encoded(["a dog", "a cat"], tiny_model, cache=tmp_path, log=logs.append)
     assert logs == [f"encode: all 2 prompt(s) found in the cache {tmp_path}; T5 not loaded"]
     assert torch.equal(second.prompt_embeds[0], first.prompt_embeds[1])
-    other = encode(["a cat"], model=str(tiny_model), device="cpu", cache=tmp_path, negative_prompt="blurry",
+    other = encoded(["a cat"], tiny_model, cache=tmp_path, negative_prompt="blurry",
                    log=logs.append)
     assert any("plan resident" in line for line in logs)  # another negative prompt is another cache entry
     assert not torch.equal(other.negative_prompt_embeds, first.negative_prompt_embeds[:1])
@@ -128,7 +121,7 @@ def test_embedding_cache_skips_t5(tiny_model, tmp_path):
 
 def test_long_prompt_warns_with_the_dropped_text(tiny_model):
     logs: list[str] = []
-    encode(["a cute cat " * 40 + "THE END"], model=str(tiny_model), device="cpu", max_sequence_length=16,
+    encoded(["a cute cat " * 40 + "THE END"], tiny_model, max_sequence_length=16,
            log=logs.append)
     warnings = [line for line in logs if line.startswith("warning:")]
     assert len(warnings) == 1 and "truncated" in warnings[0] and "end" in warnings[0].lower()
@@ -148,15 +141,15 @@ def test_images_carry_their_settings_and_info_reads_them(tiny_model, tmp_path, s
 
 
 def test_info_on_pt_files_and_bad_extension(tiny_model, tmp_path):
-    embeddings = encode([PROMPT], model=str(tiny_model), device="cpu")
+    embeddings = encoded([PROMPT], tiny_model)
     artifacts.save(tmp_path / "emb.pt", embeddings)
     described = json.loads(invoke("info", "emb.pt", "--json", cwd=tmp_path).stdout)
     assert described["kind"] == "embeddings"
     assert described["tensors"]["prompt_embeds"] == {"shape": [1, 120, 32], "dtype": "float32"}
     assert described["meta"]["prompts"] == [PROMPT]
-    latents = denoise(embeddings, steps=2, seed=SEED, device="cpu")
+    latents = denoised(embeddings, steps=2, seed=SEED)
     artifacts.save(tmp_path / "lat.pt", latents)
     assert json.loads(invoke("info", "lat.pt", "--json", cwd=tmp_path).stdout)["meta"]["seeds"] == [SEED]
     result = invoke("decode", "lat.pt", "-o", "pic.bmp", cwd=tmp_path)
     assert result.exit_code == 2 and "unknown image type .bmp" in result.stderr
-    assert len(decode(latents, device="cpu", batch_size=1)) == 1
+    assert len(decoded(latents, batch_size=1)) == 1

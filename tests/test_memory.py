@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SEED, max_diff
-from pixart_cli import decode as decode_module
-from pixart_cli import denoise as denoise_module
+from helpers import SEED, decoded, denoised, encoded, generated, max_diff
 from pixart_cli import encode as encode_module
 from pixart_cli import memory, random_model
 from pixart_cli.errors import PixartError
@@ -89,19 +87,19 @@ def test_denoise_batch_grows_with_the_budget():
 @pytest.fixture
 def tiny_budget(monkeypatch):
     """Pretend the CPU is a device with a 1 KB budget, so every stage takes its smallest plan."""
-    monkeypatch.setattr(memory, "device_budget", lambda vram, device: (1024, 0))
+    monkeypatch.setattr(memory, "device_budget", lambda budget, device: (1024, 0))
 
 
 def test_every_small_plan_matches_the_plain_plan(tiny_model, tiny_budget, monkeypatch):
     logs: list[str] = []
-    small_embeddings = encode_module.encode(["a cute cat"], model=str(tiny_model), device="cpu", log=logs.append)
-    small_latents = denoise_module.denoise(small_embeddings, steps=2, seed=SEED, device="cpu", log=logs.append)
-    small_images = decode_module.decode(small_latents, device="cpu", log=logs.append)
-    assert [line.split(" (")[0] for line in logs] == ["encode: plan streamed", "denoise: plan streamed, batch 1",
-                                                      "decode: plan tiled, tile 128px"]
+    small_embeddings = encoded(["a cute cat"], tiny_model, log=logs.append)
+    small_latents = denoised(small_embeddings, steps=2, seed=SEED, log=logs.append)
+    small_images = decoded(small_latents, log=logs.append)
+    plans = [line.split(" (")[0] for line in logs if ": plan " in line]
+    assert plans == ["encode: plan streamed", "denoise: plan streamed, batch 1", "decode: plan tiled, tile 128px"]
     monkeypatch.undo()
-    embeddings = encode_module.encode(["a cute cat"], model=str(tiny_model), device="cpu")
-    latents = denoise_module.denoise(embeddings, steps=2, seed=SEED, device="cpu")
+    embeddings = encoded(["a cute cat"], tiny_model)
+    latents = denoised(embeddings, steps=2, seed=SEED)
     for key, value in embeddings.tensors().items():
         assert torch.equal(value, small_embeddings.tensors()[key]), key  # streamed T5 == resident T5
     assert torch.equal(latents.latents, small_latents.latents)  # group-offloaded == resident transformer
@@ -144,10 +142,8 @@ def test_streamed_t5_holds_blocks_only_while_they_run(tiny_model, resident):
 
 
 def test_report_memory_names_each_stage(tiny_model):
-    from pixart_cli.generate import generate
-
     reports: list = []
-    generate(["a cat"], model=str(tiny_model), steps=2, seed=SEED, device="cpu", reports=reports)
+    generated(["a cat"], tiny_model, steps=2, seed=SEED, reports=reports)
     assert [r.stage for r in reports] == ["encode", "denoise", "decode"]
     for report in reports:
         row = report.as_dict()

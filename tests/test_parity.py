@@ -5,12 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import SEED, max_diff, pipeline_images, read_png, run_pixart
+from helpers import SEED, decoded, denoised, encoded, generated, max_diff, pipeline_images, read_png, run_pixart
 from pixart_cli import artifacts
-from pixart_cli.decode import decode
-from pixart_cli.denoise import denoise
-from pixart_cli.encode import encode
-from pixart_cli.generate import generate
 
 # Caption cleaning changes both: the HTML entity is unescaped and the URL removed.
 CLEANED_PROMPT = "a cute cat &amp; dog, see https://example.com/cat.png"
@@ -18,11 +14,11 @@ CLEANED_PROMPT = "a cute cat &amp; dog, see https://example.com/cat.png"
 
 def staged(model, prompt, tmp_path, **denoise_options):
     """encode -> file -> denoise -> file -> decode, in this process, through the stage functions."""
-    embeddings = encode([prompt], model=str(model), device="cpu")
+    embeddings = encoded([prompt], model)
     artifacts.save(tmp_path / "emb.pt", embeddings)
-    latents = denoise(artifacts.load_embeddings(tmp_path / "emb.pt"), seed=SEED, device="cpu", **denoise_options)
+    latents = denoised(artifacts.load_embeddings(tmp_path / "emb.pt"), seed=SEED, **denoise_options)
     artifacts.save(tmp_path / "lat.pt", latents)
-    images = decode(artifacts.load_latents(tmp_path / "lat.pt"), device="cpu")
+    images = decoded(artifacts.load_latents(tmp_path / "lat.pt"))
     return np.stack([np.asarray(image) for image in images]), latents
 
 
@@ -48,15 +44,15 @@ def test_unbinned_model_and_guidance_off(tiny_unbinned_model, tmp_path):
 
 
 def test_caption_cleaning_matches_pipeline_default(tiny_model):
-    cleaned = encode([CLEANED_PROMPT], model=str(tiny_model), device="cpu")
-    raw = encode([CLEANED_PROMPT], model=str(tiny_model), device="cpu", clean_caption=False)
+    cleaned = encoded([CLEANED_PROMPT], tiny_model)
+    raw = encoded([CLEANED_PROMPT], tiny_model, clean_caption=False)
     assert cleaned.meta["clean_caption"] is True and raw.meta["clean_caption"] is False
     assert not np.array_equal(cleaned.prompt_attention_mask.numpy(), raw.prompt_attention_mask.numpy())
 
 
 def test_generate_equals_pipeline_for_several_prompts(tiny_model):
     prompts = ["a cute cat", "a red chair"]
-    images, meta = generate(prompts, model=str(tiny_model), steps=2, seed=7, device="cpu")
+    images, meta = generated(prompts, tiny_model, steps=2, seed=7)
     assert meta["seeds"] == [7, 8]
     for index, prompt in enumerate(prompts):
         reference = pipeline_images(tiny_model, prompt, seed=7 + index, num_inference_steps=2)

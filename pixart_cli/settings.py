@@ -1,0 +1,138 @@
+"""What a run asks for, checked in one place. No torch here: bad options fail before anything heavy loads.
+
+``EncodeSettings`` and ``DenoiseSettings`` are built once at the edge (the CLI, a test, a script) and validated
+on construction, so every stage function receives values it can trust. ``None`` means "not given": the model's
+family fills it in when the model is known (``models.Family``).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from pixart_cli.errors import PixartError
+
+MAX_SEED = 2**32 - 1
+# Bounds that keep a typo from running for hours or overflowing: schedulers are trained on 1000 timesteps, and
+# guidance far beyond any published setting only amplifies the difference between the two CFG branches until
+# fp16 overflows (the result is NaN, a black image).
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_SEQUENCE_LENGTH = 4096
+# Images in one run: every image's latents stay in RAM until the run writes them (0.25 MB each at 1024², fp32),
+# and one run of more is better split with --prompts-file chunks or scale-out (README).
+MAX_IMAGES = 10_000
+PRECISIONS = ("full", "8bit", "4bit")
+
+
+@dataclass(frozen=True)
+class SchedulerChoice:
+    """A --scheduler name: the diffusers class built with ``from_config`` and A1111's name for it."""
+
+    cli_name: str
+    class_name: str
+    sampler_name: str
+
+
+SCHEDULERS = {choice.cli_name: choice for choice in (
+    SchedulerChoice("dpm++", "DPMSolverMultistepScheduler", "DPM++ 2M"),
+    SchedulerChoice("sa-solver", "SASolverScheduler", "SA-Solver"),
+    SchedulerChoice("ddim", "DDIMScheduler", "DDIM"),
+    SchedulerChoice("euler", "EulerDiscreteScheduler", "Euler"),
+    SchedulerChoice("euler-a", "EulerAncestralDiscreteScheduler", "Euler a"),
+    SchedulerChoice("lcm", "LCMScheduler", "LCM"),
+    SchedulerChoice("ddpm", "DDPMScheduler", "DDPM"),
+)}
+
+
+def sampler_name(class_name: str) -> str:
+    """A1111's sampler name for a diffusers scheduler class (the class name itself when unknown)."""
+    return next((c.sampler_name for c in SCHEDULERS.values() if c.class_name == class_name), class_name)
+
+
+def _check_int(flag: str, value: int | None, low: int, high: int, what: str = "") -> None:
+    if value is not None and not low <= value <= high:
+        raise PixartError(f"{flag} {value}: must be between {low} and {high}{what}")
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    """How prompts become embeddings (the negative prompt, token length, cleaning, T5 precision, cache)."""
+
+    negative_prompt: str = ""
+    max_sequence_length: int | None = None
+    clean_caption: bool = True
+    precision: str = "full"
+    cache: Path | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.negative_prompt, str):
+            raise PixartError(f"--negative-prompt {self.negative_prompt!r}: must be text")
+        _check_int("--max-sequence-length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
+        if self.precision not in PRECISIONS:
+            raise PixartError(f"--text-encoder-precision {self.precision!r}: use {', '.join(PRECISIONS)}")
+        if self.clean_caption:
+            import importlib.util
+
+            missing = [name for name, module in (("beautifulsoup4", "bs4"), ("ftfy", "ftfy"))
+                       if importlib.util.find_spec(module) is None]
+            if missing:
+                # diffusers would silently skip cleaning and give another image than the pipeline's default.
+                raise PixartError(f"caption cleaning needs {' and '.join(missing)}: pip install "
+                                  f"{' '.join(missing)}, or pass --no-clean-caption")
+
+
+def check_prompts(prompts) -> list[str]:
+    """At least one prompt, each with some text."""
+    prompts = list(prompts)
+    if not prompts:
+        raise PixartError("PROMPT: give at least one prompt, or --prompts-file FILE")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PixartError(f"PROMPT #{index + 1} is empty; give some text to draw")
+    return prompts
+
+
+@dataclass(frozen=True)
+class DenoiseSettings:
+    """How embeddings become latents. ``seed`` None draws a random one (``with_seed``) before the run."""
+
+    steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    binning: bool = True
+    num_images: int = 1
+    scheduler: str | None = None
+    batch_size: int | None = None
+
+    def __post_init__(self):
+        if self.scheduler is not None and self.scheduler not in SCHEDULERS:
+            raise PixartError(f"--scheduler {self.scheduler!r}: unknown; use one of {', '.join(SCHEDULERS)} "
+                              "(default: the model's own)")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise PixartError(f"--batch-size {self.batch_size}: must be at least 1")
+        _check_int("--steps", self.steps, 1, MAX_STEPS)
+        if self.guidance_scale is not None and not (
+                math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= MAX_GUIDANCE):
+            raise PixartError(f"--guidance-scale {self.guidance_scale}: must be a number from 0 to {MAX_GUIDANCE:g} "
+                              "(≤1 turns guidance off)")
+        _check_int("--seed", self.seed, 0, MAX_SEED)
+        for flag, value in (("--width", self.width), ("--height", self.height)):
+            if value is not None and (value < 8 or value % 8):
+                raise PixartError(f"{flag} {value}: must be a positive multiple of 8")
+        _check_int("--num-images", self.num_images, 1, MAX_IMAGES)
+
+    def with_seed(self) -> DenoiseSettings:
+        """These settings with a concrete seed: the given one, else a random one (shown and recorded)."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbelow(MAX_SEED + 1))
+
+    def check_total(self, prompts: int) -> None:
+        """The run's image count (prompts x --num-images) within the bound of one run."""
+        total = prompts * self.num_images
+        if total > MAX_IMAGES:
+            raise PixartError(f"--num-images {self.num_images}: {prompts} prompt(s) x {self.num_images} = {total} "
+                              f"images, over the {MAX_IMAGES} one run holds; split the prompts into several runs")

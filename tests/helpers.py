@@ -1,0 +1,122 @@
+"""Helpers shared by the tests: the diffusers oracle, image comparison, the CLI in and out of process, and the
+run context of a CPU test run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from typer.testing import CliRunner
+
+from pixart_cli.cli import app
+from pixart_cli.runtime import RunContext
+from pixart_cli.settings import DenoiseSettings, EncodeSettings
+
+SEED = 0
+runner = CliRunner()
+
+
+def cpu(model, **callbacks) -> RunContext:
+    """The run context of a test: ``model`` (a folder or a Model) on the CPU in fp32."""
+    return RunContext.resolve(model if not isinstance(model, Path) else str(model), "cpu", "auto", None, **callbacks)
+
+
+def encoded(prompts, model, **settings):
+    """encode() with EncodeSettings(**settings) on the CPU."""
+    from pixart_cli.encode import encode
+
+    callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports") if key in settings}
+    return encode(prompts, EncodeSettings(**settings), cpu(model, **callbacks))
+
+
+def denoised(embeddings, model=None, **settings):
+    """denoise() with DenoiseSettings(**settings) on the CPU, with the model the embeddings name by default."""
+    from pixart_cli.denoise import denoise
+
+    callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports") if key in settings}
+    return denoise(embeddings, DenoiseSettings(**settings), cpu(model or embeddings.meta["model"], **callbacks))
+
+
+def decoded(latents, model=None, batch_size=None, **callbacks):
+    from pixart_cli.decode import decode
+
+    return decode(latents, cpu(model or latents.meta["model"], **callbacks), batch_size=batch_size)
+
+
+def generated(prompts, model, **options):
+    """generate() on the CPU: encode options and denoise options in one keyword list, as on the command line."""
+    from dataclasses import fields
+
+    from pixart_cli.generate import generate
+
+    callbacks = {key: options.pop(key) for key in ("log", "progress", "reports") if key in options}
+    encode_names = {f.name for f in fields(EncodeSettings)}
+    encoding = EncodeSettings(**{k: v for k, v in options.items() if k in encode_names})
+    denoising = DenoiseSettings(**{k: v for k, v in options.items() if k not in encode_names})
+    return generate(prompts, encoding, denoising, cpu(model, **callbacks), decode_batch_size=denoising.batch_size)
+
+
+def pipeline_images(model: Path, prompt, seed: int = SEED, **kwargs):
+    """The oracle: diffusers' own one-shot PixArtAlphaPipeline, CPU generator, fp32. Returns uint8 [N, H, W, 3]."""
+    from diffusers import PixArtAlphaPipeline
+
+    pipe = PixArtAlphaPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    images = pipe(prompt, generator=torch.Generator("cpu").manual_seed(seed), output_type="pil", **kwargs).images
+    import numpy as np
+
+    return np.stack([np.asarray(image) for image in images])
+
+
+def read_png(path):
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def max_diff(a, b) -> int:
+    import numpy as np
+
+    assert a.shape == b.shape, (a.shape, b.shape)
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+def run_pixart(*args, cwd, env=None, check=True, timeout=300):
+    """The installed console script as a subprocess, as a shell user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run([pixart_bin(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
+                            timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"pixart {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def pixart_bin() -> str:
+    return str(Path(sys.executable).parent / "pixart")
+
+
+def invoke(*args, cwd):
+    """Run the CLI in this process (fast) from folder ``cwd``."""
+    previous = os.getcwd()
+    os.chdir(cwd)
+    try:
+        return runner.invoke(app, [str(a) for a in args])
+    finally:
+        os.chdir(previous)
+
+
+
+def assert_one_line_error(result, code, *fragments):
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    assert result.stdout == ""
