@@ -1,7 +1,7 @@
 """diffusers baselines, one per process, on the same random full-size model as pixart.
 
 Usage: python benchmarks/baselines.py MODEL_DIR CASE OUT_JSON
-CASE: all-gpu | model-cpu-offload | group-offload | staged-8bit
+CASE: all-gpu | model-cpu-offload | group-offload | staged-8bit | loop-32
 Each prints/writes: wall seconds of load and of generation, torch peaks per phase. The caller (bench.py)
 adds the whole-process wall time and the nvidia-smi peak.
 """
@@ -34,7 +34,24 @@ def main(model: str, case: str, out: str) -> None:
     t0 = time.perf_counter()
     result["import_s"] = round(t0 - started, 2)
 
-    if case == "staged-8bit":
+    if case == "loop-32":
+        # What a user of diffusers writes for a list of prompts: the pipeline on the GPU, one call and one PNG each.
+        sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+        from bench import many_prompts
+
+        pipe = PixArtAlphaPipeline.from_pretrained(model, torch_dtype=torch.float16).to("cuda")
+        pipe.set_progress_bar_config(disable=True)
+        result["load_s"] = round(time.perf_counter() - t0, 2)
+        folder = __import__("pathlib").Path(out).parent / "diffusers-32"
+        folder.mkdir(exist_ok=True)
+        t1 = time.perf_counter()
+        for index, prompt in enumerate(many_prompts(32)):
+            image = pipe(prompt, generator=torch.Generator("cpu").manual_seed(index), **SETTINGS).images[0]
+            image.save(folder / f"image-{index}.png")
+        torch.cuda.synchronize()
+        result["generation_s"] = round(time.perf_counter() - t1, 2)
+        result["peak_gb"] = _peak_gb()
+    elif case == "staged-8bit":
         # The recipe from diffusers' PixArt docs: 8-bit T5 alone, then the pipeline without it, then the VAE.
         from transformers import BitsAndBytesConfig, T5EncoderModel
 

@@ -7,9 +7,10 @@ runs as separate processes, one after another, on an otherwise idle GPU. For eac
 wall time and the peak of nvidia-smi's memory.used above the idle level (what a user's card must hold), and
 pixart's own --report-memory JSON. Results: RESULTS_DIR/results.json and RESULTS_DIR/results.md.
 
-Cases: pixart-8GB, pixart-3GB (staged: three processes, then generate), encode-group-offload (T5 under
-diffusers' group offloading, to compare with pixart's streaming), and the diffusers baselines all-gpu,
-model-cpu-offload, group-offload, staged-8bit.
+Cases: pixart-8GB, pixart-3GB (staged: three processes, then generate), generate-8GB, generate-32 (32 prompts
+at --vram 8GB), encode-group-offload (T5 under diffusers' group offloading, to compare with pixart's streaming),
+and the diffusers baselines all-gpu, model-cpu-offload, group-offload, staged-8bit, loop-32 (all on the GPU, 32
+prompts one by one, each image saved as a PNG).
 """
 
 from __future__ import annotations
@@ -25,7 +26,15 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "a small house by a lake with mountains behind it, watercolor"
-DIFFUSERS_CASES = ("all-gpu", "model-cpu-offload", "group-offload", "staged-8bit")
+DIFFUSERS_CASES = ("all-gpu", "model-cpu-offload", "group-offload", "staged-8bit", "loop-32")
+SUBJECTS = ["a small house by a lake", "a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen",
+            "an old steam train", "a city street in the rain", "a field of sunflowers", "a sailing boat at sea"]
+STYLES = ["watercolor", "oil painting", "photograph", "pencil sketch"]
+
+
+def many_prompts(count: int) -> list[str]:
+    """``count`` distinct prompts (the same list for pixart and diffusers)."""
+    return [f"{SUBJECTS[i % len(SUBJECTS)]}, {STYLES[i // len(SUBJECTS) % len(STYLES)]}, #{i}" for i in range(count)]
 
 
 class GpuPeak:
@@ -140,11 +149,19 @@ def main() -> None:
             run("pixart generate 8GB", pixart("generate", PROMPT, "-o", "gen.png", "--seed", "0", "--model",
                                               str(args.model), "--vram", "8GB", "--report-memory", "--json"),
                 args.out, log)
+        elif case == "generate-32":  # many prompts within 8 GB, beside diffusers' loop (case loop-32)
+            prompts = args.out / "prompts-32.txt"
+            prompts.write_text("\n".join(many_prompts(32)) + "\n")
+            run("pixart generate 32 prompts 8GB", pixart("generate", "--prompts-file", str(prompts), "-o",
+                                                          str(args.out / "pixart-32") + "/", "--seed", "0", "--model",
+                                                          str(args.model), "--vram", "8GB", "--report-memory",
+                                                          "--json"), args.out, log)
         elif case.startswith("pixart-"):
             pixart_case(case.removeprefix("pixart-"), args.model, args.out / case, log)
         elif case in DIFFUSERS_CASES:
             out_json = args.out / f"{case}.json"
-            entry = run(f"diffusers {case}", [sys.executable, str(HERE / "baselines.py"), str(args.model), case,
+            label = "diffusers loop 32 prompts" if case == "loop-32" else f"diffusers {case}"
+            entry = run(label, [sys.executable, str(HERE / "baselines.py"), str(args.model), case,
                                               str(out_json)], args.out, log)
             if out_json.is_file():
                 entry["report"] = json.loads(out_json.read_text())

@@ -13,9 +13,6 @@ from pixart_cli.models import Model, load_component, stage_pipeline
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import EncodeSettings, check_prompts
 
-BATCH = 16  # texts per T5 call: a streamed T5 reads its weights once per call
-
-
 def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max_length: int,
          precision: str = "full") -> memory.Plan:
     """Pick resident / streamed / quantized T5 from exact sizes counted on the meta device."""
@@ -33,7 +30,7 @@ def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max
     # bitsandbytes quantizes the blocks' Linear weights, except those transformers keeps in fp32 (`wo`)
     linear = {f"{name}.weight" for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
     quantizable = sum(size for name, size in sizes.items() if name in linear and dtypes[name] == dtype)
-    return memory.plan_encode(budget, context, sum(sizes.values()), block, embedding, min(texts, BATCH) * max_length,
+    return memory.plan_encode(budget, context, sum(sizes.values()), block, embedding, texts, max_length,
                               config.d_ff, dtype.itemsize, precision, quantizable)
 
 
@@ -141,15 +138,16 @@ def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, c
     ctx.advance("encode", 0, len(texts))
     with meter.phase("compute"), torch.inference_mode(), runtime.forward_warnings(
             "diffusers.pipelines.pixart_alpha", ctx.note):
-        for start in range(0, len(texts), BATCH):
-            chunk = texts[start:start + BATCH]
+        chunk_size = chosen.batch
+        for start in range(0, len(texts), chunk_size):
+            chunk = texts[start:start + chunk_size]
             chunk_embeds, chunk_mask, _, _ = pipe.encode_prompt(
                 chunk, do_classifier_free_guidance=False, device=ctx.device, clean_caption=settings.clean_caption,
                 max_sequence_length=max_length)
             embeds.append(chunk_embeds.cpu())
             masks.append(chunk_mask.cpu())
             # counts texts: the prompts and, last, the negative prompt ("" when none is given)
-            ctx.advance("encode", min(start + BATCH, len(texts)), len(texts))
+            ctx.advance("encode", min(start + chunk_size, len(texts)), len(texts))
     del pipe, text_encoder
     ctx.free()
     return (torch.cat(embeds), torch.cat(masks)), chosen.name

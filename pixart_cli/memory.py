@@ -27,6 +27,9 @@ T5_ACTIVATIONS_PER_TOKEN = 8  # encode activations ≈ 8 x tokens x d_ff x dtype
 DIT_ACTIVATIONS_PER_TOKEN = 40  # activations of one sample ≈ 40 x tokens x hidden x dtype size
 VAE_ACTIVATIONS_PER_PIXEL = 18  # full decode ≈ 18 x block_out_channels[0] x H x W x dtype size
 VAE_TILES = (512, 256, 128)
+# Texts per T5 call: a resident T5 gains nothing from more; a streamed one reads its weights once per call.
+T5_BATCH = 16
+STREAMED_T5_BATCH = 256
 # Images per transformer call without a device budget (CPU, MPS): larger batches are no faster there.
 UNBUDGETED_BATCH = 8  # tile sides tried, largest first (pixels)
 QUANTIZE_OVERHEAD = int(0.3 * GIB)  # bitsandbytes' load-time staging: 8-bit T5 measured 0.3 GB over its weights
@@ -65,7 +68,8 @@ class Plan:
 
     def describe(self) -> str:
         extra = f", tile {self.tile}px" if self.tile else ""
-        extra += f", batch {self.batch}" if self.batch else ""
+        if self.batch:
+            extra += f", up to {self.batch} texts per call" if self.stage == "encode" else f", batch {self.batch}"
         if self.budget is None:
             return f"{self.stage}: plan {self.name}{extra} (no device budget on this device)"
         text = (f"{self.stage}: plan {self.name}{extra} (estimated peak {self.estimate / GIB:.2f} GB, "
@@ -110,23 +114,34 @@ def meta_model(builder, config, dtype):
 
 
 def plan_encode(budget: int | None, context: int, t5_bytes: int, block_bytes: int, embedding_bytes: int,
-                tokens: int, d_ff: int, dtype_size: int, precision: str = "full", quantizable_bytes: int = 0) -> Plan:
+                texts: int, max_length: int, d_ff: int, dtype_size: int, precision: str = "full",
+                quantizable_bytes: int = 0) -> Plan:
     """Resident T5 when it fits; else stream it block by block. 8bit/4bit only when asked for.
+    ``batch`` is the number of texts per T5 call.
 
+    A streamed T5 reads all of its weights once per call, so it takes as many texts per call as the budget leaves
+    room for (up to ``STREAMED_T5_BATCH``); a resident one takes ``T5_BATCH``.
     ``quantizable_bytes``: the Linear weights bitsandbytes quantizes; the rest (embedding, norms, and T5's `wo`,
     which transformers keeps in fp32) stays as it is, so 8-bit T5-XXL still holds ~7.4 GB (8.29 GB peak
     measured on an H100, 2026-11-26).
     """
-    activations = T5_ACTIVATIONS_PER_TOKEN * tokens * d_ff * dtype_size
+    def activations(batch: int) -> int:
+        return T5_ACTIVATIONS_PER_TOKEN * batch * max_length * d_ff * dtype_size
+
+    batch = min(texts, T5_BATCH)
     if precision != "full":
         shrink = {"8bit": 2, "4bit": 4}[precision] * 2 // dtype_size  # bytes of fp16/bf16 -> 1 or 1/2 byte
         weights = t5_bytes - quantizable_bytes + quantizable_bytes // shrink
-        return Plan("encode", f"resident-{precision}", context + weights + QUANTIZE_OVERHEAD + activations, budget)
-    resident = context + t5_bytes + activations
+        return Plan("encode", f"resident-{precision}", context + weights + QUANTIZE_OVERHEAD + activations(batch),
+                    budget, batch=batch)
+    resident = context + t5_bytes + activations(batch)
     if budget is None or resident <= budget:
-        return Plan("encode", "resident", resident, budget)
-    streamed = context + embedding_bytes + 2 * block_bytes + activations
-    return Plan("encode", "streamed", streamed, budget)
+        return Plan("encode", "resident", resident, budget, batch=batch)
+    weights = context + embedding_bytes + 2 * block_bytes
+    room = budget - weights
+    per_text = activations(1)
+    batch = max(1, min(texts, STREAMED_T5_BATCH, room // per_text if room > 0 else 1))
+    return Plan("encode", "streamed", weights + activations(batch), budget, batch=batch)
 
 
 def plan_denoise(budget: int | None, context: int, transformer_bytes: int, tokens_per_sample: int, hidden: int,

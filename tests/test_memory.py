@@ -78,6 +78,14 @@ def test_planner_on_full_size_configs(full_size, budget, encode_plan, denoise_pl
         assert ("no plan fits" in plan.describe()) is not expected_fit
 
 
+def test_streamed_t5_takes_as_many_texts_per_call_as_the_budget_allows(full_size):
+    fp16 = torch.float16
+    small = encode_module.plan(full_size, 2 * GB, CONTEXT, fp16, 33, 120)
+    large = encode_module.plan(full_size, 8 * GB, CONTEXT, fp16, 33, 120)
+    assert small.name == large.name == "streamed" and small.fits and large.fits
+    assert 1 <= small.batch < large.batch == 33  # 8 GB: the 32 prompts and the negative prompt in one call
+
+
 def test_denoise_batch_grows_with_the_budget():
     small = memory.plan_denoise(4 * GB, CONTEXT, int(1.2 * GB), 4096, 1152, 2, images=16, cfg=True)
     large = memory.plan_denoise(40 * GB, CONTEXT, int(1.2 * GB), 4096, 1152, 2, images=16, cfg=True)
@@ -96,7 +104,8 @@ def test_every_small_plan_matches_the_plain_plan(tiny_model, tiny_budget, monkey
     small_latents = denoised(small_embeddings, steps=2, seed=SEED, log=logs.append)
     small_images = decoded(small_latents, log=logs.append)
     plans = [line.split(" (")[0] for line in logs if ": plan " in line]
-    assert plans == ["encode: plan streamed", "denoise: plan streamed, batch 1", "decode: plan tiled, tile 128px"]
+    assert plans == ["encode: plan streamed, up to 1 texts per call", "denoise: plan streamed, batch 1",
+                     "decode: plan tiled, tile 128px"]
     monkeypatch.undo()
     embeddings = encoded(["a cute cat"], tiny_model)
     latents = denoised(embeddings, steps=2, seed=SEED)
