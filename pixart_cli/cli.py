@@ -198,6 +198,7 @@ def denoise(
     num_images: options.NumImages = 1,
     scheduler: options.Scheduler = None,
     batch_size: options.DenoiseBatchSize = None,
+    compile: options.Compile = False,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -218,7 +219,7 @@ def denoise(
         # 1. Every option and path, then the input file, before a model loads
         budget = _check_common(device, dtype, vram)
         settings = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images, scheduler,
-                                   batch_size).with_seed()
+                                   batch_size, compile).with_seed()
         artifacts.require_writable(output, "--output", (embeddings,), overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
         # 2. Resolve once, run, write
@@ -285,6 +286,7 @@ def generate(
     text_encoder_precision: options.TextEncoderPrecision = "full",
     scheduler: options.Scheduler = None,
     batch_size: options.GenerateBatchSize = None,
+    compile: options.Compile = False,
     cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -306,7 +308,7 @@ def generate(
         texts = _prompts(prompts, prompts_file)
         encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         denoising = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images,
-                                    scheduler, batch_size).with_seed()
+                                    scheduler, batch_size, compile).with_seed()
         _check_image_outputs(output, len(texts) * num_images, overwrite=not no_overwrite)
         # 2. Resolve once, run the three stages, write
         ctx = _context(out, _new_model(model, revision), device, dtype, budget, report_memory)

@@ -116,7 +116,7 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
         chosen = dataclasses.replace(chosen, batch=settings.batch_size)
     ctx.note(chosen.describe())
     with meter.phase("load"):
-        pipe = _load(chosen, plan.scheduler, ctx)
+        pipe = _load(chosen, plan.scheduler, ctx, compiled=settings.compile)
 
     # 3. Denoise in batches of the plan's size
     with meter.phase("compute"):
@@ -135,7 +135,7 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
         "seeds": seeds, "steps": plan.steps,
         "timesteps": plan.timesteps, "guidance_scale": plan.guidance_scale, "scheduler": plan.scheduler,
         "height": plan.height, "width": plan.width, "requested_height": plan.requested_height,
-        "requested_width": plan.requested_width, "binned": plan.binned, "plan": chosen.name,
+        "requested_width": plan.requested_width, "binned": plan.binned, "plan": chosen.name, "compiled": settings.compile,
         "clean_caption": meta_in.get("clean_caption"), "max_sequence_length": meta_in.get("max_sequence_length"),
     }
     return artifacts.Latents(latents, meta)
@@ -155,7 +155,7 @@ def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
                                ctx.dtype.itemsize, images, plan.guidance_scale > 1)
 
 
-def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext):
+def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: bool = False):
     """A pipeline holding only the transformer (resident or group-offloaded) and the scheduler."""
     import diffusers
     from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
@@ -173,6 +173,13 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext):
                                      dtype=ctx.dtype, **kwargs)
         transformer.to(device)
     transformer.eval()
+    if compiled:
+        if chosen.name == "streamed":
+            ctx.note("--compile: ignored under the streamed plan (its blocks move between devices each step)")
+        else:
+            # Inductor keeps compiled kernels in its cache folder (TORCHINDUCTOR_CACHE_DIR, by default under
+            # /tmp), so a later run with the same shapes reuses them instead of compiling again.
+            transformer.compile()
     # The model's own scheduler config, as the class the user picked (default: the model's own class).
     noise_scheduler = getattr(diffusers, scheduler_name).from_config(
         source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {}))

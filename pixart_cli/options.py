@@ -116,6 +116,9 @@ DecodeBatchSize = Annotated[Optional[int], typer.Option(
 GenerateBatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", metavar="N", help="Images per transformer and per VAE call [default: as many as the memory "
                                       "plan allows for denoise, 1 for decode].", show_default=False)]
+Compile = Annotated[bool, typer.Option(
+    "--compile", help="torch.compile the transformer: slower first run (compiling), faster steps after; kernels "
+                      "are cached for later runs. Not bit-identical to the default.")]
 Cache = Annotated[Optional[Path], typer.Option(
     "--cache", envvar="PIXART_CACHE", metavar="DIR", help="Embedding cache folder: encode skips T5 for a model + "
                                                           "prompt + settings it has already encoded [default: off].",

@@ -108,6 +108,7 @@ class DenoiseSettings:
     num_images: int = 1
     scheduler: str | None = None
     batch_size: int | None = None
+    compile: bool = False  # torch.compile the transformer (opt-in: not bit-identical to eager)
 
     def __post_init__(self):
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
