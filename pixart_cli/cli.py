@@ -293,6 +293,9 @@ def generate(
     vram: options.Vram = None,
     report_memory: options.ReportMemory = False,
     no_overwrite: options.NoOverwrite = False,
+    resume: options.Resume = False,
+    ray: options.Ray = False,
+    ray_address: options.RayAddress = None,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -300,12 +303,27 @@ def generate(
     out = Output("generate", quiet, json)
 
     def work():
+        from pixart_cli import scaleout
         from pixart_cli.generate import generate
 
         _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
         _check_image_outputs(output, len(texts) * max(num_images, 1), overwrite=not no_overwrite)
         stages = _Stages(out, report_memory, device, vram)
+        if scaleout.applies(output, resume, ray, ray_address):  # -o DIR/, several processes, --resume or --ray
+            summary = scaleout.generate_images(
+                texts, output=output, num_images=num_images, seed=seed, resume=resume, negative_prompt=negative_prompt,
+                options={"model": _model(model), "steps": steps, "guidance_scale": guidance_scale, "width": width,
+                         "height": height, "binning": not no_binning, "dtype": dtype, "vram": vram,
+                         "max_sequence_length": max_sequence_length, "clean_caption": clean_caption,
+                         "precision": text_encoder_precision, "scheduler": scheduler, "batch_size": batch_size,
+                         "cache": cache},
+                device=device, callbacks=scaleout.Callbacks(out.wrote, **stages.kwargs()), ray=ray,
+                ray_address=ray_address)
+            if summary is not None:
+                out.note(summary.describe(), summary=summary.as_dict())
+            stages.finish()
+            return
         images, meta = generate(texts, model=_model(model), negative_prompt=negative_prompt, steps=steps,
                                 guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                                 binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
