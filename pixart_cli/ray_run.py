@@ -77,6 +77,8 @@ def run_ray(job: Job, todo: list[int], seed: int, options: dict, device: str, ad
         dataset = dataset.map_batches(actor, batch_size=1, fn_constructor_kwargs={**stage_args, "stage": stage},
                                       **pool(stage))
     written = 0
+    if callbacks.progress:
+        callbacks.progress("ray", 0, len(todo))
     try:
         for row in dataset.iter_rows():
             for line in json.loads(row["lines"]):
@@ -95,6 +97,10 @@ def _init(ray, address: str | None) -> None:
     """Join ``address``, or start an embedded Ray on this machine; quiet, so stdout keeps only paths."""
     if ray.is_initialized():
         return
+    # Ray's C++ core logs advisories at error level on stderr (e.g. that actor constructor arguments live in the
+    # object store); pixart's stderr is for people and scripts, and real failures come back as exceptions.
+    if os.environ.get("PIXART_DEBUG") != "1":
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
     common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
               "runtime_env": {"env_vars": env}}
@@ -111,9 +117,10 @@ def _init(ray, address: str | None) -> None:
     from ray.data import DataContext
 
     context = DataContext.get_current()
-    context.enable_progress_bars = False
+    context.enable_progress_bars = False  # pixart shows its own progress
     if hasattr(context, "print_on_execution_start"):
         context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution notes and the progress-bar advisory
 
 
 def _unwrap(error: BaseException) -> BaseException:

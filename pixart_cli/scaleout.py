@@ -147,8 +147,12 @@ class Summary:
         text = f"generate: wrote {self.written} image(s)"
         if self.skipped:
             text += f", skipped {self.skipped} already complete"
-        where = f"{self.processes} {self.engine}" if self.engine != "processes" or self.processes > 1 else ""
-        text += f" (seeds {seeds})" + (f" with {where}" if where else "") + f" in {self.seconds:.1f} s"
+        text += f" (seeds {seeds})"
+        if self.engine != "processes":
+            text += f" on {self.engine}"
+        elif self.processes > 1:
+            text += f" with {self.processes} processes"
+        text += f" in {self.seconds:.1f} s"
         if self.manifest is not None:
             text += f"; manifest {self.manifest}"
         return text
@@ -223,7 +227,10 @@ def generate_images(prompts: Sequence[str], *, output: Path, num_images: int, se
         log = callbacks.log
         if group is not None and log is not None:
             log(f"rank {ranks.rank}/{ranks.world_size}: images {_ranges(share)}, {len(todo)} to make")
-            callbacks = Callbacks(callbacks.wrote, _prefixed(log, f"rank {ranks.rank}: "), callbacks.progress,
+            progress = callbacks.progress
+            callbacks = Callbacks(callbacks.wrote, _prefixed(log, f"rank {ranks.rank}: "),
+                                  progress and (lambda stage, done, total: progress(f"rank {ranks.rank} {stage}",
+                                                                                     done, total)),
                                   callbacks.reports)
 
         # 4. Make them, pass by pass
