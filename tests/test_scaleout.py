@@ -150,7 +150,7 @@ def _append_many(folder: str, writer: int) -> None:
 
 def test_concurrent_appends_never_interleave_and_a_cut_line_is_skipped(tmp_path):
     (tmp_path / "manifest.jsonl").write_bytes(b'{"index": 9, "cut short')  # a crash mid-line
-    context = multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("fork")  # spawn would re-import torch in each writer
     workers = [context.Process(target=_append_many, args=(str(tmp_path), writer)) for writer in range(4)]
     for worker in workers:
         worker.start()
