@@ -136,10 +136,14 @@ def _prompts(prompts: Optional[list[str]], prompts_file: Optional[Path]) -> list
 
 def _finish(out: Output, ctx) -> None:
     """After the work: the memory reports asked for with --report-memory."""
-    if ctx.reports is not None:
-        for report in ctx.reports:
+    _finish_reports(out, ctx.reports)
+
+
+def _finish_reports(out: Output, reports: Optional[list]) -> None:
+    if reports is not None:
+        for report in reports:
             out.note(report.describe())
-        out.record["memory"] = [report.as_dict() for report in ctx.reports]
+        out.record["memory"] = [report.as_dict() for report in reports]
 
 
 @app.command(short_help="Prompts → embeddings.pt (loads only T5).")
@@ -293,6 +297,9 @@ def generate(
     vram: options.Vram = None,
     report_memory: options.ReportMemory = False,
     no_overwrite: options.NoOverwrite = False,
+    resume: options.Resume = False,
+    ray: options.Ray = False,
+    ray_address: options.RayAddress = None,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -300,6 +307,7 @@ def generate(
     out = Output("generate", quiet, json)
 
     def work():
+        from pixart_cli import scaleout
         from pixart_cli.generate import generate
         from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
@@ -308,11 +316,23 @@ def generate(
         texts = _prompts(prompts, prompts_file)
         encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         denoising = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images,
-                                    scheduler, batch_size, compile).with_seed()
+                                    scheduler, batch_size, compile)
         _check_image_outputs(output, len(texts) * num_images, overwrite=not no_overwrite)
+        source = _new_model(model, revision)
+        if scaleout.applies(output, resume, ray, ray_address):  # -o DIR/, several processes, --resume or --ray
+            # The seed is agreed between processes there; each process resolves its own device.
+            callbacks = scaleout.Callbacks(out.wrote, out.note, out.progress, [] if report_memory else None)
+            summary = scaleout.generate_images(
+                texts, output=output, encoding=encoding, denoising=denoising, model=source,
+                run=scaleout.RunOptions(device, dtype, budget), resume=resume, callbacks=callbacks, ray=ray,
+                ray_address=ray_address)
+            if summary is not None:
+                out.note(summary.describe(), summary=summary.as_dict())
+            _finish_reports(out, callbacks.reports)
+            return
         # 2. Resolve once, run the three stages, write
-        ctx = _context(out, _new_model(model, revision), device, dtype, budget, report_memory)
-        images, meta = generate(texts, encoding, denoising, ctx, decode_batch_size=batch_size)
+        ctx = _context(out, source, device, dtype, budget, report_memory)
+        images, meta = generate(texts, encoding, denoising.with_seed(), ctx, decode_batch_size=batch_size)
         out.record["seeds"] = meta["seeds"]
         _write_images(out, images, meta, output)
         _finish(out, ctx)

@@ -123,3 +123,12 @@ Cache = Annotated[Optional[Path], typer.Option(
     "--cache", envvar="PIXART_CACHE", metavar="DIR", help="Embedding cache folder: encode skips T5 for a model + "
                                                           "prompt + settings it has already encoded [default: off].",
     show_default=False)]
+Resume = Annotated[bool, typer.Option(
+    "--resume", help="With -o DIR/: skip images that DIR/manifest.jsonl lists and whose file is complete (size and "
+                     "sha256); make the missing or damaged ones. Without --seed, the seed recorded there is used.")]
+Ray = Annotated[bool, typer.Option(
+    "--ray", help="Run the stages as Ray Data actor pools (pip install \"pixart-cli[ray]\"): a local Ray, or the "
+                  "cluster at --ray-address / RAY_ADDRESS.")]
+RayAddress = Annotated[Optional[str], typer.Option(
+    "--ray-address", help="Ray cluster to join with --ray, e.g. ray://head:10001 or auto [env: RAY_ADDRESS; "
+                          "default: a local Ray on this machine].", show_default=False)]

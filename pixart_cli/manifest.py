@@ -1,0 +1,130 @@
+"""DIR/manifest.jsonl: one JSON line per finished image, appended atomically by any number of writers.
+
+A line is written only after its image is in place (the image itself is written atomically first), so a crash or
+SIGTERM between the two leaves an image without a line, which ``--resume`` simply makes again. Each line is one
+``os.write`` on an ``O_APPEND`` descriptor under an exclusive ``lockf`` lock: concurrent ranks never interleave
+bytes, and a line cut short by a power loss is closed with a newline before the next one is added (readers skip it).
+The newest valid line for an index wins; older ones stay (nothing is ever rewritten in place).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME = "manifest.jsonl"
+VERSION = 1
+# What must match for a line to describe the image a run is about to make (the options as given, not resolved).
+IDENTITY = ("index", "path", "prompt", "negative_prompt", "seed", "options")
+
+
+def manifest_path(folder: Path) -> Path:
+    return Path(folder) / NAME
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record(folder: Path, index: int, path: Path, prompt: str, negative_prompt: str, seed: int, options: dict,
+           settings: dict) -> dict:
+    """The manifest line of a written image: identity, the settings stored in the image, size and sha256.
+    The path is relative to the manifest's folder, so the folder can move (or be mounted elsewhere)."""
+    path = Path(path)
+    return {"version": VERSION, "index": index, "path": os.path.relpath(path, folder), "prompt": prompt,
+            "negative_prompt": negative_prompt, "seed": seed, "options": options, "settings": settings,
+            "size": path.stat().st_size, "sha256": sha256_file(path)}
+
+
+def append(folder: Path, line: dict) -> None:
+    """Add one line atomically (one write under an exclusive lock); safe from many processes at once."""
+    data = (json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
+    fd = os.open(manifest_path(folder), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX)  # serialises the last-byte check below with other writers; freed on close
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data  # a line cut short by a crash stays one (skipped) line, not glued to ours
+        while data:  # a regular file takes it in one write; the loop only guards a short write (we hold the lock)
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
+
+
+def start_new(folder: Path) -> None:
+    """Begin a fresh manifest for a run without --resume (atomically: readers see the old file or an empty one)."""
+    from pixart_cli.artifacts import atomic_path
+
+    with atomic_path(manifest_path(folder)) as temp:
+        temp.write_bytes(b"")
+
+
+def read(folder: Path) -> dict[int, dict]:
+    """The newest well-formed line of each index. Damaged or foreign lines are skipped, never fatal."""
+    path = manifest_path(folder)
+    newest: dict[int, dict] = {}
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        return newest
+    with handle:
+        for raw in handle:
+            try:
+                line = json.loads(raw)
+            except ValueError:
+                continue
+            if _well_formed(line):
+                newest[line["index"]] = line
+    return newest
+
+
+def _well_formed(line) -> bool:
+    return (isinstance(line, dict) and line.get("version") == VERSION and isinstance(line.get("index"), int)
+            and isinstance(line.get("path"), str) and isinstance(line.get("sha256"), str)
+            and isinstance(line.get("size"), int) and all(key in line for key in IDENTITY))
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """What a run will make at one index; a manifest line matches it when every identity field is equal."""
+
+    index: int
+    path: str  # relative to the manifest's folder
+    prompt: str
+    negative_prompt: str
+    seed: int
+    options: dict
+
+    def identity(self) -> dict:
+        return {"index": self.index, "path": self.path, "prompt": self.prompt,
+                "negative_prompt": self.negative_prompt, "seed": self.seed, "options": self.options}
+
+
+def complete(folder: Path, wanted: Wanted, lines: dict[int, dict]) -> bool:
+    """The image at ``wanted.index`` is done: its newest line matches, and the file has that size and sha256."""
+    line = lines.get(wanted.index)
+    if line is None or {key: line[key] for key in IDENTITY} != wanted.identity():
+        return False
+    path = Path(folder) / line["path"]
+    try:
+        if not path.is_file() or path.is_symlink() or path.stat().st_size != line["size"]:
+            return False
+        return sha256_file(path) == line["sha256"]
+    except OSError:
+        return False
+
+
+def base_seed(lines: dict[int, dict]) -> int | None:
+    """The seed of image 0 in the run that wrote these lines (image i has seed + i), or None."""
+    if not lines:
+        return None
+    newest = lines[max(lines)]
+    return newest["seed"] - newest["index"] if isinstance(newest["seed"], int) else None
