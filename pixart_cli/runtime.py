@@ -29,7 +29,7 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Only the libraries' own advisory warnings; a warning from our code or the user's still shows.
-    for module in ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate", "bitsandbytes"):
+    for module in ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate", "bitsandbytes", "ray"):
         warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         warnings.filterwarnings("ignore", category=UserWarning, module=module)
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
