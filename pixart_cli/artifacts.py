@@ -347,7 +347,7 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
     """(A1111 "parameters" text, JSON settings) for image ``index`` of a latents meta."""
     settings = {key: meta.get(key) for key in ("model", "revision", "family", "negative_prompt", "steps", "timesteps",
                                                 "guidance_scale", "scheduler", "dtype", "clean_caption",
-                                                "max_sequence_length", "binned")}
+                                                "max_sequence_length", "binned", "loras")}
     settings.update(prompt=meta["prompts"][index], seed=meta["seeds"][index], width=meta["requested_width"],
                     height=meta["requested_height"], denoise_width=meta["width"], denoise_height=meta["height"],
                     generator="pixart-cli")

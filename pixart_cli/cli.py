@@ -144,6 +144,13 @@ class _Stages:
             self.out.record["memory"] = [report.as_dict() for report in self.reports]
 
 
+def _loras(values: Optional[list[str]]) -> list:
+    """--lora values, parsed and read (each checked on its own; against the model later, before weights load)."""
+    from pixart_cli.lora import parse_lora_spec, read_lora
+
+    return [read_lora(parse_lora_spec(value)) for value in values or ()]
+
+
 def _note_seeds(out: Output, meta: dict) -> None:
     seeds = meta["seeds"]
     text = str(seeds[0]) if len(seeds) == 1 else f"{seeds[0]}..{seeds[-1]}"
@@ -204,6 +211,7 @@ def denoise(
     num_images: options.NumImages = 1,
     scheduler: options.Scheduler = None,
     batch_size: options.BatchSize = None,
+    lora: options.Lora = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -223,11 +231,12 @@ def denoise(
         check_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
         artifacts.require_writable(output, "--output", (embeddings,), overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
+        loras = _loras(lora)
         stages = _Stages(out, report_memory, device, vram)
         latents = denoise(loaded, model=model, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
                           height=height, binning=not no_binning, num_images=num_images, scheduler=scheduler,
                           batch_size=batch_size, device=device, dtype=dtype, vram=vram,
-                          source_path=str(embeddings), **stages.kwargs())
+                          source_path=str(embeddings), loras=loras, **stages.kwargs())
         _note_seeds(out, latents.meta)
         out.wrote(artifacts.save(output, latents))
         stages.finish()
@@ -288,6 +297,7 @@ def generate(
     scheduler: options.Scheduler = None,
     batch_size: options.BatchSize = None,
     cache: options.Cache = None,
+    lora: options.Lora = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -305,13 +315,14 @@ def generate(
         _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
         _check_image_outputs(output, len(texts) * max(num_images, 1), overwrite=not no_overwrite)
+        loras = _loras(lora)
         stages = _Stages(out, report_memory, device, vram)
         images, meta = generate(texts, model=_model(model), negative_prompt=negative_prompt, steps=steps,
                                 guidance_scale=guidance_scale, seed=seed, width=width, height=height,
                                 binning=not no_binning, num_images=num_images, device=device, dtype=dtype,
                                 max_sequence_length=max_sequence_length, clean_caption=clean_caption, vram=vram,
                                 precision=text_encoder_precision, scheduler=scheduler, batch_size=batch_size,
-                                cache=cache, **stages.kwargs())
+                                cache=cache, loras=loras, **stages.kwargs())
         _note_seeds(out, meta)
         _write_images(out, images, meta, output)
         stages.finish()

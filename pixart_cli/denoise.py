@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from pixart_cli import artifacts, memory, runtime
+from pixart_cli import artifacts, lora, memory, runtime
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models import Model, load_component, stage_pipeline
 
@@ -63,13 +63,14 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
             guidance_scale: float | None = None, seed: int | None = None, width: int | None = None,
             height: int | None = None, binning: bool = True, num_images: int = 1, scheduler: str | None = None,
             batch_size: int | None = None, device: str = "auto", dtype: str = "auto", vram: str | None = None,
-            source_path: str = "embeddings",
+            source_path: str = "embeddings", loras: Sequence[lora.LoraWeights] = (),
             progress: Progress | None = None, log: Callable[[str], None] | None = None,
             reports: list | None = None) -> artifacts.Latents:
     """Run the pipeline's denoising loop on stored embeddings.
 
     embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
     Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
+    loras: read with lora.read_lora; checked against the transformer before its weights load, then fused into them.
     """
     import diffusers
     import torch
@@ -108,9 +109,13 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     budget, context = memory.device_budget(vram, torch_device)
     config = source.config("transformer")
     skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, torch_dtype)
+    for adapter in loras:  # a LoRA that does not fit stops here, before any weights load
+        lora.check_lora(adapter, skeleton)
     scale = source.vae_scale_factor * config.get("patch_size", 2)
     prompts_in = embeddings.prompt_embeds.shape[0]
-    chosen = memory.plan_denoise(budget, context, memory.parameter_bytes(skeleton), (height // scale) * (width // scale),
+    # Fusing a LoRA briefly needs an fp32 copy of one layer on the device; nothing stays after it.
+    transformer_bytes = memory.parameter_bytes(skeleton) + lora.fuse_peak_bytes(skeleton, list(loras))
+    chosen = memory.plan_denoise(budget, context, transformer_bytes, (height // scale) * (width // scale),
                                  skeleton.inner_dim, torch_dtype.itemsize, prompts_in * num_images,
                                  guidance_scale > 1)
     del skeleton
@@ -118,11 +123,14 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
         chosen = dataclasses.replace(chosen, batch=batch_size)
     if log:
         log(chosen.describe())
+        for adapter in loras:
+            log(adapter.describe())
     with meter.phase("load"):
         if chosen.name == "streamed":
             # Below the transformer's own size: diffusers' group offloading streams its blocks from CPU RAM.
             transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
                                          dtype=torch_dtype)
+            lora.apply_loras(transformer, list(loras))  # into the CPU weights, before offloading takes them
             transformer.enable_group_offload(onload_device=torch_device, offload_type="block_level",
                                              num_blocks_per_group=1, use_stream=torch_device.type == "cuda")
         else:
@@ -130,6 +138,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
             transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
                                          dtype=torch_dtype, **kwargs)
             transformer.to(torch_device)
+            lora.apply_loras(transformer, list(loras))
         transformer.eval()
         # The model's own scheduler config, as the class the user picked (default: the model's own class).
         noise_scheduler = getattr(diffusers, scheduler_name).from_config(
@@ -176,7 +185,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
         "timesteps": timesteps, "guidance_scale": float(guidance_scale), "scheduler": scheduler_name,
         "height": height, "width": width, "requested_height": requested_height, "requested_width": requested_width,
         "binned": table is not None, "plan": chosen.name, "clean_caption": meta_in.get("clean_caption"),
-        "max_sequence_length": meta_in.get("max_sequence_length"),
+        "max_sequence_length": meta_in.get("max_sequence_length"), "loras": lora.records(list(loras)),
     }
     return artifacts.Latents(latents, meta)
 

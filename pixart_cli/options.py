@@ -84,3 +84,7 @@ Cache = Annotated[Optional[Path], typer.Option(
     "--cache", envvar="PIXART_CACHE", help="Embedding cache folder: encode skips T5 for a model + prompt + settings "
                                           "it has already encoded [env: PIXART_CACHE; default: off].",
     show_default=False)]
+Lora = Annotated[Optional[list[str]], typer.Option(
+    "--lora", help="Apply a LoRA to the transformer: FILE.safetensors or FILE:SCALE (default scale 1.0); repeat for "
+                   "several. diffusers/PEFT (lora_A/lora_B) and kohya/OneTrainer (lora_down/lora_up) files; fused "
+                   "into the weights at load, recorded in the outputs.", show_default=False)]
