@@ -70,14 +70,6 @@ class LoraModule:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
-    def delta(self, device=None):
-        """alpha / rank * up @ down in fp32, shaped like the layer's weight (without the user's scale)."""
-        import torch
-
-        down = self.down.to(device=device, dtype=torch.float32).flatten(1)
-        up = self.up.to(device=device, dtype=torch.float32).flatten(1)
-        return (up @ down) * (self.alpha / self.rank)
-
 
 @dataclass
 class LoraWeights:
@@ -360,8 +352,9 @@ def fuse_peak_bytes(transformer, loras: list[LoraWeights]) -> int:
 def apply_loras(transformer, loras: list[LoraWeights]) -> None:
     """Fuse each LoRA into the transformer's weights, in place, where the weights are (CPU or device).
 
-    Per layer: W' = W + sum_i scale_i * alpha_i / rank_i * up_i @ down_i, summed in fp32 in the given order and
-    rounded once to W's dtype. Call before diffusers' group offloading takes over the weights.
+    Per layer: W' = W + sum_i scale_i * alpha_i / rank_i * up_i @ down_i, accumulated in fp32 in the given order
+    (one addmm per LoRA, no full-size temporaries) and rounded once to W's dtype. Call before diffusers' group
+    offloading takes over the weights.
     """
     import torch
 
@@ -375,10 +368,16 @@ def apply_loras(transformer, loras: list[LoraWeights]) -> None:
     with torch.no_grad():
         for name, adapters in per_layer.items():
             weight = layers[name].weight
-            fused = weight.to(torch.float32)
+            # fp32 weights are updated in place; others through one fp32 copy, rounded once at the end.
+            exact = weight.dtype == torch.float32 and weight.is_contiguous()
+            target = weight if exact else weight.to(torch.float32).contiguous()
+            matrix = target.view(target.shape[0], -1)
             for scale, module in adapters:
-                fused = fused + scale * module.delta(weight.device).reshape(weight.shape)
-            weight.copy_(fused.to(weight.dtype))
+                down = module.down.to(device=weight.device, dtype=torch.float32).flatten(1)
+                up = module.up.to(device=weight.device, dtype=torch.float32).flatten(1)
+                matrix.addmm_(up, down, alpha=scale * module.alpha / module.rank)
+            if not exact:
+                weight.copy_(target)
 
 
 def records(loras: list[LoraWeights]) -> list[dict]:
