@@ -349,6 +349,27 @@ def info(
     _run(out, work)
 
 
+@app.command()
+def compare(
+    a: options.CompareFile,
+    b: options.CompareFile,
+    json: options.Json = False,
+) -> None:
+    """Compare two embeddings files, two latents files or two images: per prompt or image, cosine similarity and
+    max / mean absolute difference; images also max / mean pixel difference and PSNR."""
+    out = Output("compare", False, json)
+
+    def work():
+        from pixart_cli.compare import compare_files, format_table
+
+        result = compare_files(a, b)
+        out.record.update(result.as_dict())
+        if not json:
+            print(format_table(result), end="")
+
+    _run(out, work)
+
+
 def _info_table(described: dict) -> str:
     """Aligned `key  value` lines for people."""
     rows = [("file", described["file"]), ("kind", described["kind"])]

@@ -88,3 +88,6 @@ Lora = Annotated[Optional[list[str]], typer.Option(
     "--lora", help="Apply a LoRA to the transformer: FILE.safetensors or FILE:SCALE (default scale 1.0); repeat for "
                    "several. diffusers/PEFT (lora_A/lora_B) and kohya/OneTrainer (lora_down/lora_up) files; fused "
                    "into the weights at load, recorded in the outputs.", show_default=False)]
+CompareFile = Annotated[Path, typer.Argument(
+    help="An embeddings or latents .pt file, or an image (.png, .jpg, .webp); both must be of one kind.",
+    show_default=False)]
