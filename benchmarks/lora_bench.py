@@ -17,12 +17,13 @@ import time
 
 import torch
 
-# Transformer configs: the test suite's tiny one, and a mid-size slice of PixArt-XL (hidden 1152, 8 of its 28 blocks).
+# Transformer configs: the test suite's tiny one, and a mid-size slice of PixArt-XL (hidden 1152, 4 of its 28 blocks,
+# 256 px so that a CPU run stays short).
 SIZES = {
     "tiny": dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, caption_channels=32, cross_attention_dim=16,
                  sample_size=32, norm_num_groups=1),
-    "mid": dict(num_attention_heads=16, attention_head_dim=72, num_layers=8, caption_channels=4096,
-                cross_attention_dim=1152, sample_size=32),
+    "mid": dict(num_attention_heads=16, attention_head_dim=72, num_layers=4, caption_channels=4096,
+                cross_attention_dim=1152, sample_size=16),
 }
 # Typical PixArt LoRA targets (the PixArt-Σ LoRA script and SimpleTuner's defaults): attention and MLP of each block.
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",

@@ -41,7 +41,11 @@ _PEFT_SUFFIXES = {".lora_A.weight": "down", ".lora_B.weight": "up"}
 _KOHYA_SUFFIXES = {".lora_down.weight": "down", ".lora_up.weight": "up"}
 _ALPHA_SUFFIX = ".alpha"
 # Prefixes in front of the diffusers module name in PEFT-named files, longest first.
-_PEFT_PREFIXES = ("unet.base_model.model.", "transformer.base_model.model.", "base_model.model.", "transformer.", "")
+# "unet.base_model.model.": PixArt-Σ's train_pixart_lora_hf.py passes a PeftModel's state dict to
+# StableDiffusionPipeline.save_lora_weights, which packs it under "unet"; bare names are seen in the wild too.
+_PEFT_PREFIXES = ("unet.base_model.model.", "base_model.model.", "transformer.", "")
+# PEFT's save_pretrained keeps lora_alpha beside the weights, not in them.
+_PEFT_WEIGHTS, _PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 # Prefixes of kohya-named transformer modules (OneTrainer, LyCORIS, kohya sd-scripts' denoiser prefix).
 _KOHYA_PREFIXES = ("lora_transformer_", "lycoris_", "lora_unet_")
 _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder.", "te.", "t5.")
@@ -80,6 +84,7 @@ class LoraWeights:
     scale: float
     naming: str  # "peft", "kohya" or "omi"
     modules: dict[str, LoraModule] = field(default_factory=dict)
+    alpha_source: str = "alpha = rank"  # where alpha came from: .alpha keys, metadata, adapter_config.json
 
     @property
     def name(self) -> str:
@@ -96,7 +101,8 @@ class LoraWeights:
     def describe(self) -> str:
         ranks = sorted({m.rank for m in self.modules.values()})
         rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-        return f"lora: {self.name} x{self.scale:g} ({len(self.modules)} layers, rank {rank}, {self.naming} naming)"
+        return (f"lora: {self.name} x{self.scale:g} ({len(self.modules)} layers, rank {rank}, {self.naming} naming, "
+                f"alpha from {self.alpha_source})")
 
 
 # --- parsing and reading -----------------------------------------------------------------------------------
@@ -132,8 +138,27 @@ def read_lora(spec: LoraSpec) -> LoraWeights:
     except OSError as error:
         raise PixartError(f"{where}: cannot read it ({error.strerror or error})") from None
     tensors, metadata = _parse_safetensors(data, where)
-    naming, modules = _group_modules(tensors, metadata, where)
-    return LoraWeights(path, hashlib.sha256(data).hexdigest(), spec.scale, naming, modules)
+    config, source = _adapter_config(metadata, where), "lora_adapter_metadata"
+    sibling = path.parent / _PEFT_CONFIG
+    if not config and path.name == _PEFT_WEIGHTS and sibling.is_file():
+        config, source = _sibling_config(sibling), _PEFT_CONFIG
+    naming, modules, has_alpha_keys = _group_modules(tensors, config, where)
+    if has_alpha_keys:
+        source = ".alpha keys"
+    elif not config.get("lora_alpha") and not config.get("alpha_pattern"):
+        source = "none in the file: alpha = rank"
+    return LoraWeights(path, hashlib.sha256(data).hexdigest(), spec.scale, naming, modules, source)
+
+
+def _sibling_config(path: Path) -> dict:
+    """lora_alpha and friends from PEFT's adapter_config.json next to adapter_model.safetensors."""
+    try:
+        if path.stat().st_size > 2**20:
+            raise ValueError("larger than 1 MB")
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise PixartError(f"{OPTION} {path}: cannot read it ({detail(error)})") from None
+    return config if isinstance(config, dict) else {}
 
 
 def _parse_safetensors(data: bytes, where: str) -> tuple[dict, dict]:
@@ -164,7 +189,8 @@ def _split_key(key: str) -> tuple[str, str, str]:
     return key, "", ""
 
 
-def _group_modules(tensors: dict, metadata: dict, where: str) -> tuple[str, dict[str, LoraModule]]:
+def _group_modules(tensors: dict, config: dict, where: str) -> tuple[str, dict[str, LoraModule], bool]:
+    """(naming, modules, whether alphas came from .alpha keys) of a file's tensors."""
     import torch
 
     parts: dict[str, dict[str, Any]] = {}
@@ -192,7 +218,6 @@ def _group_modules(tensors: dict, metadata: dict, where: str) -> tuple[str, dict
     if not namings:
         raise PixartError(f"{where}: holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys)")
     naming = namings.pop()
-    config = _adapter_config(metadata, where)
     modules = {}
     for module, found in sorted(parts.items()):
         down, up = found.get("down"), found.get("up")
@@ -212,7 +237,7 @@ def _group_modules(tensors: dict, metadata: dict, where: str) -> tuple[str, dict
         modules[module] = LoraModule(down, up, alpha)
     if naming == "kohya" and any("." in name for name in modules):
         naming = "omi"  # lora_down/lora_up on dotted, original PixArt module names (OneTrainer's OMI format)
-    return naming, modules
+    return naming, modules, any("alpha" in found for found in parts.values())
 
 
 def _adapter_config(metadata: dict, where: str) -> dict:
@@ -245,7 +270,11 @@ def _alpha(module: str, tensor, config: dict, rank: int, where: str) -> float:
     patterns = config.get("alpha_pattern")
     if isinstance(patterns, dict):
         for pattern, value in patterns.items():
-            if re.fullmatch(rf"(.*\.)?{pattern}", module):
+            try:  # PEFT matches these keys as regular expressions against module names
+                matched = re.fullmatch(rf"(.*\.)?({pattern})", module) is not None
+            except re.error:
+                matched = module == pattern or module.endswith(f".{pattern}")
+            if matched:
                 alpha = value
     if alpha is None:
         alpha = config.get("lora_alpha")

@@ -121,6 +121,17 @@ def test_each_naming_fuses_to_the_hand_merge(transformer, tmp_path, naming, alph
     assert_state_close(fused(transformer, [loaded]), hand_merged(transformer, [(weights, expected_alpha, 0.7)]))
 
 
+def test_peft_save_pretrained_alpha_comes_from_its_adapter_config(transformer, tmp_path):
+    """PeftModel.save_pretrained keeps lora_alpha in adapter_config.json beside adapter_model.safetensors (PixArt-Σ's
+    LoRA script leaves it at PEFT's default, 8, whatever the rank)."""
+    weights = random_lora(transformer, rank=4, seed=8)
+    path = write_lora(tmp_path / "adapter_model.safetensors", weights, "peft")
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
+    loaded = lora.read_lora(lora.LoraSpec(path))
+    assert loaded.alpha_source == "adapter_config.json" and {m.alpha for m in loaded.modules.values()} == {8.0}
+    assert_state_close(fused(transformer, [loaded]), hand_merged(transformer, [(weights, 8.0, 1.0)]))
+
+
 def test_two_loras_at_different_scales_add_up(transformer, tmp_path):
     first, second = random_lora(transformer, 4, seed=2), random_lora(transformer, 8, seed=3, layers=LAYERS[2:])
     loras = [lora.read_lora(lora.LoraSpec(write_lora(tmp_path / "a.safetensors", first, "diffusers", 4.0), 0.8)),
@@ -157,7 +168,8 @@ def test_generate_with_two_loras_equals_diffusers_on_hand_merged_weights(tiny_mo
                         "--lora", "second.safetensors:0.5", "-o", "out.png", cwd=tmp_path,
                         env={"PIXART_MODEL": str(tiny_model)})
     assert result.stdout == "out.png\n"
-    assert "lora: first.safetensors x0.8 (8 layers, rank 4, peft naming)" in result.stderr
+    assert "lora: first.safetensors x0.8 (8 layers, rank 4, peft naming, alpha from lora_adapter_metadata)" in (
+        result.stderr)
 
     pipe = PixArtAlphaPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
