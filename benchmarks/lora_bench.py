@@ -1,7 +1,8 @@
 """LoRA: fused into the weights at load (pixart_cli.lora) vs applied through peft's unfused adapters.
 
-Measures, on random weights (time does not depend on values), the load-time cost of each way and the time of one
-CFG denoising step (one transformer forward with batch 2). Needs peft, which pixart does not depend on:
+Measures, on random weights (time does not depend on values), the load-time cost of each way (reading the same
+file included) and the time of one CFG denoising step (one transformer forward with batch 2). On CPU it counts the
+process's CPU time on one thread, so that other work on a shared machine barely moves the numbers. Needs peft, which pixart does not depend on:
 ``pip install peft``. CPU by default; ``--device cuda`` works too.
 
     python benchmarks/lora_bench.py --size tiny mid --rank 16 --repeat 5
@@ -25,7 +26,7 @@ SIZES = {
     "mid": dict(num_attention_heads=16, attention_head_dim=72, num_layers=4, caption_channels=4096,
                 cross_attention_dim=1152, sample_size=16),
 }
-# Typical PixArt LoRA targets (the PixArt-Σ LoRA script and SimpleTuner's defaults): attention and MLP of each block.
+# Typical PixArt LoRA targets: attention and MLP of each block (a subset of PixArt-Σ's LoRA script's targets).
 TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
            "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
 
@@ -57,20 +58,25 @@ def step_inputs(transformer, device):
                 added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
 
 
-def time_steps(transformer, inputs, repeat: int, device: str) -> tuple[float, torch.Tensor]:
-    """Fastest of `repeat` forwards (after one warm-up; the least disturbed by other work on the machine)."""
-    times = []
+def time_steps(models: dict, inputs, repeat: int, device: str) -> tuple[dict, dict]:
+    """Fastest of ``repeat`` forwards per model (after one warm-up), the models interleaved so that other work on
+    the machine disturbs them alike; on CPU, process CPU time (single thread), which contention barely moves."""
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
+    times = {name: [] for name in models}
+    outputs = {}
     with torch.inference_mode():
-        output = transformer(**inputs)[0]
+        for name, model in models.items():
+            outputs[name] = model(**inputs)[0]
         for _ in range(repeat):
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            output = transformer(**inputs)[0]
-            if device.startswith("cuda"):
-                torch.cuda.synchronize()
-            times.append(time.perf_counter() - started)
-    return min(times), output
+            for name, model in models.items():
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                started = clock()
+                outputs[name] = model(**inputs)[0]
+                if device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                times[name].append(clock() - started)
+    return {name: min(values) for name, values in times.items()}, outputs
 
 
 def peft_import_seconds() -> float:
@@ -81,48 +87,48 @@ def peft_import_seconds() -> float:
 
 
 def run(size: str, rank: int, repeat: int, device: str) -> dict:
-    from safetensors.torch import save_file
+    import pathlib
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
 
     from pixart_cli import lora
 
     base = build(size, device)
     state = lora_state(base, rank)
     inputs = step_inputs(base, device)
-    plain_step, plain_out = time_steps(base, inputs, repeat, device)
-
-    # 1. Fused: read the file as pixart does, then W += scale * alpha/rank * B @ A once.
-    import tempfile
-
+    clock = time.perf_counter if device.startswith("cuda") else time.process_time
     with tempfile.TemporaryDirectory() as folder:
-        path = f"{folder}/lora.safetensors"
-        save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, path)
+        path = pathlib.Path(folder) / "lora.safetensors"
+        save_file({f"transformer.{k}": v.contiguous() for k, v in state.items()}, str(path))
+
+        # 1. Fused: read the file as pixart does (sha256 included), check it, W += scale * alpha/rank * B @ A once.
         fused_model = copy.deepcopy(base)
-        started = time.perf_counter()
-        weights = lora.read_lora(lora.LoraSpec(__import__("pathlib").Path(path), 1.0))
+        started = clock()
+        weights = lora.read_lora(lora.LoraSpec(path, 1.0))
         lora.check_lora(weights, fused_model)
         lora.apply_loras(fused_model, [weights])
-        fused_load = time.perf_counter() - started
-    fused_step, fused_out = time_steps(fused_model, inputs, repeat, device)
-    del fused_model
+        fused_load = clock() - started
 
-    # 2. peft: inject unfused LoRA layers and load the same tensors (what users do by hand today).
-    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+        # 2. peft: read the same file, inject unfused LoRA layers and load the tensors (what users do by hand today).
+        from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
-    peft_model = copy.deepcopy(base)
-    started = time.perf_counter()
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS))
-    inject_adapter_in_model(config, peft_model)
-    set_peft_model_state_dict(peft_model, state)
-    peft_model.to(device)
-    peft_load = time.perf_counter() - started
-    peft_step, peft_out = time_steps(peft_model, inputs, repeat, device)
+        peft_model = copy.deepcopy(base)
+        started = clock()
+        loaded = {k.removeprefix("transformer."): v for k, v in load_file(str(path)).items()}
+        inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(TARGETS)), peft_model)
+        set_peft_model_state_dict(peft_model, loaded)
+        peft_model.to(device)
+        peft_load = clock() - started
+
+    steps, outputs = time_steps({"plain": base, "fused": fused_model, "peft": peft_model}, inputs, repeat, device)
     extra_params = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
     return {"size": size, "rank": rank, "device": device, "layers": len(state) // 2,
             "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 1),
-            "step_plain_s": plain_step, "step_fused_s": fused_step, "step_peft_s": peft_step,
+            "step_plain_s": steps["plain"], "step_fused_s": steps["fused"], "step_peft_s": steps["peft"],
             "load_fused_s": fused_load, "load_peft_s": peft_load, "peft_resident_mb": extra_params / 2**20,
-            "max_diff_fused_vs_peft": float((fused_out - peft_out).abs().max()),
-            "lora_effect": float((fused_out - plain_out).abs().max())}
+            "max_diff_fused_vs_peft": float((outputs["fused"] - outputs["peft"]).abs().max()),
+            "lora_effect": float((outputs["fused"] - outputs["plain"]).abs().max())}
 
 
 def main() -> None:
@@ -132,7 +138,8 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    torch.set_num_threads(torch.get_num_threads())
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # CPU time of one thread: comparable on a machine shared with other work
     print(f"import peft (after torch + diffusers): {peft_import_seconds():.2f} s")
     print("| size | params M | LoRA layers | step plain s | step fused s | step peft s | load fused s | load peft s "
           "| peft resident MB | max diff fused vs peft |")

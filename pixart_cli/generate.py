@@ -27,7 +27,8 @@ def generate(prompts: Sequence[str], *, model: str, negative_prompt: str = "", s
     # Every option is checked before the first (slowest) model loads.
     check_encode_inputs(list(prompts), negative_prompt, max_sequence_length, clean_caption, precision)
     check_denoise_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
-    lora.check_loras_for_model(list(loras), Model(model))
+    if loras:  # a LoRA that does not fit the transformer fails here, before T5 runs
+        lora.check_loras_for_model(list(loras), Model(model))
     shared = {"device": device, "dtype": dtype, "vram": vram, "progress": progress, "log": log, "reports": reports}
     embeddings = encode(prompts, model=model, negative_prompt=negative_prompt, max_sequence_length=max_sequence_length,
                         clean_caption=clean_caption, precision=precision, cache=cache, **shared)

@@ -247,16 +247,37 @@ def test_parse_lora_spec():
     assert str(lora.parse_lora_spec("C:\\loras\\a.safetensors").path) == "C:\\loras\\a.safetensors"
 
 
-def test_a_lora_that_does_not_fit_exits_2_and_writes_nothing(tiny_model, transformer, tmp_path):
-    """Real processes: generate fails before T5 runs, denoise before the transformer loads; one line, no file."""
+def test_a_lora_that_does_not_fit_exits_2_and_writes_nothing(tiny_model, transformer, tmp_path, monkeypatch):
+    """generate (a real process) stops before T5 runs, denoise before the transformer loads: one line, no file."""
+    from typer.testing import CliRunner
+
+    from pixart_cli.cli import app
+
     path, fragment = _bad_files(transformer, tmp_path)["wrong-shape"]
-    env = {"PIXART_MODEL": str(tiny_model)}
     artifacts.save(tmp_path / "emb.pt", encode([PROMPT], model=str(tiny_model), device="cpu"))
     before = sorted(p.name for p in tmp_path.iterdir())
-    for args in (("generate", PROMPT, "-o", "out.png"), ("denoise", "emb.pt", "-o", "lat.pt")):
-        result = run_pixart(*args, "--lora", f"{path.name}:0.5", cwd=tmp_path, env=env, check=False)
-        assert result.returncode == 2, result.stderr
-        assert result.stdout == ""
-        lines = result.stderr.strip().splitlines()
+    result = run_pixart("generate", PROMPT, "-o", "out.png", "--lora", f"{path.name}:0.5", cwd=tmp_path,
+                        env={"PIXART_MODEL": str(tiny_model)}, check=False)
+    monkeypatch.chdir(tmp_path)
+    in_process = CliRunner().invoke(app, ["denoise", "emb.pt", "-o", "lat.pt", "--lora", f"{path.name}:0.5"])
+    for code, stdout, stderr in ((result.returncode, result.stdout, result.stderr),
+                                 (in_process.exit_code, in_process.stdout, in_process.stderr)):
+        assert code == 2 and stdout == "", stderr
+        lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: --lora {path.name}: ") and fragment in lines[0]
-        assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_the_memory_plan_counts_the_moment_of_fusing():
+    """Fusing needs an fp32 copy of the largest adapted layer and its LoRA on the device; nothing more stays."""
+    from diffusers import PixArtTransformer2DModel
+
+    xl = dict(in_channels=4, out_channels=8, patch_size=2, num_attention_heads=16, attention_head_dim=72, num_layers=28,
+              caption_channels=4096, cross_attention_dim=1152, sample_size=128)
+    skeleton = memory.meta_model(lambda config: PixArtTransformer2DModel(**config), xl, torch.float16)
+    rank = 4
+    weights = {"transformer_blocks.0.attn1.to_q": (torch.zeros(rank, 1152), torch.zeros(1152, rank)),
+               "transformer_blocks.3.ff.net.0.proj": (torch.zeros(rank, 1152), torch.zeros(4608, rank))}
+    adapter = lora.LoraWeights(__import__("pathlib").Path("x.safetensors"), "0" * 64, 1.0, "peft",
+                               {f"transformer.{k}": lora.LoraModule(d, u, 4.0) for k, (d, u) in weights.items()})
+    assert lora.fuse_peak_bytes(skeleton, [adapter]) == 2 * 4 * 4608 * 1152 + 4 * rank * (1152 + 4608)  # 42.5 MB
