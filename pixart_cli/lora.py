@@ -90,10 +90,6 @@ class LoraWeights:
     def name(self) -> str:
         return self.path.name
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for m in self.modules.values() for t in (m.down, m.up))
-
     def record(self) -> dict:
         """What the latents meta and the image metadata keep of it."""
         return {"file": self.name, "sha256": self.sha256, "scale": self.scale}
@@ -145,7 +141,7 @@ def read_lora(spec: LoraSpec) -> LoraWeights:
     naming, modules, has_alpha_keys = _group_modules(tensors, config, where)
     if has_alpha_keys:
         source = ".alpha keys"
-    elif not config.get("lora_alpha") and not config.get("alpha_pattern"):
+    elif config.get("lora_alpha") is None and not config.get("alpha_pattern"):
         source = "none in the file: alpha = rank"
     return LoraWeights(path, hashlib.sha256(data).hexdigest(), spec.scale, naming, modules, source)
 
