@@ -323,6 +323,21 @@ def read_image_metadata(path: Path) -> dict:
     return {"format": fmt, "size": size, "parameters": parameters, "settings": settings}
 
 
+def load_image_pixels(path: Path):
+    """An image's pixels as a uint8 array [H, W, 3] (RGB), for comparing; any unreadable file is one line."""
+    import numpy as np
+    from PIL import Image
+
+    path = Path(path)
+    if not path.is_file():
+        raise bad_file(path, "no such file")
+    try:
+        with Image.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as error:  # noqa: BLE001 - PIL raises many types on damaged input (and on decompression bombs)
+        raise bad_file(path, f"not an image pixart can read ({detail(error)[:120]})") from None
+
+
 def require_writable(path: Path, option: str, inputs: tuple[Path, ...] = (), overwrite: bool = True) -> Path:
     """Check an output path before any work: its folder exists and is writable, it is not an input, and
     (with ``overwrite=False``) it does not exist yet."""
@@ -347,7 +362,7 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
     """(A1111 "parameters" text, JSON settings) for image ``index`` of a latents meta."""
     settings = {key: meta.get(key) for key in ("model", "revision", "family", "negative_prompt", "steps", "timesteps",
                                                 "guidance_scale", "scheduler", "dtype", "clean_caption",
-                                                "max_sequence_length", "binned")}
+                                                "max_sequence_length", "binned", "loras")}
     settings.update(prompt=meta["prompts"][index], seed=meta["seeds"][index], width=meta["requested_width"],
                     height=meta["requested_height"], denoise_width=meta["width"], denoise_height=meta["height"],
                     generator="pixart-cli")

@@ -74,13 +74,21 @@ def _unexpected(error: Exception) -> str:
     return f"{type(error).__name__}: {detail(error)} (run with PIXART_DEBUG=1 for the traceback)"
 
 
-def _context(out: Output, model, device: str, dtype: str, budget: Optional[int], report_memory: bool):
-    """The one run context of a command: device and dtype resolved once, the parsed --vram budget, the model, and
-    the output sink's progress, notes and memory reports."""
+def _context(out: Output, model, device: str, dtype: str, budget: Optional[int], report_memory: bool,
+             loras: tuple = ()):
+    """The one run context of a command: device and dtype resolved once, the parsed --vram budget, the model, the
+    LoRAs, and the output sink's progress, notes and memory reports."""
     from pixart_cli.runtime import RunContext
 
     return RunContext.resolve(model, device, dtype, budget, progress=out.progress, log=out.note,
-                              reports=[] if report_memory else None)
+                              reports=[] if report_memory else None, loras=loras)
+
+
+def _loras(values: Optional[list[str]]) -> tuple:
+    """--lora values, parsed and read (each checked on its own; against the model later, before weights load)."""
+    from pixart_cli.lora import parse_lora_spec, read_lora
+
+    return tuple(read_lora(parse_lora_spec(value)) for value in values or ())
 
 
 def _new_model(model: Optional[str], revision: Optional[str]):
@@ -203,6 +211,7 @@ def denoise(
     scheduler: options.Scheduler = None,
     batch_size: options.DenoiseBatchSize = None,
     compile: options.Compile = False,
+    lora: options.Lora = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -226,8 +235,10 @@ def denoise(
                                    batch_size, compile).with_seed()
         artifacts.require_writable(output, "--output", (embeddings,), overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
+        loras = _loras(lora)
         # 2. Resolve once, run, write
-        ctx = _context(out, model_for_file(model, revision, loaded.meta), device, dtype, budget, report_memory)
+        ctx = _context(out, model_for_file(model, revision, loaded.meta), device, dtype, budget, report_memory,
+                       loras)
         latents = denoise(loaded, settings, ctx, source_path=str(embeddings))
         out.record["seeds"] = latents.meta["seeds"]
         out.wrote(artifacts.save(output, latents))
@@ -291,6 +302,7 @@ def generate(
     scheduler: options.Scheduler = None,
     batch_size: options.GenerateBatchSize = None,
     compile: options.Compile = False,
+    lora: options.Lora = None,
     cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -319,19 +331,20 @@ def generate(
                                     scheduler, batch_size, compile)
         _check_image_outputs(output, len(texts) * num_images, overwrite=not no_overwrite)
         source = _new_model(model, revision)
+        loras = _loras(lora)
         if scaleout.applies(output, resume, ray, ray_address):  # -o DIR/, several processes, --resume or --ray
             # The seed is agreed between processes there; each process resolves its own device.
             callbacks = scaleout.Callbacks(out.wrote, out.note, out.progress, [] if report_memory else None)
             summary = scaleout.generate_images(
                 texts, output=output, encoding=encoding, denoising=denoising, model=source,
-                run=scaleout.RunOptions(device, dtype, budget), resume=resume, callbacks=callbacks, ray=ray,
+                run=scaleout.RunOptions(device, dtype, budget, loras), resume=resume, callbacks=callbacks, ray=ray,
                 ray_address=ray_address)
             if summary is not None:
                 out.note(summary.describe(), summary=summary.as_dict())
             _finish_reports(out, callbacks.reports)
             return
         # 2. Resolve once, run the three stages, write
-        ctx = _context(out, source, device, dtype, budget, report_memory)
+        ctx = _context(out, source, device, dtype, budget, report_memory, loras)
         images, meta = generate(texts, encoding, denoising.with_seed(), ctx, decode_batch_size=batch_size)
         out.record["seeds"] = meta["seeds"]
         _write_images(out, images, meta, output)
@@ -355,6 +368,27 @@ def info(
         out.record.update(described)
         if not json:
             print(_info_table(described), end="")
+
+    _run(out, work)
+
+
+@app.command(short_help="Compare two embeddings, latents or image files.")
+def compare(
+    a: options.CompareFile,
+    b: options.CompareFile,
+    json: options.Json = False,
+) -> None:
+    """Compare two embeddings files, two latents files or two images: per prompt or image, cosine similarity and
+    max / mean absolute difference; images also max / mean pixel difference and PSNR."""
+    out = Output("compare", False, json)
+
+    def work():
+        from pixart_cli.compare import compare_files, format_table
+
+        result = compare_files(a, b)
+        out.record.update(result.as_dict())
+        if not json:
+            print(format_table(result), end="")
 
     _run(out, work)
 

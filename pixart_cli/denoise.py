@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from pixart_cli import artifacts, memory
+from pixart_cli import artifacts, lora, memory
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models import Model, load_component, stage_pipeline
 from pixart_cli.runtime import RunContext
@@ -97,6 +97,7 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
 
     embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
     Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
+    ``ctx.loras`` are checked against the transformer before its weights load, then fused into them.
     """
     # 1. Check inputs against the model's configs; fill each default from the model's family
     settings = settings.with_seed()
@@ -106,15 +107,17 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
     plan = schedule(settings, source)
     total_images = embeddings.prompt_embeds.shape[0] * settings.num_images
     seeds = [settings.seed + index for index in range(total_images)]
-    # Shown before the work, so that an interrupted or failed run can be repeated.
-    ctx.note(f"seed: {seeds[0]}" if total_images == 1 else f"seed: {seeds[0]}..{seeds[-1]} (image i: seed + i)")
 
     # 2. Pick a plan for the budget from the transformer's exact size, then load it and the scheduler only
     meter = ctx.meter("denoise")
     chosen = _plan(plan, total_images, ctx)
     if settings.batch_size is not None:  # the user's flag wins over the plan's batch
         chosen = dataclasses.replace(chosen, batch=settings.batch_size)
+    # Shown once everything is checked and before the work, so that an interrupted run can be repeated.
+    ctx.note(f"seed: {seeds[0]}" if total_images == 1 else f"seed: {seeds[0]}..{seeds[-1]} (image i: seed + i)")
     ctx.note(chosen.describe())
+    for adapter in ctx.loras:
+        ctx.note(adapter.describe())
     with meter.phase("load"):
         pipe = _load(chosen, plan.scheduler, ctx, compiled=settings.compile)
 
@@ -137,6 +140,7 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
         "height": plan.height, "width": plan.width, "requested_height": plan.requested_height,
         "requested_width": plan.requested_width, "binned": plan.binned, "plan": chosen.name, "compiled": settings.compile,
         "clean_caption": meta_in.get("clean_caption"), "max_sequence_length": meta_in.get("max_sequence_length"),
+        "loras": lora.records(list(ctx.loras)),
     }
     return artifacts.Latents(latents, meta)
 
@@ -149,8 +153,12 @@ def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
     config = source.config("transformer")
     skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, ctx.dtype)
     scale = source.vae_scale_factor * config.get("patch_size", 2)
+    for adapter in ctx.loras:  # a LoRA that does not fit stops here, before any weights load
+        lora.check_lora(adapter, skeleton)
+    # Fusing a LoRA briefly needs an fp32 copy of one layer on the device; nothing stays after it.
+    transformer_bytes = memory.parameter_bytes(skeleton) + lora.fuse_peak_bytes(skeleton, list(ctx.loras))
     budget, context = ctx.budget()
-    return memory.plan_denoise(budget, context, memory.parameter_bytes(skeleton),
+    return memory.plan_denoise(budget, context, transformer_bytes,
                                (plan.height // scale) * (plan.width // scale), skeleton.inner_dim,
                                ctx.dtype.itemsize, images, plan.guidance_scale > 1)
 
@@ -165,6 +173,7 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
         # Below the transformer's own size: diffusers' group offloading streams its blocks from CPU RAM.
         transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
                                      dtype=ctx.dtype)
+        lora.apply_loras(transformer, list(ctx.loras))  # into the CPU weights, before offloading takes them
         transformer.enable_group_offload(onload_device=device, offload_type="block_level",
                                          num_blocks_per_group=1, use_stream=device.type == "cuda")
     else:
@@ -172,6 +181,7 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
         transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
                                      dtype=ctx.dtype, **kwargs)
         transformer.to(device)
+        lora.apply_loras(transformer, list(ctx.loras))
     transformer.eval()
     if compiled:
         if chosen.name == "streamed":

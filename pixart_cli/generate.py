@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from pixart_cli import lora
 from pixart_cli.decode import decode
 from pixart_cli.denoise import denoise, schedule
 from pixart_cli.encode import encode
@@ -19,6 +20,8 @@ def generate(prompts: Sequence[str], encoding: EncodeSettings, denoising: Denois
     denoising = denoising.with_seed()
     denoising.check_total(len(prompts))
     schedule(denoising, ctx.model)
+    if ctx.loras:  # a LoRA that does not fit the transformer fails here, before T5 runs
+        lora.check_loras_for_model(list(ctx.loras), ctx.model)
     embeddings = encode(prompts, encoding, ctx)
     latents = denoise(embeddings, denoising, ctx)
     images = decode(latents, ctx, batch_size=decode_batch_size)

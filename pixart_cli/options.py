@@ -119,6 +119,14 @@ GenerateBatchSize = Annotated[Optional[int], typer.Option(
 Compile = Annotated[bool, typer.Option(
     "--compile", help="torch.compile the transformer: slower first run (compiling), faster steps after; kernels "
                       "are cached for later runs. Not bit-identical to the default.")]
+Lora = Annotated[Optional[list[str]], typer.Option(
+    "--lora", metavar="FILE[:SCALE]",
+    help="Apply a LoRA to the transformer: FILE.safetensors or FILE:SCALE (default scale 1.0); repeat for "
+         "several. diffusers/PEFT (lora_A/lora_B) and kohya/OneTrainer (lora_down/lora_up) files; fused into the "
+         "weights at load, recorded in the outputs.", show_default=False)]
+CompareFile = Annotated[Path, typer.Argument(
+    metavar="FILE", help="An embeddings or latents .pt file, or an image (.png, .jpg, .webp); both must be of one "
+                         "kind.", show_default=False)]
 Cache = Annotated[Optional[Path], typer.Option(
     "--cache", envvar="PIXART_CACHE", metavar="DIR", help="Embedding cache folder: encode skips T5 for a model + "
                                                           "prompt + settings it has already encoded [default: off].",
@@ -130,5 +138,5 @@ Ray = Annotated[bool, typer.Option(
     "--ray", help="Run the stages as Ray Data actor pools (pip install \"pixart-cli[ray]\"): a local Ray, or the "
                   "cluster at --ray-address / RAY_ADDRESS.")]
 RayAddress = Annotated[Optional[str], typer.Option(
-    "--ray-address", help="Ray cluster to join with --ray, e.g. ray://head:10001 or auto [env: RAY_ADDRESS; "
+    "--ray-address", metavar="ADDRESS", help="Ray cluster to join with --ray, e.g. ray://head:10001 or auto [env: RAY_ADDRESS; "
                           "default: a local Ray on this machine].", show_default=False)]

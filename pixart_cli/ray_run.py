@@ -71,7 +71,7 @@ def run_ray(job: Job, todo: list[int], seed: int, model, encoding: EncodeSetting
 
     # Each actor resolves its own run context on its worker: the model by id (a hub id or an absolute folder).
     stage_args = {"job": job, "seed": seed, "model": (model.id, model.revision), "encoding": encoding,
-                  "denoising": denoising, "run": RunOptions("cuda" if gpus else device, run.dtype, run.vram),
+                  "denoising": denoising, "run": RunOptions("cuda" if gpus else device, run.dtype, run.vram, run.loras),
                   "gpu": bool(gpus)}
     dataset = ray.data.from_items(units)
     for stage, actor in (("encode", EncodeActor), ("denoise", DenoiseActor), ("decode", DecodeActor)):

@@ -80,6 +80,7 @@ class RunContext:
     progress: Progress | None = None
     log: Log | None = None
     reports: list | None = field(default=None)
+    loras: tuple = ()  # lora.LoraWeights, read at the edge; fused into the transformer where it loads (denoise)
 
     @classmethod
     def resolve(cls, model: Model | str, device: str = "auto", dtype: str = "auto", vram: int | None = None,

@@ -100,6 +100,7 @@ class RunOptions:
     device: str = "auto"
     dtype: str = "auto"
     vram: int | None = None
+    loras: tuple = ()  # lora.LoraWeights, read once by the CLI
 
     def context(self, model, callbacks: Callbacks, device: str | None = None, vram: int | None = None):
         """This process's run context (``device``/``vram`` override the run's: a rank's GPU, a Ray stage's
@@ -108,13 +109,15 @@ class RunOptions:
 
         return RunContext.resolve(model, self.device if device is None else device, self.dtype,
                                   self.vram if vram is None else vram, progress=callbacks.progress,
-                                  log=callbacks.log, reports=callbacks.reports)
+                                  log=callbacks.log, reports=callbacks.reports, loras=self.loras)
 
 
-def image_options(model, dtype: str, encoding: EncodeSettings, denoising: DenoiseSettings) -> dict:
+def image_options(model, dtype: str, encoding: EncodeSettings, denoising: DenoiseSettings, loras=()) -> dict:
     """The options that change an image, as given (None: the model's default): a manifest line is reused by
     --resume only when they are the same now."""
-    return {"model": model.id, "steps": denoising.steps, "guidance_scale": denoising.guidance_scale,
+    from pixart_cli.lora import records
+
+    return {"model": model.id, "loras": records(list(loras)), "steps": denoising.steps, "guidance_scale": denoising.guidance_scale,
             "width": denoising.width, "height": denoising.height, "binning": denoising.binning,
             "scheduler": denoising.scheduler, "dtype": dtype, "max_sequence_length": encoding.max_sequence_length,
             "clean_caption": encoding.clean_caption, "precision": encoding.precision}
@@ -207,7 +210,7 @@ def generate_images(prompts: Sequence[str], *, output: Path, encoding: EncodeSet
     num_images, seed = denoising.num_images, denoising.seed
     denoising.check_total(len(prompts))
     job = make_job(prompts, num_images, output, encoding.negative_prompt,
-                   image_options(model, run.dtype, encoding, denoising))
+                   image_options(model, run.dtype, encoding, denoising, run.loras))
     if resume and job.folder is None:
         raise PixartError(f"--resume: needs -o DIR/ (the manifest lives in DIR), not -o {output}")
     if ray and ranks.world_size > 1:

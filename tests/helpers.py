@@ -28,7 +28,7 @@ def encoded(prompts, model, **settings):
     """encode() with EncodeSettings(**settings) on the CPU."""
     from pixart_cli.encode import encode
 
-    callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports") if key in settings}
+    callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports", "loras") if key in settings}
     return encode(prompts, EncodeSettings(**settings), cpu(model, **callbacks))
 
 
@@ -36,7 +36,7 @@ def denoised(embeddings, model=None, **settings):
     """denoise() with DenoiseSettings(**settings) on the CPU, with the model the embeddings name by default."""
     from pixart_cli.denoise import denoise
 
-    callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports") if key in settings}
+    callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports", "loras") if key in settings}
     return denoise(embeddings, DenoiseSettings(**settings), cpu(model or embeddings.meta["model"], **callbacks))
 
 
@@ -52,7 +52,7 @@ def generated(prompts, model, **options):
 
     from pixart_cli.generate import generate
 
-    callbacks = {key: options.pop(key) for key in ("log", "progress", "reports") if key in options}
+    callbacks = {key: options.pop(key) for key in ("log", "progress", "reports", "loras") if key in options}
     encode_names = {f.name for f in fields(EncodeSettings)}
     encoding = EncodeSettings(**{k: v for k, v in options.items() if k in encode_names})
     denoising = DenoiseSettings(**{k: v for k, v in options.items() if k not in encode_names})
