@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 import typer
 
 from pixart_cli import __version__, options
-from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, detail
-from pixart_cli.output import Output
+from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, Terminated, detail
+from pixart_cli.output import Output, printable
 
 app = typer.Typer(
     name="pixart",
@@ -27,42 +27,57 @@ app = typer.Typer(
 )
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised inside the work so that temp files are cleaned up on the way out."""
+def _on_signal(signum, frame):
+    """The first SIGINT or SIGTERM stops the work; later ones are ignored, so that the way out (removing temp
+    files, the one error line) is never itself interrupted into a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+def install_signal_handlers() -> None:
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
 
 
 def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None:
     """Run one command's work; turn every failure into one line and an exit code (traceback: PIXART_DEBUG=1)."""
     debug = os.environ.get("PIXART_DEBUG") == "1"
-    signal.signal(signal.SIGTERM, _on_sigterm)
     from pixart_cli import runtime
 
     runtime.quiet_libraries()
     runtime.lean_imports(quantized)
     try:
         work()
-    except (Exception, KeyboardInterrupt, _Terminated) as error:  # the edge: one line, not a traceback
-        code, message = _failure(error)
+        out.close()
+    except (Exception, KeyboardInterrupt, Terminated) as error:  # the edge: one line, not a traceback
+        code, message = _failure(error, out.record["outputs"], getattr(out, "planned", None))
         if debug:
             traceback.print_exception(error)
         out.error(message)
         raise typer.Exit(code) from None
-    out.close()
 
 
-def _failure(error: BaseException) -> tuple[int, str]:
-    """Exit code and one-line message for any failure."""
-    if isinstance(error, PixartError):
-        return error.exit_code, str(error)
+def _failure(error: BaseException, written: list[str] = (), planned: int | None = None) -> tuple[int, str]:
+    """Exit code and one-line message for any failure, saying truthfully which outputs were written before it."""
     if isinstance(error, KeyboardInterrupt):
-        return EXIT_SIGINT, "interrupted; no output was written"
-    if isinstance(error, _Terminated):
-        return EXIT_SIGTERM, "terminated; no output was written"
-    return EXIT_RUNTIME, _unexpected(error)
+        code, message = EXIT_SIGINT, "interrupted"
+    elif isinstance(error, Terminated):
+        code, message = EXIT_SIGTERM, "terminated"
+    elif isinstance(error, PixartError):
+        code, message = error.exit_code, str(error)
+    elif isinstance(error, OSError) and error.strerror:  # a full disk, a vanished folder: the file is named
+        code, message = EXIT_RUNTIME, f"cannot write {error.filename or 'an output'} ({error.strerror})"
+    else:
+        code, message = EXIT_RUNTIME, _unexpected(error)
+    if not written:
+        if code in (EXIT_SIGINT, EXIT_SIGTERM):
+            message += "; no output was written"
+        return code, message
+    of = f" of {planned}" if planned else ""
+    names = ", ".join(written) if len(written) <= 3 else f"{written[0]} ... {written[-1]}"
+    return code, f"{message}; {len(written)}{of} outputs had been written ({names}; listed on stdout), the rest " \
+                 "were not"
 
 
 def _unexpected(error: Exception) -> str:
@@ -87,27 +102,33 @@ def _check_common(device: str, dtype: str, vram: Optional[str]) -> None:
     parse_vram(vram)
 
 
-def _write_images(out: Output, images: list, meta: dict, output: Path) -> None:
+def _targets(out: Output, output: str, count: int, kind: str, inputs: tuple = (), overwrite: bool = True) -> list:
+    """Where the outputs go (artifacts owns the rule), checked before any work; the count is recorded so that a
+    failure half-way can say how many were written."""
     from pixart_cli import artifacts
 
-    for index, (image, path) in enumerate(zip(images, artifacts.output_paths(output, len(images)))):
+    targets = artifacts.output_targets(output, count, kind, inputs=inputs, overwrite=overwrite,
+                                       allow_stdout=not out.as_json)
+    out.planned = len(targets)
+    return targets
+
+
+def _write_images(out: Output, images: list, meta: dict, targets: list, overwrite: bool) -> None:
+    from pixart_cli import artifacts
+
+    for index, (image, path) in enumerate(zip(images, targets)):
         parameters, settings = artifacts.image_metadata(meta, index)
-        out.wrote(artifacts.save_image(path, image, parameters, settings))
+        out.wrote(artifacts.save_image(path, image, parameters, settings, overwrite=overwrite))
 
 
-def _check_image_outputs(output: Path, count: int, inputs: tuple[Path, ...] = (), overwrite: bool = True) -> None:
-    from pixart_cli import artifacts
-
-    for path in artifacts.output_paths(output, count):
-        artifacts.require_writable(path, "--output", inputs, overwrite)
-
-
-def _prompts(prompts: Optional[list[str]], prompts_file: Optional[Path]) -> list[str]:
+def _prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> list[str]:
     """PROMPT arguments, then the lines of --prompts-file (``-``: stdin)."""
     collected = list(prompts or [])
+    if prompts_file == "":
+        raise PixartError("--prompts-file: the path is empty; give a file of prompts, one per line (- reads stdin)")
     if prompts_file is not None:
         try:
-            text = sys.stdin.read() if str(prompts_file) == "-" else prompts_file.read_text(encoding="utf-8")
+            text = sys.stdin.read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise PixartError(f"--prompts-file {prompts_file}: cannot read it ({error.__class__.__name__}: "
                               f"{getattr(error, 'strerror', None) or error})") from None
@@ -154,7 +175,7 @@ def _note_seeds(out: Output, meta: dict) -> None:
 def encode(
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
-    output: options.EmbeddingsOutput = Path("embeddings.pt"),
+    output: options.EmbeddingsOutput = "embeddings.pt",
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
     max_sequence_length: options.MaxSequenceLength = None,
@@ -179,12 +200,12 @@ def encode(
         _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
         check_inputs(texts, negative_prompt, max_sequence_length, clean_caption, text_encoder_precision)
-        artifacts.require_writable(output, "--output", overwrite=not no_overwrite)
+        target, = _targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
         stages = _Stages(out, report_memory, device, vram)
         embeddings = encode(texts, model=_model(model), negative_prompt=negative_prompt, device=device,
                             dtype=dtype, max_sequence_length=max_sequence_length, clean_caption=clean_caption,
                             vram=vram, precision=text_encoder_precision, cache=cache, **stages.kwargs())
-        out.wrote(artifacts.save(output, embeddings))
+        out.wrote(artifacts.save(target, embeddings, overwrite=not no_overwrite))
         stages.finish()
 
     _run(out, work, quantized=text_encoder_precision != "full")
@@ -193,7 +214,7 @@ def encode(
 @app.command()
 def denoise(
     embeddings: options.EmbeddingsFile,
-    output: options.LatentsOutput = Path("latents.pt"),
+    output: options.LatentsOutput = "latents.pt",
     model: options.ModelFromFile = None,
     steps: options.Steps = None,
     guidance_scale: options.GuidanceScale = None,
@@ -221,7 +242,7 @@ def denoise(
 
         _check_common(device, dtype, vram)
         check_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
-        artifacts.require_writable(output, "--output", (embeddings,), overwrite=not no_overwrite)
+        target, = _targets(out, output, 1, "latents", (embeddings,), overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
         stages = _Stages(out, report_memory, device, vram)
         latents = denoise(loaded, model=model, steps=steps, guidance_scale=guidance_scale, seed=seed, width=width,
@@ -229,7 +250,7 @@ def denoise(
                           batch_size=batch_size, device=device, dtype=dtype, vram=vram,
                           source_path=str(embeddings), **stages.kwargs())
         _note_seeds(out, latents.meta)
-        out.wrote(artifacts.save(output, latents))
+        out.wrote(artifacts.save(target, latents, overwrite=not no_overwrite))
         stages.finish()
 
     _run(out, work)
@@ -238,7 +259,7 @@ def denoise(
 @app.command()
 def decode(
     latents: options.LatentsFile,
-    output: options.ImageOutput = Path("image.png"),
+    output: options.ImageOutput = "image.png",
     model: options.ModelFromFile = None,
     batch_size: options.BatchSize = None,
     device: options.Device = "auto",
@@ -258,11 +279,11 @@ def decode(
 
         _check_common(device, dtype, vram)
         loaded = artifacts.load_latents(latents)
-        _check_image_outputs(output, loaded.latents.shape[0], (latents,), overwrite=not no_overwrite)
+        targets = _targets(out, output, loaded.latents.shape[0], "image", (latents,), overwrite=not no_overwrite)
         stages = _Stages(out, report_memory, device, vram)
         images = decode(loaded, model=model, device=device, dtype=dtype, batch_size=batch_size, vram=vram,
                         source_path=str(latents), **stages.kwargs())
-        _write_images(out, images, loaded.meta, output)
+        _write_images(out, images, loaded.meta, targets, not no_overwrite)
         stages.finish()
 
     _run(out, work)
@@ -272,7 +293,7 @@ def decode(
 def generate(
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
-    output: options.ImageOutput = Path("image.png"),
+    output: options.ImageOutput = "image.png",
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
     steps: options.Steps = None,
@@ -304,7 +325,7 @@ def generate(
 
         _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
-        _check_image_outputs(output, len(texts) * max(num_images, 1), overwrite=not no_overwrite)
+        targets = _targets(out, output, len(texts) * max(num_images, 1), "image", overwrite=not no_overwrite)
         stages = _Stages(out, report_memory, device, vram)
         images, meta = generate(texts, model=_model(model), negative_prompt=negative_prompt, steps=steps,
                                 guidance_scale=guidance_scale, seed=seed, width=width, height=height,
@@ -313,7 +334,7 @@ def generate(
                                 precision=text_encoder_precision, scheduler=scheduler, batch_size=batch_size,
                                 cache=cache, **stages.kwargs())
         _note_seeds(out, meta)
-        _write_images(out, images, meta, output)
+        _write_images(out, images, meta, targets, not no_overwrite)
         stages.finish()
 
     _run(out, work, quantized=text_encoder_precision != "full")
@@ -350,7 +371,8 @@ def _info_table(described: dict) -> str:
     settings = described.get("meta") or described.get("settings") or {}
     rows += [(key, settings[key]) for key in sorted(settings)]
     width = max(len(key) for key, _ in rows)
-    return "".join(f"{key:<{width}}  {value}\n" for key, value in rows)
+    # printable: a prompt's ANSI escapes or newlines are shown escaped, never executed by the terminal
+    return "".join(f"{printable(key):<{width}}  {printable(value)}\n" for key, value in rows)
 
 
 def _version(value: bool) -> None:
@@ -369,7 +391,13 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="pixart")
+    install_signal_handlers()
+    try:
+        app(prog_name="pixart")
+    except (KeyboardInterrupt, Terminated) as error:  # a signal outside a command's work (while parsing)
+        code, message = _failure(error)
+        Output("pixart").error(message)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

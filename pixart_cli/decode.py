@@ -23,6 +23,12 @@ def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
     if decoded_size != (height, width):
         raise bad_file(path, f"latents {list(latents.latents.shape)} do not decode to the recorded "
                              f"{width}x{height} with this VAE (x{scale})")
+    # The size decode resizes to is bounded as --width/--height are in denoise: a file cannot ask for more.
+    limit = 4 * source.native_size
+    for key in ("requested_width", "requested_height", "width", "height"):
+        if latents.meta[key] > limit:
+            raise bad_file(path, f"meta.{key} is {latents.meta[key]}, beyond this model's maximum of {limit} "
+                                 f"(4x its native {source.native_size}); not a file pixart wrote for it")
 
 
 def decode(latents: artifacts.Latents, *, model: str | None = None, device: str = "auto", dtype: str = "auto",
@@ -37,7 +43,8 @@ def decode(latents: artifacts.Latents, *, model: str | None = None, device: str 
     if batch_size is not None and batch_size < 1:
         raise PixartError(f"--batch-size {batch_size}: must be at least 1")
     meta = latents.meta
-    source = Model(meta["model"] if model is None else model, meta.get("revision") if model is None else None)
+    source = (Model(meta["model"], meta.get("revision"), named_by=source_path) if model is None
+              else Model(model))
     check_fits(latents, source, source_path)
     torch_device = runtime.resolve_device(device)
     torch_dtype = runtime.resolve_dtype(dtype, torch_device)

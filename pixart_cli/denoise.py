@@ -78,7 +78,8 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     # 1. Check inputs against the model's configs; fill each default from the model's family
     check_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
     meta_in = embeddings.meta
-    source = Model(meta_in["model"] if model is None else model, meta_in.get("revision") if model is None else None)
+    source = (Model(meta_in["model"], meta_in.get("revision"), named_by=source_path) if model is None
+              else Model(model))
     family = source.family
     requested_width = source.native_size if width is None else width
     requested_height = source.native_size if height is None else height
@@ -170,7 +171,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     prompts = [p for p in meta_in["prompts"] for _ in range(num_images)]
     meta = {
         "format": artifacts.LATENTS_FORMAT, "version": artifacts.FORMAT_VERSION,
-        "model": source.id, "revision": source.revision, "family": family.name,
+        "model": source.recorded, "revision": source.revision, "family": family.name,
         "dtype": runtime.dtype_name(torch_dtype), "prompts": prompts,
         "negative_prompt": meta_in.get("negative_prompt", ""), "seeds": seeds, "steps": steps,
         "timesteps": timesteps, "guidance_scale": float(guidance_scale), "scheduler": scheduler_name,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import PixartError
@@ -116,10 +113,14 @@ def encode(prompts: Sequence[str], *, model: str, negative_prompt: str = "", dev
         raise PixartError(f"--text-encoder-precision {precision}: bitsandbytes quantization needs a CUDA GPU; "
                           "use full precision (--dtype bf16 halves T5's memory on CPU)")
     meter = memory.Meter("encode", torch_device)
-    settings = {"model": source.id, "revision": revision, "text_encoder": source.config("text_encoder"),
+    settings = {"model": source.recorded, "revision": revision, "text_encoder": source.config("text_encoder"),
                 "negative_prompt": negative_prompt, "max_sequence_length": max_length,
                 "clean_caption": clean_caption, "dtype": runtime.dtype_name(torch_dtype), "precision": precision}
-    store = EmbeddingCache(cache, settings) if cache is not None else None
+    store = None
+    if cache is not None:
+        from pixart_cli.cache import EmbeddingCache
+
+        store = EmbeddingCache(cache, settings, source.config("text_encoder").get("d_model"), torch_dtype, log)
     rows = {prompt: store.get(prompt) for prompt in prompts} if store else {}
     todo = [prompt for prompt in dict.fromkeys(prompts) if rows.get(prompt) is None]
 
@@ -129,7 +130,9 @@ def encode(prompts: Sequence[str], *, model: str, negative_prompt: str = "", dev
         (embeds, mask), plan_name = _encode_texts(source, todo + [negative_prompt], max_length, clean_caption,
                                                   torch_dtype, torch_device, vram, precision, meter, progress, log)
         for index, prompt in enumerate(todo):
-            rows[prompt] = (embeds[index:index + 1], mask[index:index + 1], embeds[-1:], mask[-1:])
+            # each prompt's own rows, not views of the batch (a view would keep the whole batch alive)
+            rows[prompt] = tuple(t.clone() for t in (embeds[index:index + 1], mask[index:index + 1], embeds[-1:],
+                                                     mask[-1:]))
             if store:
                 store.put(prompt, rows[prompt])
     elif log:
@@ -140,7 +143,7 @@ def encode(prompts: Sequence[str], *, model: str, negative_prompt: str = "", dev
     # 3. Record what the next stage needs
     meta = {
         "format": artifacts.EMBEDDINGS_FORMAT, "version": artifacts.FORMAT_VERSION,
-        "model": source.id, "revision": revision, "family": family.name, "dtype": runtime.dtype_name(torch_dtype),
+        "model": source.recorded, "revision": revision, "family": family.name, "dtype": runtime.dtype_name(torch_dtype),
         "prompts": prompts, "negative_prompt": negative_prompt, "max_sequence_length": max_length,
         "clean_caption": clean_caption, "text_encoder_precision": precision,
     }
@@ -181,36 +184,3 @@ def _encode_texts(source: Model, texts: list[str], max_length: int, clean_captio
     del pipe, text_encoder
     runtime.free(device)
     return (torch.cat(embeds), torch.cat(masks)), chosen.name
-
-
-class EmbeddingCache:
-    """One embeddings file per (model, T5 config, prompt, settings), named by their hash; read back validated."""
-
-    def __init__(self, folder, settings: dict):
-        self.folder = Path(folder).expanduser()
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise PixartError(f"--cache {folder}: cannot create it ({error.strerror})") from None
-        self.settings = settings
-
-    def path(self, prompt: str) -> Path:
-        key = json.dumps({**self.settings, "prompt": prompt}, sort_keys=True)
-        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-
-    def get(self, prompt: str):
-        """(embeds, mask, negative, negative mask) of one prompt, each [1, ...], or None."""
-        path = self.path(prompt)
-        if not path.is_file():
-            return None
-        try:
-            entry = artifacts.load_embeddings(path)
-        except PixartError:
-            return None  # a damaged entry is encoded again and rewritten
-        return tuple(entry.tensors().values()) if entry.meta.get("prompts") == [prompt] else None
-
-    def put(self, prompt: str, row: tuple) -> None:
-        meta = {"format": artifacts.EMBEDDINGS_FORMAT, "version": artifacts.FORMAT_VERSION,
-                "model": self.settings["model"], "family": "cache", "dtype": self.settings["dtype"],
-                "prompts": [prompt], "max_sequence_length": self.settings["max_sequence_length"]}
-        artifacts.save(self.path(prompt), artifacts.Embeddings(*row, meta=meta))

@@ -9,6 +9,10 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised inside the work (as KeyboardInterrupt is for SIGINT) so that temp files are cleaned up."""
+
+
 class PixartError(Exception):
     """A failure the user can fix. ``str(error)`` is the single line shown; it names the value and the fix."""
 

@@ -65,21 +65,43 @@ def _looks_local(model: str) -> bool:
 
 
 class Model:
-    """One model, a local diffusers folder or a Hugging Face id, read one component at a time."""
+    """One model, a local diffusers folder or a Hugging Face id, read one component at a time.
 
-    def __init__(self, model: str, revision: str | None = None):
+    ``named_by``: the file whose meta names this model (no --model given). Such a model is trusted less: a hub
+    id is loaded only from the local Hugging Face cache (never downloaded), and errors name the file.
+    """
+
+    def __init__(self, model: str, revision: str | None = None, named_by: str | None = None):
         self.id = model
         self.revision = revision
+        self.named_by = named_by
         self.local = _looks_local(model)
         if self.local:
             folder = Path(model).expanduser()
             if not folder.is_dir():
+                if named_by is not None:
+                    raise PixartError(f"{named_by}: names the model folder {model}, which does not exist here; pass "
+                                      "--model with the model's folder or id")
                 raise PixartError(f"--model {model}: no such folder; give a diffusers model folder or a Hugging Face id")
             if not (folder / "model_index.json").is_file():
-                raise PixartError(f"--model {model}: not a diffusers model folder (no model_index.json)")
+                where = f"{named_by}: names the model folder {model}, which" if named_by else f"--model {model}:"
+                raise PixartError(f"{where} is not a diffusers model folder (no model_index.json)")
             self.root = folder
         self._configs: dict[str, dict] = {}
         self._base: Model | None = None
+
+    @property
+    def recorded(self) -> str:
+        """What files record: a local folder as an absolute path (a later stage may run elsewhere), or the id."""
+        return os.path.abspath(self.root) if self.local else self.id
+
+    @property
+    def offline_only(self) -> bool:
+        """A hub model named by a file, not by the user: loaded from the local cache only."""
+        return self.named_by is not None and not self.local
+
+    def unavailable(self, error: Exception) -> PixartError:
+        return model_unavailable(self.id, error, self.named_by)
 
     def __repr__(self) -> str:
         return f"Model({self.id!r})"
@@ -110,9 +132,10 @@ class Model:
         from huggingface_hub import hf_hub_download
 
         try:
-            return Path(hf_hub_download(self.id, relative, revision=self.revision))
+            return Path(hf_hub_download(self.id, relative, revision=self.revision,
+                                        local_files_only=self.offline_only))
         except Exception as error:  # offline, unknown repo, gated: one line either way
-            raise model_unavailable(self.id, error) from error
+            raise self.unavailable(error) from error
 
     def config(self, component: str | None) -> dict:
         """A component's config.json (``None``: model_index.json), parsed."""
@@ -138,9 +161,10 @@ class Model:
         from huggingface_hub import snapshot_download
 
         try:
-            root = snapshot_download(self.id, revision=self.revision, allow_patterns=[f"{component}/*"])
+            root = snapshot_download(self.id, revision=self.revision, allow_patterns=[f"{component}/*"],
+                                     local_files_only=self.offline_only)
         except Exception as error:  # offline, unknown repo, gated: one line either way
-            raise model_unavailable(self.id, error) from error
+            raise self.unavailable(error) from error
         return Path(root) / component
 
     def load_args(self, component: str) -> dict:
@@ -149,7 +173,10 @@ class Model:
         if holder is not self:
             return holder.load_args(component)
         source = str(self.root) if self.local else self.id
-        return {"pretrained_model_name_or_path": source, "subfolder": component, "revision": self.revision}
+        args = {"pretrained_model_name_or_path": source, "subfolder": component, "revision": self.revision}
+        if self.offline_only:
+            args["local_files_only"] = True
+        return args
 
     # --- facts read from the configs -------------------------------------------------------------------
     @property
@@ -197,9 +224,14 @@ def _config_name(component: str) -> str:
     return {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(component, "config.json")
 
 
-def model_unavailable(model: str, error: Exception) -> PixartError:
+def model_unavailable(model: str, error: Exception, named_by: str | None = None) -> PixartError:
     """The line for a hub model that cannot be had (offline, unknown, gated)."""
     reason = type(error).__name__
+    if named_by is not None:
+        return PixartError(
+            f"{named_by}: names the hub model {model}, which is not in the local Hugging Face cache; a model named "
+            f"by a file is never downloaded: pass --model {model} to download it, or --model with a local folder",
+            EXIT_RUNTIME)
     return PixartError(
         f"--model {model}: not in the local Hugging Face cache and could not be downloaded ({reason}); "
         f"download it once with `hf download {model}` while online, or point --model at a local diffusers folder",
@@ -242,7 +274,7 @@ def load_component(model: Model, component: str, load, **kwargs):
         message = str(error).lower()
         holder = model.owner(component)
         if not holder.local and ("offline" in message or "connect" in message or "not found" in message):
-            raise model_unavailable(holder.id, error) from error
+            raise holder.unavailable(error) from error
         broken = _broken_weight_file(model, component)
         if broken is not None:
             raise PixartError(f"--model {model.id}: {broken} is damaged (truncated or not safetensors); download "

@@ -5,7 +5,6 @@ No torch here: ``pixart --help`` must stay instant.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -19,7 +18,7 @@ MODEL_HELP = (f"Hugging Face id or local diffusers folder [env: {MODEL_ENV}; def
 
 Prompts = Annotated[Optional[list[str]], typer.Argument(help="Text prompt(s); each gives one embedding.",
                                                        show_default=False)]
-PromptsFile = Annotated[Optional[Path], typer.Option(
+PromptsFile = Annotated[Optional[str], typer.Option(
     "--prompts-file", help="Read prompts from FILE, one per line (blank lines skipped); - reads stdin.",
     show_default=False)]
 NoOverwrite = Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace an existing output file.")]
@@ -47,22 +46,26 @@ Height = Annotated[Optional[int], typer.Option(help="Image height in pixels [def
 NoBinning = Annotated[bool, typer.Option("--no-binning", help="Denoise at exactly --width x --height instead of "
                                                               "the nearest trained aspect-ratio bin.")]
 NumImages = Annotated[int, typer.Option("--num-images", help="Images per prompt.")]
-EmbeddingsFile = Annotated[Path, typer.Argument(help="Embeddings file written by `pixart encode`.",
-                                               show_default=False)]
-LatentsFile = Annotated[Path, typer.Argument(help="Latents file written by `pixart denoise`.", show_default=False)]
-InfoFile = Annotated[Path, typer.Argument(help="A .pt file (embeddings or latents) or an image pixart wrote.",
-                                          show_default=False)]
+# File arguments stay text (not Path): Path("") is ".", and an empty argument must be reported as empty.
+EmbeddingsFile = Annotated[str, typer.Argument(metavar="EMBEDDINGS", help="Embeddings file written by `pixart encode`.",
+                                              show_default=False)]
+LatentsFile = Annotated[str, typer.Argument(metavar="LATENTS", help="Latents file written by `pixart denoise`.",
+                                           show_default=False)]
+InfoFile = Annotated[str, typer.Argument(metavar="FILE", help="A .pt file (embeddings or latents) or an image pixart "
+                                                              "wrote.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the written paths (or errors).")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of paths.")]
 
 
-def _output(what: str):
-    return Annotated[Path, typer.Option("--output", "-o", help=f"Where to write the {what}.")]
+def _output(what: str, name: str):
+    return Annotated[str, typer.Option("--output", "-o", metavar="PATH", help=(
+        f"Where to write the {what}. A folder (or a path ending in /, created if missing) gets {name} inside it; "
+        "- writes the bytes to stdout."))]
 
 
-EmbeddingsOutput = _output("embeddings")
-LatentsOutput = _output("latents")
-ImageOutput = _output("image; several images become out-0.png, out-1.png, ... and DIR/ works")
+EmbeddingsOutput = _output("embeddings", "embeddings.pt")
+LatentsOutput = _output("latents", "latents.pt")
+ImageOutput = _output("image; several images become out-0.png, out-1.png, ...", "image.png (image-0.png, ...)")
 Vram = Annotated[Optional[str], typer.Option(
     help="Device memory budget, e.g. 8GB or 3GB (GiB) [default: auto = free memory less 0.5 GB]. Each stage "
          "picks the fastest plan under it and names it on stderr. Ignored on CPU.", show_default=False)]
@@ -80,7 +83,7 @@ Scheduler = Annotated[Optional[str], typer.Option(
 BatchSize = Annotated[Optional[int], typer.Option(
     "--batch-size", help="Images per transformer / VAE call [default: as many as the memory plan allows for "
                          "denoise, 1 for decode].", show_default=False)]
-Cache = Annotated[Optional[Path], typer.Option(
+Cache = Annotated[Optional[str], typer.Option(
     "--cache", envvar="PIXART_CACHE", help="Embedding cache folder: encode skips T5 for a model + prompt + settings "
                                           "it has already encoded [env: PIXART_CACHE; default: off].",
     show_default=False)]
