@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from pixart_cli import __version__, options
-from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, Terminated, detail
+from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, Terminated, detail, leave, on_signal
 from pixart_cli.output import Output, printable
 
 app = typer.Typer(
@@ -27,17 +27,10 @@ app = typer.Typer(
 )
 
 
-def _on_signal(signum, frame):
-    """The first SIGINT or SIGTERM stops the work; later ones are ignored, so that the way out (removing temp
-    files, the one error line) is never itself interrupted into a traceback."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
-
-
 def install_signal_handlers() -> None:
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    """The first SIGINT/SIGTERM stops the work; later ones are ignored (errors.on_signal)."""
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
 
 def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None:
@@ -394,10 +387,13 @@ def main() -> None:
     install_signal_handlers()
     try:
         app(prog_name="pixart")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except (KeyboardInterrupt, Terminated) as error:  # a signal outside a command's work (while parsing)
         code, message = _failure(error)
         Output("pixart").error(message)
-        sys.exit(code)
+    leave(code)
 
 
 if __name__ == "__main__":

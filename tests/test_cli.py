@@ -79,7 +79,7 @@ def test_every_command_has_help():
     (["denoise", "{emb}", "-o", "{emb}"], ["is also the input file"]),
     (["denoise", "{emb}", "-o", "missing/dir/x.pt"], ["does not exist"]),
     (["denoise", "nope.pt"], ["nope.pt", "no such file"]),
-    (["decode", "{emb}"], ["is a embeddings file", "latents are needed"]),
+    (["decode", "{emb}"], ["is an embeddings file", "needs a latents file"]),
     (["encode", ""], ["PROMPT #1 is empty"]),
     (["encode", "cat", "--model", "/no/such/folder"], ["--model /no/such/folder", "no such folder"]),
 ])

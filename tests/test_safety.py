@@ -76,8 +76,7 @@ def _hostile_files(folder: Path, good: dict) -> dict[str, tuple[str, Path, str]]
 
     evil = Payload(folder)
     files["pickle-top-level"] = ("denoise", raw("evil.pt", pickle.dumps(evil, protocol=2)), "refused")
-    files["pickle-protocol-4"] = ("denoise", raw("evil4.pt", pickle.dumps(evil, protocol=4)),
-                                  "not a pixart .pt file")
+    files["pickle-protocol-4"] = ("denoise", raw("evil4.pt", pickle.dumps(evil, protocol=4)), "refused")
     zipped_evil = folder / "evil-zip.pt"
     torch.save({"meta": {"format": "pixart-cli/embeddings"}, "x": evil}, zipped_evil)
     files["pickle-in-zip"] = ("denoise", zipped_evil, "refused")
@@ -85,9 +84,9 @@ def _hostile_files(folder: Path, good: dict) -> dict[str, tuple[str, Path, str]]
     nested["meta"] = dict(emb["meta"], extra={"deep": [evil]})
     torch.save(nested, folder / "evil-meta.pt")
     files["pickle-in-meta"] = ("denoise", folder / "evil-meta.pt", "refused")
-    files["empty"] = ("denoise", raw("empty.pt", b""), "not a pixart .pt file")
+    files["empty"] = ("denoise", raw("empty.pt", b""), "is empty (0 bytes)")
     whole = good["emb"].read_bytes()
-    files["truncated"] = ("denoise", raw("truncated.pt", whole[: len(whole) // 2]), "not a pixart .pt file")
+    files["truncated"] = ("denoise", raw("truncated.pt", whole[: len(whole) // 2]), "damaged or truncated")
     files["random-bytes"] = ("denoise", raw("random.pt", os.urandom(4096)), "not a pixart .pt file")
     from PIL import Image
 
@@ -95,7 +94,7 @@ def _hostile_files(folder: Path, good: dict) -> dict[str, tuple[str, Path, str]]
     files["png-renamed"] = ("denoise", raw("picture.pt", (folder / "picture.png").read_bytes()),
                             "not a pixart .pt file")
     files["latents-to-denoise"] = ("denoise", good["lat"], "is a latents file")
-    files["embeddings-to-decode"] = ("decode", good["emb"], "is a embeddings file")
+    files["embeddings-to-decode"] = ("decode", good["emb"], "is an embeddings file")
     files["newer-version"] = ("denoise", save("newer.pt", _mutated(emb, meta_version=99)), "newer")
     wide = torch.zeros(1, 120, 64)
     files["embeddings-too-wide"] = ("denoise", save("wide.pt", _mutated(emb, prompt_embeds=wide,
