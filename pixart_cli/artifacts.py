@@ -267,10 +267,6 @@ def open_input(path, option: str | None = None):
 
 def _read(path, expected_formats: tuple[str, ...]) -> tuple[dict, int]:
     """torch.load with weights_only=True, bounded by the file's size, then the checks common to every .pt file."""
-    import pickle
-
-    import torch
-
     argument = {(EMBEDDINGS_FORMAT,): "EMBEDDINGS", (LATENTS_FORMAT,): "LATENTS"}.get(expected_formats, "FILE")
     handle, size = open_input(path, argument)
     with handle:
@@ -278,6 +274,10 @@ def _read(path, expected_formats: tuple[str, ...]) -> tuple[dict, int]:
             raise bad_file(path, "is empty (0 bytes); the command that wrote it may have failed: run it again")
         _check_archive(path, handle, size)
         handle.seek(0)
+        import pickle
+
+        import torch
+
         try:
             data = torch.load(handle, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
@@ -497,7 +497,7 @@ def _model_fields(path, meta: dict) -> None:
         if not value.strip() or len(value) > 4096:
             raise bad_file(path, f"meta.{key} is {_short(value)}; expected a name")
     revision = meta.get("revision")
-    if revision is not None and (not isinstance(revision, str) or len(revision) > 256):
+    if revision is not None and (not isinstance(revision, str) or not revision.strip() or len(revision) > 256):
         raise bad_file(path, f"meta.revision is {_short(revision)}; expected a revision name or none")
 
 

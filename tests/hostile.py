@@ -93,15 +93,16 @@ def exotic_tensor(kind: str, shape: tuple):
     }[kind]()
 
 
-def strided_trick(kind: str, shape: tuple, huge: int):
-    """Views whose declared elements the storage does not hold, or holds overlapping."""
+def strided_trick(kind: str, shape: tuple, huge: int, dtype=torch.float32):
+    """Views whose declared elements the storage does not hold, or holds overlapping (never materialized here)."""
     if kind == "expand":  # stride 0: one element declared `huge` times
-        return torch.zeros((1,) * len(shape)).expand(huge, *shape[1:])
-    if kind == "overlap":  # strides smaller than the sizes: elements alias
+        return torch.zeros((1,) * len(shape), dtype=dtype).expand(huge, *shape[1:])
+    if kind == "overlap":  # the last dimension's elements all alias one (the storage still holds them all)
         numel = int(torch.tensor(shape).prod())
-        return torch.zeros(numel).as_strided(shape, (1,) * len(shape))
+        strides = torch.zeros(shape).stride()
+        return torch.zeros(numel, dtype=dtype).as_strided(shape, (*strides[:-1], 0))
     if kind == "gap":  # strides larger than the sizes: a view of every other element
-        return torch.zeros(shape[0] * 2, *shape[1:])[::2]
+        return torch.zeros(*shape[:-1], shape[-1] * 2, dtype=dtype)[..., ::2]
     raise ValueError(kind)
 
 
