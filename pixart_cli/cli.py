@@ -13,8 +13,8 @@ from typing import Annotated, Optional
 import typer
 
 from pixart_cli import __version__, options
-from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, detail
-from pixart_cli.output import Output
+from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, Terminated, detail, leave, on_signal
+from pixart_cli.output import Output, printable
 
 app = typer.Typer(
     name="pixart",
@@ -28,42 +28,50 @@ app = typer.Typer(
 )
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised inside the work so that temp files are cleaned up on the way out."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Terminated()
+def install_signal_handlers() -> None:
+    """The first SIGINT/SIGTERM stops the work; later ones are ignored (errors.on_signal)."""
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
 
 
 def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None:
     """Run one command's work; turn every failure into one line and an exit code (traceback: PIXART_DEBUG=1)."""
     debug = os.environ.get("PIXART_DEBUG") == "1"
-    signal.signal(signal.SIGTERM, _on_sigterm)
     from pixart_cli import runtime
 
     runtime.quiet_libraries()
     runtime.lean_imports(quantized)
     try:
         work()
-    except (Exception, KeyboardInterrupt, _Terminated) as error:  # the edge: one line, not a traceback
-        code, message = _failure(error)
+        out.close()
+    except (Exception, KeyboardInterrupt, Terminated) as error:  # the edge: one line, not a traceback
+        code, message = _failure(error, out.record["outputs"], getattr(out, "planned", None))
         if debug:
             traceback.print_exception(error)
         out.error(message, code)
         raise typer.Exit(code) from None
-    out.close()
 
 
-def _failure(error: BaseException) -> tuple[int, str]:
-    """Exit code and one-line message for any failure."""
-    if isinstance(error, PixartError):
-        return error.exit_code, str(error)
+def _failure(error: BaseException, written: list[str] = (), planned: int | None = None) -> tuple[int, str]:
+    """Exit code and one-line message for any failure, saying truthfully which outputs were written before it."""
     if isinstance(error, KeyboardInterrupt):
-        return EXIT_SIGINT, "interrupted; no output was written"
-    if isinstance(error, _Terminated):
-        return EXIT_SIGTERM, "terminated; no output was written"
-    return EXIT_RUNTIME, _unexpected(error)
+        code, message = EXIT_SIGINT, "interrupted"
+    elif isinstance(error, Terminated):
+        code, message = EXIT_SIGTERM, "terminated"
+    elif isinstance(error, PixartError):
+        code, message = error.exit_code, str(error)
+    elif isinstance(error, OSError) and error.strerror:  # a full disk, a vanished folder: the file is named
+        code, message = EXIT_RUNTIME, f"cannot write {error.filename or 'an output'} ({error.strerror})"
+    else:
+        code, message = EXIT_RUNTIME, _unexpected(error)
+    if not written:
+        if code in (EXIT_SIGINT, EXIT_SIGTERM):
+            message += "; no output was written"
+        return code, message
+    of = f" of {planned}" if planned else ""
+    names = ", ".join(written) if len(written) <= 3 else f"{written[0]} ... {written[-1]}"
+    return code, f"{message}; {len(written)}{of} outputs had been written ({names}; listed on stdout), the rest " \
+                 "were not"
 
 
 def _unexpected(error: Exception) -> str:
@@ -109,29 +117,35 @@ def _check_common(device: str, dtype: str, vram: Optional[str]) -> Optional[int]
     return parse_vram(vram)
 
 
-def _write_images(out: Output, images: list, meta: dict, output: Path) -> None:
+def _targets(out: Output, output: str, count: int, kind: str, inputs: tuple = (), overwrite: bool = True) -> list:
+    """Where the outputs go (artifacts owns the rule), checked before any work; the count is recorded so that a
+    failure half-way can say how many were written."""
     from pixart_cli import artifacts
 
-    for index, (image, path) in enumerate(zip(images, artifacts.output_paths(output, len(images)))):
+    targets = artifacts.output_targets(output, count, kind, inputs=inputs, overwrite=overwrite,
+                                       allow_stdout=not out.as_json)
+    out.planned = len(targets)
+    return targets
+
+
+def _write_images(out: Output, images: list, meta: dict, targets: list, overwrite: bool) -> None:
+    from pixart_cli import artifacts
+
+    for index, (image, path) in enumerate(zip(images, targets)):
         parameters, settings = artifacts.image_metadata(meta, index)
-        out.wrote(artifacts.save_image(path, image, parameters, settings))
+        out.wrote(artifacts.save_image(path, image, parameters, settings, overwrite=overwrite))
 
 
-def _check_image_outputs(output: Path, count: int, inputs: tuple[Path, ...] = (), overwrite: bool = True) -> None:
-    from pixart_cli import artifacts
-
-    for path in artifacts.output_paths(output, count):
-        artifacts.require_writable(path, "--output", inputs, overwrite)
-
-
-def _prompts(prompts: Optional[list[str]], prompts_file: Optional[Path]) -> list[str]:
+def _prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> list[str]:
     """PROMPT arguments, then the lines of --prompts-file (``-``: stdin)."""
     from pixart_cli.settings import check_prompts
 
     collected = list(prompts or [])
+    if prompts_file == "":
+        raise PixartError("--prompts-file: the path is empty; give a file of prompts, one per line (- reads stdin)")
     if prompts_file is not None:
         try:
-            text = sys.stdin.read() if str(prompts_file) == "-" else prompts_file.read_text(encoding="utf-8")
+            text = sys.stdin.read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise PixartError(f"--prompts-file {prompts_file}: cannot read it ({error.__class__.__name__}: "
                               f"{getattr(error, 'strerror', None) or error})") from None
@@ -158,7 +172,7 @@ def _finish_reports(out: Output, reports: Optional[list]) -> None:
 def encode(
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
-    output: options.EmbeddingsOutput = Path("embeddings.pt"),
+    output: options.EmbeddingsOutput = "embeddings.pt",
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
     revision: options.Revision = None,
@@ -186,10 +200,10 @@ def encode(
         budget = _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
         settings = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
-        artifacts.require_writable(output, "--output", overwrite=not no_overwrite)
+        target, = _targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
         # 2. Resolve once, run, write
         ctx = _context(out, _new_model(model, revision), device, dtype, budget, report_memory)
-        out.wrote(artifacts.save(output, encode(texts, settings, ctx)))
+        out.wrote(artifacts.save(target, encode(texts, settings, ctx), overwrite=not no_overwrite))
         _finish(out, ctx)
 
     _run(out, work, quantized=text_encoder_precision != "full")
@@ -198,7 +212,7 @@ def encode(
 @app.command(short_help="embeddings.pt → latents.pt (loads only the transformer).")
 def denoise(
     embeddings: options.EmbeddingsFile,
-    output: options.LatentsOutput = Path("latents.pt"),
+    output: options.LatentsOutput = "latents.pt",
     model: options.ModelFromFile = None,
     revision: options.Revision = None,
     steps: options.Steps = None,
@@ -233,15 +247,15 @@ def denoise(
         budget = _check_common(device, dtype, vram)
         settings = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images, scheduler,
                                    batch_size, compile).with_seed()
-        artifacts.require_writable(output, "--output", (embeddings,), overwrite=not no_overwrite)
+        target, = _targets(out, output, 1, "latents", (embeddings,), overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
         loras = _loras(lora)
         # 2. Resolve once, run, write
-        ctx = _context(out, model_for_file(model, revision, loaded.meta), device, dtype, budget, report_memory,
-                       loras)
+        ctx = _context(out, model_for_file(model, revision, loaded.meta, embeddings), device, dtype, budget,
+                       report_memory, loras)
         latents = denoise(loaded, settings, ctx, source_path=str(embeddings))
         out.record["seeds"] = latents.meta["seeds"]
-        out.wrote(artifacts.save(output, latents))
+        out.wrote(artifacts.save(target, latents, overwrite=not no_overwrite))
         _finish(out, ctx)
 
     _run(out, work)
@@ -250,7 +264,7 @@ def denoise(
 @app.command(short_help="latents.pt → images (loads only the VAE).")
 def decode(
     latents: options.LatentsFile,
-    output: options.ImageOutput = Path("image.png"),
+    output: options.ImageOutput = "image.png",
     model: options.ModelFromFile = None,
     revision: options.Revision = None,
     batch_size: options.DecodeBatchSize = None,
@@ -272,10 +286,11 @@ def decode(
 
         budget = _check_common(device, dtype, vram)
         loaded = artifacts.load_latents(latents)
-        _check_image_outputs(output, loaded.latents.shape[0], (latents,), overwrite=not no_overwrite)
-        ctx = _context(out, model_for_file(model, revision, loaded.meta), device, dtype, budget, report_memory)
+        targets = _targets(out, output, loaded.latents.shape[0], "image", (latents,), overwrite=not no_overwrite)
+        ctx = _context(out, model_for_file(model, revision, loaded.meta, latents), device, dtype, budget,
+                       report_memory)
         images = decode(loaded, ctx, batch_size=batch_size, source_path=str(latents))
-        _write_images(out, images, loaded.meta, output)
+        _write_images(out, images, loaded.meta, targets, not no_overwrite)
         _finish(out, ctx)
 
     _run(out, work)
@@ -285,7 +300,7 @@ def decode(
 def generate(
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
-    output: options.ImageOutput = Path("image.png"),
+    output: options.ImageOutput = "image.png",
     negative_prompt: options.NegativePrompt = "",
     model: options.Model = None,
     revision: options.Revision = None,
@@ -329,7 +344,7 @@ def generate(
         encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         denoising = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images,
                                     scheduler, batch_size, compile)
-        _check_image_outputs(output, len(texts) * num_images, overwrite=not no_overwrite)
+        targets = _targets(out, output, len(texts) * num_images, "image", overwrite=not no_overwrite)
         source = _new_model(model, revision)
         loras = _loras(lora)
         if scaleout.applies(output, resume, ray, ray_address):  # -o DIR/, several processes, --resume or --ray
@@ -347,7 +362,7 @@ def generate(
         ctx = _context(out, source, device, dtype, budget, report_memory, loras)
         images, meta = generate(texts, encoding, denoising.with_seed(), ctx, decode_batch_size=batch_size)
         out.record["seeds"] = meta["seeds"]
-        _write_images(out, images, meta, output)
+        _write_images(out, images, meta, targets, not no_overwrite)
         _finish(out, ctx)
 
     _run(out, work, quantized=text_encoder_precision != "full")
@@ -405,7 +420,8 @@ def _info_table(described: dict) -> str:
     settings = described.get("meta") or described.get("settings") or {}
     rows += [(key, settings[key]) for key in sorted(settings)]
     width = max(len(key) for key, _ in rows)
-    return "".join(f"{key:<{width}}  {value}\n" for key, value in rows)
+    # printable: a prompt's ANSI escapes or newlines are shown escaped, never executed by the terminal
+    return "".join(f"{printable(key):<{width}}  {printable(value)}\n" for key, value in rows)
 
 
 def _version(value: bool) -> None:
@@ -424,7 +440,16 @@ def _root(
 
 def main() -> None:
     """Console-script entry point."""
-    app(prog_name="pixart")
+    install_signal_handlers()
+    try:
+        app(prog_name="pixart")
+        code = 0
+    except SystemExit as done:
+        code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
+    except (KeyboardInterrupt, Terminated) as error:  # a signal outside a command's work (while parsing)
+        code, message = _failure(error)
+        Output("pixart").error(message, code)
+    leave(code)
 
 
 if __name__ == "__main__":

@@ -15,16 +15,18 @@ def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
     found = latents.latents.shape[1]
     if found != channels:
         raise bad_file(path, f"latents have {found} channels but the VAE of {source.id} takes {channels}")
-    limit = 4 * source.native_size
-    for key in ("requested_width", "requested_height"):
-        if latents.meta[key] > limit:
-            raise bad_file(path, f"meta.{key} is {latents.meta[key]}, beyond this model's maximum of {limit}")
     scale = source.vae_scale_factor
     height, width = latents.meta["height"], latents.meta["width"]
     decoded_size = (latents.latents.shape[2] * scale, latents.latents.shape[3] * scale)
     if decoded_size != (height, width):
         raise bad_file(path, f"latents {list(latents.latents.shape)} do not decode to the recorded "
                              f"{width}x{height} with this VAE (x{scale})")
+    # The size decode resizes to is bounded as --width/--height are in denoise: a file cannot ask for more.
+    limit = 4 * source.native_size
+    for key in ("requested_width", "requested_height", "width", "height"):
+        if latents.meta[key] > limit:
+            raise bad_file(path, f"meta.{key} is {latents.meta[key]}, beyond this model's maximum of {limit} "
+                                 f"(4x its native {source.native_size}); not a file pixart wrote for it")
 
 
 def decode(latents: artifacts.Latents, ctx: RunContext, batch_size: int | None = None,

@@ -132,7 +132,7 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
     # 4. Record everything decode and a reader of the file need
     meta_in = embeddings.meta
     meta = {
-        "model": source.id, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
+        "model": source.recorded, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
         "prompts": [p for p in meta_in["prompts"] for _ in range(settings.num_images)],
         "negative_prompt": meta_in.get("negative_prompt", ""),
         "seeds": seeds, "steps": plan.steps,

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
-from pathlib import Path
 
 from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import PixartError
@@ -79,10 +76,16 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
         raise PixartError(f"--text-encoder-precision {settings.precision}: bitsandbytes quantization needs a CUDA "
                           "GPU; use full precision (--dtype bf16 halves T5's memory on CPU)")
     meter = ctx.meter("encode")
-    cache_key = {"model": source.id, "revision": source.revision, "text_encoder": source.config("text_encoder"),
-                 "negative_prompt": settings.negative_prompt, "max_sequence_length": max_length,
-                 "clean_caption": settings.clean_caption, "dtype": ctx.dtype_name, "precision": settings.precision}
-    store = EmbeddingCache(settings.cache, cache_key) if settings.cache is not None else None
+    cache_key = {"model": source.recorded, "revision": source.revision,
+                 "text_encoder": source.config("text_encoder"), "negative_prompt": settings.negative_prompt,
+                 "max_sequence_length": max_length, "clean_caption": settings.clean_caption, "dtype": ctx.dtype_name,
+                 "precision": settings.precision}
+    store = None
+    if settings.cache is not None:
+        from pixart_cli.cache import EmbeddingCache
+
+        store = EmbeddingCache(settings.cache, cache_key, source.config("text_encoder").get("d_model"), ctx.dtype,
+                               ctx.log)
     rows = {prompt: store.get(prompt) for prompt in prompts} if store else {}
     todo = [prompt for prompt in dict.fromkeys(prompts) if rows.get(prompt) is None]
 
@@ -91,7 +94,9 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
     if todo:
         (embeds, mask), plan_name = _encode_texts(todo + [settings.negative_prompt], max_length, settings, ctx, meter)
         for index, prompt in enumerate(todo):
-            rows[prompt] = (embeds[index:index + 1], mask[index:index + 1], embeds[-1:], mask[-1:])
+            # each prompt's own rows, not views of the batch (a view would keep the whole batch alive)
+            rows[prompt] = tuple(t.clone() for t in (embeds[index:index + 1], mask[index:index + 1], embeds[-1:],
+                                                     mask[-1:]))
             if store:
                 store.put(prompt, rows[prompt])
     else:
@@ -101,7 +106,7 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
 
     # 3. Record what the next stage needs
     meta = {
-        "model": source.id, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
+        "model": source.recorded, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
         "prompts": prompts, "negative_prompt": settings.negative_prompt, "max_sequence_length": max_length,
         "clean_caption": settings.clean_caption, "text_encoder_precision": settings.precision,
     }
@@ -151,35 +156,3 @@ def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, c
     del pipe, text_encoder
     ctx.free()
     return (torch.cat(embeds), torch.cat(masks)), chosen.name
-
-
-class EmbeddingCache:
-    """One embeddings file per (model, T5 config, prompt, settings), named by their hash; read back validated."""
-
-    def __init__(self, folder, settings: dict):
-        self.folder = Path(folder).expanduser()
-        try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise PixartError(f"--cache {folder}: cannot create it ({error.strerror})") from None
-        self.settings = settings
-
-    def path(self, prompt: str) -> Path:
-        key = json.dumps({**self.settings, "prompt": prompt}, sort_keys=True)
-        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.pt"
-
-    def get(self, prompt: str):
-        """(embeds, mask, negative, negative mask) of one prompt, each [1, ...], or None."""
-        path = self.path(prompt)
-        if not path.is_file():
-            return None
-        try:
-            entry = artifacts.load_embeddings(path)
-        except PixartError:
-            return None  # a damaged entry is encoded again and rewritten
-        return tuple(entry.tensors().values()) if entry.meta.get("prompts") == [prompt] else None
-
-    def put(self, prompt: str, row: tuple) -> None:
-        meta = {"model": self.settings["model"], "family": "cache", "dtype": self.settings["dtype"],
-                "prompts": [prompt], "max_sequence_length": self.settings["max_sequence_length"]}
-        artifacts.save(self.path(prompt), artifacts.Embeddings(*row, meta=meta))

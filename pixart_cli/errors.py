@@ -9,6 +9,10 @@ EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised inside the work (as KeyboardInterrupt is for SIGINT) so that temp files are cleaned up."""
+
+
 class PixartError(Exception):
     """A failure the user can fix. ``str(error)`` is the single line shown; it names the value and the fix."""
 
@@ -26,3 +30,43 @@ def detail(error: BaseException) -> str:
     """The first line of an error, short enough for a one-line message."""
     text = str(error).strip()
     return text.splitlines()[0][:200] if text else type(error).__name__
+
+
+_stopping = False
+_last_raised = float("-inf")
+SIGNAL_QUIET_SECONDS = 3.0
+
+
+def on_signal(signum, frame) -> None:
+    """SIGINT/SIGTERM handler: a signal stops the work (KeyboardInterrupt / Terminated, so temp files are removed on
+    the way out); more signals within SIGNAL_QUIET_SECONDS do nothing, so that a burst never interrupts the way out
+    (cleanup, the one error line) into a traceback. A signal after that raises again, in case library code
+    swallowed the first. The handler stays installed: switching to SIG_IGN from inside a handler while more
+    signals are pending makes Python raise "Signal N ignored due to race condition"."""
+    global _stopping, _last_raised
+    import time
+
+    now = time.monotonic()
+    if now - _last_raised < SIGNAL_QUIET_SECONDS:
+        return
+    _stopping, _last_raised = True, now
+    import signal
+
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def leave(code: int) -> None:
+    """Exit with ``code``. After a signal, skip the interpreter's finalization: it puts the default handlers
+    back, so one more signal of a burst would kill the process mid-exit (a wrong exit code, "lost sys.stderr")."""
+    import sys
+
+    if not _stopping:
+        sys.exit(code)
+    import os
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a closed pipe: nothing more can be said
+            pass
+    os._exit(code)

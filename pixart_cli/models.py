@@ -65,21 +65,43 @@ def _looks_local(model: str) -> bool:
 
 
 class Model:
-    """One model, a local diffusers folder or a Hugging Face id, read one component at a time."""
+    """One model, a local diffusers folder or a Hugging Face id, read one component at a time.
 
-    def __init__(self, model: str, revision: str | None = None):
+    ``named_by``: the file whose meta names this model (no --model given). Such a model is trusted less: a hub
+    id is loaded only from the local Hugging Face cache (never downloaded), and errors name the file.
+    """
+
+    def __init__(self, model: str, revision: str | None = None, named_by: str | None = None):
         self.id = model
         self.revision = revision
+        self.named_by = named_by
         self.local = _looks_local(model)
         if self.local:
             folder = Path(model).expanduser()
             if not folder.is_dir():
+                if named_by is not None:
+                    raise PixartError(f"{named_by}: names the model folder {model}, which does not exist here; pass "
+                                      "--model with the model's folder or id")
                 raise PixartError(f"--model {model}: no such folder; give a diffusers model folder or a Hugging Face id")
             if not (folder / "model_index.json").is_file():
-                raise PixartError(f"--model {model}: not a diffusers model folder (no model_index.json)")
+                where = f"{named_by}: names the model folder {model}, which" if named_by else f"--model {model}:"
+                raise PixartError(f"{where} is not a diffusers model folder (no model_index.json)")
             self.root = folder
         self._configs: dict[str, dict] = {}
         self._base: Model | None = None
+
+    @property
+    def recorded(self) -> str:
+        """What files record: a local folder as an absolute path (a later stage may run elsewhere), or the id."""
+        return os.path.abspath(self.root) if self.local else self.id
+
+    @property
+    def offline_only(self) -> bool:
+        """A hub model named by a file, not by the user: loaded from the local cache only."""
+        return self.named_by is not None and not self.local
+
+    def unavailable(self, error: Exception) -> PixartError:
+        return model_unavailable(self.id, error, self.named_by)
 
     def __repr__(self) -> str:
         return f"Model({self.id!r})"
@@ -146,15 +168,15 @@ class Model:
             return fetch(*args, **kwargs, local_files_only=True)
         except Exception as error:  # noqa: BLE001 - not cached (or offline mode): try the network below
             cached_error = error
-        if huggingface_hub.constants.HF_HUB_OFFLINE:
-            raise model_unavailable(self.id, cached_error) from cached_error
+        if self.offline_only or huggingface_hub.constants.HF_HUB_OFFLINE:
+            raise self.unavailable(cached_error) from cached_error
         unreachable = _hub_unreachable()
         if unreachable:
-            raise model_unavailable(self.id, cached_error, unreachable) from cached_error
+            raise model_unavailable(self.id, cached_error, reason=unreachable) from cached_error
         try:
             return fetch(*args, **kwargs)
         except Exception as error:  # unknown repo, gated, network: one line either way
-            raise model_unavailable(self.id, error) from error
+            raise self.unavailable(error) from error
 
     def load_args(self, component: str) -> dict:
         """Keyword arguments for ``from_pretrained`` of one component."""
@@ -162,7 +184,10 @@ class Model:
         if holder is not self:
             return holder.load_args(component)
         source = str(self.root) if self.local else self.id
-        return {"pretrained_model_name_or_path": source, "subfolder": component, "revision": self.revision}
+        args = {"pretrained_model_name_or_path": source, "subfolder": component, "revision": self.revision}
+        if self.offline_only:
+            args["local_files_only"] = True
+        return args
 
     # --- facts read from the configs -------------------------------------------------------------------
     @property
@@ -206,11 +231,12 @@ class Model:
         return getattr(module, name)
 
 
-def model_for_file(flag: str | None, revision: str | None, meta: dict) -> Model:
-    """The model a stage runs with: --model (and --revision) when given, else the one the input file names."""
+def model_for_file(flag: str | None, revision: str | None, meta: dict, path) -> Model:
+    """The model a stage runs with: --model (and --revision) when given, else the one the input file ``path``
+    names (trusted less: a hub id named by a file loads only from the local cache)."""
     if flag is not None:
         return Model(flag, revision)
-    return Model(meta["model"], meta.get("revision") if revision is None else revision)
+    return Model(meta["model"], meta.get("revision") if revision is None else revision, named_by=str(path))
 
 
 def _config_name(component: str) -> str:
@@ -239,9 +265,15 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def model_unavailable(model: str, error: Exception, reason: str | None = None) -> PixartError:
+def model_unavailable(model: str, error: Exception, named_by: str | None = None,
+                      reason: str | None = None) -> PixartError:
     """The line for a hub model that cannot be had (offline, unreachable, unknown, gated)."""
     reason = type(error).__name__ if reason is None else reason
+    if named_by is not None:
+        return PixartError(
+            f"{named_by}: names the hub model {model}, which is not in the local Hugging Face cache; a model named "
+            f"by a file is never downloaded: pass --model {model} to download it, or --model with a local folder",
+            EXIT_RUNTIME)
     return PixartError(
         f"--model {model}: not in the local Hugging Face cache and could not be downloaded ({reason}); "
         f"download it once with `hf download {model}` while online, or point --model at a local diffusers folder",
@@ -284,7 +316,7 @@ def load_component(model: Model, component: str, load, **kwargs):
         message = str(error).lower()
         holder = model.owner(component)
         if not holder.local and ("offline" in message or "connect" in message or "not found" in message):
-            raise model_unavailable(holder.id, error) from error
+            raise holder.unavailable(error) from error
         broken = _broken_weight_file(model, component)
         if broken is not None:
             raise PixartError(f"--model {model.id}: {broken} is damaged (truncated or not safetensors); download "

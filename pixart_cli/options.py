@@ -6,7 +6,6 @@ No torch here: ``pixart --help`` must stay instant.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -31,7 +30,7 @@ MODEL_HELP = (f"Hugging Face id or local diffusers folder [env: {MODEL_ENV}; def
 
 Prompts = Annotated[Optional[list[str]], typer.Argument(
     metavar="PROMPT", help="Text prompt(s), each quoted.", show_default=False)]
-PromptsFile = Annotated[Optional[Path], typer.Option(
+PromptsFile = Annotated[Optional[str], typer.Option(
     "--prompts-file", metavar="FILE", help="Read prompts from FILE, one per line (blank lines skipped); - reads "
                                            "stdin.", show_default=False)]
 NoOverwrite = Annotated[bool, typer.Option("--no-overwrite", help="Refuse to replace an existing output file.")]
@@ -72,26 +71,29 @@ NoBinning = Annotated[bool, typer.Option("--no-binning", help="Denoise at exactl
                                                               "the nearest trained aspect-ratio bin.")]
 NumImages = Annotated[int, typer.Option("--num-images", metavar="N",
                                         help=f"Images per prompt (at most {MAX_IMAGES} in one run).")]
-EmbeddingsFile = Annotated[Path, typer.Argument(metavar="EMBEDDINGS", help="Embeddings file written by "
-                                                                           "`pixart encode`.", show_default=False)]
-LatentsFile = Annotated[Path, typer.Argument(metavar="LATENTS", help="Latents file written by `pixart denoise`.",
-                                             show_default=False)]
-InfoFile = Annotated[Path, typer.Argument(metavar="FILE", help="A .pt file (embeddings or latents) or an image "
-                                                               "pixart wrote.", show_default=False)]
+# File arguments stay text (not Path): Path("") is ".", and an empty argument must be reported as empty.
+EmbeddingsFile = Annotated[str, typer.Argument(metavar="EMBEDDINGS", help="Embeddings file written by "
+                                                                          "`pixart encode`.", show_default=False)]
+LatentsFile = Annotated[str, typer.Argument(metavar="LATENTS", help="Latents file written by `pixart denoise`.",
+                                            show_default=False)]
+InfoFile = Annotated[str, typer.Argument(metavar="FILE", help="A .pt file (embeddings or latents) or an image "
+                                                              "pixart wrote.", show_default=False)]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the written paths (or errors).")]
 Json = Annotated[bool, typer.Option("--json", help="One JSON document on stdout instead of the paths (errors "
                                                    "too: {\"error\": ..., \"exit_code\": N}).")]
 InfoJson = Annotated[bool, typer.Option("--json", help="Print the description as one JSON document.")]
 
 
-def _output(what: str):
-    return Annotated[Path, typer.Option("--output", "-o", metavar="PATH", help=f"Where to write the {what}.")]
+def _output(what: str, name: str):
+    return Annotated[str, typer.Option("--output", "-o", metavar="PATH", help=(
+        f"Where to write the {what}. A folder (or a path ending in /, created if missing) gets {name} inside it; "
+        "- writes the bytes to stdout."))]
 
 
-EmbeddingsOutput = _output("embeddings (a folder: FOLDER/embeddings.pt)")
-LatentsOutput = _output("latents (a folder: FOLDER/latents.pt)")
-ImageOutput = _output("image; several images become out-0.png, out-1.png, ... (.jpg and .webp work too); "
-                      "a folder or DIR/ gets image.png or image-0.png, ...")
+EmbeddingsOutput = _output("embeddings", "embeddings.pt")
+LatentsOutput = _output("latents", "latents.pt")
+ImageOutput = _output("image; several images become out-0.png, out-1.png, ... (.jpg and .webp work too)",
+                      "image.png (image-0.png, ...)")
 Vram = Annotated[Optional[str], typer.Option(
     metavar="SIZE", help=f"Device memory budget, e.g. 8GB or 3GB (GiB) [default: auto = free memory less "
                          f"{AUTO_MARGIN / GIB:g} GB]. Each stage picks the fastest plan under it and names it on "
@@ -124,10 +126,10 @@ Lora = Annotated[Optional[list[str]], typer.Option(
     help="Apply a LoRA to the transformer: FILE.safetensors or FILE:SCALE (default scale 1.0); repeat for "
          "several. diffusers/PEFT (lora_A/lora_B) and kohya/OneTrainer (lora_down/lora_up) files; fused into the "
          "weights at load, recorded in the outputs.", show_default=False)]
-CompareFile = Annotated[Path, typer.Argument(
+CompareFile = Annotated[str, typer.Argument(
     metavar="FILE", help="An embeddings or latents .pt file, or an image (.png, .jpg, .webp); both must be of one "
                          "kind.", show_default=False)]
-Cache = Annotated[Optional[Path], typer.Option(
+Cache = Annotated[Optional[str], typer.Option(
     "--cache", envvar="PIXART_CACHE", metavar="DIR", help="Embedding cache folder: encode skips T5 for a model + "
                                                           "prompt + settings it has already encoded [default: off].",
     show_default=False)]

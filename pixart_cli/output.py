@@ -37,12 +37,13 @@ class Output:
         """A line for people on stderr; ``fields`` also go into the JSON document."""
         self.record.update(fields)
         if not self.quiet:
-            self.console.print(message, markup=False)
+            self.console.print(printable(message), markup=False)
 
     def wrote(self, path) -> None:
-        """A file was written: its path goes to stdout (scripts read it)."""
+        """A file was written: its path goes to stdout (scripts read it); ``-`` (the bytes went to stdout) is
+        recorded only."""
         self.record["outputs"].append(str(path))
-        if not self.as_json:
+        if not self.as_json and str(path) != "-":
             print(path, flush=True)
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -85,7 +86,7 @@ class Output:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.console.print(f"[bold red]error:[/] {_escape(message)}", soft_wrap=True)
+        self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
         sys.stderr.flush()
         if self.as_json:
             print(json.dumps({**self.record, "error": message, "exit_code": exit_code}, indent=2, default=str),
@@ -96,3 +97,12 @@ def _escape(text: str) -> str:
     from rich.markup import escape
 
     return escape(text)
+
+
+_CONTROL = {code: f"\\x{code:02x}" for code in [*range(0x20), *range(0x7F, 0xA0)]}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ANSI escapes, newlines, ...) shown as ``\\x1b`` etc., so a prompt or a
+    file name cannot restyle the terminal or break the one-line error into several."""
+    return str(text).translate(_CONTROL)

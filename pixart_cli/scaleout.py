@@ -147,7 +147,7 @@ def make_job(prompts: Sequence[str], num_images: int, output: Path, negative_pro
     from pixart_cli import artifacts
 
     image_prompts = [prompt for prompt in prompts for _ in range(num_images)]
-    paths = artifacts.output_paths(output, len(image_prompts))
+    paths = artifacts.output_targets(output, len(image_prompts), "image", allow_stdout=False)
     is_folder = str(output).endswith(("/", os.sep)) or Path(output).is_dir()
     return Job(image_prompts, paths, negative_prompt, options, Path(output) if is_folder else None)
 

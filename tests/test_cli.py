@@ -50,7 +50,8 @@ def test_help_names_each_option_with_a_plain_metavar(command, options):
         for option in options:
             assert option in result.stdout, (option, result.stdout)
         # options show a plain metavar, never a Python type
-        assert not any(leak in result.stdout for leak in ("<int>", "<str>", "<float>", "{embeddings}"))
+        option_lines = [line for line in result.stdout.splitlines() if line.lstrip().startswith("-")]
+        assert not any(leak in line for line in option_lines for leak in ("<int>", "<str>", "<float>", "<path>"))
 
 
 def test_help_defaults_come_from_the_family_table():
@@ -90,7 +91,7 @@ def test_json_error_is_a_json_document(tmp_path):
     (["denoise", "{emb}", "-o", "{emb}"], ["is also the input file"]),
     (["denoise", "{emb}", "-o", "missing/dir/x.pt"], ["does not exist"]),
     (["denoise", "nope.pt"], ["nope.pt", "no such file"]),
-    (["decode", "{emb}"], ["is an embeddings file", "latents are needed", "pixart denoise"]),
+    (["decode", "{emb}"], ["is an embeddings file", "needs a latents file"]),
     (["encode", ""], ["PROMPT #1 is empty"]),
     (["encode", "cat", "--model", "/no/such/folder"], ["--model /no/such/folder", "no such folder"]),
 ])

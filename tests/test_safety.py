@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -15,9 +16,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import hostile as attacks
 from helpers import SEED, assert_one_line_error, denoised, encoded, invoke, run_pixart
 from pixart_cli import artifacts
-from pixart_cli.errors import PixartError
 
 
 MARKER = "PAYLOAD_RAN"
@@ -74,8 +75,7 @@ def _hostile_files(folder: Path, good: dict) -> dict[str, tuple[str, Path, str]]
 
     evil = Payload(folder)
     files["pickle-top-level"] = ("denoise", raw("evil.pt", pickle.dumps(evil, protocol=2)), "refused")
-    files["pickle-protocol-4"] = ("denoise", raw("evil4.pt", pickle.dumps(evil, protocol=4)),
-                                  "not a pixart .pt file")
+    files["pickle-protocol-4"] = ("denoise", raw("evil4.pt", pickle.dumps(evil, protocol=4)), "refused")
     zipped_evil = folder / "evil-zip.pt"
     torch.save({"meta": {"format": "pixart-cli/embeddings"}, "x": evil}, zipped_evil)
     files["pickle-in-zip"] = ("denoise", zipped_evil, "refused")
@@ -83,9 +83,9 @@ def _hostile_files(folder: Path, good: dict) -> dict[str, tuple[str, Path, str]]
     nested["meta"] = dict(emb["meta"], extra={"deep": [evil]})
     torch.save(nested, folder / "evil-meta.pt")
     files["pickle-in-meta"] = ("denoise", folder / "evil-meta.pt", "refused")
-    files["empty"] = ("denoise", raw("empty.pt", b""), "not a pixart .pt file")
+    files["empty"] = ("denoise", raw("empty.pt", b""), "is empty (0 bytes)")
     whole = good["emb"].read_bytes()
-    files["truncated"] = ("denoise", raw("truncated.pt", whole[: len(whole) // 2]), "not a pixart .pt file")
+    files["truncated"] = ("denoise", raw("truncated.pt", whole[: len(whole) // 2]), "damaged or truncated")
     files["random-bytes"] = ("denoise", raw("random.pt", os.urandom(4096)), "not a pixart .pt file")
     from PIL import Image
 
@@ -269,11 +269,23 @@ def test_existing_output_is_replaced_atomically(good, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lat.pt"]  # no temp file left beside it
 
 
-# --- fuzzing ----------------------------------------------------------------------------------------------
-@settings(max_examples=1200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                    HealthCheck.too_slow])
+# --- fuzzing, each case read by a worker process under an address-space and a time limit ---------------------
+@pytest.fixture(scope="module")
+def worker():
+    reader = attacks.Worker()
+    yield reader
+    reader.stop()
+
+
+def _assert_refused(answer: dict, path) -> None:
+    assert answer["outcome"] == "refused", answer  # not accepted, crashed, hung or killed for memory
+    assert answer["message"].startswith(str(path)) and "\n" not in answer["message"], answer
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
 @given(data=st.data())
-def test_fuzzed_files_only_raise_the_tools_error(good, tmp_path_factory, data):
+def test_fuzzed_bytes_are_read_or_refused_within_limits(good, worker, tmp_path_factory, data):
     source = good["emb"].read_bytes() if data.draw(st.booleans()) else good["lat"].read_bytes()
     kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "garbage"]))
     if kind == "garbage":
@@ -292,8 +304,164 @@ def test_fuzzed_files_only_raise_the_tools_error(good, tmp_path_factory, data):
             blob = source[:position] + data.draw(st.binary(min_size=1, max_size=64)) + source[position:]
     path = tmp_path_factory.getbasetemp() / "fuzz.pt"
     path.write_bytes(blob)
-    for loader in (artifacts.load_embeddings, artifacts.load_latents):
-        try:
-            loader(path)
-        except PixartError as error:
-            assert str(error).startswith(str(path)) and "\n" not in str(error)
+    answer = worker.read(path, data.draw(st.sampled_from(["embeddings", "latents", "describe"])))
+    assert answer["outcome"] in ("refused", "accepted"), answer
+    if answer["outcome"] == "refused":
+        _assert_refused(answer, path)
+
+
+TENSOR_KEYS = {"emb": ["prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
+                       "negative_prompt_attention_mask"], "lat": ["latents"]}
+EXOTIC = ["sparse_coo", "sparse_csr", "meta", "quantized", "float8_e4m3fn", "float8_e5m2", "complex64", "uint16"]
+
+
+class Case(bytes):
+    """A hostile file's bytes, shown in a failing example by the attack that made them, not the bytes."""
+
+    def __new__(cls, blob: bytes, attack: str):
+        case = super().__new__(cls, blob)
+        case.attack = attack
+        return case
+
+    def __repr__(self):
+        return f"Case({self.attack})"
+
+
+@st.composite
+def hostile_files(draw, good):
+    """A structurally hostile file: every one must be refused."""
+    case = draw(_hostile_blobs(good))
+    return case
+
+
+@st.composite
+def _hostile_blobs(draw, good):
+    trace: list = []
+    blob = draw(_hostile_blob(good, trace))
+    return Case(blob, " ".join(map(str, trace)))
+
+
+@st.composite
+def _hostile_blob(draw, good, trace):
+    real_draw = draw
+
+    def draw(strategy):  # noqa: F811 - every choice is recorded for the failing example's description
+        value = real_draw(strategy)
+        trace.append(value if not isinstance(value, (list, dict)) else type(value).__name__)
+        return value
+
+    which = draw(st.sampled_from(["emb", "lat"]))
+    base = good[f"{which}_data"]
+    data = {key: value for key, value in base.items()}
+    data["meta"] = dict(base["meta"])
+    attack = draw(st.sampled_from(["shared", "cyclic", "deep", "key", "number", "wide", "exotic", "strided",
+                                   "zip", "fields"]))
+    if attack == "shared":
+        data["meta"][draw(st.sampled_from(["extra", "prompts", "seeds"]))] = attacks.shared_meta(
+            draw(st.integers(2, 60)), draw(st.integers(2, 4)))
+    elif attack == "cyclic":
+        data["meta"]["extra"] = attacks.cyclic_meta(draw(st.sampled_from(["list", "dict"])))
+    elif attack == "deep":
+        return attacks.deep_meta_file(base, draw(st.one_of(st.integers(17, 5000), st.just(200_000))))
+    elif attack == "key":
+        data["meta"][draw(st.sampled_from([("a", "b"), 1, None, 2.5, b"k"]))] = "value"
+    elif attack == "number":
+        data["meta"]["extra"] = draw(st.one_of(st.integers(min_value=2**63), st.integers(max_value=-2**63 - 1)))
+    elif attack == "wide":  # many nodes from a small pickle: one string repeated past the text budget
+        data["meta"]["extra"] = ["x" * 4096] * draw(st.integers(17_000, 20_000))
+    elif attack == "exotic":
+        key = draw(st.sampled_from(TENSOR_KEYS[which]))
+        data[key] = attacks.exotic_tensor(draw(st.sampled_from(EXOTIC)), tuple(base[key].shape))
+    elif attack == "strided":
+        key = draw(st.sampled_from(TENSOR_KEYS[which]))
+        trick = draw(st.sampled_from(["expand", "overlap", "gap"]))
+        data[key] = attacks.strided_trick(trick, tuple(base[key].shape), draw(st.integers(10**6, 10**12)),
+                                          base[key].dtype)
+    elif attack == "zip":
+        blob = attacks.to_bytes(data)
+        if draw(st.booleans()):
+            return attacks.rezip(blob, compress=zipfile.ZIP_DEFLATED)
+        return attacks.rezip(blob, extra_size=draw(st.integers(1 << 20, 1 << 31)))
+    else:  # a meta field a stage uses, of the wrong type or count
+        field = draw(st.sampled_from(["model", "prompts", "seeds", "revision", "max_sequence_length", "height",
+                                      "requested_width"]))
+        # a latents file carries max_sequence_length for information only: any int there is fine
+        if field not in data["meta"] or (which == "emb" and field in ("seeds", "height", "requested_width")) or (
+                which == "lat" and field == "max_sequence_length"):
+            field = "model"
+        values = [3, [], ["a"] * 7, {"x": 1}, "", 10**6, float("nan")] + ([None] if field != "revision" else [])
+        data["meta"][field] = draw(st.sampled_from(values))
+    return attacks.to_bytes(data)
+
+
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(data=st.data())
+def test_structurally_hostile_files_are_refused_within_limits(good, worker, tmp_path_factory, data):
+    path = tmp_path_factory.getbasetemp() / "hostile.pt"
+    path.write_bytes(data.draw(hostile_files(good)))
+    _assert_refused(worker.read(path, data.draw(st.sampled_from(["any", "describe"]))), path)
+
+
+CACHE_SETTINGS = {"model": "/models/tiny", "revision": None, "text_encoder": {"d_model": 32},
+                  "negative_prompt": "", "max_sequence_length": 120, "clean_caption": True, "dtype": "fp32",
+                  "precision": "full"}
+
+
+def _cache_entry(good, **changes) -> artifacts.Embeddings:
+    emb = good["emb_data"]
+    tensors = [emb[key][:1].clone() for key in artifacts.EMBEDDING_KEYS]
+    meta = {"format": artifacts.EMBEDDINGS_FORMAT, "version": 1, "model": "/models/tiny", "revision": None,
+            "family": "cache", "dtype": "fp32", "prompts": ["a cat"], "max_sequence_length": 120,
+            "negative_prompt": "", "clean_caption": True, "text_encoder_precision": "full"}
+    for key, value in changes.items():
+        if key in artifacts.EMBEDDING_KEYS:
+            tensors[artifacts.EMBEDDING_KEYS.index(key)] = value
+        else:
+            meta[key] = value
+    return artifacts.Embeddings(*tensors, meta=meta)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                  HealthCheck.too_slow])
+@given(data=st.data())
+def test_tampered_cache_entries_are_misses(good, worker, tmp_path_factory, data):
+    """A cache entry that does not match the current settings is never used, whatever it claims."""
+    change = data.draw(st.sampled_from([
+        {"model": "/models/other"}, {"dtype": "fp16"}, {"prompts": ["a dog"]}, {"negative_prompt": "blurry"},
+        {"max_sequence_length": 60, "prompt_embeds": torch.zeros(1, 60, 32), "prompt_attention_mask":
+         torch.ones(1, 60, dtype=torch.long), "negative_prompt_embeds": torch.zeros(1, 60, 32),
+         "negative_prompt_attention_mask": torch.ones(1, 60, dtype=torch.long)},
+        {"prompt_embeds": torch.zeros(1, 120, 64), "negative_prompt_embeds": torch.zeros(1, 120, 64)},
+        {"prompt_embeds": torch.zeros(1, 120, 32, dtype=torch.float16),
+         "negative_prompt_embeds": torch.zeros(1, 120, 32, dtype=torch.float16)},
+        {"clean_caption": False}, {"text_encoder_precision": "8bit"},
+    ]))
+    folder = tmp_path_factory.getbasetemp() / "fuzz-cache"
+    path = tmp_path_factory.getbasetemp() / "entry.pt"
+    blob = attacks.to_bytes({**_cache_entry(good, **change).tensors(), "meta": _cache_entry(good, **change).meta})
+    if data.draw(st.booleans()):  # or a structurally hostile file in its place
+        blob = data.draw(hostile_files(good))
+    path.write_bytes(blob)
+    answer = worker.read(path, "cache", folder=str(folder), settings=CACHE_SETTINGS, width=32, prompt="a cat")
+    assert answer == {"outcome": "miss"}, answer
+
+
+def test_a_matching_cache_entry_is_a_hit(good, worker, tmp_path):
+    path = tmp_path / "entry.pt"
+    artifacts.save(path, _cache_entry(good))
+    answer = worker.read(path, "cache", folder=str(tmp_path / "cache"), settings=CACHE_SETTINGS, width=32,
+                         prompt="a cat")
+    assert answer == {"outcome": "hit"}
+
+
+def test_the_worker_limits_catch_a_bloating_read(worker, tmp_path):
+    """The fuzz would notice a loader that allocates: the same isfinite() the old loader ran on a stride-0 view
+    of 16e9 elements fails inside the worker instead of taking the machine."""
+    path = tmp_path / "bloat.pt"
+    torch.save({"t": torch.zeros(1).expand(16 * 10**9)}, path)
+    code = f"import torch; t = torch.load({str(path)!r}, weights_only=True)['t']; torch.isfinite(t).all()"
+    result = subprocess.run([sys.executable, "-c", f"import resource; lim = 2 << 30; "
+                             f"resource.setrlimit(resource.RLIMIT_AS, (lim, lim)); {code}"], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode != 0 and ("memory" in result.stderr.lower() or "alloc" in result.stderr.lower())

@@ -1,0 +1,180 @@
+"""Hostile .pt files, built the way an attacker would (torch.save and hand-made pickles), and a loader worker that
+reads them under an address-space limit so a file that bloats or hangs fails the test instead of the machine.
+
+Run as a script it is the worker: one path per line on stdin; one JSON answer per line on stdout.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+WORKER_HEADROOM = 1 << 30  # address space the worker may grow by while reading one file, beyond torch itself
+CASE_SECONDS = 20.0  # a read that takes longer than this hangs (a legitimate one takes milliseconds)
+
+
+# --- building files --------------------------------------------------------------------------------------
+def to_bytes(data) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(data, buffer)
+    return buffer.getvalue()
+
+
+def rezip(blob: bytes, compress: int = zipfile.ZIP_STORED, pickle_patch=None, extra_size: int = 0) -> bytes:
+    """Rewrite a torch.save archive: compress its entries, patch data.pkl (bytes -> bytes), or make an entry
+    claim more bytes than it has (``extra_size``)."""
+    source = zipfile.ZipFile(io.BytesIO(blob))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", compress) as archive:
+        for info in source.infolist():
+            data = source.read(info.filename)
+            if pickle_patch and info.filename.endswith("data.pkl"):
+                data = pickle_patch(data)
+            archive.writestr(info.filename, data)
+    raw = out.getvalue()
+    if extra_size:  # inflate the sizes recorded in the central directory of the first entry
+        info = zipfile.ZipFile(io.BytesIO(raw)).infolist()[0]
+        raw = bytearray(raw)
+        start = raw.find(b"PK\x01\x02")  # the first central-directory record
+        raw[start + 24:start + 28] = (info.file_size + extra_size).to_bytes(4, "little")
+        raw = bytes(raw)
+    return raw
+
+
+MARK = "DEEP_MARK"
+
+
+def deep_meta_file(good: dict, depth: int) -> bytes:
+    """``meta.extra`` nested ``depth`` lists deep, made by hand-written pickle opcodes (pickle itself recurses)."""
+    data = dict(good)
+    data["meta"] = dict(good["meta"], extra=MARK)
+    mark = b"X" + len(MARK).to_bytes(4, "little") + MARK.encode()
+    return rezip(to_bytes(data), pickle_patch=lambda pkl: pkl.replace(mark, b"]" * depth + b"a" * (depth - 1)))
+
+
+def shared_meta(depth: int, width: int = 2) -> list:
+    """A DAG through the pickle memo: each level is a list holding the level below ``width`` times."""
+    level: list = ["leaf"]
+    for _ in range(depth):
+        level = [level] * width
+    return level
+
+
+def cyclic_meta(kind: str):
+    if kind == "list":
+        value: list = []
+        value.append(value)
+        return value
+    value = {}
+    value["self"] = {"up": value}
+    return value
+
+
+def exotic_tensor(kind: str, shape: tuple):
+    base = torch.zeros(shape)
+    return {
+        "sparse_coo": lambda: base.to_sparse(),
+        "sparse_csr": lambda: base.reshape(shape[0], -1).to_sparse_csr(),
+        "meta": lambda: torch.empty(shape, device="meta"),
+        "quantized": lambda: torch.quantize_per_tensor(base, 0.1, 0, torch.qint8),
+        "float8_e4m3fn": lambda: base.to(torch.float8_e4m3fn),
+        "float8_e5m2": lambda: base.to(torch.float8_e5m2),
+        "complex64": lambda: base.to(torch.complex64),
+        "int64": lambda: base.long(),
+        "uint16": lambda: base.to(torch.uint16),
+    }[kind]()
+
+
+def strided_trick(kind: str, shape: tuple, huge: int, dtype=torch.float32):
+    """Views whose declared elements the storage does not hold, or holds overlapping (never materialized here)."""
+    if kind == "expand":  # stride 0: one element declared `huge` times
+        return torch.zeros((1,) * len(shape), dtype=dtype).expand(huge, *shape[1:])
+    if kind == "overlap":  # the last dimension's elements all alias one (the storage still holds them all)
+        numel = int(torch.tensor(shape).prod())
+        strides = torch.zeros(shape).stride()
+        return torch.zeros(numel, dtype=dtype).as_strided(shape, (*strides[:-1], 0))
+    if kind == "gap":  # strides larger than the sizes: a view of every other element
+        return torch.zeros(*shape[:-1], shape[-1] * 2, dtype=dtype)[..., ::2]
+    raise ValueError(kind)
+
+
+# --- reading under limits --------------------------------------------------------------------------------
+class Worker:
+    """A long-lived python process that reads files with pixart's loaders under RLIMIT_AS; restarted after a
+    case kills it. ``read(path, loader)`` -> the worker's answer dict, or {"outcome": "hang" | "died"}."""
+
+    def __init__(self):
+        self.process = None
+
+    def start(self):
+        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).parent)
+        assert json.loads(self.process.stdout.readline()) == {"ready": True}
+
+    def read(self, path, loader: str = "any", **extra) -> dict:
+        import selectors
+
+        if self.process is None or self.process.poll() is not None:
+            self.start()
+        self.process.stdin.write(json.dumps({"path": str(path), "loader": loader, **extra}) + "\n")
+        self.process.stdin.flush()
+        selector = selectors.DefaultSelector()
+        selector.register(self.process.stdout, selectors.EVENT_READ)
+        if not selector.select(CASE_SECONDS):
+            self.stop()
+            return {"outcome": "hang"}
+        line = self.process.stdout.readline()
+        if not line:
+            self.stop()
+            return {"outcome": "died"}
+        return json.loads(line)
+
+    def stop(self):
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+            self.process = None
+
+
+def _serve() -> None:
+    from pixart_cli import artifacts
+    from pixart_cli.cache import EmbeddingCache
+    from pixart_cli.errors import PixartError
+
+    with open("/proc/self/status") as status:
+        size = int(status.read().split("VmSize:")[1].split()[0]) * 1024
+    limit = size + WORKER_HEADROOM
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    loaders = {"any": artifacts.load_any, "embeddings": artifacts.load_embeddings, "latents": artifacts.load_latents,
+               "describe": lambda path: json.dumps(artifacts.describe(path), allow_nan=False)}
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        request = json.loads(line)
+        path = request["path"]
+        try:
+            if request["loader"] == "cache":
+                settings = request["settings"]
+                cache = EmbeddingCache(request["folder"], settings, request["width"], torch.float32)
+                os.replace(path, cache.path(request["prompt"]))
+                answer = {"outcome": "miss" if cache.get(request["prompt"]) is None else "hit"}
+            else:
+                loaders[request["loader"]](path)
+                answer = {"outcome": "accepted"}
+        except PixartError as error:
+            answer = {"outcome": "refused", "message": str(error)}
+        except BaseException as error:  # noqa: BLE001 - anything else is what the fuzz looks for
+            answer = {"outcome": "crashed", "message": f"{type(error).__name__}: {error}"[:300]}
+        print(json.dumps(answer), flush=True)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).parent.parent))
+    _serve()
