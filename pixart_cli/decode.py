@@ -30,8 +30,11 @@ def decode(latents: artifacts.Latents, *, model: str | None = None, device: str 
            log: Callable[[str], None] | None = None, reports: list | None = None) -> list:
     """Decode latents [N, 4, h, w] to N PIL images at the requested size (binning undone, as the pipeline does)."""
     import torch
-    from diffusers import AutoencoderKL
-    from diffusers.image_processor import PixArtImageProcessor
+
+    from pixart_cli.lean import import_diffusers
+    from pixart_cli.vae_decoder import load_vae_decoder, vae_skeleton
+
+    PixArtImageProcessor = import_diffusers("diffusers.image_processor").PixArtImageProcessor
 
     # 1. Check the latents against the VAE config
     if batch_size is not None and batch_size < 1:
@@ -46,15 +49,21 @@ def decode(latents: artifacts.Latents, *, model: str | None = None, device: str 
     meter = memory.Meter("decode", torch_device)
     budget, context = memory.device_budget(vram, torch_device)
     config = source.config("vae")
-    skeleton = memory.meta_model(AutoencoderKL.from_config, config, torch_dtype)
+    skeleton = memory.meta_model(vae_skeleton, config, torch_dtype)
     chosen = memory.plan_decode(budget, context, memory.parameter_bytes(skeleton), config["block_out_channels"][0],
                                 meta["height"], meta["width"], torch_dtype.itemsize)
     del skeleton
     if log:
         log(chosen.describe())
     with meter.phase("load"):
-        kwargs = {"device_map": {"": torch_device}} if torch_device.type == "cuda" else {}
-        vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=torch_dtype, **kwargs)
+        # The decoder alone, without importing AutoencoderKL (vae_decoder.py); AutoencoderKL for tiled decode
+        # or a checkpoint in another layout.
+        vae = None if chosen.tile else load_component(
+            source, "vae", lambda **_: load_vae_decoder(source.folder("vae"), config, torch_dtype, torch_device))
+        if vae is None:
+            AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl").AutoencoderKL
+            kwargs = {"device_map": {"": torch_device}} if torch_device.type == "cuda" else {}
+            vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=torch_dtype, **kwargs)
         vae.to(torch_device).eval()
         if chosen.tile:
             # diffusers' tiled decode; its tile size is the config's sample_size unless set here.

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
-from pixart_cli.models import Model, load_component, stage_pipeline
+from pixart_cli.models import Model, load_component
 
 Progress = Callable[[str, int, int], None]
 MAX_SEED = 2**32 - 1
@@ -71,9 +71,14 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
     Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
     """
-    import diffusers
     import torch
-    from diffusers import PixArtTransformer2DModel
+
+    from pixart_cli.lean import import_diffusers
+    from pixart_cli.sampling import sample_latents
+
+    diffusers = import_diffusers("diffusers")
+    PixArtTransformer2DModel = import_diffusers(
+        "diffusers.models.transformers.pixart_transformer_2d").PixArtTransformer2DModel
 
     # 1. Check inputs against the model's configs; fill each default from the model's family
     check_inputs(steps, guidance_scale, seed, width, height, num_images, scheduler, batch_size)
@@ -97,8 +102,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     # 2. Resolution binning, as the pipeline does it; models without a bin table keep the requested size
     table = source.bin_table if binning else None
     if table is not None:
-        from diffusers.image_processor import PixArtImageProcessor
-
+        PixArtImageProcessor = import_diffusers("diffusers.image_processor").PixArtImageProcessor
         height, width = PixArtImageProcessor.classify_height_width_bin(requested_height, requested_width, table)
     else:
         height, width = requested_height, requested_width
@@ -134,7 +138,6 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
         # The model's own scheduler config, as the class the user picked (default: the model's own class).
         noise_scheduler = getattr(diffusers, scheduler_name).from_config(
             source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {}))
-        pipe = stage_pipeline(source, transformer=transformer, scheduler=noise_scheduler)
 
     # 4. Denoise in batches of the plan's size: one CPU generator per image, seeds seed, seed+1, ...
     #    Row r of the flat batch is image r % num_images of prompt r // num_images, as in the pipeline.
@@ -155,14 +158,15 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
             picked = rows[start:start + batch]
             tensors = {key: value[picked].to(torch_device) for key, value in embeddings.tensors().items()}
             generators = [torch.Generator("cpu").manual_seed(s) for s in seeds[start:start + batch]]
-            parts.append(pipe(prompt=None, negative_prompt=None, **tensors,
-                              num_inference_steps=None if timesteps else steps, timesteps=timesteps,
-                              guidance_scale=guidance_scale, height=height, width=width, generator=generators,
-                              output_type="latent", use_resolution_binning=False, callback=on_step,
-                              return_dict=False)[0].cpu())
+            # The pipeline's own loop (sampling.py), without importing the pipeline
+            parts.append(sample_latents(transformer, noise_scheduler, family.pipeline, **tensors,
+                                        num_inference_steps=None if timesteps else steps, timesteps=timesteps,
+                                        guidance_scale=guidance_scale, height=height, width=width,
+                                        vae_scale_factor=source.vae_scale_factor, generator=generators,
+                                        device=torch_device, callback=on_step).cpu())
             done += 1
     latents = torch.cat(parts)
-    del pipe, transformer, tensors
+    del transformer, tensors
     runtime.free(torch_device)
     meter.finish(chosen.name, reports)
 
@@ -183,7 +187,9 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
 
 def _scheduler_name(source: Model, choice: str | None) -> str:
     """The diffusers class name of the scheduler: the user's --scheduler, else the model's own."""
-    import diffusers
+    from pixart_cli.lean import import_diffusers
+
+    diffusers = import_diffusers("diffusers")
 
     name = SCHEDULERS[choice] if choice is not None else source.config("scheduler").get("_class_name", "")
     if not isinstance(getattr(diffusers, name, None), type):

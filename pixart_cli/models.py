@@ -186,11 +186,11 @@ class Model:
         name = BIN_TABLES.get(self.sample_size)
         if name is None:
             return None
-        if name == "ASPECT_RATIO_2048_BIN":
-            from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as module
-        else:
-            from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as module
-        return getattr(module, name)
+        from pixart_cli.lean import diffusers_constant
+
+        # Read from the pipeline's source: importing the pipeline costs a denoise process seconds (issue 10)
+        module = "pipeline_pixart_sigma" if name == "ASPECT_RATIO_2048_BIN" else "pipeline_pixart_alpha"
+        return diffusers_constant(f"pipelines/pixart_alpha/{module}.py", name)
 
 
 def _config_name(component: str) -> str:
