@@ -111,7 +111,7 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     meter = memory.Meter("denoise", torch_device)
     budget, context = memory.device_budget(vram, torch_device)
     config = source.config("transformer")
-    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, torch_dtype)
+    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, torch_dtype, cpu_buffers=True)
     scale = source.vae_scale_factor * config.get("patch_size", 2)
     prompts_in = embeddings.prompt_embeds.shape[0]
     chosen = memory.plan_denoise(budget, context, memory.parameter_bytes(skeleton), (height // scale) * (width // scale),
@@ -133,7 +133,9 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
             kwargs = {"device_map": {"": torch_device}} if torch_device.type == "cuda" else {}
             transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
                                          dtype=torch_dtype, **kwargs)
-            transformer.to(torch_device)
+            # torch's own .to: diffusers' override only adds checks for group offloading (not used here) and
+            # imports the offloading hooks to make them, which import torch._dynamo (issue 10).
+            torch.nn.Module.to(transformer, torch_device)
         transformer.eval()
         # The model's own scheduler config, as the class the user picked (default: the model's own class).
         noise_scheduler = getattr(diffusers, scheduler_name).from_config(

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import PixartError
-from pixart_cli.models import Model, load_component, stage_pipeline
+from pixart_cli.models import Model, load_component
 
 Progress = Callable[[str, int, int], None]
 PRECISIONS = ("full", "8bit", "4bit")
@@ -45,12 +45,12 @@ def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max
          precision: str = "full") -> memory.Plan:
     """Pick resident / streamed / quantized T5 from exact sizes counted on the meta device."""
     import torch
-    from transformers import T5Config, T5EncoderModel
 
     from pixart_cli.streaming import parameter_dtypes
+    from pixart_cli.t5 import t5_config, t5_encoder
 
-    config = T5Config.from_dict(source.config("text_encoder"))
-    skeleton = memory.meta_model(T5EncoderModel, config, dtype)
+    config = t5_config(source.config("text_encoder"))
+    skeleton = memory.meta_model(t5_encoder, source.config("text_encoder"), dtype)
     dtypes = parameter_dtypes(skeleton, dtype)
     sizes = {name: p.numel() * dtypes[name].itemsize for name, p in skeleton.named_parameters()}
     block = sum(size for name, size in sizes.items() if name.startswith("encoder.block.0."))
@@ -64,8 +64,6 @@ def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max
 
 def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
     """The T5 encoder for a plan: resident or streamed through our reader, or bitsandbytes-quantized."""
-    from transformers import T5EncoderModel
-
     if chosen.name in ("streamed", "resident"):
         # Our reader (parallel pread, no memory map) serves both plans: low RSS, and faster than transformers'
         # loader (README, benchmark).
@@ -76,6 +74,8 @@ def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
             return StreamedT5(folder, dtype, device, resident=chosen.name == "resident").model
 
         return load_component(source, "text_encoder", read)
+    from transformers import T5EncoderModel
+
     kwargs = {"dtype": dtype}
     if chosen.name.startswith("resident-"):
         from transformers import BitsAndBytesConfig
@@ -153,6 +153,8 @@ def _encode_texts(source: Model, texts: list[str], max_length: int, clean_captio
     import torch
     from transformers import T5Tokenizer
 
+    from pixart_cli.prompts import encode_prompts
+
     budget, context = memory.device_budget(vram, device)
     chosen = plan(source, budget, context, dtype, len(texts), max_length, precision)
     if log:
@@ -162,23 +164,21 @@ def _encode_texts(source: Model, texts: list[str], max_length: int, clean_captio
     with meter.phase("load"):
         tokenizer = load_component(source, "tokenizer", T5Tokenizer.from_pretrained)
         text_encoder = _load_text_encoder(source, chosen, dtype, device)
-        pipe = stage_pipeline(source, tokenizer=tokenizer, text_encoder=text_encoder)
 
-    # The pipeline's own encode_prompt (same cleaning, padding and truncation as __call__; without CFG it
-    # encodes the list as given). Its warning naming the text cut off a long prompt is passed on.
+    # The pipeline's encode_prompt (prompts.py: same cleaning, padding and truncation as __call__; without CFG
+    # it encodes the list as given). Its warning naming the text cut off a long prompt is passed on.
     embeds, masks = [], []
-    with meter.phase("compute"), torch.inference_mode(), runtime.forward_warnings(
-            "diffusers.pipelines.pixart_alpha", log or (lambda message: None)):
+    with meter.phase("compute"), torch.inference_mode():
         for start in range(0, len(texts), BATCH):
             chunk = texts[start:start + BATCH]
-            chunk_embeds, chunk_mask, _, _ = pipe.encode_prompt(
-                chunk, do_classifier_free_guidance=False, device=device, clean_caption=clean_caption,
-                max_sequence_length=max_length)
+            chunk_embeds, chunk_mask = encode_prompts(
+                tokenizer, text_encoder, chunk, max_length=max_length, clean_caption=clean_caption, device=device,
+                warn=(lambda message: log(f"warning: {message}")) if log else None)
             embeds.append(chunk_embeds.cpu())
             masks.append(chunk_mask.cpu())
             if progress:
                 progress("encode", min(start + BATCH, len(texts)), len(texts))
-    del pipe, text_encoder
+    del text_encoder
     runtime.free(device)
     return (torch.cat(embeds), torch.cat(masks)), chosen.name
 
