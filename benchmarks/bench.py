@@ -8,8 +8,9 @@ wall time and the peak of nvidia-smi's memory.used above the idle level (what a 
 pixart's own --report-memory JSON. Results: RESULTS_DIR/results.json and RESULTS_DIR/results.md.
 
 Cases: pixart-8GB, pixart-3GB (staged: three processes, then generate), encode-group-offload (T5 under
-diffusers' group offloading, to compare with pixart's streaming), and the diffusers baselines all-gpu,
-model-cpu-offload, group-offload, staged-8bit.
+diffusers' group offloading, to compare with pixart's streaming), the diffusers baselines all-gpu,
+model-cpu-offload, group-offload, staged-8bit, and startup (each stage process against `import torch`, with
+its import time split by package: benchmarks/startup.py).
 """
 
 from __future__ import annotations
@@ -148,6 +149,13 @@ def main() -> None:
                                               str(out_json)], args.out, log)
             if out_json.is_file():
                 entry["report"] = json.loads(out_json.read_text())
+        elif case == "startup":  # each stage process against `import torch`, and its import time by package
+            import startup
+
+            results = startup.measure(args.model, "cuda", repeat=3)
+            (args.out / "startup.json").write_text(json.dumps(results, indent=1))
+            (args.out / "startup.md").write_text(startup.table(results))
+            print(startup.table(results), flush=True)
         elif case == "encode-group-offload":
             run("T5 group offload (diffusers)", [sys.executable, "-c", ENCODE_GROUP_OFFLOAD, str(args.model)],
                 args.out, log)

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pixart_cli import artifacts, memory, runtime
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models import Model, load_component
+from pixart_cli.sampling import sample_latents
 
 Progress = Callable[[str, int, int], None]
 MAX_SEED = 2**32 - 1
@@ -74,7 +75,6 @@ def denoise(embeddings: artifacts.Embeddings, *, model: str | None = None, steps
     import torch
 
     from pixart_cli.lean import import_diffusers
-    from pixart_cli.sampling import sample_latents
 
     diffusers = import_diffusers("diffusers")
     PixArtTransformer2DModel = import_diffusers(
