@@ -151,9 +151,11 @@ def _encode_texts(source: Model, texts: list[str], max_length: int, clean_captio
                   vram: str | None, precision: str, meter: memory.Meter, progress, log):
     """Load T5 under a memory plan and encode ``texts``. Returns ((embeds [N, L, C], mask [N, L]), plan name)."""
     import torch
-    from transformers import T5Tokenizer
 
+    from pixart_cli.lean import import_transformers
     from pixart_cli.prompts import encode_prompts
+
+    T5Tokenizer = import_transformers("transformers.models.t5.tokenization_t5").T5Tokenizer
 
     budget, context = memory.device_budget(vram, device)
     chosen = plan(source, budget, context, dtype, len(texts), max_length, precision)

@@ -58,6 +58,21 @@ def import_diffusers(name: str):
         return importlib.import_module(name)
 
 
+def import_transformers(name: str):
+    """Import one transformers module (``transformers.models.t5.tokenization_t5``) without transformers'
+    ``__init__``, which scans every model file of the library to build its lazy index (about a second).
+    Submodules read only ``__version__`` from the package at import; anything else asked of it runs the
+    ``__init__`` in full, in place."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if "transformers" not in sys.modules:
+        import importlib.metadata
+
+        _shallow_package("transformers", {"__version__": importlib.metadata.version("transformers")})
+        _shallow_package("transformers.models")
+    return importlib.import_module(name)
+
+
 @contextmanager
 def _hidden(names):
     """Names not imported yet read as not installed while the block runs, and importable again after it."""
@@ -72,28 +87,35 @@ def _hidden(names):
                 del sys.modules[name]
 
 
-def _shallow_package(name: str) -> None:
-    """Register package ``name`` without running its ``__init__``; the first attribute asked of it that a
-    submodule did not already set runs the ``__init__`` in full, in place."""
+def _shallow_package(name: str, attributes: dict | None = None) -> None:
+    """Register package ``name`` without running its ``__init__`` (holding only ``attributes``); the first
+    attribute asked of it that a submodule did not already set runs the ``__init__`` in full, in place."""
     if name in sys.modules:
         return
     parent_name, _, child = name.rpartition(".")
-    parent = importlib.import_module(parent_name)
-    if child in vars(parent):  # a lazy parent may already hold it
+    parent = importlib.import_module(parent_name) if parent_name else None
+    if parent is not None and child in vars(parent):  # a lazy parent may already hold it
         return
     spec = importlib.util.find_spec(name)
     module = importlib.util.module_from_spec(spec)
+    vars(module).update(attributes or {})
 
     def complete(attribute: str):
         if attribute.startswith("__"):
             raise AttributeError(attribute)
         del module.__getattr__
         spec.loader.exec_module(module)
-        return getattr(module, attribute)
+        completed = sys.modules.get(name, module)
+        if completed is not module:
+            # A lazy package (transformers) replaces itself in sys.modules at the end of its __init__; whoever
+            # holds this object (`from transformers import X` looks X up on it twice) reads through to it.
+            module.__getattr__ = lambda later: getattr(completed, later)
+        return getattr(completed, attribute)
 
     module.__getattr__ = complete
     sys.modules[name] = module
-    setattr(parent, child, module)
+    if parent is not None:
+        setattr(parent, child, module)
 
 
 def diffusers_constant(relative_path: str, name: str):

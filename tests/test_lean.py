@@ -18,7 +18,7 @@ from pixart_cli import random_model
 NEVER = ["sklearn", "sympy", "torch._dynamo", "torch._inductor", "torch.distributed.tensor", "bitsandbytes", "peft",
          "ray", "diffusers.pipelines", "diffusers.loaders", "diffusers.models.autoencoders.autoencoder_kl",
          "diffusers.hooks.group_offloading", "transformers.modeling_utils", "transformers.generation",
-         "transformers.models.t5.modeling_t5"]
+         "transformers.models.t5.modeling_t5", "transformers.models.auto"]
 NOT_IMPORTED = {
     "encode": NEVER + ["diffusers"],
     "denoise": NEVER + ["transformers"],
@@ -60,18 +60,20 @@ def test_lean_import_leaves_the_rest_of_diffusers_importable(tmp_path):
     """Shallow packages run their __init__ when asked for something else; hidden modules come back."""
     code = """
 import sys
-from pixart_cli.lean import import_diffusers
+from pixart_cli.lean import import_diffusers, import_transformers
+import_transformers("transformers.models.t5.tokenization_t5")
 import_diffusers("diffusers.models.transformers.pixart_transformer_2d")
 assert "diffusers.models.transformers.dit_transformer_2d" not in sys.modules
 assert sys.modules.get("torch._dynamo", "absent") == "absent"
 from diffusers.models.transformers import DiTTransformer2DModel
 from diffusers import AutoencoderKL, PixArtAlphaPipeline
+from transformers import T5EncoderModel  # the quantized-T5 plans load it
 import torch._dynamo
-print(DiTTransformer2DModel.__name__, AutoencoderKL.__name__, PixArtAlphaPipeline.__name__)
+print(DiTTransformer2DModel.__name__, AutoencoderKL.__name__, PixArtAlphaPipeline.__name__, T5EncoderModel.__name__)
 """
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["DiTTransformer2DModel", "AutoencoderKL", "PixArtAlphaPipeline"]
+    assert result.stdout.split() == ["DiTTransformer2DModel", "AutoencoderKL", "PixArtAlphaPipeline", "T5EncoderModel"]
 
 
 def test_bin_tables_read_from_source_equal_the_pipelines():
