@@ -9,8 +9,9 @@ pixart's own --report-memory JSON. Results: RESULTS_DIR/results.json and RESULTS
 
 Cases: pixart-8GB, pixart-3GB (staged: three processes, then generate), generate-8GB, generate-32 (32 prompts
 at --vram 8GB), encode-group-offload (T5 under diffusers' group offloading, to compare with pixart's streaming),
-and the diffusers baselines all-gpu, model-cpu-offload, group-offload, staged-8bit, loop-32 (all on the GPU, 32
-prompts one by one, each image saved as a PNG).
+the diffusers baselines all-gpu, model-cpu-offload, group-offload, staged-8bit, loop-32 (all on the GPU, 32
+prompts one by one, each image saved as a PNG), and startup (each stage process against `import torch`, with
+its import time split by package: benchmarks/startup.py).
 """
 
 from __future__ import annotations
@@ -165,6 +166,13 @@ def main() -> None:
                                               str(out_json)], args.out, log)
             if out_json.is_file():
                 entry["report"] = json.loads(out_json.read_text())
+        elif case == "startup":  # each stage process against `import torch`, and its import time by package
+            import startup
+
+            results = startup.measure(args.model, "cuda", repeat=3)
+            (args.out / "startup.json").write_text(json.dumps(results, indent=1))
+            (args.out / "startup.md").write_text(startup.table(results))
+            print(startup.table(results), flush=True)
         elif case == "encode-group-offload":
             run("T5 group offload (diffusers)", [sys.executable, "-c", ENCODE_GROUP_OFFLOAD, str(args.model)],
                 args.out, log)

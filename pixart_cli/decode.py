@@ -33,8 +33,11 @@ def decode(latents: artifacts.Latents, ctx: RunContext, batch_size: int | None =
            source_path: str = "latents") -> list:
     """Decode latents [N, 4, h, w] to N PIL images at the requested size (binning undone, as the pipeline does)."""
     import torch
-    from diffusers.image_processor import PixArtImageProcessor
-    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    from pixart_cli.lean import import_diffusers
+    from pixart_cli.vae_decoder import load_vae_decoder, vae_skeleton
+
+    PixArtImageProcessor = import_diffusers("diffusers.image_processor").PixArtImageProcessor
 
     # 1. Check the latents against the VAE config
     if batch_size is not None and batch_size < 1:
@@ -48,14 +51,20 @@ def decode(latents: artifacts.Latents, ctx: RunContext, batch_size: int | None =
     meter = ctx.meter("decode")
     budget, context = ctx.budget()
     config = source.config("vae")
-    skeleton = memory.meta_model(AutoencoderKL.from_config, config, ctx.dtype)
+    skeleton = memory.meta_model(vae_skeleton, config, ctx.dtype)
     chosen = memory.plan_decode(budget, context, memory.parameter_bytes(skeleton), config["block_out_channels"][0],
                                 meta["height"], meta["width"], ctx.dtype.itemsize)
     del skeleton
     ctx.note(chosen.describe())
     with meter.phase("load"):
-        kwargs = {"device_map": {"": ctx.device}} if ctx.device.type == "cuda" else {}
-        vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype, **kwargs)
+        # The decoder alone, without importing AutoencoderKL (vae_decoder.py); AutoencoderKL for tiled decode
+        # or a checkpoint in another layout.
+        vae = None if chosen.tile else load_component(
+            source, "vae", lambda **_: load_vae_decoder(source.folder("vae"), config, ctx.dtype, ctx.device))
+        if vae is None:
+            AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl").AutoencoderKL
+            kwargs = {"device_map": {"": ctx.device}} if ctx.device.type == "cuda" else {}
+            vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype, **kwargs)
         vae.to(ctx.device).eval()
         if chosen.tile:
             # diffusers' tiled decode; its tile size is the config's sample_size unless set here.

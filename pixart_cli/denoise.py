@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from pixart_cli import artifacts, lora, memory
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
-from pixart_cli.models import Model, load_component, stage_pipeline
+from pixart_cli.models import Model, load_component
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import SCHEDULERS, DenoiseSettings
 
@@ -56,8 +56,9 @@ def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
     _check_size(source, requested_width, requested_height, patches=False)
     table = source.bin_table if settings.binning else None
     if table is not None:
-        from diffusers.image_processor import PixArtImageProcessor
+        from pixart_cli.lean import import_diffusers
 
+        PixArtImageProcessor = import_diffusers("diffusers.image_processor").PixArtImageProcessor
         height, width = PixArtImageProcessor.classify_height_width_bin(requested_height, requested_width, table)
     else:
         height, width = requested_height, requested_width
@@ -119,12 +120,12 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
     for adapter in ctx.loras:
         ctx.note(adapter.describe())
     with meter.phase("load"):
-        pipe = _load(chosen, plan.scheduler, ctx, compiled=settings.compile)
+        transformer, noise_scheduler = _load(chosen, plan.scheduler, ctx, compiled=settings.compile)
 
     # 3. Denoise in batches of the plan's size
     with meter.phase("compute"):
-        latents = _denoise_batches(pipe, embeddings, settings, plan, chosen.batch, ctx)
-    del pipe
+        latents = _denoise_batches(transformer, noise_scheduler, embeddings, settings, plan, chosen.batch, ctx)
+    del transformer
     ctx.free()
     meter.finish(chosen.name, ctx.reports)
     check_finite(latents, ctx.dtype_name)
@@ -147,11 +148,13 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
 
 def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
     """Resident with the largest batch that fits, or streamed, from the transformer's size on the meta device."""
-    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+    from pixart_cli.lean import import_diffusers
 
+    PixArtTransformer2DModel = import_diffusers(
+        "diffusers.models.transformers.pixart_transformer_2d").PixArtTransformer2DModel
     source = ctx.model
     config = source.config("transformer")
-    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, ctx.dtype)
+    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, ctx.dtype, cpu_buffers=True)
     scale = source.vae_scale_factor * config.get("patch_size", 2)
     for adapter in ctx.loras:  # a LoRA that does not fit stops here, before any weights load
         lora.check_lora(adapter, skeleton)
@@ -164,9 +167,14 @@ def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
 
 
 def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: bool = False):
-    """A pipeline holding only the transformer (resident or group-offloaded) and the scheduler."""
-    import diffusers
-    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+    """The transformer (resident or group-offloaded, LoRAs fused) and the scheduler; nothing else."""
+    import torch
+
+    from pixart_cli.lean import import_diffusers
+
+    diffusers = import_diffusers("diffusers")
+    PixArtTransformer2DModel = import_diffusers(
+        "diffusers.models.transformers.pixart_transformer_2d").PixArtTransformer2DModel
 
     source, device = ctx.model, ctx.device
     if chosen.name == "streamed":
@@ -180,7 +188,9 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
         kwargs = {"device_map": {"": device}} if device.type == "cuda" else {}
         transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
                                      dtype=ctx.dtype, **kwargs)
-        transformer.to(device)
+        # torch's own .to: diffusers' override only adds checks for group offloading (not used here) and
+        # imports the offloading hooks to make them, which import torch._dynamo (issue 10).
+        torch.nn.Module.to(transformer, device)
         lora.apply_loras(transformer, list(ctx.loras))
     transformer.eval()
     if compiled:
@@ -193,16 +203,18 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
     # The model's own scheduler config, as the class the user picked (default: the model's own class).
     noise_scheduler = getattr(diffusers, scheduler_name).from_config(
         source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {}))
-    return stage_pipeline(source, transformer=transformer, scheduler=noise_scheduler)
+    return transformer, noise_scheduler
 
 
-def _denoise_batches(pipe, embeddings: artifacts.Embeddings, settings: DenoiseSettings, plan: Schedule, batch: int,
-                     ctx: RunContext):
+def _denoise_batches(transformer, noise_scheduler, embeddings: artifacts.Embeddings, settings: DenoiseSettings,
+                     plan: Schedule, batch: int, ctx: RunContext):
     """All images, ``batch`` at a time, each with its own CPU generator (seeds seed, seed+1, ...).
 
     Row r of the flat batch is image r % num_images of prompt r // num_images, as in the pipeline.
     """
     import torch
+
+    from pixart_cli.sampling import sample_latents
 
     total = embeddings.prompt_embeds.shape[0] * settings.num_images
     rows = [index // settings.num_images for index in range(total)]
@@ -220,11 +232,13 @@ def _denoise_batches(pipe, embeddings: artifacts.Embeddings, settings: DenoiseSe
             def on_step(step: int, timestep, latents, done=number * plan.steps_per_image) -> None:
                 ctx.advance("denoise", done + step + 1, total_steps)
 
-            parts.append(pipe(prompt=None, negative_prompt=None, **tensors,
-                              num_inference_steps=None if plan.timesteps else plan.steps, timesteps=plan.timesteps,
-                              guidance_scale=plan.guidance_scale, height=plan.height, width=plan.width,
-                              generator=generators, output_type="latent", use_resolution_binning=False,
-                              callback=on_step, return_dict=False)[0].cpu())
+            # The pipeline's own loop (sampling.py), without importing the pipeline
+            parts.append(sample_latents(transformer, noise_scheduler, ctx.model.family.pipeline, **tensors,
+                                        num_inference_steps=None if plan.timesteps else plan.steps,
+                                        timesteps=plan.timesteps, guidance_scale=plan.guidance_scale,
+                                        height=plan.height, width=plan.width,
+                                        vae_scale_factor=ctx.model.vae_scale_factor, generator=generators,
+                                        device=ctx.device, callback=on_step).cpu())
     return torch.cat(parts)
 
 
@@ -239,7 +253,9 @@ def check_finite(latents, dtype_name: str) -> None:
 
 def scheduler_class_name(source: Model, choice: str | None) -> str:
     """The diffusers class name of the scheduler: the user's --scheduler, else the model's own."""
-    import diffusers
+    from pixart_cli.lean import import_diffusers
+
+    diffusers = import_diffusers("diffusers")
 
     name = SCHEDULERS[choice].class_name if choice is not None else source.config("scheduler").get("_class_name", "")
     if not isinstance(getattr(diffusers, name, None), type):

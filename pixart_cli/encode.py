@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pixart_cli import artifacts, memory, runtime
+from pixart_cli import artifacts, memory
 from pixart_cli.errors import PixartError
-from pixart_cli.models import Model, load_component, stage_pipeline
+from pixart_cli.models import Model, load_component
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import EncodeSettings, check_prompts
 
@@ -14,12 +14,12 @@ def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max
          precision: str = "full") -> memory.Plan:
     """Pick resident / streamed / quantized T5 from exact sizes counted on the meta device."""
     import torch
-    from transformers import T5Config, T5EncoderModel
 
     from pixart_cli.streaming import parameter_dtypes
+    from pixart_cli.t5 import t5_config, t5_encoder
 
-    config = T5Config.from_dict(source.config("text_encoder"))
-    skeleton = memory.meta_model(T5EncoderModel, config, dtype)
+    config = t5_config(source.config("text_encoder"))
+    skeleton = memory.meta_model(t5_encoder, source.config("text_encoder"), dtype)
     dtypes = parameter_dtypes(skeleton, dtype)
     sizes = {name: p.numel() * dtypes[name].itemsize for name, p in skeleton.named_parameters()}
     block = sum(size for name, size in sizes.items() if name.startswith("encoder.block.0."))
@@ -33,8 +33,6 @@ def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max
 
 def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
     """The T5 encoder for a plan: resident or streamed through our reader, or bitsandbytes-quantized."""
-    from transformers import T5EncoderModel
-
     if chosen.name in ("streamed", "resident"):
         # Our reader (parallel pread, no memory map) serves both plans: low RSS, and faster than transformers'
         # loader (README, benchmark).
@@ -45,6 +43,8 @@ def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
             return StreamedT5(folder, dtype, device, resident=chosen.name == "resident").model
 
         return load_component(source, "text_encoder", read)
+    from transformers import T5EncoderModel
+
     kwargs = {"dtype": dtype}
     if chosen.name.startswith("resident-"):
         from transformers import BitsAndBytesConfig
@@ -124,7 +124,11 @@ def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, c
                   meter: memory.Meter):
     """Load T5 under a memory plan and encode ``texts``. Returns ((embeds [N, L, C], mask [N, L]), plan name)."""
     import torch
-    from transformers import T5Tokenizer
+
+    from pixart_cli.lean import import_transformers
+    from pixart_cli.prompts import encode_prompts
+
+    T5Tokenizer = import_transformers("transformers.models.t5.tokenization_t5").T5Tokenizer
 
     source = ctx.model
     budget, context = ctx.budget()
@@ -135,24 +139,22 @@ def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, c
     with meter.phase("load"):
         tokenizer = load_component(source, "tokenizer", T5Tokenizer.from_pretrained)
         text_encoder = _load_text_encoder(source, chosen, ctx.dtype, ctx.device)
-        pipe = stage_pipeline(source, tokenizer=tokenizer, text_encoder=text_encoder)
 
-    # The pipeline's own encode_prompt (same cleaning, padding and truncation as __call__; without CFG it
-    # encodes the list as given). Its warning naming the text cut off a long prompt is passed on.
+    # The pipeline's encode_prompt (prompts.py: same cleaning, padding and truncation as __call__; without CFG
+    # it encodes the list as given). Its warning naming the text cut off a long prompt is passed on.
     embeds, masks = [], []
     ctx.advance("encode", 0, len(texts))
-    with meter.phase("compute"), torch.inference_mode(), runtime.forward_warnings(
-            "diffusers.pipelines.pixart_alpha", ctx.note):
+    with meter.phase("compute"), torch.inference_mode():
         chunk_size = chosen.batch
         for start in range(0, len(texts), chunk_size):
             chunk = texts[start:start + chunk_size]
-            chunk_embeds, chunk_mask, _, _ = pipe.encode_prompt(
-                chunk, do_classifier_free_guidance=False, device=ctx.device, clean_caption=settings.clean_caption,
-                max_sequence_length=max_length)
+            chunk_embeds, chunk_mask = encode_prompts(
+                tokenizer, text_encoder, chunk, max_length=max_length, clean_caption=settings.clean_caption,
+                device=ctx.device, warn=lambda message: ctx.note(f"warning: {message}"))
             embeds.append(chunk_embeds.cpu())
             masks.append(chunk_mask.cpu())
             # counts texts: the prompts and, last, the negative prompt ("" when none is given)
             ctx.advance("encode", min(start + chunk_size, len(texts)), len(texts))
-    del pipe, text_encoder
+    del text_encoder
     ctx.free()
     return (torch.cat(embeds), torch.cat(masks)), chosen.name

@@ -100,13 +100,24 @@ def parameter_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def meta_model(builder, config, dtype):
-    """Instantiate ``builder(config)`` on the meta device in ``dtype``: exact sizes, no weights, no memory."""
+def meta_model(builder, config, dtype, cpu_buffers: bool = False):
+    """Instantiate ``builder(config)`` on the meta device in ``dtype``: exact sizes, no weights, no memory.
+
+    ``cpu_buffers``: compute buffers on the CPU (parameters still go to meta, as diffusers' own loading does).
+    For models that compute buffers at construction (PixArt's sin-cos position table): factory functions such
+    as ``arange`` on the meta device run through torch's reference decompositions, which import
+    torch._dynamo, seconds of a stage process (issue 10).
+    """
     import torch
 
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
+        if cpu_buffers:
+            from accelerate import init_empty_weights
+
+            with init_empty_weights(include_buffers=False):
+                return builder(config)
         with torch.device("meta"):
             return builder(config)
     finally:

@@ -26,7 +26,7 @@ class Family:
     """Defaults of one PixArt family; the user's flags always win over them."""
 
     name: str
-    pipeline: str  # diffusers pipeline class whose methods each stage reuses
+    pipeline: str  # the diffusers pipeline whose steps the stages follow (sampling.py, prompts.py)
     steps: int
     guidance_scale: float
     max_sequence_length: int
@@ -224,11 +224,11 @@ class Model:
         name = BIN_TABLES.get(self.sample_size)
         if name is None:
             return None
-        if name == "ASPECT_RATIO_2048_BIN":
-            from diffusers.pipelines.pixart_alpha import pipeline_pixart_sigma as module
-        else:
-            from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha as module
-        return getattr(module, name)
+        from pixart_cli.lean import diffusers_constant
+
+        # Read from the pipeline's source: importing the pipeline costs a denoise process seconds (issue 10)
+        module = "pipeline_pixart_sigma" if name == "ASPECT_RATIO_2048_BIN" else "pipeline_pixart_alpha"
+        return diffusers_constant(f"pipelines/pixart_alpha/{module}.py", name)
 
 
 def model_for_file(flag: str | None, revision: str | None, meta: dict, path) -> Model:
@@ -279,29 +279,6 @@ def model_unavailable(model: str, error: Exception, named_by: str | None = None,
         f"download it once with `hf download {model}` while online, or point --model at a local diffusers folder",
         EXIT_RUNTIME,
     )
-
-
-def pipeline_class(family: Family):
-    """The diffusers pipeline class whose methods a stage borrows (imported only when a stage runs)."""
-    import diffusers
-
-    return getattr(diffusers, family.pipeline)
-
-
-def stage_pipeline(model: Model, **components):
-    """A pipeline holding only one stage's components (the others None), to reuse its methods unchanged.
-
-    Its ``vae_scale_factor`` and image processor come from the VAE config, as if the VAE were loaded.
-    """
-    names = ("tokenizer", "text_encoder", "vae", "transformer", "scheduler")
-    pipe = pipeline_class(model.family)(**{name: components.get(name) for name in names})
-    if components.get("vae") is None:
-        from diffusers.image_processor import PixArtImageProcessor
-
-        pipe.vae_scale_factor = model.vae_scale_factor
-        pipe.image_processor = PixArtImageProcessor(vae_scale_factor=model.vae_scale_factor)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def load_component(model: Model, component: str, load, **kwargs):

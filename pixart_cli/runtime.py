@@ -38,16 +38,11 @@ def quiet_libraries() -> None:
 
 
 def lean_imports(quantized: bool = False) -> None:
-    """Keep bitsandbytes out of this process unless a stage quantizes.
+    """Keep bitsandbytes (unless a stage quantizes) and peft out of this process: see lean.keep_out.
+    Call before importing diffusers or transformers."""
+    from pixart_cli.lean import keep_out
 
-    diffusers and transformers import bitsandbytes whenever it is installed, and it pulls in torch's
-    compiler stack: about 1.5 s of every process on a 2-core machine, for nothing when no stage quantizes.
-    A ``None`` entry in sys.modules makes both libraries see it as not installed. Call before importing them.
-    """
-    import sys
-
-    if not quantized and "bitsandbytes" not in sys.modules and "diffusers" not in sys.modules:
-        sys.modules["bitsandbytes"] = None
+    keep_out(quantized=quantized)
 
 
 def check_device(device: str) -> str:
@@ -170,28 +165,3 @@ def free(device) -> None:
         import torch
 
         torch.cuda.empty_cache()
-
-
-@contextmanager
-def forward_warnings(logger_name: str, log):
-    """Route one library logger's warnings to ``log`` while a block runs (they are silenced otherwise).
-
-    Used for diffusers' "part of your input was truncated" warning, which names the dropped text.
-    """
-
-    class Handler(logging.Handler):
-        def emit(self, record):
-            log(f"warning: {record.getMessage()}")
-
-    logger = logging.getLogger(logger_name)
-    saved = (logger.level, logger.propagate)
-    handler = Handler(logging.WARNING)
-    logger.setLevel(logging.WARNING)
-    logger.propagate = False
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(saved[0])
-        logger.propagate = saved[1]

@@ -109,7 +109,7 @@ def parameter_dtypes(model, dtype) -> dict[str, object]:
 
 
 class StreamedT5:
-    """Owns a meta-device T5EncoderModel whose blocks are loaded on entry and freed on exit.
+    """Owns a meta-device T5 encoder (t5.py, T5EncoderModel's layout) whose blocks are loaded on entry and freed on exit.
 
     With ``resident=True`` every block is read up front instead (same reader: parallel ``pread``, no memory
     map), which gives a resident T5 without transformers' load pass.
@@ -118,15 +118,17 @@ class StreamedT5:
     def __init__(self, folder: Path, dtype, device, resident: bool = False):
         import torch
         from accelerate.utils import set_module_tensor_to_device
-        from transformers import T5Config, T5EncoderModel
+
+        from pixart_cli.t5 import t5_encoder
 
         self.device = device
         self.files = _weight_files(folder)
         self.handles = {file: TensorFile(file) for file in set(self.files.values())}
         self.pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="t5-read")
-        config = T5Config.from_pretrained(folder)
+        config = json.loads((Path(folder) / "config.json").read_text())
         with torch.device("meta"):
-            self.model = T5EncoderModel(config).eval()
+            # transformers' T5EncoderModel, less the import of transformers' models (t5.py)
+            self.model = t5_encoder(config).eval()
         self.dtypes = parameter_dtypes(self.model, dtype)
         self._set = set_module_tensor_to_device
         self.blocks: dict[int, list[str]] = defaultdict(list)

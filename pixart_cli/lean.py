@@ -1,0 +1,135 @@
+"""Lean imports: a stage process loads the modules it runs, not whole libraries.
+
+``import diffusers`` plus one model class costs a stage process several times ``import torch`` (issue 10):
+- ``diffusers.models.transformers`` (and ``unets``, ``autoencoders``, ``hooks``) import every model of their
+  kind in their package ``__init__``;
+- ``diffusers.utils.torch_utils`` imports ``torch._dynamo`` (sympy, torch.fx, FSDP...) only to mark classes
+  for ``torch.compile`` (``maybe_allow_in_graph``), and falls back to a no-op when it is missing;
+- ``diffusers.quantizers`` imports all of ``transformers`` for one class it compares configs against in
+  ``PipelineQuantizationConfig``, and falls back to a stand-in class when it is missing.
+
+``import_diffusers(name)`` imports one diffusers module with those three avoided:
+- the eager packages are registered without running their ``__init__``; their submodules import as usual,
+  and the first attribute their ``__init__`` would define runs it in full (so nothing is lost, only deferred);
+- the two optional imports are hidden while the module imports (their fallbacks are no-ops in eager mode,
+  which is all we run), and visible again afterwards, so code that needs them later still gets them.
+
+``keep_out`` hides packages that a process does not use at all (bitsandbytes, peft) for its whole life.
+Nothing here changes a computation: the same classes run the same forward passes (tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from contextlib import contextmanager
+
+# Packages whose __init__ imports every model of their kind; a stage needs one module from each.
+EAGER_PACKAGES = ("diffusers.models.transformers", "diffusers.models.unets", "diffusers.models.autoencoders",
+                  "diffusers.hooks")
+# Imported by diffusers inside try/except with a no-op fallback; costly (torch._dynamo: sympy, fx, FSDP;
+# transformers: the whole library) and unused in eager inference.
+OPTIONAL_AT_IMPORT = ("torch._dynamo", "transformers.utils.quantization_config")
+
+
+def keep_out(quantized: bool = False, lora: bool = False) -> None:
+    """Make diffusers and transformers see bitsandbytes (unless quantizing) and peft (unless loading a LoRA)
+    as not installed in this process: both import them whenever they are installed, at a cost of seconds.
+
+    A ``None`` entry in sys.modules reads as "not installed" to ``importlib.util.find_spec``. Call before
+    importing either library.
+    """
+    for name, needed in (("bitsandbytes", quantized), ("peft", lora)):
+        if not needed and name not in sys.modules and "diffusers" not in sys.modules:
+            sys.modules[name] = None
+
+
+def import_diffusers(name: str):
+    """Import one diffusers module (``diffusers.models.autoencoders.vae``, ...) without the rest of diffusers."""
+    if name in sys.modules:
+        return sys.modules[name]
+    import torch  # noqa: F401  (torch itself imports some of what is hidden below; it must come first)
+
+    with _hidden(OPTIONAL_AT_IMPORT):
+        importlib.import_module("diffusers")
+        for package in EAGER_PACKAGES:
+            _shallow_package(package)
+        return importlib.import_module(name)
+
+
+def import_transformers(name: str):
+    """Import one transformers module (``transformers.models.t5.tokenization_t5``) without transformers'
+    ``__init__``, which scans every model file of the library to build its lazy index (about a second).
+    Submodules read only ``__version__`` from the package at import; anything else asked of it runs the
+    ``__init__`` in full, in place."""
+    if name in sys.modules:
+        return sys.modules[name]
+    if "transformers" not in sys.modules:
+        import importlib.metadata
+
+        _shallow_package("transformers", {"__version__": importlib.metadata.version("transformers")})
+        _shallow_package("transformers.models")
+    return importlib.import_module(name)
+
+
+@contextmanager
+def _hidden(names):
+    """Names not imported yet read as not installed while the block runs, and importable again after it."""
+    added = [name for name in names if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in added:
+            if name in sys.modules and sys.modules[name] is None:
+                del sys.modules[name]
+
+
+def _shallow_package(name: str, attributes: dict | None = None) -> None:
+    """Register package ``name`` without running its ``__init__`` (holding only ``attributes``); the first
+    attribute asked of it that a submodule did not already set runs the ``__init__`` in full, in place."""
+    if name in sys.modules:
+        return
+    parent_name, _, child = name.rpartition(".")
+    parent = importlib.import_module(parent_name) if parent_name else None
+    if parent is not None and child in vars(parent):  # a lazy parent may already hold it
+        return
+    spec = importlib.util.find_spec(name)
+    module = importlib.util.module_from_spec(spec)
+    vars(module).update(attributes or {})
+
+    def complete(attribute: str):
+        if attribute.startswith("__"):
+            raise AttributeError(attribute)
+        del module.__getattr__
+        spec.loader.exec_module(module)
+        completed = sys.modules.get(name, module)
+        if completed is not module:
+            # A lazy package (transformers) replaces itself in sys.modules at the end of its __init__; whoever
+            # holds this object (`from transformers import X` looks X up on it twice) reads through to it.
+            module.__getattr__ = lambda later: getattr(completed, later)
+        return getattr(completed, attribute)
+
+    module.__getattr__ = complete
+    sys.modules[name] = module
+    if parent is not None:
+        setattr(parent, child, module)
+
+
+def diffusers_constant(relative_path: str, name: str):
+    """A literal constant (a dict of numbers, ...) of a diffusers source file, read without importing it.
+
+    The PixArt pipelines define their resolution-binning tables beside the pipeline classes; importing those
+    modules loads transformers' T5 and the pipeline machinery. tests/test_lean.py checks every table read
+    here against the imported module.
+    """
+    import ast
+    from pathlib import Path
+
+    source = Path(importlib.util.find_spec("diffusers").origin).parent / relative_path
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise LookupError(f"{name} not found in diffusers/{relative_path}")

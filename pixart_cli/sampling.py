@@ -1,0 +1,105 @@
+"""The PixArt pipelines' denoising loop, for stored embeddings, without importing the pipelines.
+
+Importing ``diffusers.pipelines.pixart_alpha`` loads transformers' T5, the VAE classes and the pipeline
+machinery: seconds of a denoise process that runs none of them (issue 10). This is the part of
+``PixArtAlphaPipeline.__call__`` / ``PixArtSigmaPipeline.__call__`` that runs with ``prompt_embeds`` given and
+``output_type="latent"``, step for step, including where the two differ (Alpha passes micro-conditions for
+sample_size 128, resets the scheduler's begin index, and takes ``pred_original_sample`` from a one-step
+schedule). tests/test_lean.py checks it against the pipelines, latent for latent.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+
+SIGMA_PIPELINE = "PixArtSigmaPipeline"
+
+
+def sample_latents(transformer, scheduler, pipeline: str, *, prompt_embeds, prompt_attention_mask,
+                   negative_prompt_embeds=None, negative_prompt_attention_mask=None, num_inference_steps: int | None,
+                   timesteps: list[int] | None, guidance_scale: float, height: int, width: int, vae_scale_factor: int,
+                   generator: list, device, callback: Callable | None = None):
+    """Latents [B, C, height / vae_scale_factor, width / vae_scale_factor] for embeddings [B, L, C_text], as the
+    named diffusers ``pipeline`` returns them with ``output_type="latent"`` and ``use_resolution_binning=False``.
+    ``generator``: one CPU generator per image. ``callback(step, t, latents)``: as the pipeline calls it."""
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    sigma = pipeline == SIGMA_PIPELINE
+    batch_size = prompt_embeds.shape[0]
+    do_classifier_free_guidance = guidance_scale > 1.0
+    prompt_embeds = prompt_embeds.to(dtype=transformer.dtype, device=device)
+    if do_classifier_free_guidance:
+        negative_prompt_embeds = negative_prompt_embeds.to(dtype=transformer.dtype, device=device)
+        prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
+        prompt_attention_mask = torch.cat([negative_prompt_attention_mask, prompt_attention_mask], dim=0)
+    prompt_attention_mask = prompt_attention_mask.to(device)
+
+    # 4. Prepare timesteps
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=timesteps, device=device)
+        num_inference_steps = len(scheduler.timesteps)
+    else:
+        scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+
+    # 5. Prepare latents
+    latent_channels = transformer.config.in_channels
+    shape = (batch_size, latent_channels, int(height) // vae_scale_factor, int(width) // vae_scale_factor)
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+    latents = latents * scheduler.init_noise_sigma
+
+    # 6. Extra step kwargs (eta 0.0, the pipelines' default; the generators for stochastic schedulers)
+    step_parameters = set(inspect.signature(scheduler.step).parameters)
+    extra_step_kwargs = {}
+    if "eta" in step_parameters:
+        extra_step_kwargs["eta"] = 0.0
+    if "generator" in step_parameters:
+        extra_step_kwargs["generator"] = generator
+
+    # 6.1 Micro-conditions (Alpha only, for the 1024 transformer)
+    added_cond_kwargs = {"resolution": None, "aspect_ratio": None}
+    if not sigma and transformer.config.sample_size == 128:
+        resolution = torch.tensor([height, width]).repeat(batch_size, 1)
+        aspect_ratio = torch.tensor([float(height / width)]).repeat(batch_size, 1)
+        resolution = resolution.to(dtype=prompt_embeds.dtype, device=device)
+        aspect_ratio = aspect_ratio.to(dtype=prompt_embeds.dtype, device=device)
+        if do_classifier_free_guidance:
+            resolution = torch.cat([resolution, resolution], dim=0)
+            aspect_ratio = torch.cat([aspect_ratio, aspect_ratio], dim=0)
+        added_cond_kwargs = {"resolution": resolution, "aspect_ratio": aspect_ratio}
+
+    # 7. Denoising loop
+    num_warmup_steps = max(len(timesteps) - num_inference_steps * scheduler.order, 0)
+    if not sigma and hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(0)
+    for i, t in enumerate(timesteps):
+        latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+        latent_model_input = scheduler.scale_model_input(latent_model_input, t)
+        current_timestep = t
+        if not torch.is_tensor(current_timestep):
+            dtype = torch.float64 if isinstance(current_timestep, float) else torch.int64
+            if latent_model_input.device.type in ("mps", "npu"):
+                dtype = torch.float32 if dtype == torch.float64 else torch.int32
+            current_timestep = torch.tensor([current_timestep], dtype=dtype, device=latent_model_input.device)
+        elif len(current_timestep.shape) == 0:
+            current_timestep = current_timestep[None].to(latent_model_input.device)
+        current_timestep = current_timestep.expand(latent_model_input.shape[0])
+
+        noise_pred = transformer(latent_model_input, encoder_hidden_states=prompt_embeds,
+                                 encoder_attention_mask=prompt_attention_mask, timestep=current_timestep,
+                                 added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+        if do_classifier_free_guidance:
+            noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
+            noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
+        if transformer.config.out_channels // 2 == latent_channels:  # learned sigma
+            noise_pred = noise_pred.chunk(2, dim=1)[0]
+
+        output = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)
+        latents = output[1] if not sigma and num_inference_steps == 1 else output[0]
+
+        if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
+            if callback is not None:
+                callback(i // getattr(scheduler, "order", 1), t, latents)
+    return latents

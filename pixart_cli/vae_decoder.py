@@ -1,0 +1,99 @@
+"""The decoding half of diffusers' AutoencoderKL, built from diffusers' own ``Decoder`` without importing
+``AutoencoderKL``.
+
+``diffusers.models.autoencoders.autoencoder_kl`` imports diffusers' LoRA loaders, which import all of
+transformers' modeling code and torch's compiler stack: seconds of a decode process (issue 10). Decoding
+needs only ``post_quant_conv`` and ``decoder`` (``AutoencoderKL._decode`` without tiling), so this module builds
+those two from the same classes and reads their tensors from the same safetensors file. The forward pass is
+the same code, so images are identical (tests/test_lean.py, tests/test_parity.py).
+
+Anything else (tiled decode, a checkpoint in another layout or with renamed keys) uses ``AutoencoderKL``.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import SimpleNamespace
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def _parts(config: dict, with_encoder: bool = False) -> dict:
+    """AutoencoderKL's submodules for ``config`` (its constructor's defaults where the config is silent)."""
+    import torch
+
+    from pixart_cli.lean import import_diffusers
+
+    vae = import_diffusers("diffusers.models.autoencoders.vae")
+    latent = config.get("latent_channels", 4)
+    shared = dict(block_out_channels=tuple(config.get("block_out_channels", (64,))),
+                  layers_per_block=config.get("layers_per_block", 1), norm_num_groups=config.get("norm_num_groups", 32),
+                  act_fn=config.get("act_fn", "silu"), mid_block_add_attention=config.get("mid_block_add_attention", True))
+    parts = {"decoder": vae.Decoder(in_channels=latent, out_channels=config.get("out_channels", 3),
+                                    up_block_types=tuple(config.get("up_block_types", ("UpDecoderBlock2D",))), **shared)}
+    if config.get("use_post_quant_conv", True):
+        parts["post_quant_conv"] = torch.nn.Conv2d(latent, latent, 1)
+    if with_encoder:
+        parts["encoder"] = vae.Encoder(in_channels=config.get("in_channels", 3), out_channels=latent,
+                                       down_block_types=tuple(config.get("down_block_types", ("DownEncoderBlock2D",))),
+                                       double_z=True, **shared)
+        if config.get("use_quant_conv", True):
+            parts["quant_conv"] = torch.nn.Conv2d(2 * latent, 2 * latent, 1)
+    return parts
+
+
+def vae_skeleton(config: dict):
+    """All of AutoencoderKL's parameters as a module (for sizes, on the meta device): the memory plan counts
+    the whole VAE, as the tiled plan loads it."""
+    import torch
+
+    return torch.nn.ModuleDict(_parts(config, with_encoder=True))
+
+
+def load_vae_decoder(folder: Path, config: dict, dtype, device):
+    """The decoder of the VAE in ``folder`` as a module with AutoencoderKL's ``decode(z, return_dict=False)``
+    and ``config.scaling_factor``; None where the folder is not one plain safetensors file with exactly the
+    expected tensor names (the caller then loads AutoencoderKL)."""
+    import torch
+
+    from pixart_cli.streaming import TensorFile
+
+    path = Path(folder) / WEIGHTS
+    if not path.is_file():
+        return None
+    with torch.device("meta"):
+        decoder = _decoder_class()(_parts(config), config)
+    wanted = set(decoder.state_dict())
+    tensor_file = TensorFile(path)
+    try:
+        if not wanted <= set(tensor_file.keys()):
+            return None  # renamed (older) attention keys, and the like: AutoencoderKL converts those
+        # dtype at load, as from_pretrained(dtype=...) casts every AutoencoderKL tensor
+        state = {name: tensor_file.read(name, device).to(dtype) for name in sorted(wanted)}
+    finally:
+        tensor_file.close()
+    decoder.load_state_dict(state, strict=True, assign=True)
+    return decoder.eval()
+
+
+@functools.cache
+def _decoder_class():
+    """Defined on first use: torch is imported only when a stage runs."""
+    import torch
+
+    class VaeDecoder(torch.nn.Module):
+        """``post_quant_conv`` then ``decoder``: AutoencoderKL._decode without tiling."""
+
+        def __init__(self, parts: dict, config: dict):
+            super().__init__()
+            self.decoder = parts["decoder"]
+            self.post_quant_conv = parts.get("post_quant_conv")
+            self.config = SimpleNamespace(scaling_factor=config.get("scaling_factor", 0.18215))
+
+        def decode(self, z, return_dict: bool = False):
+            if self.post_quant_conv is not None:
+                z = self.post_quant_conv(z)
+            return (self.decoder(z),)
+
+    return VaeDecoder

@@ -1,0 +1,161 @@
+"""Lean start-up (issue 10): each stage process imports only what it runs, and the compact pieces that make
+that possible (lean.py, sampling.py, prompts.py, t5.py, vae_decoder.py) compute what diffusers and
+transformers compute. The import lists are checked in real processes, so the guard cannot flake on timing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import SEED
+from pixart_cli import random_model
+
+# Heavy packages that no stage runs. Each was measured costing a stage process from 0.3 s to several seconds.
+NEVER = ["sklearn", "sympy", "torch._dynamo", "torch._inductor", "torch.distributed.tensor", "bitsandbytes", "peft",
+         "ray", "diffusers.pipelines", "diffusers.loaders", "diffusers.models.autoencoders.autoencoder_kl",
+         "diffusers.hooks.group_offloading", "transformers.modeling_utils", "transformers.generation",
+         "transformers.models.t5.modeling_t5", "transformers.models.auto"]
+NOT_IMPORTED = {
+    "encode": NEVER + ["diffusers"],
+    "denoise": NEVER + ["transformers"],
+    "decode": NEVER + ["transformers"],
+    "generate": NEVER,
+}
+# Runs the installed CLI in a process and writes the modules it imported (those not hidden) when it exits.
+RECORD_MODULES = """
+import atexit, json, runpy, sys
+out = sys.argv[1]
+atexit.register(lambda: open(out, "w").write(json.dumps(sorted(k for k, v in sys.modules.items() if v is not None))))
+sys.argv = ["pixart", *sys.argv[2:]]
+runpy.run_module("pixart_cli", run_name="__main__")
+"""
+
+
+def imported_by(tmp_path, *args) -> set[str]:
+    record = tmp_path / "modules.json"
+    result = subprocess.run([sys.executable, "-c", RECORD_MODULES, str(record), *map(str, args)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return set(json.loads(record.read_text()))
+
+
+def test_each_stage_process_imports_only_what_it_runs(tiny_model, tmp_path):
+    common = ["--model", tiny_model, "--device", "cpu", "--quiet"]
+    runs = {"encode": ["encode", "a cute cat", "-o", "emb.pt", *common],
+            "denoise": ["denoise", "emb.pt", "--steps", "2", "-o", "lat.pt", *common],
+            "decode": ["decode", "lat.pt", "-o", "image.png", *common],
+            "generate": ["generate", "a cute cat", "--steps", "2", "-o", "gen.png", *common]}
+    for stage, args in runs.items():
+        modules = imported_by(tmp_path, *args)
+        assert "torch" in modules  # the recording works
+        loaded = [name for name in NOT_IMPORTED[stage] if name in modules]
+        assert not loaded, f"{stage} imported {loaded}"
+
+
+def test_lean_import_leaves_the_rest_of_diffusers_importable(tmp_path):
+    """Shallow packages run their __init__ when asked for something else; hidden modules come back."""
+    code = """
+import sys
+from pixart_cli.lean import import_diffusers, import_transformers
+import_transformers("transformers.models.t5.tokenization_t5")
+import_diffusers("diffusers.models.transformers.pixart_transformer_2d")
+assert "diffusers.models.transformers.dit_transformer_2d" not in sys.modules
+assert sys.modules.get("torch._dynamo", "absent") == "absent"
+from diffusers.models.transformers import DiTTransformer2DModel
+from diffusers import AutoencoderKL, PixArtAlphaPipeline
+from transformers import T5EncoderModel  # the quantized-T5 plans load it
+import torch._dynamo
+print(DiTTransformer2DModel.__name__, AutoencoderKL.__name__, PixArtAlphaPipeline.__name__, T5EncoderModel.__name__)
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["DiTTransformer2DModel", "AutoencoderKL", "PixArtAlphaPipeline", "T5EncoderModel"]
+
+
+def test_bin_tables_read_from_source_equal_the_pipelines():
+    from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha, pipeline_pixart_sigma
+
+    from pixart_cli.lean import diffusers_constant
+    from pixart_cli.models import BIN_TABLES
+
+    for name in BIN_TABLES.values():
+        module = pipeline_pixart_sigma if name == "ASPECT_RATIO_2048_BIN" else pipeline_pixart_alpha
+        path = f"pipelines/pixart_alpha/{module.__name__.rsplit('.', 1)[-1]}.py"
+        assert diffusers_constant(path, name) == getattr(module, name), name
+
+
+@pytest.mark.parametrize("caption", [
+    "a cute cat &amp; dog, see https://example.com/cat.png",
+    "<b>Hello</b> @nick #123 “quoted” ---- this-is-my-cute-cat_x www.shop.com/x",
+    "IMG_12345678.jpg free shipping 1920x1080 page 3, jc6640vc 192.168.0.1",
+    "  Ünïcödé   ‘quotes’ and — dashes — 東京 ...  ",
+])
+def test_caption_cleaning_is_the_pipelines(caption):
+    from diffusers import PixArtAlphaPipeline
+
+    from pixart_cli.prompts import preprocess
+
+    pipeline = PixArtAlphaPipeline.__new__(PixArtAlphaPipeline)  # its methods only, no components
+    for clean in (True, False):
+        assert preprocess([caption], clean) == pipeline._text_preprocessing(caption, clean_caption=clean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_t5_equals_transformers_with_padding(tiny_model, dtype):
+    from transformers import T5EncoderModel
+
+    from pixart_cli.streaming import StreamedT5
+
+    ids = torch.tensor([[5, 6, 7, 8, 1, 0, 0], [9, 1, 0, 0, 0, 0, 0]])
+    mask = (ids != 0).long()
+    mask[0, 4] = 1  # the EOS is attended
+    ours = StreamedT5(tiny_model / "text_encoder", dtype, torch.device("cpu"), resident=True).model
+    reference = T5EncoderModel.from_pretrained(tiny_model / "text_encoder", dtype=dtype).eval()
+    assert {n: p.dtype for n, p in ours.named_parameters()} == {n: p.dtype for n, p in reference.named_parameters()}
+    with torch.no_grad():
+        assert torch.equal(ours(ids, attention_mask=mask)[0], reference(ids, attention_mask=mask)[0])
+
+
+def test_vae_decoder_equals_autoencoder_kl(tiny_model):
+    from diffusers import AutoencoderKL
+
+    from pixart_cli.models import Model
+    from pixart_cli.vae_decoder import load_vae_decoder
+
+    config = Model(str(tiny_model)).config("vae")
+    ours = load_vae_decoder(tiny_model / "vae", config, torch.float32, torch.device("cpu"))
+    reference = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae").eval()
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(SEED))
+    with torch.no_grad():
+        assert torch.equal(ours.decode(latents)[0], reference.decode(latents, return_dict=False)[0])
+    assert ours.config.scaling_factor == reference.config.scaling_factor
+
+
+def test_micro_conditions_of_the_1024_transformer_match_the_pipeline(tmp_path):
+    """Only sample_size 128 (PixArt-α 1024) passes resolution and aspect ratio; tiny models elsewhere are 32."""
+    from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
+
+    from pixart_cli.denoise import denoise
+    from pixart_cli.encode import encode
+
+    model = random_model.build(tmp_path / "model", "tiny", sample_size=128)
+    # The micro-condition embeddings split the hidden size in three: 24 wide, not the tiny model's 16.
+    torch.manual_seed(SEED)
+    PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, num_layers=1, caption_channels=32,
+                             cross_attention_dim=24, sample_size=128, norm_num_groups=1).save_pretrained(
+        model / "transformer")
+    embeddings = encode(["a cute cat"], model=str(model), device="cpu")
+    ours = denoise(embeddings, steps=2, seed=SEED, width=64, height=48, binning=False, device="cpu")
+    pipe = PixArtAlphaPipeline.from_pretrained(model, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    reference = pipe(prompt_embeds=embeddings.prompt_embeds, prompt_attention_mask=embeddings.prompt_attention_mask,
+                     negative_prompt_embeds=embeddings.negative_prompt_embeds,
+                     negative_prompt_attention_mask=embeddings.negative_prompt_attention_mask, negative_prompt=None,
+                     num_inference_steps=2, width=64, height=48, use_resolution_binning=False, output_type="latent",
+                     generator=[torch.Generator("cpu").manual_seed(SEED)]).images
+    assert pipe.transformer.config.sample_size == 128 and pipe.transformer.use_additional_conditions
+    assert torch.equal(ours.latents, reference)
