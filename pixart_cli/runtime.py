@@ -8,7 +8,6 @@ import logging
 import os
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Any
 
