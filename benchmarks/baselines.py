@@ -98,8 +98,10 @@ def main(model: str, case: str, out: str) -> None:
         torch.cuda.synchronize()
         result["load_s"] = round(time.perf_counter() - t0, 2)
         t1 = time.perf_counter()
-        pipe(PROMPT, generator=generator(), **SETTINGS)
+        first = pipe(PROMPT, generator=generator(), **SETTINGS).images[0]
         torch.cuda.synchronize()
+        if case == "all-gpu":  # the parity reference for pixart generate --seed 0 (bench.py)
+            first.save(__import__("pathlib").Path(out).parent / "diffusers-all-gpu.png")
         result["first_generation_s"] = round(time.perf_counter() - t1, 2)
         t2 = time.perf_counter()
         pipe(PROMPT, generator=generator(), **SETTINGS)

@@ -133,6 +133,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeat", type=int, default=1, help="run the whole list N times, interleaved")
+    parser.add_argument("--startup-repeat", type=int, default=3, help="rounds of the startup case")
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args()
     args.model, args.tokenizer = args.model.resolve(), args.tokenizer.resolve()
@@ -169,7 +170,7 @@ def main() -> None:
         elif case == "startup":  # each stage process against `import torch`, and its import time by package
             import startup
 
-            results = startup.measure(args.model, "cuda", repeat=3)
+            results = startup.measure(args.model, "cuda", repeat=args.startup_repeat)
             (args.out / "startup.json").write_text(json.dumps(results, indent=1))
             (args.out / "startup.md").write_text(startup.table(results))
             print(startup.table(results), flush=True)
@@ -178,10 +179,25 @@ def main() -> None:
                 args.out, log)
         else:
             raise SystemExit(f"unknown case {case}")
-    results = {"device": device, "date": time.strftime("%Y-%m-%d"), "runs": log, "medians": medians(log)}
+    results = {"device": device, "date": time.strftime("%Y-%m-%d"), "runs": log, "medians": medians(log),
+               "parity": parity(args.out)}
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(table(results))
     print(table(results))
+
+
+def parity(out: Path) -> dict | None:
+    """pixart generate --vram 8GB (case pixart-8GB) against diffusers' fp16 pipeline all on the GPU (case all-gpu),
+    same prompt and seed: max and mean pixel difference, when both ran."""
+    ours, theirs = out / "pixart-8GB" / "gen.png", out / "diffusers-all-gpu.png"
+    if not (ours.is_file() and theirs.is_file()):
+        return None
+    import numpy as np
+    from PIL import Image
+
+    a, b = (np.asarray(Image.open(path).convert("RGB")).astype(np.int16) for path in (ours, theirs))
+    difference = np.abs(a - b)
+    return {"max_pixel_diff": int(difference.max()), "mean_pixel_diff": round(float(difference.mean()), 3)}
 
 
 def medians(log: list) -> dict:
@@ -197,6 +213,7 @@ def medians(log: list) -> dict:
 def table(results: dict) -> str:
     """Markdown: one row per process, then the medians of repeated runs."""
     lines = [f"Device: {results['device']}; date {results['date']}; 1024², 20 steps, cfg 4.5, fp16.", "",
+             f"Parity, pixart generate --vram 8GB vs diffusers all-gpu, seed 0: {results.get('parity')}", "",
              "| run | wall s | nvidia-smi peak GB | pixart: plan, device peak GB (reserved+context), RSS GB, "
              "load s, compute s |", "|---|---|---|---|"]
     for entry in results["runs"]:

@@ -628,6 +628,47 @@ def save_image(path, image, parameters: str, settings: dict, overwrite: bool = T
     return Path(path)
 
 
+# Images encoded at once: PNG's zlib and libjpeg release the GIL, so several threads write several images at a
+# time (32 PNGs at 1024² took ~6 s one by one on the benchmark machine).
+IMAGE_WRITERS = 8
+
+
+def save_images(images: list[tuple], overwrite: bool = True, on_written=None) -> list[Path]:
+    """Write several images as ``save_image`` does, ``(path, image, parameters, settings)`` each, encoded in
+    parallel threads. ``on_written(index, path)`` is called in order, in this thread, as each is in place.
+
+    On a failure or a signal, images not yet started are not written, the ones being written finish, and every
+    image in place is still reported before the error goes on, so a failure can say truthfully what was written.
+    """
+    if len(images) <= 1 or any(is_stdout(item[0]) for item in images):
+        paths = []
+        for index, item in enumerate(images):
+            paths.append(save_image(*item, overwrite=overwrite))
+            if on_written is not None:
+                on_written(index, paths[-1])
+        return paths
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(min(IMAGE_WRITERS, len(images)), thread_name_prefix="image-write")
+    futures = [pool.submit(save_image, *item, overwrite=overwrite) for item in images]
+    reported = 0
+    try:
+        for index, future in enumerate(futures):
+            path = future.result()
+            if on_written is not None:
+                on_written(index, path)
+            reported += 1
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        for index in range(reported, len(futures)):
+            future = futures[index]
+            if on_written is not None and future.done() and not future.cancelled() and future.exception() is None:
+                on_written(index, future.result())
+        raise
+    pool.shutdown()
+    return [future.result() for future in futures]
+
+
 def read_image_metadata(path: Path) -> dict:
     """{"parameters": str | None, "settings": dict | None, "format", "size"} of an image pixart wrote."""
     from PIL import Image, UnidentifiedImageError

@@ -131,9 +131,9 @@ def _targets(out: Output, output: str, count: int, kind: str, inputs: tuple = ()
 def _write_images(out: Output, images: list, meta: dict, targets: list, overwrite: bool) -> None:
     from pixart_cli import artifacts
 
-    for index, (image, path) in enumerate(zip(images, targets)):
-        parameters, settings = artifacts.image_metadata(meta, index)
-        out.wrote(artifacts.save_image(path, image, parameters, settings, overwrite=overwrite))
+    requests = [(path, image, *artifacts.image_metadata(meta, index))
+                for index, (image, path) in enumerate(zip(images, targets))]
+    artifacts.save_images(requests, overwrite, lambda index, path: out.wrote(path))
 
 
 def _prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> list[str]:

@@ -66,9 +66,9 @@ def import_transformers(name: str):
     if name in sys.modules:
         return sys.modules[name]
     if "transformers" not in sys.modules:
-        import importlib.metadata
+        from importlib import metadata  # not `import importlib.metadata`: that would make `importlib` local
 
-        _shallow_package("transformers", {"__version__": importlib.metadata.version("transformers")})
+        _shallow_package("transformers", {"__version__": metadata.version("transformers")})
         _shallow_package("transformers.models")
     return importlib.import_module(name)
 

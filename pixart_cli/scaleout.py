@@ -308,19 +308,22 @@ def write_images(job: Job, start: int, images: list, meta: dict, wrote: Callable
     Returns the manifest lines; ``append=False`` leaves appending them to the caller (Ray's driver)."""
     from pixart_cli import artifacts
 
+    requests = [(job.paths[start + offset], image, *artifacts.image_metadata(meta, offset))
+                for offset, image in enumerate(images)]
     lines = []
-    for offset, image in enumerate(images):
+
+    def written(offset: int, path: Path) -> None:
         index = start + offset
-        parameters, settings = artifacts.image_metadata(meta, offset)
-        path = artifacts.save_image(job.paths[index], image, parameters, settings)
         if job.folder is not None:
-            line = manifest.record(job.folder, index, path, job.prompts[index], job.negative_prompt, meta["seeds"][offset],
-                                   job.options, settings)
+            line = manifest.record(job.folder, index, path, job.prompts[index], job.negative_prompt,
+                                   meta["seeds"][offset], job.options, requests[offset][3])
             if append:
                 manifest.append(job.folder, line)
             lines.append(line)
         if wrote is not None:
             wrote(path)
+
+    artifacts.save_images(requests, on_written=written)
     return lines
 
 

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from conftest import SEED
+from helpers import SEED, denoised, encoded
 from pixart_cli import random_model
 
 # Heavy packages that no stage runs. Each was measured costing a stage process from 0.3 s to several seconds.
@@ -139,17 +139,14 @@ def test_micro_conditions_of_the_1024_transformer_match_the_pipeline(tmp_path):
     """Only sample_size 128 (PixArt-α 1024) passes resolution and aspect ratio; tiny models elsewhere are 32."""
     from diffusers import PixArtAlphaPipeline, PixArtTransformer2DModel
 
-    from pixart_cli.denoise import denoise
-    from pixart_cli.encode import encode
-
     model = random_model.build(tmp_path / "model", "tiny", sample_size=128)
     # The micro-condition embeddings split the hidden size in three: 24 wide, not the tiny model's 16.
     torch.manual_seed(SEED)
     PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, num_layers=1, caption_channels=32,
                              cross_attention_dim=24, sample_size=128, norm_num_groups=1).save_pretrained(
         model / "transformer")
-    embeddings = encode(["a cute cat"], model=str(model), device="cpu")
-    ours = denoise(embeddings, steps=2, seed=SEED, width=64, height=48, binning=False, device="cpu")
+    embeddings = encoded(["a cute cat"], model)
+    ours = denoised(embeddings, steps=2, seed=SEED, width=64, height=48, binning=False)
     pipe = PixArtAlphaPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     reference = pipe(prompt_embeds=embeddings.prompt_embeds, prompt_attention_mask=embeddings.prompt_attention_mask,

@@ -253,7 +253,7 @@ def test_out_of_memory_is_one_line_suggesting_vram(good, tmp_path, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("pixart_cli.denoise.sample_latents", exhausted)
+    monkeypatch.setattr("pixart_cli.sampling.sample_latents", exhausted)
     result = invoke("denoise", good["emb"], "--steps", "2", cwd=tmp_path)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
