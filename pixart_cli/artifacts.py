@@ -99,8 +99,9 @@ def _plain(meta: dict) -> dict:
 
 
 # --- reading ---------------------------------------------------------------------------------------------
-def _read(path: Path, expected_formats: tuple[str, ...]) -> dict:
-    """torch.load with weights_only=True, then the checks common to every .pt file."""
+def _read(path: Path, expected_formats: tuple[str, ...], writer: str | None = None) -> dict:
+    """torch.load with weights_only=True, then the checks common to every .pt file. ``writer``: the command
+    that writes the file wanted here (default: the one that writes its format)."""
     import pickle
 
     import torch
@@ -126,7 +127,7 @@ def _read(path: Path, expected_formats: tuple[str, ...]) -> dict:
         kind = {EMBEDDINGS_FORMAT: "an embeddings", LATENTS_FORMAT: "a latents"}
         if fmt in kind:
             raise bad_file(path, f"is {kind[fmt]} file, but {kind[expected_formats[0]].split()[-1]} are needed here; give "
-                                 f"the file `pixart {_WRITER[expected_formats[0]]}` wrote")
+                                 f"the file `pixart {writer or _WRITER[expected_formats[0]]}` wrote")
         raise bad_file(path, f"unknown format {fmt!r}; expected {' or '.join(expected_formats)}")
     if not isinstance(version, int) or isinstance(version, bool):
         raise bad_file(path, f"format version {version!r} is not a number")
@@ -237,6 +238,11 @@ def load_latents(path: Path) -> Latents:
     return _latents(path, _read(path, (LATENTS_FORMAT,)))
 
 
+def load_init_latents(path: Path) -> Latents:
+    """Init latents for image to image: any latents file (`pixart encode-image` writes them from an image)."""
+    return _latents(path, _read(path, (LATENTS_FORMAT,), writer="encode-image"))
+
+
 def _latents(path: Path, data: dict) -> Latents:
     meta = data["meta"]
     latents = _tensor(path, data, "latents", 4, "f")
@@ -323,6 +329,49 @@ def read_image_metadata(path: Path) -> dict:
     return {"format": fmt, "size": size, "parameters": parameters, "settings": settings}
 
 
+@dataclass(frozen=True)
+class SourceImage:
+    """An image to start from (image to image): RGB pixels, upright as its EXIF orientation says, and the
+    file's name and sha256, which the outputs record."""
+
+    path: Path
+    sha256: str
+    pixels: Any  # PIL.Image.Image, mode RGB
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.pixels.size
+
+    def record(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256}
+
+
+def read_source_image(path: Path, option: str = "IMAGE") -> SourceImage:
+    """Read and decode an image file whole (a damaged or truncated one fails here, before any model loads)."""
+    import hashlib
+    import io
+
+    from PIL import Image, ImageOps
+
+    path = Path(path)
+    if not path.is_file():
+        raise PixartError(f"{option} {path}: no such file" + ("; it is a folder" if path.is_dir() else ""))
+    try:
+        data = path.read_bytes()
+        with Image.open(io.BytesIO(data)) as image:
+            # as diffusers.utils.load_image: upright per EXIF, then RGB (alpha dropped, palettes expanded)
+            pixels = ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as error:  # noqa: BLE001 - PIL raises many types on damaged input (and on decompression bombs)
+        raise PixartError(f"{option} {path}: not an image pixart can read ({detail(error)[:120]}); give a .png, "
+                          ".jpg or .webp file") from None
+    return SourceImage(path, hashlib.sha256(data).hexdigest(), pixels)
+
+
 def load_image_pixels(path: Path):
     """An image's pixels as a uint8 array [H, W, 3] (RGB), for comparing; any unreadable file is one line."""
     import numpy as np
@@ -363,6 +412,8 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
     settings = {key: meta.get(key) for key in ("model", "revision", "family", "negative_prompt", "steps", "timesteps",
                                                 "guidance_scale", "scheduler", "dtype", "clean_caption",
                                                 "max_sequence_length", "binned", "loras")}
+    # image to image only: the strength, the steps that ran, and the source image (name, sha256)
+    settings.update({key: meta[key] for key in ("strength", "steps_run", "source_image") if key in meta})
     settings.update(prompt=meta["prompts"][index], seed=meta["seeds"][index], width=meta["requested_width"],
                     height=meta["requested_height"], denoise_width=meta["width"], denoise_height=meta["height"],
                     generator="pixart-cli")
@@ -373,6 +424,8 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
                   f"Steps: {settings['steps']}, Sampler: {sampler}, CFG scale: {settings['guidance_scale']}, "
                   f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, "
                   f"Model: {settings['model']}")
+    if "strength" in settings:  # image to image, as A1111 writes it
+        parameters += f", Denoising strength: {settings['strength']}"
     return parameters, settings
 
 
