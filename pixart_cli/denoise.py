@@ -109,7 +109,8 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
     source = ctx.model
     settings.check_total(embeddings.prompt_embeds.shape[0])
     check_fits(embeddings, source, source_path)
-    plan = schedule(settings, source)
+    with img2img.sized_by(init, init_path):
+        plan = schedule(settings, source)
     total_images = embeddings.prompt_embeds.shape[0] * settings.num_images
     seeds = [settings.seed + index for index in range(total_images)]
     img2img.check_init(init, plan, source, init_path, total_images)

@@ -134,6 +134,17 @@ def settings_for(settings: DenoiseSettings, init_meta: dict | None, option: str 
                                binning=settings.binning and bool(init_meta.get("binned", True)))
 
 
+@contextmanager
+def sized_by(init: artifacts.Latents | None, path: str):
+    """A size error of the block names the init latents the size came from."""
+    try:
+        yield
+    except PixartError as error:
+        if init is None or not str(error).startswith(("--width", "--height")):
+            raise
+        raise PixartError(f"{error} (the size is the one {path} was encoded for)", error.exit_code) from error
+
+
 def steps_to_run(steps: int, strength: float | None) -> int:
     """Steps that run from init latents: diffusers' ``get_timesteps`` arithmetic (all of them without init)."""
     if strength is None:
