@@ -285,7 +285,7 @@ def decode(
     _run(out, work)
 
 
-@app.command(short_help="Image → init.pt for image to image (loads only the VAE encoder).")
+@app.command(short_help="Image → init.pt for image to image (loads only the VAE).")
 def encode_image(
     image: options.ImageFile,
     output: options.InitLatentsOutput = Path("init.pt"),

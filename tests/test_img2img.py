@@ -93,17 +93,24 @@ def test_staged_img2img_equals_diffusers_recipe(tiny_model, source_png, schedule
                                          "sha256": hashlib.sha256(source_png.read_bytes()).hexdigest()}
 
 
-def test_installed_script_staged_equals_generate(tiny_model, source_png, tmp_path):
-    """encode, encode-image, denoise --init-latents, decode: four real processes; generate --image: one more."""
-    env = {"PIXART_MODEL": str(tiny_model)}
-    run = lambda *args: run_pixart(*args, cwd=tmp_path, env=env).stdout  # noqa: E731
+def test_staged_commands_equal_installed_generate(tiny_model, source_png, tmp_path, monkeypatch):
+    """encode, encode-image, denoise --init-latents, decode through the CLI; generate --image as a real process of
+    the installed script."""
+    monkeypatch.setenv("PIXART_MODEL", str(tiny_model))
+
+    def run(*args):
+        result = invoke(*args, cwd=tmp_path)
+        assert result.exit_code == 0, result.stderr
+        return result.stdout
+
     assert run("encode", PROMPT, "-q") == "embeddings.pt\n"
     assert run("encode-image", source_png, "-o", "init.pt") == "init.pt\n"
     assert run("denoise", "embeddings.pt", "--init-latents", "init.pt", "--strength", "0.5", "--steps", "3",
                "--seed", SEED) == "latents.pt\n"
     assert run("decode", "latents.pt", "-o", "staged.png") == "staged.png\n"
-    assert run("generate", PROMPT, "--image", source_png, "--strength", "0.5", "--steps", "3", "--seed", SEED,
-               "-o", "one.png") == "one.png\n"
+    generated = run_pixart("generate", PROMPT, "--image", source_png, "--strength", "0.5", "--steps", "3",
+                           "--seed", SEED, "-o", "one.png", cwd=tmp_path, env={"PIXART_MODEL": str(tiny_model)})
+    assert generated.stdout == "one.png\n"
 
     staged, one = read_png(tmp_path / "staged.png"), read_png(tmp_path / "one.png")
     assert staged.shape == (296, 200, 3)  # the requested size restored from the 208x304 bin
