@@ -268,9 +268,13 @@ def open_input(path, option: str | None = None):
     return os.fdopen(handle, "rb"), info.st_size
 
 
-def _read(path, expected_formats: tuple[str, ...]) -> tuple[dict, int]:
-    """torch.load with weights_only=True, bounded by the file's size, then the checks common to every .pt file."""
-    argument = {(EMBEDDINGS_FORMAT,): "EMBEDDINGS", (LATENTS_FORMAT,): "LATENTS"}.get(expected_formats, "FILE")
+def _read(path, expected_formats: tuple[str, ...], needed: str | None = None,
+          argument: str | None = None) -> tuple[dict, int]:
+    """torch.load with weights_only=True, bounded by the file's size, then the checks common to every .pt file.
+    ``needed``: what the command needs, for the error on a file of another format (default: the file of the
+    first expected format); ``argument``: the argument that names the file."""
+    if argument is None:
+        argument = {(EMBEDDINGS_FORMAT,): "EMBEDDINGS", (LATENTS_FORMAT,): "LATENTS"}.get(expected_formats, "FILE")
     handle, size = open_input(path, argument)
     with handle:
         if size == 0:
@@ -301,7 +305,7 @@ def _read(path, expected_formats: tuple[str, ...]) -> tuple[dict, int]:
         kind = {EMBEDDINGS_FORMAT: "an embeddings file (from pixart encode)",
                 LATENTS_FORMAT: "a latents file (from pixart denoise)"}
         if fmt in kind:
-            raise bad_file(path, f"is {kind[fmt]}, but this command needs {kind[expected_formats[0]]}")
+            raise bad_file(path, f"is {kind[fmt]}, but this command needs {needed or kind[expected_formats[0]]}")
         raise bad_file(path, f"unknown format {_short(fmt)}; expected {' or '.join(expected_formats)}")
     if not isinstance(version, int) or isinstance(version, bool):
         raise bad_file(path, f"format version {_short(version)} is not a number")
@@ -564,6 +568,14 @@ def load_latents(path) -> Latents:
     return _latents(path, *_read(path, (LATENTS_FORMAT,)))
 
 
+def load_init_latents(path) -> Latents:
+    """Init latents for image to image (--init-latents): any latents file, validated as load_latents does
+    (`pixart encode-image` writes them from an image)."""
+    data, size = _read(path, (LATENTS_FORMAT,), needed="init latents (from pixart encode-image)",
+                       argument="--init-latents")
+    return _latents(path, data, size)
+
+
 def _latents(path, data: dict, size: int) -> Latents:
     meta = data["meta"]
     latents = _tensor(path, data, "latents", 4, "f", size)
@@ -696,6 +708,58 @@ def read_image_metadata(path: Path) -> dict:
     return {"format": fmt, "size": size, "parameters": parameters, "settings": settings}
 
 
+@dataclass(frozen=True)
+class SourceImage:
+    """An image to start from (image to image): RGB pixels, upright as its EXIF orientation says, and the
+    file's name and sha256, which the outputs record."""
+
+    path: Path
+    sha256: str
+    pixels: Any  # PIL.Image.Image, mode RGB
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) in pixels."""
+        return self.pixels.size
+
+    def record(self) -> dict:
+        return {"name": self.name, "sha256": self.sha256}
+
+
+# A source image larger than this on disk is refused before it is read (PIL refuses decompression bombs itself).
+MAX_SOURCE_IMAGE_BYTES = 256 * 2**20
+
+
+def read_source_image(path, option: str = "IMAGE") -> SourceImage:
+    """Read and decode an image file whole (a damaged or truncated one fails here, before any model loads).
+    Untrusted like any input: only a regular file, bounded in size, decoded by PIL within its pixel limit."""
+    import hashlib
+
+    from PIL import Image, ImageOps
+
+    try:
+        handle, size = open_input(path, option)
+    except PixartError as error:  # the line names the option too: "--image x.png: no such file"
+        raise PixartError(f"{option} {error}", error.exit_code) from None
+    with handle:
+        if size > MAX_SOURCE_IMAGE_BYTES:
+            raise PixartError(f"{option} {path}: {size} bytes is beyond the {MAX_SOURCE_IMAGE_BYTES // 2**20} MiB "
+                              "pixart reads as a source image; give a smaller .png, .jpg or .webp file")
+        data = handle.read(MAX_SOURCE_IMAGE_BYTES + 1)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            # as diffusers.utils.load_image: upright per EXIF, then RGB (alpha dropped, palettes expanded)
+            pixels = ImageOps.exif_transpose(image).convert("RGB")
+    except Exception as error:  # noqa: BLE001 - PIL raises many types on damaged input (and on decompression bombs)
+        raise PixartError(f"{option} {path}: not an image pixart can read ({detail(error)[:120]}); give a .png, "
+                          ".jpg or .webp file") from None
+    return SourceImage(Path(path), hashlib.sha256(data).hexdigest(), pixels)
+
+
 def load_image_pixels(path: Path):
     """An image's pixels as a uint8 array [H, W, 3] (RGB), for comparing; any unreadable file is one line."""
     import numpy as np
@@ -712,7 +776,7 @@ def load_image_pixels(path: Path):
 
 
 # --- where outputs go: one policy for every command ----------------------------------------------------------
-DEFAULT_NAMES = {"embeddings": "embeddings.pt", "latents": "latents.pt", "image": "image.png"}
+DEFAULT_NAMES = {"embeddings": "embeddings.pt", "latents": "latents.pt", "init latents": "init.pt", "image": "image.png"}
 
 
 def output_targets(output: str | Path, count: int, kind: str, *, inputs: tuple = (), overwrite: bool = True,
@@ -797,6 +861,8 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
     settings = {key: meta.get(key) for key in ("model", "revision", "family", "negative_prompt", "steps", "timesteps",
                                                 "guidance_scale", "scheduler", "dtype", "clean_caption",
                                                 "max_sequence_length", "binned", "loras")}
+    # image to image only: the strength, the steps that ran, and the source image (name, sha256)
+    settings.update({key: meta[key] for key in ("strength", "steps_run", "source_image") if key in meta})
     settings.update(prompt=meta["prompts"][index], seed=meta["seeds"][index], width=meta["requested_width"],
                     height=meta["requested_height"], denoise_width=meta["width"], denoise_height=meta["height"],
                     generator="pixart-cli")
@@ -807,4 +873,6 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
                   f"Steps: {settings['steps']}, Sampler: {sampler}, CFG scale: {settings['guidance_scale']}, "
                   f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, "
                   f"Model: {settings['model']}")
+    if "strength" in settings:  # image to image, as A1111 writes it
+        parameters += f", Denoising strength: {settings['strength']}"
     return parameters, settings

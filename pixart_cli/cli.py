@@ -226,6 +226,8 @@ def denoise(
     batch_size: options.DenoiseBatchSize = None,
     compile: options.Compile = False,
     lora: options.Lora = None,
+    init_latents: options.InitLatents = None,
+    strength: options.Strength = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -246,14 +248,17 @@ def denoise(
         # 1. Every option and path, then the input file, before a model loads
         budget = _check_common(device, dtype, vram)
         settings = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images, scheduler,
-                                   batch_size, compile).with_seed()
-        target, = _targets(out, output, 1, "latents", (embeddings,), overwrite=not no_overwrite)
+                                   batch_size, compile, strength).with_seed()
+        inputs = (embeddings,) if init_latents is None else (embeddings, init_latents)
+        target, = _targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
+        init = None if init_latents is None else artifacts.load_init_latents(init_latents)
         loras = _loras(lora)
         # 2. Resolve once, run, write
         ctx = _context(out, model_for_file(model, revision, loaded.meta, embeddings), device, dtype, budget,
                        report_memory, loras)
-        latents = denoise(loaded, settings, ctx, source_path=str(embeddings))
+        latents = denoise(loaded, settings, ctx, source_path=str(embeddings), init=init,
+                          init_path=str(init_latents))
         out.record["seeds"] = latents.meta["seeds"]
         out.wrote(artifacts.save(target, latents, overwrite=not no_overwrite))
         _finish(out, ctx)
@@ -296,6 +301,45 @@ def decode(
     _run(out, work)
 
 
+@app.command(short_help="Image → init.pt for image to image (loads only the VAE).")
+def encode_image(
+    image: options.ImageFile,
+    output: options.InitLatentsOutput = "init.pt",
+    model: options.Model = None,
+    revision: options.Revision = None,
+    width: options.ImageWidth = None,
+    height: options.ImageHeight = None,
+    no_binning: options.NoBinning = False,
+    device: options.Device = "auto",
+    dtype: options.Dtype = "auto",
+    vram: options.Vram = None,
+    report_memory: options.ReportMemory = False,
+    no_overwrite: options.NoOverwrite = False,
+    quiet: options.Quiet = False,
+    json: options.Json = False,
+) -> None:
+    """Encode an image with the VAE encoder only → init.pt, for `pixart denoise --init-latents init.pt`. The image
+    is resized and center-cropped to the size the transformer will run at (its trained bin)."""
+    out = Output("encode-image", quiet, json)
+
+    def work():
+        from pixart_cli import artifacts, img2img
+
+        # 1. Every option and path, the image itself, then the sizes on the model's configs, before a model loads
+        budget = _check_common(device, dtype, vram)
+        target, = _targets(out, output, 1, "init latents", (image,), overwrite=not no_overwrite)
+        source_image = artifacts.read_source_image(image)
+        source = _new_model(model, revision)
+        img2img.fit(source_image, source, width, height, not no_binning)
+        # 2. Resolve once, run, write
+        ctx = _context(out, source, device, dtype, budget, report_memory)
+        init = img2img.encode_image(source_image, ctx, width, height, not no_binning)
+        out.wrote(artifacts.save(target, init, overwrite=not no_overwrite))
+        _finish(out, ctx)
+
+    _run(out, work)
+
+
 @app.command(short_help="Prompts → images: encode, denoise, decode in one process.")
 def generate(
     prompts: options.Prompts = None,
@@ -318,6 +362,8 @@ def generate(
     batch_size: options.GenerateBatchSize = None,
     compile: options.Compile = False,
     lora: options.Lora = None,
+    image: options.Image = None,
+    strength: options.Strength = None,
     cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -334,7 +380,7 @@ def generate(
     out = Output("generate", quiet, json)
 
     def work():
-        from pixart_cli import scaleout
+        from pixart_cli import artifacts, img2img, scaleout
         from pixart_cli.generate import generate
         from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
@@ -343,8 +389,15 @@ def generate(
         texts = _prompts(prompts, prompts_file)
         encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         denoising = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images,
-                                    scheduler, batch_size, compile)
-        targets = _targets(out, output, len(texts) * num_images, "image", overwrite=not no_overwrite)
+                                    scheduler, batch_size, compile, strength)
+        targets = _targets(out, output, len(texts) * num_images, "image", () if image is None else (image,),
+                           overwrite=not no_overwrite)
+        if image is None:
+            img2img.settings_for(denoising, None, option="--image")  # --strength alone is refused here
+        elif scaleout.applies(output, resume, ray, ray_address):
+            raise PixartError("--image: image to image runs in one process only; write to a file, not -o DIR/, and "
+                              "leave out --resume and --ray")
+        source_image = None if image is None else artifacts.read_source_image(image, "--image")
         source = _new_model(model, revision)
         loras = _loras(lora)
         if scaleout.applies(output, resume, ray, ray_address):  # -o DIR/, several processes, --resume or --ray
@@ -360,7 +413,8 @@ def generate(
             return
         # 2. Resolve once, run the three stages, write
         ctx = _context(out, source, device, dtype, budget, report_memory, loras)
-        images, meta = generate(texts, encoding, denoising.with_seed(), ctx, decode_batch_size=batch_size)
+        images, meta = generate(texts, encoding, denoising.with_seed(), ctx, decode_batch_size=batch_size,
+                                image=source_image)
         out.record["seeds"] = meta["seeds"]
         _write_images(out, images, meta, targets, not no_overwrite)
         _finish(out, ctx)

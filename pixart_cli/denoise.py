@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from pixart_cli import artifacts, lora, memory
+from pixart_cli import artifacts, img2img, lora, memory
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models import Model, load_component
 from pixart_cli.runtime import RunContext
@@ -31,10 +31,12 @@ class Schedule:
     width: int  # binned (or requested, without a bin table or with --no-binning)
     height: int
     binned: bool
+    strength: float | None = None  # image to image: the share of the schedule that runs
 
     @property
     def steps_per_image(self) -> int:
-        return len(self.timesteps) if self.timesteps else self.steps
+        """Steps that run for each image (image to image runs only the last ones)."""
+        return img2img.steps_to_run(len(self.timesteps) if self.timesteps else self.steps, self.strength)
 
 
 def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
@@ -64,7 +66,7 @@ def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
         height, width = requested_height, requested_width
     _check_size(source, width, height, binned=table is not None)  # the size the transformer runs at
     return Schedule(steps, timesteps, float(guidance), scheduler, requested_width, requested_height, width, height,
-                    table is not None)
+                    table is not None, settings.strength)
 
 
 def _check_size(source: Model, width: int, height: int, binned: bool = False, patches: bool = True) -> None:
@@ -93,21 +95,26 @@ def check_fits(embeddings: artifacts.Embeddings, source: Model, path: str) -> No
 
 
 def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: RunContext,
-            source_path: str = "embeddings") -> artifacts.Latents:
+            source_path: str = "embeddings", init: artifacts.Latents | None = None,
+            init_path: str = "init latents") -> artifacts.Latents:
     """Run the pipeline's denoising loop on stored embeddings.
 
     embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
     Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
     ``ctx.loras`` are checked against the transformer before its weights load, then fused into them.
+    ``init``: image to image (module img2img); its size is the run's, and ``settings.strength`` says how much of the
+    schedule runs from it.
     """
     # 1. Check inputs against the model's configs; fill each default from the model's family
-    settings = settings.with_seed()
+    settings = img2img.settings_for(settings.with_seed(), None if init is None else init.meta)
     source = ctx.model
     settings.check_total(embeddings.prompt_embeds.shape[0])
     check_fits(embeddings, source, source_path)
-    plan = schedule(settings, source)
+    with img2img.sized_by(init, init_path):
+        plan = schedule(settings, source)
     total_images = embeddings.prompt_embeds.shape[0] * settings.num_images
     seeds = [settings.seed + index for index in range(total_images)]
+    img2img.check_init(init, plan, source, init_path, total_images)
 
     # 2. Pick a plan for the budget from the transformer's exact size, then load it and the scheduler only
     meter = ctx.meter("denoise")
@@ -124,7 +131,7 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
 
     # 3. Denoise in batches of the plan's size
     with meter.phase("compute"):
-        latents = _denoise_batches(transformer, noise_scheduler, embeddings, settings, plan, chosen.batch, ctx)
+        latents = _denoise_batches(transformer, noise_scheduler, embeddings, settings, plan, chosen.batch, ctx, init)
     del transformer
     ctx.free()
     meter.finish(chosen.name, ctx.reports)
@@ -141,7 +148,7 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
         "height": plan.height, "width": plan.width, "requested_height": plan.requested_height,
         "requested_width": plan.requested_width, "binned": plan.binned, "plan": chosen.name, "compiled": settings.compile,
         "clean_caption": meta_in.get("clean_caption"), "max_sequence_length": meta_in.get("max_sequence_length"),
-        "loras": lora.records(list(ctx.loras)),
+        "loras": lora.records(list(ctx.loras)), **img2img.meta_for(init, plan),
     }
     return artifacts.Latents(latents, meta)
 
@@ -208,7 +215,7 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
 
 
 def _denoise_batches(transformer, noise_scheduler, embeddings: artifacts.Embeddings, settings: DenoiseSettings,
-                     plan: Schedule, batch: int, ctx: RunContext):
+                     plan: Schedule, batch: int, ctx: RunContext, init: artifacts.Latents | None = None):
     """All images, ``batch`` at a time, each with its own CPU generator (seeds seed, seed+1, ...).
 
     Row r of the flat batch is image r % num_images of prompt r // num_images, as in the pipeline.
@@ -233,13 +240,21 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: artifacts.Embeddi
             def on_step(step: int, timestep, latents, done=number * plan.steps_per_image) -> None:
                 ctx.advance("denoise", done + step + 1, total_steps)
 
+            # Image to image: the init latents noised to where the strength starts (img2img.py); the loop then
+            # runs the rest of the schedule from them.
+            begin = None if init is None else img2img.start(
+                noise_scheduler, plan.steps, plan.timesteps, plan.strength,
+                init.latents[[0] * len(picked) if len(init.latents) == 1 else slice(start, start + len(picked))],
+                generators, ctx.device, ctx.dtype)
             # The pipeline's own loop (sampling.py), without importing the pipeline
             parts.append(sample_latents(transformer, noise_scheduler, ctx.model.family.pipeline, **tensors,
                                         num_inference_steps=None if plan.timesteps else plan.steps,
                                         timesteps=plan.timesteps, guidance_scale=plan.guidance_scale,
                                         height=plan.height, width=plan.width,
                                         vae_scale_factor=ctx.model.vae_scale_factor, generator=generators,
-                                        device=ctx.device, callback=on_step).cpu())
+                                        device=ctx.device, callback=on_step,
+                                        start_latents=None if begin is None else begin.latents,
+                                        begin_index=0 if begin is None else begin.begin_index).cpu())
     return torch.cat(parts)
 
 

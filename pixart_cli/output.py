@@ -7,7 +7,8 @@ import sys
 import time
 
 # What each stage's progress counts (encode also encodes the negative prompt, "" when none is given).
-UNITS = {"encode": "texts (the prompts and the negative prompt)", "denoise": "steps", "decode": "images"}
+UNITS = {"encode": "texts (the prompts and the negative prompt)", "denoise": "steps", "decode": "images",
+         "encode-image": "images"}
 
 
 class Output:

@@ -6,6 +6,12 @@ machinery: seconds of a denoise process that runs none of them (issue 10). This 
 ``output_type="latent"``, step for step, including where the two differ (Alpha passes micro-conditions for
 sample_size 128, resets the scheduler's begin index, and takes ``pred_original_sample`` from a one-step
 schedule). tests/test_lean.py checks it against the pipelines, latent for latent.
+
+Image to image starts the same loop part-way, as diffusers' img2img pipelines (StableDiffusionImg2ImgPipeline)
+do: the whole schedule is set, the loop runs ``scheduler.timesteps[begin_index:]`` with the scheduler's begin
+index set there, from ``start_latents`` that ``scheduler.add_noise`` already put at that timestep's noise level
+(so they are not multiplied by ``init_noise_sigma``). img2img.start computes both; tests/test_img2img.py checks
+the result against diffusers' own img2img pieces.
 """
 
 from __future__ import annotations
@@ -19,10 +25,15 @@ SIGMA_PIPELINE = "PixArtSigmaPipeline"
 def sample_latents(transformer, scheduler, pipeline: str, *, prompt_embeds, prompt_attention_mask,
                    negative_prompt_embeds=None, negative_prompt_attention_mask=None, num_inference_steps: int | None,
                    timesteps: list[int] | None, guidance_scale: float, height: int, width: int, vae_scale_factor: int,
-                   generator: list, device, callback: Callable | None = None):
+                   generator: list, device, callback: Callable | None = None, start_latents=None,
+                   begin_index: int = 0):
     """Latents [B, C, height / vae_scale_factor, width / vae_scale_factor] for embeddings [B, L, C_text], as the
     named diffusers ``pipeline`` returns them with ``output_type="latent"`` and ``use_resolution_binning=False``.
-    ``generator``: one CPU generator per image. ``callback(step, t, latents)``: as the pipeline calls it."""
+    ``generator``: one CPU generator per image. ``callback(step, t, latents)``: as the pipeline calls it.
+
+    Image to image: ``start_latents`` [B, C, h, w], noised to ``scheduler.timesteps[begin_index]``, and the index in
+    the whole schedule the loop starts at (``t_start * scheduler.order`` of diffusers' ``get_timesteps``).
+    """
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -42,13 +53,16 @@ def sample_latents(transformer, scheduler, pipeline: str, *, prompt_embeds, prom
         num_inference_steps = len(scheduler.timesteps)
     else:
         scheduler.set_timesteps(num_inference_steps, device=device)
-    timesteps = scheduler.timesteps
+    timesteps = scheduler.timesteps[begin_index:]  # image to image: the rest of the whole schedule
 
-    # 5. Prepare latents
+    # 5. Prepare latents (image to image: given, already at the first remaining timestep's noise level)
     latent_channels = transformer.config.in_channels
-    shape = (batch_size, latent_channels, int(height) // vae_scale_factor, int(width) // vae_scale_factor)
-    latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
-    latents = latents * scheduler.init_noise_sigma
+    if start_latents is None:
+        shape = (batch_size, latent_channels, int(height) // vae_scale_factor, int(width) // vae_scale_factor)
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=prompt_embeds.dtype)
+        latents = latents * scheduler.init_noise_sigma
+    else:
+        latents = start_latents.to(device=device, dtype=prompt_embeds.dtype)
 
     # 6. Extra step kwargs (eta 0.0, the pipelines' default; the generators for stochastic schedulers)
     step_parameters = set(inspect.signature(scheduler.step).parameters)
@@ -72,8 +86,9 @@ def sample_latents(transformer, scheduler, pipeline: str, *, prompt_embeds, prom
 
     # 7. Denoising loop
     num_warmup_steps = max(len(timesteps) - num_inference_steps * scheduler.order, 0)
-    if not sigma and hasattr(scheduler, "set_begin_index"):
-        scheduler.set_begin_index(0)
+    if (start_latents is not None or not sigma) and hasattr(scheduler, "set_begin_index"):
+        # Alpha resets it to 0; image to image starts at its index (get_timesteps sets it, for both families)
+        scheduler.set_begin_index(begin_index)
     for i, t in enumerate(timesteps):
         latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
         latent_model_input = scheduler.scale_model_input(latent_model_input, t)

@@ -25,6 +25,9 @@ MAX_SEQUENCE_LENGTH = 4096
 # and one run of more is better split with --prompts-file chunks or scale-out (README).
 MAX_IMAGES = 10_000
 PRECISIONS = ("full", "8bit", "4bit")
+# Image to image: how much of the schedule runs from the init latents (1: all of it, from the first timestep).
+# diffusers' img2img pipelines default to 0.8.
+DEFAULT_STRENGTH = 0.8
 
 
 @dataclass(frozen=True)
@@ -109,8 +112,12 @@ class DenoiseSettings:
     scheduler: str | None = None
     batch_size: int | None = None
     compile: bool = False  # torch.compile the transformer (opt-in: not bit-identical to eager)
+    strength: float | None = None  # image to image only (init latents given): None is DEFAULT_STRENGTH there
 
     def __post_init__(self):
+        if self.strength is not None and not (math.isfinite(self.strength) and 0 < self.strength <= 1):
+            raise PixartError(f"--strength {self.strength}: must be above 0 and at most 1 (1 runs every step "
+                              f"from the noised image; default {DEFAULT_STRENGTH:g})")
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
             raise PixartError(f"--scheduler {self.scheduler!r}: unknown; use one of {', '.join(SCHEDULERS)} "
                               "(default: the model's own)")

@@ -7,7 +7,10 @@ needs only ``post_quant_conv`` and ``decoder`` (``AutoencoderKL._decode`` withou
 those two from the same classes and reads their tensors from the same safetensors file. The forward pass is
 the same code, so images are identical (tests/test_lean.py, tests/test_parity.py).
 
-Anything else (tiled decode, a checkpoint in another layout or with renamed keys) uses ``AutoencoderKL``.
+Encoding an image (``pixart encode-image``) is the other half, built the same way: ``encoder`` and
+``quant_conv``, then diffusers' ``DiagonalGaussianDistribution`` (``AutoencoderKL.encode`` without tiling).
+
+Anything else (tiled decode or encode, a checkpoint in another layout or with renamed keys) uses ``AutoencoderKL``.
 """
 
 from __future__ import annotations
@@ -57,14 +60,37 @@ def load_vae_decoder(folder: Path, config: dict, dtype, device):
     expected tensor names (the caller then loads AutoencoderKL)."""
     import torch
 
+    with torch.device("meta"):
+        decoder = _decoder_class()(_parts(config), config)
+    return _load_weights(decoder, folder, dtype, device)
+
+
+def encoder_skeleton(config: dict):
+    """The encoding half's parameters as a module (for sizes, on the meta device)."""
+    import torch
+
+    parts = _parts(config, with_encoder=True)
+    return torch.nn.ModuleDict({name: parts[name] for name in ("encoder", "quant_conv") if name in parts})
+
+
+def load_vae_encoder(folder: Path, config: dict, dtype, device):
+    """The encoder of the VAE in ``folder`` as a module with AutoencoderKL's ``encode(x).latent_dist`` and
+    ``config.scaling_factor``; None as for ``load_vae_decoder`` (the caller then loads AutoencoderKL)."""
+    import torch
+
+    with torch.device("meta"):
+        encoder = _encoder_class()(_parts(config, with_encoder=True), config)
+    return _load_weights(encoder, folder, dtype, device)
+
+
+def _load_weights(module, folder: Path, dtype, device):
+    """``module``'s tensors (built on the meta device) read from the folder's one safetensors file, or None."""
     from pixart_cli.streaming import TensorFile
 
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         return None
-    with torch.device("meta"):
-        decoder = _decoder_class()(_parts(config), config)
-    wanted = set(decoder.state_dict())
+    wanted = set(module.state_dict())
     tensor_file = TensorFile(path)
     try:
         if not wanted <= set(tensor_file.keys()):
@@ -73,8 +99,8 @@ def load_vae_decoder(folder: Path, config: dict, dtype, device):
         state = {name: tensor_file.read(name, device).to(dtype) for name in sorted(wanted)}
     finally:
         tensor_file.close()
-    decoder.load_state_dict(state, strict=True, assign=True)
-    return decoder.eval()
+    module.load_state_dict(state, strict=True, assign=True)
+    return module.eval()
 
 
 @functools.cache
@@ -97,3 +123,30 @@ def _decoder_class():
             return (self.decoder(z),)
 
     return VaeDecoder
+
+
+@functools.cache
+def _encoder_class():
+    """Defined on first use: torch is imported only when a stage runs."""
+    import torch
+
+    from pixart_cli.lean import import_diffusers
+
+    DiagonalGaussianDistribution = import_diffusers("diffusers.models.autoencoders.vae").DiagonalGaussianDistribution
+
+    class VaeEncoder(torch.nn.Module):
+        """``encoder`` then ``quant_conv``, as a posterior: AutoencoderKL.encode without tiling or slicing."""
+
+        def __init__(self, parts: dict, config: dict):
+            super().__init__()
+            self.encoder = parts["encoder"]
+            self.quant_conv = parts.get("quant_conv")
+            self.config = SimpleNamespace(scaling_factor=config.get("scaling_factor", 0.18215))
+
+        def encode(self, x):
+            moments = self.encoder(x)
+            if self.quant_conv is not None:
+                moments = self.quant_conv(moments)
+            return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(moments))
+
+    return VaeEncoder

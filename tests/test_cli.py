@@ -66,8 +66,8 @@ def test_command_list_is_not_cut():
     result = runner.invoke(app, ["-h"], env={"COLUMNS": "80"})
     assert result.exit_code == 0
     listed = result.stdout.split("Commands:")[1].splitlines()[1:]
-    assert [line.split()[0] for line in listed if line.strip()] == ["encode", "denoise", "decode", "generate", "info",
-                                                                                "compare"]
+    assert [line.split()[0] for line in listed if line.strip()] == ["encode", "denoise", "decode", "encode-image",
+                                                                                "generate", "info", "compare"]
     assert not any(line.rstrip().endswith("...") for line in listed), listed
 
 

@@ -23,6 +23,7 @@ NOT_IMPORTED = {
     "encode": NEVER + ["diffusers"],
     "denoise": NEVER + ["transformers"],
     "decode": NEVER + ["transformers"],
+    "encode-image": NEVER + ["transformers"],
     "generate": NEVER,
 }
 # Runs the installed CLI in a process and writes the modules it imported (those not hidden) when it exits.
@@ -48,6 +49,7 @@ def test_each_stage_process_imports_only_what_it_runs(tiny_model, tmp_path):
     runs = {"encode": ["encode", "a cute cat", "-o", "emb.pt", *common],
             "denoise": ["denoise", "emb.pt", "--steps", "2", "-o", "lat.pt", *common],
             "decode": ["decode", "lat.pt", "-o", "image.png", *common],
+            "encode-image": ["encode-image", "image.png", "-o", "init.pt", *common],
             "generate": ["generate", "a cute cat", "--steps", "2", "-o", "gen.png", *common]}
     for stage, args in runs.items():
         modules = imported_by(tmp_path, *args)
