@@ -133,8 +133,10 @@ def _unwrap(error: BaseException) -> BaseException:
         seen = getattr(seen, "cause", None) or seen.__cause__
         if seen is None:
             break
-    return PixartError(f"Ray run failed: {type(error).__name__}: {detail(error)} (run with PIXART_DEBUG=1 for the "
-                       "traceback)", EXIT_RUNTIME)
+    # Ray's message is the remote traceback; its last line names the actor's own exception.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = lines[-1][:300] if lines else type(error).__name__
+    return PixartError(f"Ray run failed: {cause} (run with PIXART_DEBUG=1 for the traceback)", EXIT_RUNTIME)
 
 
 # --- the stage actors (built by Ray Data on the workers) ----------------------------------------------------
