@@ -62,7 +62,8 @@ def decode(latents: artifacts.Latents, ctx: RunContext, batch_size: int | None =
         vae = None if chosen.tile else load_component(
             source, "vae", lambda **_: load_vae_decoder(source.folder("vae"), config, ctx.dtype, ctx.device))
         if vae is None:
-            AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl").AutoencoderKL
+            AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl",
+                                             hide_optional=False).AutoencoderKL
             kwargs = {"device_map": {"": ctx.device}} if ctx.device.type == "cuda" else {}
             vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype, **kwargs)
         vae.to(ctx.device).eval()

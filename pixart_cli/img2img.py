@@ -86,7 +86,8 @@ def encode_image(image: artifacts.SourceImage, ctx: RunContext, width: int | Non
         vae = None if chosen.tile else load_component(
             source, "vae", lambda **_: load_vae_encoder(source.folder("vae"), config, ctx.dtype, ctx.device))
         if vae is None:
-            AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl").AutoencoderKL
+            AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl",
+                                             hide_optional=False).AutoencoderKL
             vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype)
             vae.decoder = vae.post_quant_conv = None
         vae.to(ctx.device).eval()

@@ -45,8 +45,12 @@ def keep_out(quantized: bool = False, lora: bool = False) -> None:
             sys.modules[name] = None
 
 
-def import_diffusers(name: str):
-    """Import one diffusers module (``diffusers.models.autoencoders.vae``, ...) without the rest of diffusers."""
+def import_diffusers(name: str, hide_optional: bool = True):
+    """Import one diffusers module (``diffusers.models.autoencoders.vae``, ...) without the rest of diffusers.
+
+    ``hide_optional=False`` for a module that needs torch._dynamo at import (AutoencoderKL, through
+    ``diffusers.loaders.peft`` and the group-offloading hooks): the heavy paths (tiled VAE) import it so.
+    """
     if name in sys.modules:
         return sys.modules[name]
     import torch  # noqa: F401  (torch itself imports some of what is hidden below; it must come first)
@@ -55,7 +59,9 @@ def import_diffusers(name: str):
         importlib.import_module("diffusers")
         for package in EAGER_PACKAGES:
             _shallow_package(package)
-        return importlib.import_module(name)
+        if hide_optional:
+            return importlib.import_module(name)
+    return importlib.import_module(name)
 
 
 def import_transformers(name: str):

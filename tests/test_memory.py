@@ -158,3 +158,25 @@ def test_report_memory_names_each_stage(tiny_model):
         row = report.as_dict()
         assert row["peak_rss_gb"] > 0 and row["load_s"] > 0 and row["compute_s"] > 0
         assert row["peak_device_gb"] == 0  # CPU: no device memory
+
+
+def test_smallest_plans_run_in_a_fresh_process(tiny_model, tmp_path):
+    """Tiled decode and the streamed transformer take the heavy library paths (AutoencoderKL, group offloading),
+    which lean imports must not break. Other tests have imported those modules already; a fresh process has not."""
+    import subprocess
+    import sys
+
+    script = f"""
+from pixart_cli import memory
+memory.device_budget = lambda budget, device: (1024, 0)  # every stage its smallest plan, as on a tiny card
+from helpers import decoded, denoised, encoded
+logs = []
+images = decoded(denoised(encoded(["a cute cat"], {str(tiny_model)!r}), steps=2, seed=0, log=logs.append),
+                 log=logs.append)
+print(len(images), [line.split(" (")[0] for line in logs if ": plan " in line])
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                            cwd=tmp_path, env={**__import__("os").environ,
+                                               "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "1 ['denoise: plan streamed, batch 1', 'decode: plan tiled, tile 128px']"
