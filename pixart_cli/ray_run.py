@@ -90,7 +90,7 @@ def run_ray(job: Job, todo: list[int], seed: int, model, encoding: EncodeSetting
             if callbacks.progress:
                 callbacks.progress("ray", written, len(todo))
     except Exception as error:  # noqa: BLE001 - Ray wraps an actor's exception; show ours as ours
-        raise _unwrap(error) from None
+        raise _unwrap(error) from error  # the chain shows with PIXART_DEBUG=1
     return written
 
 
@@ -125,18 +125,17 @@ def _init(ray, address: str | None) -> None:
 
 
 def _unwrap(error: BaseException) -> BaseException:
-    """The PixartError an actor raised, if one did; else one line for the Ray failure."""
-    seen = error
+    """The PixartError an actor raised, if one did; else one line naming the actor's own exception."""
+    seen, innermost = error, error
     for _ in range(10):
         if isinstance(seen, PixartError):
             return seen
+        innermost = seen
         seen = getattr(seen, "cause", None) or seen.__cause__
         if seen is None:
             break
-    # Ray's message is the remote traceback; its last line names the actor's own exception.
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    cause = lines[-1][:300] if lines else type(error).__name__
-    return PixartError(f"Ray run failed: {cause} (run with PIXART_DEBUG=1 for the traceback)", EXIT_RUNTIME)
+    return PixartError(f"Ray run failed: {type(innermost).__name__}: {detail(innermost)} (run with PIXART_DEBUG=1 "
+                       "for the traceback)", EXIT_RUNTIME)
 
 
 # --- the stage actors (built by Ray Data on the workers) ----------------------------------------------------
