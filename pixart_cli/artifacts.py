@@ -91,18 +91,22 @@ def atomic_path(path: Path, overwrite: bool = True):
     """
     path = Path(path)
     created = _make_folders(path.parent)
-    handle, temp = tempfile.mkstemp(prefix=".pixart-", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a finished file gets the usual permissions
     placed = False
+    temp = None
     try:
+        handle, temp = tempfile.mkstemp(prefix=".pixart-", suffix=".tmp", dir=path.parent)
+        os.close(handle)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temp, 0o666 & ~umask)  # mkstemp makes 0600; a finished file gets the usual permissions
         yield Path(temp)
         place(Path(temp), path, overwrite)
         placed = True
+    except OSError as error:  # a full disk, a folder gone: named by the output, not by the temp file
+        raise PixartError(f"--output {path}: cannot write it ({error.strerror or type(error).__name__})",
+                          EXIT_RUNTIME) from error
     finally:
-        if os.path.lexists(temp):
+        if temp is not None and os.path.lexists(temp):
             os.unlink(temp)
         if not placed:
             for folder in reversed(created):

@@ -383,12 +383,9 @@ def _hostile_blob(draw, good, trace):
             return attacks.rezip(blob, compress=zipfile.ZIP_DEFLATED)
         return attacks.rezip(blob, extra_size=draw(st.integers(1 << 20, 1 << 31)))
     else:  # a meta field a stage uses, of the wrong type or count
-        field = draw(st.sampled_from(["model", "prompts", "seeds", "revision", "max_sequence_length", "height",
-                                      "requested_width"]))
-        # a latents file carries max_sequence_length for information only: any int there is fine
-        if field not in data["meta"] or (which == "emb" and field in ("seeds", "height", "requested_width")) or (
-                which == "lat" and field == "max_sequence_length"):
-            field = "model"
+        checked = {"emb": ["model", "prompts", "revision", "max_sequence_length"],
+                   "lat": ["model", "prompts", "seeds", "revision", "height", "requested_width"]}[which]
+        field = draw(st.sampled_from(checked))
         values = [3, [], ["a"] * 7, {"x": 1}, "", 10**6, float("nan")] + ([None] if field != "revision" else [])
         data["meta"][field] = draw(st.sampled_from(values))
     return attacks.to_bytes(data)
