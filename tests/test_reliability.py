@@ -221,13 +221,13 @@ def test_two_processes_filling_one_cache(tiny_model, tmp_path):
 
 def test_a_tampered_cache_entry_is_encoded_again(tiny_model, tmp_path):
     fresh = encoded(["a cat"], tiny_model)
-    encode(["a cat"], model=str(tiny_model), device="cpu", cache=tmp_path / "cache")
+    encoded(["a cat"], tiny_model, cache=tmp_path / "cache")
     entry, = (tmp_path / "cache").iterdir()
     data = torch.load(entry, weights_only=True)
     torch.save(_with(data, prompt_embeds=torch.zeros(1, 120, 64), negative_prompt_embeds=torch.zeros(1, 120, 64)),
                entry)
     logs: list[str] = []
-    again = encode(["a cat"], model=str(tiny_model), device="cpu", cache=tmp_path / "cache", log=logs.append)
+    again = encoded(["a cat"], tiny_model, cache=tmp_path / "cache", log=logs.append)
     assert torch.equal(again.prompt_embeds, fresh.prompt_embeds)
     assert any("ignoring entry" in line for line in logs)
     assert artifacts.load_embeddings(entry).prompt_embeds.shape == (1, 120, 32)  # replaced by a good one
