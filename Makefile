@@ -17,6 +17,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 test: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q -p no:warnings
 
 # A tiny random-weight model (its images are noise), then the real staged flow as three processes.

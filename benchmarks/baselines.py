@@ -56,10 +56,14 @@ def main(model: str, case: str, out: str) -> None:
         from transformers import BitsAndBytesConfig, T5EncoderModel
 
         text_encoder = T5EncoderModel.from_pretrained(
-            model, subfolder="text_encoder", quantization_config=BitsAndBytesConfig(load_in_8bit=True),
-            device_map="auto")
-        pipe = PixArtAlphaPipeline.from_pretrained(model, text_encoder=text_encoder, transformer=None,
-                                                   device_map="balanced")
+            model,
+            subfolder="text_encoder",
+            quantization_config=BitsAndBytesConfig(load_in_8bit=True),
+            device_map="auto",
+        )
+        pipe = PixArtAlphaPipeline.from_pretrained(
+            model, text_encoder=text_encoder, transformer=None, device_map="balanced"
+        )
         result["encode_load_s"] = round(time.perf_counter() - t0, 2)
         with torch.no_grad():
             embeds = pipe.encode_prompt(PROMPT)
@@ -68,9 +72,16 @@ def main(model: str, case: str, out: str) -> None:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         pipe = PixArtAlphaPipeline.from_pretrained(model, text_encoder=None, torch_dtype=torch.float16).to("cuda")
-        latents = pipe(negative_prompt=None, prompt_embeds=embeds[0], prompt_attention_mask=embeds[1],
-                       negative_prompt_embeds=embeds[2], negative_prompt_attention_mask=embeds[3],
-                       output_type="latent", generator=generator(), **SETTINGS).images
+        latents = pipe(
+            negative_prompt=None,
+            prompt_embeds=embeds[0],
+            prompt_attention_mask=embeds[1],
+            negative_prompt_embeds=embeds[2],
+            negative_prompt_attention_mask=embeds[3],
+            output_type="latent",
+            generator=generator(),
+            **SETTINGS,
+        ).images
         result["denoise_peak_gb"] = _peak_gb()
         del pipe.transformer
         torch.cuda.empty_cache()
@@ -90,8 +101,9 @@ def main(model: str, case: str, out: str) -> None:
             for component in (pipe.text_encoder, pipe.transformer, pipe.vae):
                 from diffusers.hooks import apply_group_offloading
 
-                apply_group_offloading(component, onload_device=torch.device("cuda"), offload_type="leaf_level",
-                                       use_stream=True)
+                apply_group_offloading(
+                    component, onload_device=torch.device("cuda"), offload_type="leaf_level", use_stream=True
+                )
         else:
             raise SystemExit(f"unknown case {case}")
         pipe.set_progress_bar_config(disable=True)

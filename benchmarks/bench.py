@@ -28,8 +28,16 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 PROMPT = "a small house by a lake with mountains behind it, watercolor"
 DIFFUSERS_CASES = ("all-gpu", "model-cpu-offload", "group-offload", "staged-8bit", "loop-32")
-SUBJECTS = ["a small house by a lake", "a red fox in the snow", "a lighthouse at dusk", "a bowl of ramen",
-            "an old steam train", "a city street in the rain", "a field of sunflowers", "a sailing boat at sea"]
+SUBJECTS = [
+    "a small house by a lake",
+    "a red fox in the snow",
+    "a lighthouse at dusk",
+    "a bowl of ramen",
+    "an old steam train",
+    "a city street in the rain",
+    "a field of sunflowers",
+    "a sailing boat at sea",
+]
 STYLES = ["watercolor", "oil painting", "photograph", "pencil sketch"]
 
 
@@ -47,8 +55,12 @@ class GpuPeak:
 
     @staticmethod
     def used_mib() -> int:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return int(out.strip().splitlines()[0])
 
     def _poll(self):
@@ -77,8 +89,13 @@ def run(label: str, command: list[str], cwd: Path, log: list) -> dict:
     with GpuPeak() as gpu:
         proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     wall = round(time.perf_counter() - started, 2)
-    entry = {"label": label, "wall_s": wall, "smi_peak_gb": gpu.peak_gb, "rc": proc.returncode,
-             "command": " ".join(command)}
+    entry = {
+        "label": label,
+        "wall_s": wall,
+        "smi_peak_gb": gpu.peak_gb,
+        "rc": proc.returncode,
+        "command": " ".join(command),
+    }
     try:
         entry["report"] = json.loads(proc.stdout)
     except ValueError:
@@ -141,30 +158,77 @@ def main() -> None:
     log: list = []
     if not (args.model / "model_index.json").is_file():
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pixart_cli.random_model", str(args.model), "--size", "full",
-                        "--tokenizer", str(args.tokenizer), "--device", "cuda"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pixart_cli.random_model",
+                str(args.model),
+                "--size",
+                "full",
+                "--tokenizer",
+                str(args.tokenizer),
+                "--device",
+                "cuda",
+            ],
+            check=True,
+        )
         print(f"built {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
-    device = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                            capture_output=True, text=True).stdout.strip()
+    device = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
+    ).stdout.strip()
     for case in [case for _ in range(args.repeat) for case in args.cases]:
         if case == "generate-8GB":  # the one-process comparison with diffusers all-gpu, alone
-            run("pixart generate 8GB", pixart("generate", PROMPT, "-o", "gen.png", "--seed", "0", "--model",
-                                              str(args.model), "--vram", "8GB", "--report-memory", "--json"),
-                args.out, log)
+            run(
+                "pixart generate 8GB",
+                pixart(
+                    "generate",
+                    PROMPT,
+                    "-o",
+                    "gen.png",
+                    "--seed",
+                    "0",
+                    "--model",
+                    str(args.model),
+                    "--vram",
+                    "8GB",
+                    "--report-memory",
+                    "--json",
+                ),
+                args.out,
+                log,
+            )
         elif case == "generate-32":  # many prompts within 8 GB, beside diffusers' loop (case loop-32)
             prompts = args.out / "prompts-32.txt"
             prompts.write_text("\n".join(many_prompts(32)) + "\n")
-            run("pixart generate 32 prompts 8GB", pixart("generate", "--prompts-file", str(prompts), "-o",
-                                                          str(args.out / "pixart-32") + "/", "--seed", "0", "--model",
-                                                          str(args.model), "--vram", "8GB", "--report-memory",
-                                                          "--json"), args.out, log)
+            run(
+                "pixart generate 32 prompts 8GB",
+                pixart(
+                    "generate",
+                    "--prompts-file",
+                    str(prompts),
+                    "-o",
+                    str(args.out / "pixart-32") + "/",
+                    "--seed",
+                    "0",
+                    "--model",
+                    str(args.model),
+                    "--vram",
+                    "8GB",
+                    "--report-memory",
+                    "--json",
+                ),
+                args.out,
+                log,
+            )
         elif case.startswith("pixart-"):
             pixart_case(case.removeprefix("pixart-"), args.model, args.out / case, log)
         elif case in DIFFUSERS_CASES:
             out_json = args.out / f"{case}.json"
             label = "diffusers loop 32 prompts" if case == "loop-32" else f"diffusers {case}"
-            entry = run(label, [sys.executable, str(HERE / "baselines.py"), str(args.model), case,
-                                              str(out_json)], args.out, log)
+            entry = run(
+                label, [sys.executable, str(HERE / "baselines.py"), str(args.model), case, str(out_json)], args.out, log
+            )
             if out_json.is_file():
                 entry["report"] = json.loads(out_json.read_text())
         elif case == "startup":  # each stage process against `import torch`, and its import time by package
@@ -175,12 +239,21 @@ def main() -> None:
             (args.out / "startup.md").write_text(startup.table(results))
             print(startup.table(results), flush=True)
         elif case == "encode-group-offload":
-            run("T5 group offload (diffusers)", [sys.executable, "-c", ENCODE_GROUP_OFFLOAD, str(args.model)],
-                args.out, log)
+            run(
+                "T5 group offload (diffusers)",
+                [sys.executable, "-c", ENCODE_GROUP_OFFLOAD, str(args.model)],
+                args.out,
+                log,
+            )
         else:
             raise SystemExit(f"unknown case {case}")
-    results = {"device": device, "date": time.strftime("%Y-%m-%d"), "runs": log, "medians": medians(log),
-               "parity": parity(args.out)}
+    results = {
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "runs": log,
+        "medians": medians(log),
+        "parity": parity(args.out),
+    }
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(table(results))
     print(table(results))
@@ -212,16 +285,23 @@ def medians(log: list) -> dict:
 
 def table(results: dict) -> str:
     """Markdown: one row per process, then the medians of repeated runs."""
-    lines = [f"Device: {results['device']}; date {results['date']}; 1024², 20 steps, cfg 4.5, fp16.", "",
-             f"Parity, pixart generate --vram 8GB vs diffusers all-gpu, seed 0: {results.get('parity')}", "",
-             "| run | wall s | nvidia-smi peak GB | pixart: plan, device peak GB (reserved+context), RSS GB, "
-             "load s, compute s |", "|---|---|---|---|"]
+    lines = [
+        f"Device: {results['device']}; date {results['date']}; 1024², 20 steps, cfg 4.5, fp16.",
+        "",
+        f"Parity, pixart generate --vram 8GB vs diffusers all-gpu, seed 0: {results.get('parity')}",
+        "",
+        "| run | wall s | nvidia-smi peak GB | pixart: plan, device peak GB (reserved+context), RSS GB, "
+        "load s, compute s |",
+        "|---|---|---|---|",
+    ]
     for entry in results["runs"]:
         detail = ""
         report = entry.get("report") or {}
         for stage in report.get("memory", []):
-            detail += (f"{stage['stage']} {stage['plan']}: {stage['peak_device_gb']:.2f}, RSS {stage['peak_rss_gb']:.2f}, "
-                       f"{stage['load_s']:.1f}+{stage['compute_s']:.1f} s; ")
+            detail += (
+                f"{stage['stage']} {stage['plan']}: {stage['peak_device_gb']:.2f}, RSS {stage['peak_rss_gb']:.2f}, "
+                f"{stage['load_s']:.1f}+{stage['compute_s']:.1f} s; "
+            )
         if not detail and report:
             detail = ", ".join(f"{k} {v}" for k, v in report.items() if k not in ("case", "device"))
         status = "" if entry["rc"] == 0 else f" (exit {entry['rc']})"

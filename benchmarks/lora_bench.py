@@ -21,14 +21,37 @@ import torch
 # Transformer configs: the test suite's tiny one, and a mid-size slice of PixArt-XL (hidden 1152, 4 of its 28 blocks,
 # 256 px so that a CPU run stays short).
 SIZES = {
-    "tiny": dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, caption_channels=32, cross_attention_dim=16,
-                 sample_size=32, norm_num_groups=1),
-    "mid": dict(num_attention_heads=16, attention_head_dim=72, num_layers=4, caption_channels=4096,
-                cross_attention_dim=1152, sample_size=16),
+    "tiny": dict(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        caption_channels=32,
+        cross_attention_dim=16,
+        sample_size=32,
+        norm_num_groups=1,
+    ),
+    "mid": dict(
+        num_attention_heads=16,
+        attention_head_dim=72,
+        num_layers=4,
+        caption_channels=4096,
+        cross_attention_dim=1152,
+        sample_size=16,
+    ),
 }
 # Typical PixArt LoRA targets: attention and MLP of each block (a subset of PixArt-Σ's LoRA script's targets).
-TARGETS = ("attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v",
-           "attn2.to_out.0", "ff.net.0.proj", "ff.net.2")
+TARGETS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+)
 
 
 def build(size: str, device: str):
@@ -52,10 +75,13 @@ def lora_state(transformer, rank: int) -> dict:
 def step_inputs(transformer, device):
     config = transformer.config
     side = config.sample_size
-    return dict(hidden_states=torch.randn(2, 4, side, side, device=device),
-                encoder_hidden_states=torch.randn(2, 120, config.caption_channels, device=device),
-                timestep=torch.tensor([500, 500], device=device),
-                added_cond_kwargs={"resolution": None, "aspect_ratio": None}, return_dict=False)
+    return dict(
+        hidden_states=torch.randn(2, 4, side, side, device=device),
+        encoder_hidden_states=torch.randn(2, 120, config.caption_channels, device=device),
+        timestep=torch.tensor([500, 500], device=device),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
 
 
 def time_steps(models: dict, inputs, repeat: int, device: str) -> tuple[dict, dict]:
@@ -81,8 +107,7 @@ def time_steps(models: dict, inputs, repeat: int, device: str) -> tuple[dict, di
 
 def peft_import_seconds() -> float:
     """`import peft` in a fresh process that has already imported torch and diffusers (its own cost only)."""
-    code = ("import time, torch, diffusers.models; t = time.perf_counter(); import peft; "
-            "print(time.perf_counter() - t)")
+    code = "import time, torch, diffusers.models; t = time.perf_counter(); import peft; print(time.perf_counter() - t)"
     return float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 
@@ -123,12 +148,21 @@ def run(size: str, rank: int, repeat: int, device: str) -> dict:
 
     steps, outputs = time_steps({"plain": base, "fused": fused_model, "peft": peft_model}, inputs, repeat, device)
     extra_params = sum(p.numel() * p.element_size() for n, p in peft_model.named_parameters() if "lora_" in n)
-    return {"size": size, "rank": rank, "device": device, "layers": len(state) // 2,
-            "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 1),
-            "step_plain_s": steps["plain"], "step_fused_s": steps["fused"], "step_peft_s": steps["peft"],
-            "load_fused_s": fused_load, "load_peft_s": peft_load, "peft_resident_mb": extra_params / 2**20,
-            "max_diff_fused_vs_peft": float((outputs["fused"] - outputs["peft"]).abs().max()),
-            "lora_effect": float((outputs["fused"] - outputs["plain"]).abs().max())}
+    return {
+        "size": size,
+        "rank": rank,
+        "device": device,
+        "layers": len(state) // 2,
+        "params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 1),
+        "step_plain_s": steps["plain"],
+        "step_fused_s": steps["fused"],
+        "step_peft_s": steps["peft"],
+        "load_fused_s": fused_load,
+        "load_peft_s": peft_load,
+        "peft_resident_mb": extra_params / 2**20,
+        "max_diff_fused_vs_peft": float((outputs["fused"] - outputs["peft"]).abs().max()),
+        "lora_effect": float((outputs["fused"] - outputs["plain"]).abs().max()),
+    }
 
 
 def main() -> None:
@@ -141,15 +175,19 @@ def main() -> None:
     if args.device == "cpu":
         torch.set_num_threads(1)  # CPU time of one thread: comparable on a machine shared with other work
     print(f"import peft (after torch + diffusers): {peft_import_seconds():.2f} s")
-    print("| size | params M | LoRA layers | step plain s | step fused s | step peft s | load fused s | load peft s "
-          "| peft resident MB | max diff fused vs peft |")
+    print(
+        "| size | params M | LoRA layers | step plain s | step fused s | step peft s | load fused s | load peft s "
+        "| peft resident MB | max diff fused vs peft |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for size in args.size:
         r = run(size, args.rank, args.repeat, args.device)
-        print(f"| {r['size']} | {r['params_m']} | {r['layers']} | {r['step_plain_s']:.4f} | {r['step_fused_s']:.4f} "
-              f"| {r['step_peft_s']:.4f} | {r['load_fused_s']:.3f} | {r['load_peft_s']:.3f} "
-              f"| {r['peft_resident_mb']:.1f} | {r['max_diff_fused_vs_peft']:.2e} (effect {r['lora_effect']:.2e}) |",
-              flush=True)
+        print(
+            f"| {r['size']} | {r['params_m']} | {r['layers']} | {r['step_plain_s']:.4f} | {r['step_fused_s']:.4f} "
+            f"| {r['step_peft_s']:.4f} | {r['load_fused_s']:.3f} | {r['load_peft_s']:.3f} "
+            f"| {r['peft_resident_mb']:.1f} | {r['max_diff_fused_vs_peft']:.2e} (effect {r['lora_effect']:.2e}) |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

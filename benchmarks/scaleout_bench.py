@@ -33,8 +33,12 @@ class GpuPeaks:
 
     @staticmethod
     def used() -> dict[int, int]:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index,memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return {int(index): int(used) for index, used in (line.split(",") for line in out.strip().splitlines())}
 
     def _poll(self):
@@ -60,14 +64,39 @@ class GpuPeaks:
 
 def command(case: str, gpus: int, args, out_dir: Path) -> tuple[list[str], dict]:
     """The command line and extra environment of one case."""
-    generate = ["generate", "--prompts-file", str(args.out / "prompts.txt"), "-o", f"{out_dir}/", "--model",
-                str(args.model), "--vram", args.vram, "--seed", "0", "--steps", str(args.steps)]
+    generate = [
+        "generate",
+        "--prompts-file",
+        str(args.out / "prompts.txt"),
+        "-o",
+        f"{out_dir}/",
+        "--model",
+        str(args.model),
+        "--vram",
+        args.vram,
+        "--seed",
+        "0",
+        "--steps",
+        str(args.steps),
+    ]
     visible = ",".join(str(i) for i in range(gpus))
     if case == "1gpu":
         return [sys.executable, "-m", "pixart_cli", *generate], {"CUDA_VISIBLE_DEVICES": "0"}
     if case == "torchrun":
-        return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(gpus), "-m",
-                 "pixart_cli", *generate], {"CUDA_VISIBLE_DEVICES": visible})
+        return (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                "--nproc_per_node",
+                str(gpus),
+                "-m",
+                "pixart_cli",
+                *generate,
+            ],
+            {"CUDA_VISIBLE_DEVICES": visible},
+        )
     if case == "ray":
         return [sys.executable, "-m", "pixart_cli", *generate, "--ray"], {"CUDA_VISIBLE_DEVICES": visible}
     raise SystemExit(f"unknown case {case}; use 1gpu, torchrun or ray")
@@ -111,13 +140,29 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     if not (args.model / "model_index.json").is_file():
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "pixart_cli.random_model", str(args.model), "--size", "full",
-                        "--tokenizer", str(args.tokenizer), "--device", "cuda"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pixart_cli.random_model",
+                str(args.model),
+                "--size",
+                "full",
+                "--tokenizer",
+                str(args.tokenizer),
+                "--device",
+                "cuda",
+            ],
+            check=True,
+        )
         print(f"built {args.model} in {time.perf_counter() - started:.1f} s", flush=True)
     gpus = args.gpus if args.gpus is not None else len(GpuPeaks.used())
     (args.out / "prompts.txt").write_text("".join(f"{PROMPT}, variation {i}\n" for i in range(args.prompts)))
-    device = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "-i", "0"],
-                            capture_output=True, text=True).stdout.strip()
+    device = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader", "-i", "0"],
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
     runs = []
     for case in args.cases:
@@ -130,9 +175,17 @@ def main() -> None:
             proc = subprocess.run(line, env={**os.environ, **extra_env}, capture_output=True, text=True)
         wall = time.perf_counter() - started
         written = len(proc.stdout.split())
-        entry = {"case": case, "gpus": 1 if case == "1gpu" else gpus, "rc": proc.returncode, "wall_s": round(wall, 2),
-                 "images": written, "images_per_s": round(written / wall, 3), "peak_gb_per_gpu": peaks.peaks_gb(),
-                 "command": " ".join(line), "stderr_tail": proc.stderr[-2500:]}
+        entry = {
+            "case": case,
+            "gpus": 1 if case == "1gpu" else gpus,
+            "rc": proc.returncode,
+            "wall_s": round(wall, 2),
+            "images": written,
+            "images_per_s": round(written / wall, 3),
+            "peak_gb_per_gpu": peaks.peaks_gb(),
+            "command": " ".join(line),
+            "stderr_tail": proc.stderr[-2500:],
+        }
         if proc.returncode == 0:
             entry["manifest_complete"] = manifest_ok(out_dir, args.prompts)
         runs.append(entry)
@@ -145,26 +198,38 @@ def main() -> None:
         if base is not None and run is not base and run["rc"] == 0:
             run["speedup_vs_1gpu"] = round(run["images_per_s"] / base["images_per_s"], 2)
             run.update(compare(args.out / "images-1gpu", args.out / f"images-{run['case']}", args.prompts))
-    results = {"device": device, "date": time.strftime("%Y-%m-%d"), "prompts": args.prompts, "steps": args.steps,
-               "vram_per_gpu": args.vram, "runs": runs}
+    results = {
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "prompts": args.prompts,
+        "steps": args.steps,
+        "vram_per_gpu": args.vram,
+        "runs": runs,
+    }
     (args.out / "scaleout.json").write_text(json.dumps(results, indent=1))
     (args.out / "scaleout.md").write_text(table(results))
     print(table(results))
 
 
 def table(results: dict) -> str:
-    lines = [f"Device: {results['device']}; date {results['date']}; {results['prompts']} prompts, 1024², "
-             f"{results['steps']} steps, --vram {results['vram_per_gpu']} per GPU; wall = whole command (imports, "
-             "loads, Ray start-up included).", "",
-             "| case | GPUs | wall s | images/s | speed-up vs 1 GPU | nvidia-smi peak GB per GPU | max / mean pixel diff "
-             "vs 1 GPU | manifest |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {results['device']}; date {results['date']}; {results['prompts']} prompts, 1024², "
+        f"{results['steps']} steps, --vram {results['vram_per_gpu']} per GPU; wall = whole command (imports, "
+        "loads, Ray start-up included).",
+        "",
+        "| case | GPUs | wall s | images/s | speed-up vs 1 GPU | nvidia-smi peak GB per GPU | max / mean pixel diff "
+        "vs 1 GPU | manifest |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for run in results["runs"]:
         peaks = ", ".join(f"GPU{index} {gb}" for index, gb in run["peak_gb_per_gpu"].items())
         status = "" if run["rc"] == 0 else f" (exit {run['rc']})"
-        diff = (f"{run['max_pixel_diff']} / {run['mean_pixel_diff']}" if "max_pixel_diff" in run else "—")
-        lines.append(f"| {run['case']}{status} | {run['gpus']} | {run['wall_s']} | {run['images_per_s']} | "
-                     f"{run.get('speedup_vs_1gpu', '—')} | {peaks} | {diff} | "
-                     f"{'complete' if run.get('manifest_complete') else '—'} |")
+        diff = f"{run['max_pixel_diff']} / {run['mean_pixel_diff']}" if "max_pixel_diff" in run else "—"
+        lines.append(
+            f"| {run['case']}{status} | {run['gpus']} | {run['wall_s']} | {run['images_per_s']} | "
+            f"{run.get('speedup_vs_1gpu', '—')} | {peaks} | {diff} | "
+            f"{'complete' if run.get('manifest_complete') else '—'} |"
+        )
     return "\n".join(lines) + "\n"
 
 

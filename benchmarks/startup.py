@@ -58,7 +58,7 @@ def import_split(command: list[str]) -> dict[str, float]:
     for line in proc.stderr.splitlines():
         if not line.startswith("import time:") or "[us]" in line:
             continue
-        self_us, _, name = line[len("import time:"):].split("|")
+        self_us, _, name = line[len("import time:") :].split("|")
         name = name.strip()
         # torch's compiler and distributed stacks are what lean imports keep out: named apart from torch
         heavy = next((h for h in ("torch._dynamo", "torch.distributed", "torch._inductor") if name.startswith(h)), None)
@@ -78,21 +78,32 @@ def measure(model: Path, device: str, repeat: int) -> dict:
                 wall, cpu = timed(command)
                 best[label] = [min(best[label][0], wall), min(best[label][1], cpu)]
         torch_wall, torch_cpu = best["import torch"]
-        rows = {label: {"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "wall_x_torch": round(wall / torch_wall, 2),
-                        "cpu_x_torch": round(cpu / torch_cpu, 2)} for label, (wall, cpu) in best.items()}
+        rows = {
+            label: {
+                "wall_s": round(wall, 2),
+                "cpu_s": round(cpu, 2),
+                "wall_x_torch": round(wall / torch_wall, 2),
+                "cpu_x_torch": round(cpu / torch_cpu, 2),
+            }
+            for label, (wall, cpu) in best.items()
+        }
         for label in ("encode", "denoise", "decode", "generate"):
             rows[label]["imports"] = import_split(runs[label])
     return {"repeat": repeat, "device": device, "date": time.strftime("%Y-%m-%d"), "runs": rows}
 
 
 def table(results: dict) -> str:
-    lines = [f"Start-up (best of {results['repeat']}, device {results['device']}, {results['date']})", "",
-             "| process | wall s | × import torch | CPU s | × import torch | import time by package (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Start-up (best of {results['repeat']}, device {results['device']}, {results['date']})",
+        "",
+        "| process | wall s | × import torch | CPU s | × import torch | import time by package (s) |",
+        "|---|---|---|---|---|---|",
+    ]
     for label, row in results["runs"].items():
         imports = ", ".join(f"{k} {v}" for k, v in row.get("imports", {}).items())
-        lines.append(f"| {label} | {row['wall_s']} | {row['wall_x_torch']} | {row['cpu_s']} | {row['cpu_x_torch']} | "
-                     f"{imports} |")
+        lines.append(
+            f"| {label} | {row['wall_s']} | {row['wall_x_torch']} | {row['cpu_s']} | {row['cpu_x_torch']} | {imports} |"
+        )
     return "\n".join(lines) + "\n"
 
 

@@ -69,8 +69,10 @@ MASK_DTYPES = ("int64", "int32", "int16", "int8", "uint8", "bool")
 
 
 def _empty_path_error(option: str) -> PixartError:
-    return PixartError(f"{option}: the path is empty; if it came from $(pixart ...), that command failed: run it "
-                       "on its own to see its error")
+    return PixartError(
+        f"{option}: the path is empty; if it came from $(pixart ...), that command failed: run it "
+        "on its own to see its error"
+    )
 
 
 # --- writing ---------------------------------------------------------------------------------------------
@@ -103,8 +105,9 @@ def atomic_path(path: Path, overwrite: bool = True):
         place(Path(temp), path, overwrite)
         placed = True
     except OSError as error:  # a full disk, a folder gone: named by the output, not by the temp file
-        raise PixartError(f"--output {path}: cannot write it ({error.strerror or type(error).__name__})",
-                          EXIT_RUNTIME) from error
+        raise PixartError(
+            f"--output {path}: cannot write it ({error.strerror or type(error).__name__})", EXIT_RUNTIME
+        ) from error
     finally:
         if temp is not None and os.path.lexists(temp):
             os.unlink(temp)
@@ -141,30 +144,39 @@ def place(temp: Path, path: Path, overwrite: bool) -> None:
     never over anything but a regular file, and with ``overwrite=False`` never over anything at all."""
     found = _existing_kind(path)
     if found not in (None, "file"):
-        raise PixartError(f"--output {path}: is now {found}; pixart never replaces one; the output was not "
-                          "written")
+        raise PixartError(f"--output {path}: is now {found}; pixart never replaces one; the output was not written")
     if overwrite:
         os.replace(temp, path)
         return
     try:
         os.link(temp, path)  # fails if the name exists, atomically: a file that appeared meanwhile is kept
     except FileExistsError:
-        raise PixartError(f"--output {path}: appeared while pixart worked and --no-overwrite was given; it was "
-                          "kept and the output was not written") from None
+        raise PixartError(
+            f"--output {path}: appeared while pixart worked and --no-overwrite was given; it was "
+            "kept and the output was not written"
+        ) from None
     except OSError:
         # A file system without hard links: reserve the name with O_EXCL, then move the temp file over it.
         try:
             os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
         except FileExistsError:
-            raise PixartError(f"--output {path}: appeared while pixart worked and --no-overwrite was given; it "
-                              "was kept and the output was not written") from None
+            raise PixartError(
+                f"--output {path}: appeared while pixart worked and --no-overwrite was given; it "
+                "was kept and the output was not written"
+            ) from None
         os.replace(temp, path)
         return
     os.unlink(temp)
 
 
-_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
-          (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"), (stat.S_ISREG, "file"))
+_KINDS = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISREG, "file"),
+)
 
 
 def _existing_kind(path: Path) -> str | None:
@@ -222,6 +234,7 @@ def _write_stdout(data: bytes) -> None:
 
 def _plain(meta: dict) -> dict:
     """Meta holds only plain values, so a weights_only load can always read it back."""
+
     def check(value):
         if isinstance(value, (list, tuple)):
             return [check(item) for item in value]
@@ -230,6 +243,7 @@ def _plain(meta: dict) -> dict:
         if isinstance(value, _PLAIN):
             return value
         raise TypeError(f"meta value {value!r} is not a plain value")
+
     return check(meta)
 
 
@@ -256,8 +270,7 @@ def open_input(path, option: str | None = None):
     try:
         handle = os.open(text, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise bad_file(path, "no such file" + (" (a broken symbolic link)" if os.path.islink(text) else "")) \
-            from None
+        raise bad_file(path, "no such file" + (" (a broken symbolic link)" if os.path.islink(text) else "")) from None
     except PermissionError:
         raise bad_file(path, "cannot read it (permission denied)") from None
     except OSError as error:
@@ -272,8 +285,9 @@ def open_input(path, option: str | None = None):
     return os.fdopen(handle, "rb"), info.st_size
 
 
-def _read(path, expected_formats: tuple[str, ...], needed: str | None = None,
-          argument: str | None = None) -> tuple[dict, int]:
+def _read(
+    path, expected_formats: tuple[str, ...], needed: str | None = None, argument: str | None = None
+) -> tuple[dict, int]:
     """torch.load with weights_only=True, bounded by the file's size, then the checks common to every .pt file.
     ``needed``: what the command needs, for the error on a file of another format (default: the file of the
     first expected format); ``argument``: the argument that names the file."""
@@ -293,10 +307,13 @@ def _read(path, expected_formats: tuple[str, ...], needed: str | None = None,
             data = torch.load(handle, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:
             if "GLOBAL" in str(error) or "Unsupported global" in str(error):  # a class or function reference
-                raise bad_file(path, "refused: it holds Python objects other than tensors, which could run code "
-                                     "(only files written by pixart are read)") from error
+                raise bad_file(
+                    path,
+                    "refused: it holds Python objects other than tensors, which could run code "
+                    "(only files written by pixart are read)",
+                ) from error
             raise bad_file(path, "not a pixart .pt file (its contents are not plain tensors and values)") from error
-        except Exception as error:  # noqa: BLE001 - torch.load raises many types on damaged input (the fuzz test
+        except Exception as error:
             # found struct.error, EOFError, RuntimeError ...): whatever goes wrong inside it, the file is the problem
             raise bad_file(path, "is damaged: torch.load cannot read its contents; write it again") from error
     if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
@@ -306,23 +323,29 @@ def _read(path, expected_formats: tuple[str, ...], needed: str | None = None,
     meta = data["meta"]
     fmt, version = meta.get("format"), meta.get("version")
     if fmt not in expected_formats:
-        kind = {EMBEDDINGS_FORMAT: "an embeddings file (from pixart encode)",
-                LATENTS_FORMAT: "a latents file (from pixart denoise)"}
+        kind = {
+            EMBEDDINGS_FORMAT: "an embeddings file (from pixart encode)",
+            LATENTS_FORMAT: "a latents file (from pixart denoise)",
+        }
         if fmt in kind:
             raise bad_file(path, f"is {kind[fmt]}, but this command needs {needed or kind[expected_formats[0]]}")
         raise bad_file(path, f"unknown format {_short(fmt)}; expected {' or '.join(expected_formats)}")
     if not isinstance(version, int) or isinstance(version, bool):
         raise bad_file(path, f"format version {_short(version)} is not a number")
     if version > FORMAT_VERSION:
-        raise bad_file(path, f"format version {version} is newer than this pixart-cli reads ({FORMAT_VERSION}); "
-                             "upgrade pixart-cli")
+        raise bad_file(
+            path, f"format version {version} is newer than this pixart-cli reads ({FORMAT_VERSION}); upgrade pixart-cli"
+        )
     if version < 1:
         raise bad_file(path, f"format version {version} is not valid")
     allowed = set(EMBEDDING_KEYS if fmt == EMBEDDINGS_FORMAT else ("latents",)) | {"meta"}
     extra = sorted(str(key) for key in data if key not in allowed)
     if extra:
-        raise bad_file(path, f"holds unexpected entries ({_short(', '.join(extra))}); a {fmt} file holds only "
-                             f"{', '.join(sorted(allowed))}")
+        raise bad_file(
+            path,
+            f"holds unexpected entries ({_short(', '.join(extra))}); a {fmt} file holds only "
+            f"{', '.join(sorted(allowed))}",
+        )
     return data, size
 
 
@@ -336,10 +359,14 @@ def _check_archive(path, handle, size: int) -> None:
     if head != b"PK\x03\x04":
         handle.seek(0)
         if _names_python_objects(handle.read(min(size, 1 << 20))):
-            raise bad_file(path, "refused: it is a raw pickle that names Python functions or classes, which could "
-                                 "run code (only files written by pixart are read)")
-        raise bad_file(path, "not a pixart .pt file (pixart writes zip archives with torch.save; this is "
-                             "something else)")
+            raise bad_file(
+                path,
+                "refused: it is a raw pickle that names Python functions or classes, which could "
+                "run code (only files written by pixart are read)",
+            )
+        raise bad_file(
+            path, "not a pixart .pt file (pixart writes zip archives with torch.save; this is something else)"
+        )
     handle.seek(0)
     try:
         with zipfile.ZipFile(handle) as archive:
@@ -362,7 +389,7 @@ def _names_python_objects(blob: bytes) -> bool:
         for opcode, _, _ in pickletools.genops(blob):
             if opcode.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"):
                 return True
-    except Exception:  # noqa: BLE001 - a damaged pickle ends the scan, whatever the error
+    except Exception:
         return False
     return False
 
@@ -385,8 +412,11 @@ def plain_meta(path, meta) -> dict:
             raise bad_file(path, f"meta holds more than {MAX_META_NODES:,} values; not a pixart file")
         if isinstance(value, (dict, list, tuple)):
             if id(value) in seen:
-                raise bad_file(path, f"{where} refers to a list or dict already used elsewhere (a shared or cyclic "
-                                     "structure); pixart never writes that")
+                raise bad_file(
+                    path,
+                    f"{where} refers to a list or dict already used elsewhere (a shared or cyclic "
+                    "structure); pixart never writes that",
+                )
             seen.add(id(value))
             if depth >= MAX_META_DEPTH:
                 raise bad_file(path, f"meta is nested more than {MAX_META_DEPTH} levels deep; not a pixart file")
@@ -395,8 +425,7 @@ def plain_meta(path, meta) -> dict:
                 items = []
                 for item_key, item in value.items():
                     if not isinstance(item_key, str):
-                        raise bad_file(path, f"{where} has a key of type {type(item_key).__name__}; meta keys are "
-                                             "text")
+                        raise bad_file(path, f"{where} has a key of type {type(item_key).__name__}; meta keys are text")
                     text += len(item_key)
                     items.append((item_key, item, f"{where}.{_key_text(item_key)}"))
             else:
@@ -415,8 +444,9 @@ def plain_meta(path, meta) -> dict:
         else:
             raise bad_file(path, f"{where} holds a {type(value).__name__}; meta may hold only plain values")
         if text > MAX_META_TEXT:
-            raise bad_file(path, f"meta holds more than {MAX_META_TEXT // 2**20} M characters of text; not a pixart "
-                                 "file")
+            raise bad_file(
+                path, f"meta holds more than {MAX_META_TEXT // 2**20} M characters of text; not a pixart file"
+            )
         if parent is None:
             continue
         if key is None:
@@ -450,11 +480,15 @@ def _tensor(path, data: dict, key: str, rank: int, kinds: str, file_size: int):
     if not isinstance(value, torch.Tensor):
         raise bad_file(path, f"{key} is a {type(value).__name__}, not a tensor")
     if value.layout != torch.strided:
-        raise bad_file(path, f"{key} is a {str(value.layout).removeprefix('torch.')} tensor; pixart reads only "
-                             "dense tensors")
+        raise bad_file(
+            path, f"{key} is a {str(value.layout).removeprefix('torch.')} tensor; pixart reads only dense tensors"
+        )
     if value.is_quantized:
-        raise bad_file(path, f"{key} is a quantized tensor ({str(value.dtype).removeprefix('torch.')}); pixart "
-                             "reads only plain float tensors")
+        raise bad_file(
+            path,
+            f"{key} is a quantized tensor ({str(value.dtype).removeprefix('torch.')}); pixart "
+            "reads only plain float tensors",
+        )
     if value.device.type != "cpu":
         raise bad_file(path, f"{key} is a tensor on the {value.device.type} device, which holds no data")
     dtype = str(value.dtype).removeprefix("torch.")
@@ -468,8 +502,11 @@ def _tensor(path, data: dict, key: str, rank: int, kinds: str, file_size: int):
     if 0 in shape:
         raise bad_file(path, f"{key} is empty (shape {shape})")
     if not _dense(shape, strides):
-        raise bad_file(path, f"{key} is a strided view (shape {_short(shape)}, strides {_short(strides)}) whose "
-                             "elements overlap or skip memory; pixart reads only dense tensors")
+        raise bad_file(
+            path,
+            f"{key} is a strided view (shape {_short(shape)}, strides {_short(strides)}) whose "
+            "elements overlap or skip memory; pixart reads only dense tensors",
+        )
     numel = math.prod(shape)
     needed = (value.storage_offset() + numel) * value.element_size()
     if needed > value.untyped_storage().nbytes():
@@ -515,8 +552,11 @@ def _model_fields(path, meta: dict) -> None:
 def _text_list(path, meta: dict, key: str, count: int, what: str) -> list:
     values = _meta_field(path, meta, key, list)
     if len(values) != count or not all(isinstance(value, what) for value in values):
-        raise bad_file(path, f"meta.{key} lists {len(values)} entries of the wrong kind for {count} "
-                             f"{'prompts' if key == 'prompts' else 'images'}")
+        raise bad_file(
+            path,
+            f"meta.{key} lists {len(values)} entries of the wrong kind for {count} "
+            f"{'prompts' if key == 'prompts' else 'images'}",
+        )
     return values
 
 
@@ -534,8 +574,10 @@ def describe(path) -> dict:
     if str(path) and Path(path).suffix.lower() in IMAGE_FORMATS:
         return json_safe({"file": str(path), "kind": "image", **read_image_metadata(path)})
     artifact = load_any(path)
-    tensors = {key: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
-               for key, value in artifact.tensors().items()}
+    tensors = {
+        key: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+        for key, value in artifact.tensors().items()
+    }
     kind = "embeddings" if isinstance(artifact, Embeddings) else "latents"
     return json_safe({"file": str(path), "kind": kind, "tensors": tensors, "meta": artifact.meta})
 
@@ -552,11 +594,13 @@ def _embeddings(path, data: dict, size: int) -> Embeddings:
     negative = _tensor(path, data, "negative_prompt_embeds", 3, "f", size)
     negative_mask = _tensor(path, data, "negative_prompt_attention_mask", 2, "i", size)
     if tuple(mask.shape) != tuple(embeds.shape[:2]):
-        raise bad_file(path, f"prompt_attention_mask shape {list(mask.shape)} does not match prompt_embeds "
-                             f"{list(embeds.shape)}")
+        raise bad_file(
+            path, f"prompt_attention_mask shape {list(mask.shape)} does not match prompt_embeds {list(embeds.shape)}"
+        )
     if negative.shape != embeds.shape or negative_mask.shape != mask.shape:
-        raise bad_file(path, f"negative embeddings {list(negative.shape)} do not match prompt embeddings "
-                             f"{list(embeds.shape)}")
+        raise bad_file(
+            path, f"negative embeddings {list(negative.shape)} do not match prompt embeddings {list(embeds.shape)}"
+        )
     _text_list(path, meta, "prompts", embeds.shape[0], str)
     _model_fields(path, meta)
     length = _meta_field(path, meta, "max_sequence_length", int)
@@ -575,8 +619,9 @@ def load_latents(path) -> Latents:
 def load_init_latents(path) -> Latents:
     """Init latents for image to image (--init-latents): any latents file, validated as load_latents does
     (`pixart encode-image` writes them from an image)."""
-    data, size = _read(path, (LATENTS_FORMAT,), needed="init latents (from pixart encode-image)",
-                       argument="--init-latents")
+    data, size = _read(
+        path, (LATENTS_FORMAT,), needed="init latents (from pixart encode-image)", argument="--init-latents"
+    )
     return _latents(path, data, size)
 
 
@@ -592,8 +637,9 @@ def _latents(path, data: dict, size: int) -> Latents:
     _text_list(path, meta, "prompts", latents.shape[0], str)
     scale = meta["height"] / latents.shape[2]
     if scale != meta["width"] / latents.shape[3] or scale < 1 or math.log2(scale) % 1:
-        raise bad_file(path, f"latents {list(latents.shape)} do not fit the recorded size "
-                             f"{meta['width']}x{meta['height']}")
+        raise bad_file(
+            path, f"latents {list(latents.shape)} do not fit the recorded size {meta['width']}x{meta['height']}"
+        )
     return Latents(latents, meta)
 
 
@@ -606,8 +652,9 @@ def image_format(path: Path, option: str = "--output") -> str:
     """PIL format name for an output path's extension."""
     fmt = IMAGE_FORMATS.get(Path(path).suffix.lower())
     if fmt is None:
-        raise PixartError(f"{option} {path}: unknown image type {Path(path).suffix or '(none)'}; use .png, .jpg "
-                          "or .webp")
+        raise PixartError(
+            f"{option} {path}: unknown image type {Path(path).suffix or '(none)'}; use .png, .jpg or .webp"
+        )
     return fmt
 
 
@@ -699,8 +746,11 @@ def read_image_metadata(path: Path) -> dict:
                 exif = image.getexif()
                 settings = exif.get(_IMAGE_DESCRIPTION)
                 comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-                parameters = (comment[8:].decode("utf-16-be", "replace") if isinstance(comment, bytes)
-                              and comment.startswith(b"UNICODE") else comment)
+                parameters = (
+                    comment[8:].decode("utf-16-be", "replace")
+                    if isinstance(comment, bytes) and comment.startswith(b"UNICODE")
+                    else comment
+                )
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
         raise bad_file(path, f"not an image pixart can read ({detail(error)})") from error
     try:
@@ -751,16 +801,19 @@ def read_source_image(path, option: str = "IMAGE") -> SourceImage:
         raise PixartError(f"{option} {error}", error.exit_code) from None
     with handle:
         if size > MAX_SOURCE_IMAGE_BYTES:
-            raise PixartError(f"{option} {path}: {size} bytes is beyond the {MAX_SOURCE_IMAGE_BYTES // 2**20} MiB "
-                              "pixart reads as a source image; give a smaller .png, .jpg or .webp file")
+            raise PixartError(
+                f"{option} {path}: {size} bytes is beyond the {MAX_SOURCE_IMAGE_BYTES // 2**20} MiB "
+                "pixart reads as a source image; give a smaller .png, .jpg or .webp file"
+            )
         data = handle.read(MAX_SOURCE_IMAGE_BYTES + 1)
     try:
         with Image.open(io.BytesIO(data)) as image:
             # as diffusers.utils.load_image: upright per EXIF, then RGB (alpha dropped, palettes expanded)
             pixels = ImageOps.exif_transpose(image).convert("RGB")
-    except Exception as error:  # noqa: BLE001 - PIL raises many types on damaged input (and on decompression bombs)
-        raise PixartError(f"{option} {path}: not an image pixart can read ({detail(error)[:120]}); give a .png, "
-                          ".jpg or .webp file") from None
+    except Exception as error:
+        raise PixartError(
+            f"{option} {path}: not an image pixart can read ({detail(error)[:120]}); give a .png, .jpg or .webp file"
+        ) from None
     return SourceImage(Path(path), hashlib.sha256(data).hexdigest(), pixels)
 
 
@@ -775,16 +828,29 @@ def load_image_pixels(path: Path):
     try:
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
-    except Exception as error:  # noqa: BLE001 - PIL raises many types on damaged input (and on decompression bombs)
+    except Exception as error:
         raise bad_file(path, f"not an image pixart can read ({detail(error)[:120]})") from None
 
 
 # --- where outputs go: one policy for every command ----------------------------------------------------------
-DEFAULT_NAMES = {"embeddings": "embeddings.pt", "latents": "latents.pt", "init latents": "init.pt", "image": "image.png"}
+DEFAULT_NAMES = {
+    "embeddings": "embeddings.pt",
+    "latents": "latents.pt",
+    "init latents": "init.pt",
+    "image": "image.png",
+}
 
 
-def output_targets(output: str | Path, count: int, kind: str, *, inputs: tuple = (), overwrite: bool = True,
-                   allow_stdout: bool = True, option: str = "--output") -> list[Path]:
+def output_targets(
+    output: str | Path,
+    count: int,
+    kind: str,
+    *,
+    inputs: tuple = (),
+    overwrite: bool = True,
+    allow_stdout: bool = True,
+    option: str = "--output",
+) -> list[Path]:
     """The final path of each of a command's ``count`` outputs, checked before any work. One rule for all:
 
     - ``-``: the single output's bytes go to stdout (not with several outputs, --json, or a terminal);
@@ -801,8 +867,9 @@ def output_targets(output: str | Path, count: int, kind: str, *, inputs: tuple =
         raise _empty_path_error(option)
     if is_stdout(text):
         if count != 1:
-            raise PixartError(f"{option} -: writes one output to stdout, but this run makes {count}; give a file "
-                              "name or a folder")
+            raise PixartError(
+                f"{option} -: writes one output to stdout, but this run makes {count}; give a file name or a folder"
+            )
         if not allow_stdout:
             raise PixartError(f"{option} -: --json also prints on stdout; drop one of them")
         if sys.stdout.isatty():
@@ -831,18 +898,23 @@ def _check_target(path: Path, option: str, inputs: tuple, overwrite: bool, creat
     if found == "a folder":
         raise PixartError(f"{option} {path}: is a folder; give a file name")
     if found not in (None, "file"):
-        raise PixartError(f"{option} {path}: is {found}; pixart writes only regular files and never replaces "
-                          "anything else; give a file path, or -o - to write to stdout")
+        raise PixartError(
+            f"{option} {path}: is {found}; pixart writes only regular files and never replaces "
+            "anything else; give a file path, or -o - to write to stdout"
+        )
     if found is not None and not overwrite:
-        raise PixartError(f"{option} {path}: already exists and --no-overwrite was given; remove it or choose "
-                          "another path")
+        raise PixartError(
+            f"{option} {path}: already exists and --no-overwrite was given; remove it or choose another path"
+        )
     folder = path.parent
     existing = folder
     while not existing.exists() and existing.parent != existing and not os.path.islink(existing):
         existing = existing.parent
     if existing != folder and not create_folder:
-        raise PixartError(f"{option} {path}: folder {folder} does not exist; create it first, or end the path "
-                          "with / to have pixart create it")
+        raise PixartError(
+            f"{option} {path}: folder {folder} does not exist; create it first, or end the path "
+            "with / to have pixart create it"
+        )
     if not existing.is_dir():
         raise PixartError(f"{option} {path}: {existing} is not a folder")
     if not os.access(existing, os.W_OK):
@@ -853,8 +925,10 @@ def _check_target(path: Path, option: str, inputs: tuple, overwrite: bool, creat
         name_max = 255
     for part in path.relative_to(existing).parts if existing != folder else (path.name,):
         if len(os.fsencode(part)) > name_max:
-            raise PixartError(f"{option} {_short(str(path))}: the name {_short(part, 40)} is longer than this file "
-                              f"system allows ({name_max} bytes); choose a shorter name")
+            raise PixartError(
+                f"{option} {_short(str(path))}: the name {_short(part, 40)} is longer than this file "
+                f"system allows ({name_max} bytes); choose a shorter name"
+            )
     for source in inputs:
         if found is not None and os.path.exists(source) and os.path.samefile(source, path):
             raise PixartError(f"{option} {path}: is also the input file; choose another output path")
@@ -862,21 +936,44 @@ def _check_target(path: Path, option: str, inputs: tuple, overwrite: bool, creat
 
 def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
     """(A1111 "parameters" text, JSON settings) for image ``index`` of a latents meta."""
-    settings = {key: meta.get(key) for key in ("model", "revision", "family", "negative_prompt", "steps", "timesteps",
-                                                "guidance_scale", "scheduler", "dtype", "clean_caption",
-                                                "max_sequence_length", "binned", "loras")}
+    settings = {
+        key: meta.get(key)
+        for key in (
+            "model",
+            "revision",
+            "family",
+            "negative_prompt",
+            "steps",
+            "timesteps",
+            "guidance_scale",
+            "scheduler",
+            "dtype",
+            "clean_caption",
+            "max_sequence_length",
+            "binned",
+            "loras",
+        )
+    }
     # image to image only: the strength, the steps that ran, and the source image (name, sha256)
     settings.update({key: meta[key] for key in ("strength", "steps_run", "source_image") if key in meta})
-    settings.update(prompt=meta["prompts"][index], seed=meta["seeds"][index], width=meta["requested_width"],
-                    height=meta["requested_height"], denoise_width=meta["width"], denoise_height=meta["height"],
-                    generator="pixart-cli")
+    settings.update(
+        prompt=meta["prompts"][index],
+        seed=meta["seeds"][index],
+        width=meta["requested_width"],
+        height=meta["requested_height"],
+        denoise_width=meta["width"],
+        denoise_height=meta["height"],
+        generator="pixart-cli",
+    )
     from pixart_cli.settings import sampler_name
 
     sampler = sampler_name(str(meta.get("scheduler")))
-    parameters = (f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n"
-                  f"Steps: {settings['steps']}, Sampler: {sampler}, CFG scale: {settings['guidance_scale']}, "
-                  f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, "
-                  f"Model: {settings['model']}")
+    parameters = (
+        f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt']}\n"
+        f"Steps: {settings['steps']}, Sampler: {sampler}, CFG scale: {settings['guidance_scale']}, "
+        f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, "
+        f"Model: {settings['model']}"
+    )
     if "strength" in settings:  # image to image, as A1111 writes it
         parameters += f", Denoising strength: {settings['strength']}"
     return parameters, settings

@@ -59,11 +59,14 @@ class EmbeddingCache:
 
     def _check(self, entry: artifacts.Embeddings, prompt: str, path: Path) -> None:
         meta = entry.meta
-        expected = {"model": self.settings["model"], "dtype": self.settings["dtype"],
-                    "max_sequence_length": self.settings["max_sequence_length"],
-                    "negative_prompt": self.settings["negative_prompt"],
-                    "clean_caption": self.settings["clean_caption"],
-                    "text_encoder_precision": self.settings["precision"]}
+        expected = {
+            "model": self.settings["model"],
+            "dtype": self.settings["dtype"],
+            "max_sequence_length": self.settings["max_sequence_length"],
+            "negative_prompt": self.settings["negative_prompt"],
+            "clean_caption": self.settings["clean_caption"],
+            "text_encoder_precision": self.settings["precision"],
+        }
         for key, value in expected.items():
             if meta.get(key) != value or type(meta.get(key)) is not type(value):
                 raise PixartError(f"{path}: meta.{key} is {meta.get(key)!r}, not {value!r}")
@@ -72,20 +75,26 @@ class EmbeddingCache:
         shape = (1, self.settings["max_sequence_length"])
         for tensor in (entry.prompt_embeds, entry.negative_prompt_embeds):
             if tuple(tensor.shape[:2]) != shape or (self.width is not None and tensor.shape[2] != self.width):
-                raise PixartError(f"{path}: embeddings {list(tensor.shape)} do not fit "
-                                  f"[1, {shape[1]}, {self.width}]")
+                raise PixartError(f"{path}: embeddings {list(tensor.shape)} do not fit [1, {shape[1]}, {self.width}]")
             if tensor.dtype != self.dtype:
                 raise PixartError(f"{path}: embeddings are {tensor.dtype}, not {self.dtype}")
 
     def put(self, prompt: str, row: tuple) -> None:
         """Store one prompt's rows (cloned: a slice would keep the whole batch's storage). A cache that cannot be
         written is noted and skipped; the run goes on."""
-        meta = {"format": artifacts.EMBEDDINGS_FORMAT, "version": artifacts.FORMAT_VERSION,
-                "model": self.settings["model"], "revision": self.settings.get("revision"), "family": "cache",
-                "dtype": self.settings["dtype"], "prompts": [prompt],
-                "max_sequence_length": self.settings["max_sequence_length"],
-                "negative_prompt": self.settings["negative_prompt"], "clean_caption": self.settings["clean_caption"],
-                "text_encoder_precision": self.settings["precision"]}
+        meta = {
+            "format": artifacts.EMBEDDINGS_FORMAT,
+            "version": artifacts.FORMAT_VERSION,
+            "model": self.settings["model"],
+            "revision": self.settings.get("revision"),
+            "family": "cache",
+            "dtype": self.settings["dtype"],
+            "prompts": [prompt],
+            "max_sequence_length": self.settings["max_sequence_length"],
+            "negative_prompt": self.settings["negative_prompt"],
+            "clean_caption": self.settings["clean_caption"],
+            "text_encoder_precision": self.settings["precision"],
+        }
         tensors = [tensor.detach().cpu().clone() for tensor in row]
         try:
             artifacts.save(self.path(prompt), artifacts.Embeddings(*tensors, meta=meta))

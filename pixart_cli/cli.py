@@ -20,7 +20,7 @@ app = typer.Typer(
     name="pixart",
     context_settings={"help_option_names": ["-h", "--help"]},
     help="Run PixArt text-to-image models in memory-staged steps: encode (T5) → denoise (transformer) → "
-         "decode (VAE). Each stage loads only its own model. stdout carries only the written paths.",
+    "decode (VAE). Each stage loads only its own model. stdout carries only the written paths.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -70,26 +70,39 @@ def _failure(error: BaseException, written: list[str] = (), planned: int | None 
         return code, message
     of = f" of {planned}" if planned else ""
     names = ", ".join(written) if len(written) <= 3 else f"{written[0]} ... {written[-1]}"
-    return code, f"{message}; {len(written)}{of} outputs had been written ({names}; listed on stdout), the rest " \
-                 "were not"
+    return (
+        code,
+        f"{message}; {len(written)}{of} outputs had been written ({names}; listed on stdout), the rest were not",
+    )
 
 
 def _unexpected(error: Exception) -> str:
     torch = sys.modules.get("torch")  # an out-of-memory error means torch is loaded; never import it here
     if torch is not None and isinstance(error, torch.OutOfMemoryError):
-        return ("out of device memory; pass a smaller --vram budget (for example --vram 4GB), use --dtype fp16, "
-                "or --device cpu")
+        return (
+            "out of device memory; pass a smaller --vram budget (for example --vram 4GB), use --dtype fp16, "
+            "or --device cpu"
+        )
     return f"{type(error).__name__}: {detail(error)} (run with PIXART_DEBUG=1 for the traceback)"
 
 
-def _context(out: Output, model, device: str, dtype: str, budget: Optional[int], report_memory: bool,
-             loras: tuple = ()):
+def _context(
+    out: Output, model, device: str, dtype: str, budget: Optional[int], report_memory: bool, loras: tuple = ()
+):
     """The one run context of a command: device and dtype resolved once, the parsed --vram budget, the model, the
     LoRAs, and the output sink's progress, notes and memory reports."""
     from pixart_cli.runtime import RunContext
 
-    return RunContext.resolve(model, device, dtype, budget, progress=out.progress, log=out.note,
-                              reports=[] if report_memory else None, loras=loras)
+    return RunContext.resolve(
+        model,
+        device,
+        dtype,
+        budget,
+        progress=out.progress,
+        log=out.note,
+        reports=[] if report_memory else None,
+        loras=loras,
+    )
 
 
 def _loras(values: Optional[list[str]]) -> tuple:
@@ -122,8 +135,9 @@ def _targets(out: Output, output: str, count: int, kind: str, inputs: tuple = ()
     failure half-way can say how many were written."""
     from pixart_cli import artifacts
 
-    targets = artifacts.output_targets(output, count, kind, inputs=inputs, overwrite=overwrite,
-                                       allow_stdout=not out.as_json)
+    targets = artifacts.output_targets(
+        output, count, kind, inputs=inputs, overwrite=overwrite, allow_stdout=not out.as_json
+    )
     out.planned = len(targets)
     return targets
 
@@ -131,8 +145,10 @@ def _targets(out: Output, output: str, count: int, kind: str, inputs: tuple = ()
 def _write_images(out: Output, images: list, meta: dict, targets: list, overwrite: bool) -> None:
     from pixart_cli import artifacts
 
-    requests = [(path, image, *artifacts.image_metadata(meta, index))
-                for index, (image, path) in enumerate(zip(images, targets))]
+    requests = [
+        (path, image, *artifacts.image_metadata(meta, index))
+        for index, (image, path) in enumerate(zip(images, targets))
+    ]
     artifacts.save_images(requests, overwrite, lambda index, path: out.wrote(path))
 
 
@@ -147,8 +163,10 @@ def _prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> list[
         try:
             text = sys.stdin.read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as error:
-            raise PixartError(f"--prompts-file {prompts_file}: cannot read it ({error.__class__.__name__}: "
-                              f"{getattr(error, 'strerror', None) or error})") from None
+            raise PixartError(
+                f"--prompts-file {prompts_file}: cannot read it ({error.__class__.__name__}: "
+                f"{getattr(error, 'strerror', None) or error})"
+            ) from None
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise PixartError(f"--prompts-file {prompts_file}: holds no prompts; write one prompt per line")
@@ -200,7 +218,7 @@ def encode(
         budget = _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
         settings = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
-        target, = _targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
+        (target,) = _targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
         # 2. Resolve once, run, write
         ctx = _context(out, _new_model(model, revision), device, dtype, budget, report_memory)
         out.wrote(artifacts.save(target, encode(texts, settings, ctx), overwrite=not no_overwrite))
@@ -247,18 +265,29 @@ def denoise(
 
         # 1. Every option and path, then the input file, before a model loads
         budget = _check_common(device, dtype, vram)
-        settings = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images, scheduler,
-                                   batch_size, compile, strength).with_seed()
+        settings = DenoiseSettings(
+            steps,
+            guidance_scale,
+            seed,
+            width,
+            height,
+            not no_binning,
+            num_images,
+            scheduler,
+            batch_size,
+            compile,
+            strength,
+        ).with_seed()
         inputs = (embeddings,) if init_latents is None else (embeddings, init_latents)
-        target, = _targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
+        (target,) = _targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
         loaded = artifacts.load_embeddings(embeddings)
         init = None if init_latents is None else artifacts.load_init_latents(init_latents)
         loras = _loras(lora)
         # 2. Resolve once, run, write
-        ctx = _context(out, model_for_file(model, revision, loaded.meta, embeddings), device, dtype, budget,
-                       report_memory, loras)
-        latents = denoise(loaded, settings, ctx, source_path=str(embeddings), init=init,
-                          init_path=str(init_latents))
+        ctx = _context(
+            out, model_for_file(model, revision, loaded.meta, embeddings), device, dtype, budget, report_memory, loras
+        )
+        latents = denoise(loaded, settings, ctx, source_path=str(embeddings), init=init, init_path=str(init_latents))
         out.record["seeds"] = latents.meta["seeds"]
         out.wrote(artifacts.save(target, latents, overwrite=not no_overwrite))
         _finish(out, ctx)
@@ -292,8 +321,7 @@ def decode(
         budget = _check_common(device, dtype, vram)
         loaded = artifacts.load_latents(latents)
         targets = _targets(out, output, loaded.latents.shape[0], "image", (latents,), overwrite=not no_overwrite)
-        ctx = _context(out, model_for_file(model, revision, loaded.meta, latents), device, dtype, budget,
-                       report_memory)
+        ctx = _context(out, model_for_file(model, revision, loaded.meta, latents), device, dtype, budget, report_memory)
         images = decode(loaded, ctx, batch_size=batch_size, source_path=str(latents))
         _write_images(out, images, loaded.meta, targets, not no_overwrite)
         _finish(out, ctx)
@@ -327,7 +355,7 @@ def encode_image(
 
         # 1. Every option and path, the image itself, then the sizes on the model's configs, before a model loads
         budget = _check_common(device, dtype, vram)
-        target, = _targets(out, output, 1, "init latents", (image,), overwrite=not no_overwrite)
+        (target,) = _targets(out, output, 1, "init latents", (image,), overwrite=not no_overwrite)
         source_image = artifacts.read_source_image(image)
         source = _new_model(model, revision)
         img2img.fit(source_image, source, width, height, not no_binning)
@@ -388,15 +416,29 @@ def generate(
         budget = _check_common(device, dtype, vram)
         texts = _prompts(prompts, prompts_file)
         encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
-        denoising = DenoiseSettings(steps, guidance_scale, seed, width, height, not no_binning, num_images,
-                                    scheduler, batch_size, compile, strength)
-        targets = _targets(out, output, len(texts) * num_images, "image", () if image is None else (image,),
-                           overwrite=not no_overwrite)
+        denoising = DenoiseSettings(
+            steps,
+            guidance_scale,
+            seed,
+            width,
+            height,
+            not no_binning,
+            num_images,
+            scheduler,
+            batch_size,
+            compile,
+            strength,
+        )
+        targets = _targets(
+            out, output, len(texts) * num_images, "image", () if image is None else (image,), overwrite=not no_overwrite
+        )
         if image is None:
             img2img.settings_for(denoising, None, option="--image")  # --strength alone is refused here
         elif scaleout.applies(output, resume, ray, ray_address):
-            raise PixartError("--image: image to image runs in one process only; write to a file, not -o DIR/, and "
-                              "leave out --resume and --ray")
+            raise PixartError(
+                "--image: image to image runs in one process only; write to a file, not -o DIR/, and "
+                "leave out --resume and --ray"
+            )
         source_image = None if image is None else artifacts.read_source_image(image, "--image")
         source = _new_model(model, revision)
         loras = _loras(lora)
@@ -404,17 +446,26 @@ def generate(
             # The seed is agreed between processes there; each process resolves its own device.
             callbacks = scaleout.Callbacks(out.wrote, out.note, out.progress, [] if report_memory else None)
             summary = scaleout.generate_images(
-                texts, output=output, encoding=encoding, denoising=denoising, model=source,
-                run=scaleout.RunOptions(device, dtype, budget, loras), resume=resume, callbacks=callbacks, ray=ray,
-                ray_address=ray_address)
+                texts,
+                output=output,
+                encoding=encoding,
+                denoising=denoising,
+                model=source,
+                run=scaleout.RunOptions(device, dtype, budget, loras),
+                resume=resume,
+                callbacks=callbacks,
+                ray=ray,
+                ray_address=ray_address,
+            )
             if summary is not None:
                 out.note(summary.describe(), summary=summary.as_dict())
             _finish_reports(out, callbacks.reports)
             return
         # 2. Resolve once, run the three stages, write
         ctx = _context(out, source, device, dtype, budget, report_memory, loras)
-        images, meta = generate(texts, encoding, denoising.with_seed(), ctx, decode_batch_size=batch_size,
-                                image=source_image)
+        images, meta = generate(
+            texts, encoding, denoising.with_seed(), ctx, decode_batch_size=batch_size, image=source_image
+        )
         out.record["seeds"] = meta["seeds"]
         _write_images(out, images, meta, targets, not no_overwrite)
         _finish(out, ctx)
@@ -486,8 +537,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                          help="Show the version and exit.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version and exit.")
+    ] = False,
 ) -> None:
     """Run PixArt text-to-image models in memory-staged steps."""
 

@@ -44,8 +44,10 @@ def compare_files(a: Path, b: Path) -> Comparison:
     if _kind(a) == "image" or _kind(b) == "image":
         if _kind(a) != _kind(b):
             image, other = (a, b) if _kind(a) == "image" else (b, a)
-            raise PixartError(f"{other}: cannot compare it with the image {image}; give two images, two embeddings "
-                              "files or two latents files")
+            raise PixartError(
+                f"{other}: cannot compare it with the image {image}; give two images, two embeddings "
+                "files or two latents files"
+            )
         return _compare_images(a, b)
     first, second = artifacts.load_any(a), artifacts.load_any(b)
     kinds = [("embeddings" if isinstance(x, artifacts.Embeddings) else "latents") for x in (first, second)]
@@ -65,14 +67,19 @@ def _stats(x, y) -> dict:
         cosine = 1.0 if bool((x == y).all()) else 0.0
     else:
         cosine = float(x @ y) / norms
-    return {"cosine": min(max(cosine, -1.0), 1.0), "max_abs_diff": float(difference.max()),
-            "mean_abs_diff": float(difference.mean())}
+    return {
+        "cosine": min(max(cosine, -1.0), 1.0),
+        "max_abs_diff": float(difference.max()),
+        "mean_abs_diff": float(difference.mean()),
+    }
 
 
 def _same_shape(a: Path, b: Path, what: str, shape_a, shape_b) -> None:
     if tuple(shape_a) != tuple(shape_b):
-        raise PixartError(f"{b}: {what} {list(shape_b)} do not match {a}'s {list(shape_a)}; only runs of the same "
-                          "prompts, model and size can be compared")
+        raise PixartError(
+            f"{b}: {what} {list(shape_b)} do not match {a}'s {list(shape_a)}; only runs of the same "
+            "prompts, model and size can be compared"
+        )
 
 
 def _compare_embeddings(a: Path, b: Path, first, second) -> Comparison:
@@ -85,17 +92,28 @@ def _compare_embeddings(a: Path, b: Path, first, second) -> Comparison:
         result.notes.append("different prompts")
     for index in range(first.prompt_embeds.shape[0]):
         keep = (first.prompt_attention_mask[index] != 0) | (second.prompt_attention_mask[index] != 0)
-        masks_equal = bool((first.prompt_attention_mask[index] != 0).eq(second.prompt_attention_mask[index] != 0)
-                           .all())
-        pair = {"index": index, "prompt": first.meta["prompts"][index], "tokens": int(keep.sum()),
-                "masks_equal": masks_equal}
+        masks_equal = bool((first.prompt_attention_mask[index] != 0).eq(second.prompt_attention_mask[index] != 0).all())
+        pair = {
+            "index": index,
+            "prompt": first.meta["prompts"][index],
+            "tokens": int(keep.sum()),
+            "masks_equal": masks_equal,
+        }
         pair.update(_stats(first.prompt_embeds[index][keep], second.prompt_embeds[index][keep]))
         result.pairs.append(pair)
     keep = (first.negative_prompt_attention_mask[0] != 0) | (second.negative_prompt_attention_mask[0] != 0)
     negative = _stats(first.negative_prompt_embeds[0][keep], second.negative_prompt_embeds[0][keep])
-    result.pairs.append({"index": None, "prompt": "(negative prompt)", "tokens": int(keep.sum()),
-                         "masks_equal": bool((first.negative_prompt_attention_mask[0] != 0)
-                                             .eq(second.negative_prompt_attention_mask[0] != 0).all()), **negative})
+    result.pairs.append(
+        {
+            "index": None,
+            "prompt": "(negative prompt)",
+            "tokens": int(keep.sum()),
+            "masks_equal": bool(
+                (first.negative_prompt_attention_mask[0] != 0).eq(second.negative_prompt_attention_mask[0] != 0).all()
+            ),
+            **negative,
+        }
+    )
     return result
 
 
@@ -105,8 +123,11 @@ def _compare_latents(a: Path, b: Path, first, second) -> Comparison:
     if first.meta.get("model") != second.meta.get("model"):
         result.notes.append(f"different models: {first.meta.get('model')} and {second.meta.get('model')}")
     for index in range(first.latents.shape[0]):
-        pair = {"index": index, "prompt": first.meta["prompts"][index] if index < len(first.meta.get("prompts") or [])
-                else None, "seed": first.meta["seeds"][index]}
+        pair = {
+            "index": index,
+            "prompt": first.meta["prompts"][index] if index < len(first.meta.get("prompts") or []) else None,
+            "seed": first.meta["seeds"][index],
+        }
         pair.update(_stats(first.latents[index], second.latents[index]))
         result.pairs.append(pair)
     return result
@@ -118,15 +139,22 @@ def _compare_images(a: Path, b: Path) -> Comparison:
 
     first, second = artifacts.load_image_pixels(a), artifacts.load_image_pixels(b)
     if first.shape != second.shape:
-        raise PixartError(f"{b}: is {second.shape[1]}x{second.shape[0]} but {a} is {first.shape[1]}x{first.shape[0]};"
-                          " only images of the same size can be compared")
+        raise PixartError(
+            f"{b}: is {second.shape[1]}x{second.shape[0]} but {a} is {first.shape[1]}x{first.shape[0]};"
+            " only images of the same size can be compared"
+        )
     stats = _stats(torch.from_numpy(first), torch.from_numpy(second))
     difference = np.abs(first.astype(np.int16) - second.astype(np.int16))
     mse = float((difference.astype(np.float64) ** 2).mean())
     # PSNR of 8-bit images; identical images have none (infinite), written as null.
     psnr = None if mse == 0 else 10 * math.log10(255.0**2 / mse)
-    pair = {"index": 0, **stats, "max_pixel_diff": int(difference.max()), "mean_pixel_diff": float(difference.mean()),
-            "psnr": psnr}
+    pair = {
+        "index": 0,
+        **stats,
+        "max_pixel_diff": int(difference.max()),
+        "mean_pixel_diff": float(difference.mean()),
+        "psnr": psnr,
+    }
     return Comparison("image", str(a), str(b), [pair])
 
 
@@ -143,8 +171,11 @@ def format_table(comparison: Comparison) -> str:
         row += [f"{pair['cosine']:.6f}", f"{pair['max_abs_diff']:.6g}", f"{pair['mean_abs_diff']:.6g}"]
         if image:
             psnr = pair["psnr"]
-            row += [str(pair["max_pixel_diff"]), f"{pair['mean_pixel_diff']:.4f}",
-                    "inf (identical)" if psnr is None else f"{psnr:.2f} dB"]
+            row += [
+                str(pair["max_pixel_diff"]),
+                f"{pair['mean_pixel_diff']:.4f}",
+                "inf (identical)" if psnr is None else f"{psnr:.2f} dB",
+            ]
         rows.append(row)
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     lines = [f"{comparison.kind}: {comparison.a} vs {comparison.b}"] + [f"note: {n}" for n in comparison.notes]

@@ -19,18 +19,25 @@ def check_fits(latents: artifacts.Latents, source: Model, path: str) -> None:
     height, width = latents.meta["height"], latents.meta["width"]
     decoded_size = (latents.latents.shape[2] * scale, latents.latents.shape[3] * scale)
     if decoded_size != (height, width):
-        raise bad_file(path, f"latents {list(latents.latents.shape)} do not decode to the recorded "
-                             f"{width}x{height} with this VAE (x{scale})")
+        raise bad_file(
+            path,
+            f"latents {list(latents.latents.shape)} do not decode to the recorded "
+            f"{width}x{height} with this VAE (x{scale})",
+        )
     # The size decode resizes to is bounded as --width/--height are in denoise: a file cannot ask for more.
     limit = 4 * source.native_size
     for key in ("requested_width", "requested_height", "width", "height"):
         if latents.meta[key] > limit:
-            raise bad_file(path, f"meta.{key} is {latents.meta[key]}, beyond this model's maximum of {limit} "
-                                 f"(4x its native {source.native_size}); not a file pixart wrote for it")
+            raise bad_file(
+                path,
+                f"meta.{key} is {latents.meta[key]}, beyond this model's maximum of {limit} "
+                f"(4x its native {source.native_size}); not a file pixart wrote for it",
+            )
 
 
-def decode(latents: artifacts.Latents, ctx: RunContext, batch_size: int | None = None,
-           source_path: str = "latents") -> list:
+def decode(
+    latents: artifacts.Latents, ctx: RunContext, batch_size: int | None = None, source_path: str = "latents"
+) -> list:
     """Decode latents [N, 4, h, w] to N PIL images at the requested size (binning undone, as the pipeline does)."""
     import torch
 
@@ -52,18 +59,31 @@ def decode(latents: artifacts.Latents, ctx: RunContext, batch_size: int | None =
     budget, context = ctx.budget()
     config = source.config("vae")
     skeleton = memory.meta_model(vae_skeleton, config, ctx.dtype)
-    chosen = memory.plan_decode(budget, context, memory.parameter_bytes(skeleton), config["block_out_channels"][0],
-                                meta["height"], meta["width"], ctx.dtype.itemsize)
+    chosen = memory.plan_decode(
+        budget,
+        context,
+        memory.parameter_bytes(skeleton),
+        config["block_out_channels"][0],
+        meta["height"],
+        meta["width"],
+        ctx.dtype.itemsize,
+    )
     del skeleton
     ctx.note(chosen.describe())
     with meter.phase("load"):
         # The decoder alone, without importing AutoencoderKL (vae_decoder.py); AutoencoderKL for tiled decode
         # or a checkpoint in another layout.
-        vae = None if chosen.tile else load_component(
-            source, "vae", lambda **_: load_vae_decoder(source.folder("vae"), config, ctx.dtype, ctx.device))
+        vae = (
+            None
+            if chosen.tile
+            else load_component(
+                source, "vae", lambda **_: load_vae_decoder(source.folder("vae"), config, ctx.dtype, ctx.device)
+            )
+        )
         if vae is None:
-            AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl",
-                                             hide_optional=False).AutoencoderKL
+            AutoencoderKL = import_diffusers(
+                "diffusers.models.autoencoders.autoencoder_kl", hide_optional=False
+            ).AutoencoderKL
             kwargs = {"device_map": {"": ctx.device}} if ctx.device.type == "cuda" else {}
             vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype, **kwargs)
         vae.to(ctx.device).eval()
@@ -82,7 +102,7 @@ def decode(latents: artifacts.Latents, ctx: RunContext, batch_size: int | None =
     ctx.advance("decode", 0, total)
     with meter.phase("compute"), torch.inference_mode():
         for start in range(0, total, step):
-            sample = latents.latents[start:start + step].to(ctx.device, ctx.dtype) / vae.config.scaling_factor
+            sample = latents.latents[start : start + step].to(ctx.device, ctx.dtype) / vae.config.scaling_factor
             image = vae.decode(sample, return_dict=False)[0]
             if resize:
                 image = processor.resize_and_crop_tensor(image, meta["requested_width"], meta["requested_height"])

@@ -47,8 +47,10 @@ def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
     steps = family.steps if settings.steps is None else settings.steps
     scheduler = scheduler_class_name(source, settings.scheduler)
     if steps == 1 and not timesteps and scheduler in NO_SINGLE_STEP:
-        raise PixartError(f"--steps 1: {scheduler} cannot take a single step in the PixArt pipeline; "
-                          "use --steps 2 or more (one-step models such as DMD use their own scheduler)")
+        raise PixartError(
+            f"--steps 1: {scheduler} cannot take a single step in the PixArt pipeline; "
+            "use --steps 2 or more (one-step models such as DMD use their own scheduler)"
+        )
     train_steps = source.config("scheduler").get("num_train_timesteps")
     if isinstance(train_steps, int) and steps > train_steps:
         raise PixartError(f"--steps {steps}: this model's scheduler has only {train_steps} timesteps; use fewer")
@@ -65,8 +67,18 @@ def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
     else:
         height, width = requested_height, requested_width
     _check_size(source, width, height, binned=table is not None)  # the size the transformer runs at
-    return Schedule(steps, timesteps, float(guidance), scheduler, requested_width, requested_height, width, height,
-                    table is not None, settings.strength)
+    return Schedule(
+        steps,
+        timesteps,
+        float(guidance),
+        scheduler,
+        requested_width,
+        requested_height,
+        width,
+        height,
+        table is not None,
+        settings.strength,
+    )
 
 
 def _check_size(source: Model, width: int, height: int, binned: bool = False, patches: bool = True) -> None:
@@ -76,13 +88,17 @@ def _check_size(source: Model, width: int, height: int, binned: bool = False, pa
     multiple = source.vae_scale_factor * int(source.config("transformer").get("patch_size", 2))
     for flag, value in (("--width", width), ("--height", height)):
         if value > limit:
-            raise PixartError(f"{flag} {value}: beyond this model's maximum of {limit} (4x its native "
-                              f"{source.native_size}); use a smaller size")
+            raise PixartError(
+                f"{flag} {value}: beyond this model's maximum of {limit} (4x its native "
+                f"{source.native_size}); use a smaller size"
+            )
         if patches and value % multiple:
             where = "the bin it falls in" if binned else "without binning it"
-            raise PixartError(f"{flag} {value}: {where} must be a multiple of {multiple} for this model "
-                              f"(VAE x{source.vae_scale_factor}, patch {multiple // source.vae_scale_factor}); "
-                              f"use {max(multiple, value // multiple * multiple)}")
+            raise PixartError(
+                f"{flag} {value}: {where} must be a multiple of {multiple} for this model "
+                f"(VAE x{source.vae_scale_factor}, patch {multiple // source.vae_scale_factor}); "
+                f"use {max(multiple, value // multiple * multiple)}"
+            )
 
 
 def check_fits(embeddings: artifacts.Embeddings, source: Model, path: str) -> None:
@@ -90,13 +106,21 @@ def check_fits(embeddings: artifacts.Embeddings, source: Model, path: str) -> No
     caption_channels = source.config("transformer").get("caption_channels")
     width_found = embeddings.prompt_embeds.shape[-1]
     if caption_channels is not None and width_found != caption_channels:
-        raise bad_file(path, f"embeddings are {width_found} wide but {source.id} takes {caption_channels}; "
-                             "encode with the same model family")
+        raise bad_file(
+            path,
+            f"embeddings are {width_found} wide but {source.id} takes {caption_channels}; "
+            "encode with the same model family",
+        )
 
 
-def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: RunContext,
-            source_path: str = "embeddings", init: artifacts.Latents | None = None,
-            init_path: str = "init latents") -> artifacts.Latents:
+def denoise(
+    embeddings: artifacts.Embeddings,
+    settings: DenoiseSettings,
+    ctx: RunContext,
+    source_path: str = "embeddings",
+    init: artifacts.Latents | None = None,
+    init_path: str = "init latents",
+) -> artifacts.Latents:
     """Run the pipeline's denoising loop on stored embeddings.
 
     embeddings: prompt_embeds [B, L, C]. Returns Latents [B * num_images, 4, H/8, W/8] at the binned size H x W.
@@ -140,15 +164,28 @@ def denoise(embeddings: artifacts.Embeddings, settings: DenoiseSettings, ctx: Ru
     # 4. Record everything decode and a reader of the file need
     meta_in = embeddings.meta
     meta = {
-        "model": source.recorded, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
+        "model": source.recorded,
+        "revision": source.revision,
+        "family": source.family.name,
+        "dtype": ctx.dtype_name,
         "prompts": [p for p in meta_in["prompts"] for _ in range(settings.num_images)],
         "negative_prompt": meta_in.get("negative_prompt", ""),
-        "seeds": seeds, "steps": plan.steps,
-        "timesteps": plan.timesteps, "guidance_scale": plan.guidance_scale, "scheduler": plan.scheduler,
-        "height": plan.height, "width": plan.width, "requested_height": plan.requested_height,
-        "requested_width": plan.requested_width, "binned": plan.binned, "plan": chosen.name, "compiled": settings.compile,
-        "clean_caption": meta_in.get("clean_caption"), "max_sequence_length": meta_in.get("max_sequence_length"),
-        "loras": lora.records(list(ctx.loras)), **img2img.meta_for(init, plan),
+        "seeds": seeds,
+        "steps": plan.steps,
+        "timesteps": plan.timesteps,
+        "guidance_scale": plan.guidance_scale,
+        "scheduler": plan.scheduler,
+        "height": plan.height,
+        "width": plan.width,
+        "requested_height": plan.requested_height,
+        "requested_width": plan.requested_width,
+        "binned": plan.binned,
+        "plan": chosen.name,
+        "compiled": settings.compile,
+        "clean_caption": meta_in.get("clean_caption"),
+        "max_sequence_length": meta_in.get("max_sequence_length"),
+        "loras": lora.records(list(ctx.loras)),
+        **img2img.meta_for(init, plan),
     }
     return artifacts.Latents(latents, meta)
 
@@ -158,7 +195,8 @@ def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
     from pixart_cli.lean import import_diffusers
 
     PixArtTransformer2DModel = import_diffusers(
-        "diffusers.models.transformers.pixart_transformer_2d").PixArtTransformer2DModel
+        "diffusers.models.transformers.pixart_transformer_2d"
+    ).PixArtTransformer2DModel
     source = ctx.model
     config = source.config("transformer")
     skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, ctx.dtype, cpu_buffers=True)
@@ -168,9 +206,16 @@ def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
     # Fusing a LoRA briefly needs an fp32 copy of one layer on the device; nothing stays after it.
     transformer_bytes = memory.parameter_bytes(skeleton) + lora.fuse_peak_bytes(skeleton, list(ctx.loras))
     budget, context = ctx.budget()
-    return memory.plan_denoise(budget, context, transformer_bytes,
-                               (plan.height // scale) * (plan.width // scale), skeleton.inner_dim,
-                               ctx.dtype.itemsize, images, plan.guidance_scale > 1)
+    return memory.plan_denoise(
+        budget,
+        context,
+        transformer_bytes,
+        (plan.height // scale) * (plan.width // scale),
+        skeleton.inner_dim,
+        ctx.dtype.itemsize,
+        images,
+        plan.guidance_scale > 1,
+    )
 
 
 def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: bool = False):
@@ -181,23 +226,23 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
 
     diffusers = import_diffusers("diffusers")
     PixArtTransformer2DModel = import_diffusers(
-        "diffusers.models.transformers.pixart_transformer_2d").PixArtTransformer2DModel
+        "diffusers.models.transformers.pixart_transformer_2d"
+    ).PixArtTransformer2DModel
 
     source, device = ctx.model, ctx.device
     if chosen.name == "streamed":
         # Below the transformer's own size: diffusers' group offloading streams its blocks from CPU RAM.
-        transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
-                                     dtype=ctx.dtype)
+        transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained, dtype=ctx.dtype)
         lora.apply_loras(transformer, list(ctx.loras))  # into the CPU weights, before offloading takes them
-        transformer.enable_group_offload(onload_device=device, offload_type="block_level",
-                                         num_blocks_per_group=1, use_stream=device.type == "cuda")
+        transformer.enable_group_offload(
+            onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=device.type == "cuda"
+        )
     else:
         # Read on the CPU, then moved: diffusers' device_map path goes through accelerate's dispatch, which imports
         # torch._dynamo, sympy and scipy (4.4 s of a 19 s denoise process on an H200, 2026-11-28), for a 1.2 GB
         # copy that takes a fraction of a second. torch's own .to: diffusers' override only adds checks for group
         # offloading (not used here) and imports the offloading hooks to make them, which import torch._dynamo.
-        transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained,
-                                     dtype=ctx.dtype)
+        transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained, dtype=ctx.dtype)
         torch.nn.Module.to(transformer, device)
         lora.apply_loras(transformer, list(ctx.loras))
     transformer.eval()
@@ -210,12 +255,21 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
             transformer.compile()
     # The model's own scheduler config, as the class the user picked (default: the model's own class).
     noise_scheduler = getattr(diffusers, scheduler_name).from_config(
-        source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {}))
+        source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {})
+    )
     return transformer, noise_scheduler
 
 
-def _denoise_batches(transformer, noise_scheduler, embeddings: artifacts.Embeddings, settings: DenoiseSettings,
-                     plan: Schedule, batch: int, ctx: RunContext, init: artifacts.Latents | None = None):
+def _denoise_batches(
+    transformer,
+    noise_scheduler,
+    embeddings: artifacts.Embeddings,
+    settings: DenoiseSettings,
+    plan: Schedule,
+    batch: int,
+    ctx: RunContext,
+    init: artifacts.Latents | None = None,
+):
     """All images, ``batch`` at a time, each with its own CPU generator (seeds seed, seed+1, ...).
 
     Row r of the flat batch is image r % num_images of prompt r // num_images, as in the pipeline.
@@ -232,29 +286,51 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: artifacts.Embeddi
     ctx.advance("denoise", 0, total_steps)
     with torch.inference_mode():
         for number, start in enumerate(range(0, total, batch)):
-            picked = rows[start:start + batch]
+            picked = rows[start : start + batch]
             tensors = {key: value[picked].to(ctx.device) for key, value in embeddings.tensors().items()}
-            generators = [torch.Generator("cpu").manual_seed(settings.seed + index)
-                          for index in range(start, start + len(picked))]
+            generators = [
+                torch.Generator("cpu").manual_seed(settings.seed + index) for index in range(start, start + len(picked))
+            ]
 
             def on_step(step: int, timestep, latents, done=number * plan.steps_per_image) -> None:
                 ctx.advance("denoise", done + step + 1, total_steps)
 
             # Image to image: the init latents noised to where the strength starts (img2img.py); the loop then
             # runs the rest of the schedule from them.
-            begin = None if init is None else img2img.start(
-                noise_scheduler, plan.steps, plan.timesteps, plan.strength,
-                init.latents[[0] * len(picked) if len(init.latents) == 1 else slice(start, start + len(picked))],
-                generators, ctx.device, ctx.dtype)
+            begin = (
+                None
+                if init is None
+                else img2img.start(
+                    noise_scheduler,
+                    plan.steps,
+                    plan.timesteps,
+                    plan.strength,
+                    init.latents[[0] * len(picked) if len(init.latents) == 1 else slice(start, start + len(picked))],
+                    generators,
+                    ctx.device,
+                    ctx.dtype,
+                )
+            )
             # The pipeline's own loop (sampling.py), without importing the pipeline
-            parts.append(sample_latents(transformer, noise_scheduler, ctx.model.family.pipeline, **tensors,
-                                        num_inference_steps=None if plan.timesteps else plan.steps,
-                                        timesteps=plan.timesteps, guidance_scale=plan.guidance_scale,
-                                        height=plan.height, width=plan.width,
-                                        vae_scale_factor=ctx.model.vae_scale_factor, generator=generators,
-                                        device=ctx.device, callback=on_step,
-                                        start_latents=None if begin is None else begin.latents,
-                                        begin_index=0 if begin is None else begin.begin_index).cpu())
+            parts.append(
+                sample_latents(
+                    transformer,
+                    noise_scheduler,
+                    ctx.model.family.pipeline,
+                    **tensors,
+                    num_inference_steps=None if plan.timesteps else plan.steps,
+                    timesteps=plan.timesteps,
+                    guidance_scale=plan.guidance_scale,
+                    height=plan.height,
+                    width=plan.width,
+                    vae_scale_factor=ctx.model.vae_scale_factor,
+                    generator=generators,
+                    device=ctx.device,
+                    callback=on_step,
+                    start_latents=None if begin is None else begin.latents,
+                    begin_index=0 if begin is None else begin.begin_index,
+                ).cpu()
+            )
     return torch.cat(parts)
 
 
@@ -275,6 +351,7 @@ def scheduler_class_name(source: Model, choice: str | None) -> str:
 
     name = SCHEDULERS[choice].class_name if choice is not None else source.config("scheduler").get("_class_name", "")
     if not isinstance(getattr(diffusers, name, None), type):
-        raise PixartError(f"--model {source.id}: unknown scheduler class {name!r} in scheduler/scheduler_config.json",
-                          EXIT_RUNTIME)
+        raise PixartError(
+            f"--model {source.id}: unknown scheduler class {name!r} in scheduler/scheduler_config.json", EXIT_RUNTIME
+        )
     return name

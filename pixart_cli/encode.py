@@ -10,8 +10,10 @@ from pixart_cli.models import Model, load_component
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import EncodeSettings, check_prompts
 
-def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max_length: int,
-         precision: str = "full") -> memory.Plan:
+
+def plan(
+    source: Model, budget: int | None, context: int, dtype, texts: int, max_length: int, precision: str = "full"
+) -> memory.Plan:
     """Pick resident / streamed / quantized T5 from exact sizes counted on the meta device."""
     import torch
 
@@ -27,8 +29,19 @@ def plan(source: Model, budget: int | None, context: int, dtype, texts: int, max
     # bitsandbytes quantizes the blocks' Linear weights, except those transformers keeps in fp32 (`wo`)
     linear = {f"{name}.weight" for name, module in skeleton.named_modules() if isinstance(module, torch.nn.Linear)}
     quantizable = sum(size for name, size in sizes.items() if name in linear and dtypes[name] == dtype)
-    return memory.plan_encode(budget, context, sum(sizes.values()), block, embedding, texts, max_length,
-                              config.d_ff, dtype.itemsize, precision, quantizable)
+    return memory.plan_encode(
+        budget,
+        context,
+        sum(sizes.values()),
+        block,
+        embedding,
+        texts,
+        max_length,
+        config.d_ff,
+        dtype.itemsize,
+        precision,
+        quantizable,
+    )
 
 
 def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
@@ -50,8 +63,11 @@ def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
         from transformers import BitsAndBytesConfig
 
         bits = chosen.name.removeprefix("resident-")
-        kwargs["quantization_config"] = (BitsAndBytesConfig(load_in_8bit=True) if bits == "8bit" else
-                                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype))
+        kwargs["quantization_config"] = (
+            BitsAndBytesConfig(load_in_8bit=True)
+            if bits == "8bit"
+            else BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=dtype)
+        )
     if device.type == "cuda":
         kwargs["device_map"] = {"": device}  # read shards straight to the GPU: no full copy in CPU RAM
     model = load_component(source, "text_encoder", T5EncoderModel.from_pretrained, **kwargs)
@@ -73,19 +89,28 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
     source = ctx.model
     max_length = max_sequence_length(settings, source)
     if settings.precision != "full" and ctx.device.type != "cuda":
-        raise PixartError(f"--text-encoder-precision {settings.precision}: bitsandbytes quantization needs a CUDA "
-                          "GPU; use full precision (--dtype bf16 halves T5's memory on CPU)")
+        raise PixartError(
+            f"--text-encoder-precision {settings.precision}: bitsandbytes quantization needs a CUDA "
+            "GPU; use full precision (--dtype bf16 halves T5's memory on CPU)"
+        )
     meter = ctx.meter("encode")
-    cache_key = {"model": source.recorded, "revision": source.revision,
-                 "text_encoder": source.config("text_encoder"), "negative_prompt": settings.negative_prompt,
-                 "max_sequence_length": max_length, "clean_caption": settings.clean_caption, "dtype": ctx.dtype_name,
-                 "precision": settings.precision}
+    cache_key = {
+        "model": source.recorded,
+        "revision": source.revision,
+        "text_encoder": source.config("text_encoder"),
+        "negative_prompt": settings.negative_prompt,
+        "max_sequence_length": max_length,
+        "clean_caption": settings.clean_caption,
+        "dtype": ctx.dtype_name,
+        "precision": settings.precision,
+    }
     store = None
     if settings.cache is not None:
         from pixart_cli.cache import EmbeddingCache
 
-        store = EmbeddingCache(settings.cache, cache_key, source.config("text_encoder").get("d_model"), ctx.dtype,
-                               ctx.log)
+        store = EmbeddingCache(
+            settings.cache, cache_key, source.config("text_encoder").get("d_model"), ctx.dtype, ctx.log
+        )
     rows = {prompt: store.get(prompt) for prompt in prompts} if store else {}
     todo = [prompt for prompt in dict.fromkeys(prompts) if rows.get(prompt) is None]
 
@@ -95,8 +120,9 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
         (embeds, mask), plan_name = _encode_texts(todo + [settings.negative_prompt], max_length, settings, ctx, meter)
         for index, prompt in enumerate(todo):
             # each prompt's own rows, not views of the batch (a view would keep the whole batch alive)
-            rows[prompt] = tuple(t.clone() for t in (embeds[index:index + 1], mask[index:index + 1], embeds[-1:],
-                                                     mask[-1:]))
+            rows[prompt] = tuple(
+                t.clone() for t in (embeds[index : index + 1], mask[index : index + 1], embeds[-1:], mask[-1:])
+            )
             if store:
                 store.put(prompt, rows[prompt])
     else:
@@ -106,9 +132,15 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
 
     # 3. Record what the next stage needs
     meta = {
-        "model": source.recorded, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
-        "prompts": prompts, "negative_prompt": settings.negative_prompt, "max_sequence_length": max_length,
-        "clean_caption": settings.clean_caption, "text_encoder_precision": settings.precision,
+        "model": source.recorded,
+        "revision": source.revision,
+        "family": source.family.name,
+        "dtype": ctx.dtype_name,
+        "prompts": prompts,
+        "negative_prompt": settings.negative_prompt,
+        "max_sequence_length": max_length,
+        "clean_caption": settings.clean_caption,
+        "text_encoder_precision": settings.precision,
     }
     return artifacts.Embeddings(*tensors, meta=meta)
 
@@ -120,8 +152,7 @@ def max_sequence_length(settings: EncodeSettings, source: Model) -> int:
     return settings.max_sequence_length
 
 
-def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, ctx: RunContext,
-                  meter: memory.Meter):
+def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, ctx: RunContext, meter: memory.Meter):
     """Load T5 under a memory plan and encode ``texts``. Returns ((embeds [N, L, C], mask [N, L]), plan name)."""
     import torch
 
@@ -147,10 +178,16 @@ def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, c
     with meter.phase("compute"), torch.inference_mode():
         chunk_size = chosen.batch
         for start in range(0, len(texts), chunk_size):
-            chunk = texts[start:start + chunk_size]
+            chunk = texts[start : start + chunk_size]
             chunk_embeds, chunk_mask = encode_prompts(
-                tokenizer, text_encoder, chunk, max_length=max_length, clean_caption=settings.clean_caption,
-                device=ctx.device, warn=lambda message: ctx.note(f"warning: {message}"))
+                tokenizer,
+                text_encoder,
+                chunk,
+                max_length=max_length,
+                clean_caption=settings.clean_caption,
+                device=ctx.device,
+                warn=lambda message: ctx.note(f"warning: {message}"),
+            )
             embeds.append(chunk_embeds.cpu())
             masks.append(chunk_mask.cpu())
             # counts texts: the prompts and, last, the negative prompt ("" when none is given)

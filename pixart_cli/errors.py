@@ -67,6 +67,6 @@ def leave(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
-        except Exception:  # noqa: BLE001 - a closed pipe: nothing more can be said
+        except Exception:
             pass
     os._exit(code)

@@ -33,8 +33,13 @@ SAMPLE_SEED = 0  # the VAE posterior's sample (see the module's notes)
 
 
 # --- encode-image: image -> init latents -----------------------------------------------------------------------
-def fit(image: artifacts.SourceImage, source: Model, width: int | None = None, height: int | None = None,
-        binning: bool = True):
+def fit(
+    image: artifacts.SourceImage,
+    source: Model,
+    width: int | None = None,
+    height: int | None = None,
+    binning: bool = True,
+):
     """The requested size (--width/--height, else the image's own rounded down to a multiple of 8) and the size the
     transformer will run at (its bin), computed exactly as denoise computes them. Reads configs only.
 
@@ -45,17 +50,25 @@ def fit(image: artifacts.SourceImage, source: Model, width: int | None = None, h
     image_width, image_height = image.size
     requested = (image_width // 8 * 8 if width is None else width, image_height // 8 * 8 if height is None else height)
     if min(requested) < 8:
-        raise PixartError(f"IMAGE {image.path}: {image_width}x{image_height} is too small; give an image of at least "
-                          "8x8 pixels")
+        raise PixartError(
+            f"IMAGE {image.path}: {image_width}x{image_height} is too small; give an image of at least 8x8 pixels"
+        )
     limit = 4 * source.native_size
     if (width is None or height is None) and max(requested) > limit:
-        raise PixartError(f"IMAGE {image.path}: {image_width}x{image_height} is beyond this model's maximum of {limit} "
-                          f"(4x its native {source.native_size}); pass --width and --height to scale it down")
+        raise PixartError(
+            f"IMAGE {image.path}: {image_width}x{image_height} is beyond this model's maximum of {limit} "
+            f"(4x its native {source.native_size}); pass --width and --height to scale it down"
+        )
     return schedule(DenoiseSettings(width=requested[0], height=requested[1], binning=binning), source)
 
 
-def encode_image(image: artifacts.SourceImage, ctx: RunContext, width: int | None = None, height: int | None = None,
-                 binning: bool = True) -> artifacts.Latents:
+def encode_image(
+    image: artifacts.SourceImage,
+    ctx: RunContext,
+    width: int | None = None,
+    height: int | None = None,
+    binning: bool = True,
+) -> artifacts.Latents:
     """An image -> init latents [1, C, H/8, W/8] at the size the transformer will run at. Loads only the VAE, and
     keeps only its encoder on the device."""
     import torch
@@ -76,18 +89,33 @@ def encode_image(image: artifacts.SourceImage, ctx: RunContext, width: int | Non
     config = source.config("vae")
     skeleton = memory.meta_model(encoder_skeleton, config, ctx.dtype)
     chosen = dataclasses.replace(
-        memory.plan_decode(budget, context, memory.parameter_bytes(skeleton), config["block_out_channels"][0],
-                           sizes.height, sizes.width, ctx.dtype.itemsize), stage="encode-image")
+        memory.plan_decode(
+            budget,
+            context,
+            memory.parameter_bytes(skeleton),
+            config["block_out_channels"][0],
+            sizes.height,
+            sizes.width,
+            ctx.dtype.itemsize,
+        ),
+        stage="encode-image",
+    )
     del skeleton
     ctx.note(chosen.describe())
     with meter.phase("load"):
         # The encoder alone, without importing AutoencoderKL (vae_decoder.py); AutoencoderKL for tiled encode or
         # a checkpoint in another layout, its decoder dropped before it reaches the device.
-        vae = None if chosen.tile else load_component(
-            source, "vae", lambda **_: load_vae_encoder(source.folder("vae"), config, ctx.dtype, ctx.device))
+        vae = (
+            None
+            if chosen.tile
+            else load_component(
+                source, "vae", lambda **_: load_vae_encoder(source.folder("vae"), config, ctx.dtype, ctx.device)
+            )
+        )
         if vae is None:
-            AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl",
-                                             hide_optional=False).AutoencoderKL
+            AutoencoderKL = import_diffusers(
+                "diffusers.models.autoencoders.autoencoder_kl", hide_optional=False
+            ).AutoencoderKL
             vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype)
             vae.decoder = vae.post_quant_conv = None
         vae.to(ctx.device).eval()
@@ -114,11 +142,20 @@ def encode_image(image: artifacts.SourceImage, ctx: RunContext, width: int | Non
 
     # 4. What denoise checks the latents against, and what the outputs record about their source
     meta = {
-        "model": source.recorded, "revision": source.revision, "family": source.family.name, "dtype": ctx.dtype_name,
+        "model": source.recorded,
+        "revision": source.revision,
+        "family": source.family.name,
+        "dtype": ctx.dtype_name,
         "prompts": [""],  # decode can show the start image; it has no prompt
-        "seeds": [SAMPLE_SEED], "sample": "latent_dist.sample", "vae_scaling_factor": scaling_factor,
-        "height": sizes.height, "width": sizes.width, "requested_height": sizes.requested_height,
-        "requested_width": sizes.requested_width, "binned": sizes.binned, "source_image": image.record(),
+        "seeds": [SAMPLE_SEED],
+        "sample": "latent_dist.sample",
+        "vae_scaling_factor": scaling_factor,
+        "height": sizes.height,
+        "width": sizes.width,
+        "requested_height": sizes.requested_height,
+        "requested_width": sizes.requested_width,
+        "binned": sizes.binned,
+        "source_image": image.record(),
     }
     return artifacts.Latents(latents, meta)
 
@@ -136,11 +173,18 @@ def settings_for(settings: DenoiseSettings, init_meta: dict | None, option: str 
     width, height = settings.width, settings.height
     requested = (init_meta["requested_width"], init_meta["requested_height"])
     if (width is not None and width != requested[0]) or (height is not None and height != requested[1]):
-        raise PixartError(f"--width/--height {width}x{height}: the image was encoded for {requested[0]}x{requested[1]};"
-                          " leave them out, or encode the image again with that --width and --height")
+        raise PixartError(
+            f"--width/--height {width}x{height}: the image was encoded for {requested[0]}x{requested[1]};"
+            " leave them out, or encode the image again with that --width and --height"
+        )
     strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
-    return dataclasses.replace(settings, width=requested[0], height=requested[1], strength=strength,
-                               binning=settings.binning and bool(init_meta.get("binned", True)))
+    return dataclasses.replace(
+        settings,
+        width=requested[0],
+        height=requested[1],
+        strength=strength,
+        binning=settings.binning and bool(init_meta.get("binned", True)),
+    )
 
 
 @contextmanager
@@ -169,20 +213,32 @@ def check_init(init: artifacts.Latents | None, plan, source: Model, path: str, i
     latents, meta = init.latents, init.meta
     channels = source.config("transformer").get("in_channels", 4)
     if latents.shape[1] != channels:
-        raise bad_file(path, f"init latents have {latents.shape[1]} channels but the transformer of {source.id} "
-                             f"takes {channels}; encode the image with the same model family")
+        raise bad_file(
+            path,
+            f"init latents have {latents.shape[1]} channels but the transformer of {source.id} "
+            f"takes {channels}; encode the image with the same model family",
+        )
     recorded, expected = meta.get("vae_scaling_factor"), source.config("vae").get("scaling_factor")
     if isinstance(recorded, float) and isinstance(expected, float) and abs(recorded - expected) > 1e-6:
-        raise bad_file(path, f"init latents come from another VAE (scaling factor {recorded:g}; {source.id}'s is "
-                             f"{expected:g}); encode the image with the same model family")
+        raise bad_file(
+            path,
+            f"init latents come from another VAE (scaling factor {recorded:g}; {source.id}'s is "
+            f"{expected:g}); encode the image with the same model family",
+        )
     scale = source.vae_scale_factor
     size = (latents.shape[3] * scale, latents.shape[2] * scale)
     if size != (plan.width, plan.height):
-        raise bad_file(path, f"init latents are {size[0]}x{size[1]} but this run denoises at {plan.width}x"
-                             f"{plan.height}; encode the image with the same model and --width/--height/--no-binning")
+        raise bad_file(
+            path,
+            f"init latents are {size[0]}x{size[1]} but this run denoises at {plan.width}x"
+            f"{plan.height}; encode the image with the same model and --width/--height/--no-binning",
+        )
     if latents.shape[0] not in (1, images):
-        raise bad_file(path, f"holds {latents.shape[0]} init latents for {images} images; give one (it starts every "
-                             "image) or one per image")
+        raise bad_file(
+            path,
+            f"holds {latents.shape[0]} init latents for {images} images; give one (it starts every "
+            "image) or one per image",
+        )
     check_steps(plan)
 
 
@@ -190,8 +246,10 @@ def check_steps(plan) -> None:
     """At least one step must run: diffusers' int(steps x strength) rounds down."""
     if plan.strength is not None and plan.steps_per_image < 1:
         steps = len(plan.timesteps) if plan.timesteps else plan.steps
-        raise PixartError(f"--strength {plan.strength}: with {steps} steps, "
-                          "int(steps x strength) = 0 steps would run; raise --strength or --steps")
+        raise PixartError(
+            f"--strength {plan.strength}: with {steps} steps, "
+            "int(steps x strength) = 0 steps would run; raise --strength or --steps"
+        )
 
 
 def meta_for(init: artifacts.Latents | None, plan) -> dict:
@@ -201,8 +259,13 @@ def meta_for(init: artifacts.Latents | None, plan) -> dict:
     # The init file is untrusted: only a {name, sha256} record of short strings is passed on to the outputs.
     recorded = init.meta.get("source_image")
     fields = ("name", "sha256")
-    source_image = ({key: recorded[key] for key in fields} if isinstance(recorded, dict) and set(recorded) == set(fields)
-                    and all(isinstance(recorded[key], str) and len(recorded[key]) <= 1024 for key in fields) else None)
+    source_image = (
+        {key: recorded[key] for key in fields}
+        if isinstance(recorded, dict)
+        and set(recorded) == set(fields)
+        and all(isinstance(recorded[key], str) and len(recorded[key]) <= 1024 for key in fields)
+        else None
+    )
     return {"strength": plan.strength, "steps_run": plan.steps_per_image, "source_image": source_image}
 
 
@@ -224,8 +287,9 @@ def set_full_schedule(scheduler, steps: int, timesteps: list[int] | None, device
         scheduler.set_timesteps(steps, device=device)
 
 
-def start(scheduler, steps: int, timesteps: list[int] | None, strength: float, init, generators, device,
-          dtype) -> Start:
+def start(
+    scheduler, steps: int, timesteps: list[int] | None, strength: float, init, generators, device, dtype
+) -> Start:
     """diffusers' get_timesteps then prepare_latents, on ``scheduler`` (left at the start's begin index).
 
     init: [B, C, h, w] init latents, one row per image; generators: one CPU generator per row (the txt2img noise).

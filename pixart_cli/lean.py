@@ -26,8 +26,12 @@ import sys
 from contextlib import contextmanager
 
 # Packages whose __init__ imports every model of their kind; a stage needs one module from each.
-EAGER_PACKAGES = ("diffusers.models.transformers", "diffusers.models.unets", "diffusers.models.autoencoders",
-                  "diffusers.hooks")
+EAGER_PACKAGES = (
+    "diffusers.models.transformers",
+    "diffusers.models.unets",
+    "diffusers.models.autoencoders",
+    "diffusers.hooks",
+)
 # Imported by diffusers inside try/except with a no-op fallback; costly (torch._dynamo: sympy, fx, FSDP;
 # transformers: the whole library) and unused in eager inference.
 OPTIONAL_AT_IMPORT = ("torch._dynamo", "transformers.utils.quantization_config")

@@ -50,8 +50,15 @@ _PEFT_WEIGHTS, _PEFT_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 _KOHYA_PREFIXES = ("lora_transformer_", "lycoris_", "lora_unet_")
 _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder.", "te.", "t5.")
 # Adapter types other than plain LoRA: named so the error says what the file is.
-_UNSUPPORTED = {"lokr_": "LoKr", "hada_": "LoHa", "dora_scale": "DoRA", "lora_magnitude_vector": "DoRA",
-                ".oft_": "OFT", "lora_mid": "LoCon (Tucker)", ".diff": "full weight difference"}
+_UNSUPPORTED = {
+    "lokr_": "LoKr",
+    "hada_": "LoHa",
+    "dora_scale": "DoRA",
+    "lora_magnitude_vector": "DoRA",
+    ".oft_": "OFT",
+    "lora_mid": "LoCon (Tucker)",
+    ".diff": "full weight difference",
+}
 
 
 @dataclass(frozen=True)
@@ -97,8 +104,10 @@ class LoraWeights:
     def describe(self) -> str:
         ranks = sorted({m.rank for m in self.modules.values()})
         rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-        return (f"lora: {self.name} x{self.scale:g} ({len(self.modules)} layers, rank {rank}, {self.naming} naming, "
-                f"alpha from {self.alpha_source})")
+        return (
+            f"lora: {self.name} x{self.scale:g} ({len(self.modules)} layers, rank {rank}, {self.naming} naming, "
+            f"alpha from {self.alpha_source})"
+        )
 
 
 # --- parsing and reading -----------------------------------------------------------------------------------
@@ -162,13 +171,15 @@ def _parse_safetensors(data: bytes, where: str) -> tuple[dict, dict]:
     from safetensors.torch import load
 
     if len(data) < 8 or data[8:9] != b"{":
-        raise PixartError(f"{where}: not a .safetensors file (pixart reads LoRA files only in safetensors format, "
-                          "which cannot run code; convert a .pt/.ckpt LoRA first)")
+        raise PixartError(
+            f"{where}: not a .safetensors file (pixart reads LoRA files only in safetensors format, "
+            "which cannot run code; convert a .pt/.ckpt LoRA first)"
+        )
     header_size = int.from_bytes(data[:8], "little")
     try:
-        header = json.loads(data[8:8 + header_size])
+        header = json.loads(data[8 : 8 + header_size])
         tensors = load(data)
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types on damaged files
+    except Exception as error:
         raise PixartError(f"{where}: damaged .safetensors file ({detail(error)[:120]})") from None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return tensors, metadata if isinstance(metadata, dict) else {}
@@ -179,9 +190,9 @@ def _split_key(key: str) -> tuple[str, str, str]:
     for suffixes, naming in ((_PEFT_SUFFIXES, "peft"), (_KOHYA_SUFFIXES, "kohya")):
         for suffix, role in suffixes.items():
             if key.endswith(suffix):
-                return key[:-len(suffix)], role, naming
+                return key[: -len(suffix)], role, naming
     if key.endswith(_ALPHA_SUFFIX):
-        return key[:-len(_ALPHA_SUFFIX)], "alpha", ""
+        return key[: -len(_ALPHA_SUFFIX)], "alpha", ""
     return key, "", ""
 
 
@@ -194,23 +205,30 @@ def _group_modules(tensors: dict, config: dict, where: str) -> tuple[str, dict[s
     for key, tensor in tensors.items():
         for marker, kind in _UNSUPPORTED.items():
             if marker in key:
-                raise PixartError(f"{where}: holds {kind} weights ({key}); pixart applies plain LoRA only "
-                                  "(lora_A/lora_B or lora_down/lora_up)")
+                raise PixartError(
+                    f"{where}: holds {kind} weights ({key}); pixart applies plain LoRA only "
+                    "(lora_A/lora_B or lora_down/lora_up)"
+                )
         module, role, naming = _split_key(key)
         if module.startswith(_TEXT_ENCODER_PREFIXES):
-            raise PixartError(f"{where}: holds text-encoder (T5) LoRA weights ({key}); pixart applies LoRA to the "
-                              "transformer only: save the LoRA without text-encoder training")
+            raise PixartError(
+                f"{where}: holds text-encoder (T5) LoRA weights ({key}); pixart applies LoRA to the "
+                "transformer only: save the LoRA without text-encoder training"
+            )
         if not role:
-            raise PixartError(f"{where}: unrecognised key {key!r}; pixart reads LoRA files named as diffusers/PEFT "
-                              "(lora_A/lora_B) or kohya (lora_down/lora_up) write them")
+            raise PixartError(
+                f"{where}: unrecognised key {key!r}; pixart reads LoRA files named as diffusers/PEFT "
+                "(lora_A/lora_B) or kohya (lora_down/lora_up) write them"
+            )
         if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
             raise PixartError(f"{where}: {key} is not a finite float tensor (dtype {tensor.dtype})")
         if naming:
             namings.add(naming)
         parts.setdefault(module, {})[role] = tensor
     if len(namings) > 1:
-        raise PixartError(f"{where}: mixes diffusers (lora_A/lora_B) and kohya (lora_down/lora_up) keys; "
-                          "one file must use one naming")
+        raise PixartError(
+            f"{where}: mixes diffusers (lora_A/lora_B) and kohya (lora_down/lora_up) keys; one file must use one naming"
+        )
     if not namings:
         raise PixartError(f"{where}: holds no LoRA weights (no lora_A/lora_B or lora_down/lora_up keys)")
     naming = namings.pop()
@@ -219,14 +237,19 @@ def _group_modules(tensors: dict, config: dict, where: str) -> tuple[str, dict[s
         down, up = found.get("down"), found.get("up")
         if down is None or up is None:
             have, missing = ("down", "up") if up is None else ("up", "down")
-            raise PixartError(f"{where}: {module} has a LoRA {have} matrix but no {missing} matrix; the file is "
-                              "incomplete")
+            raise PixartError(
+                f"{where}: {module} has a LoRA {have} matrix but no {missing} matrix; the file is incomplete"
+            )
         if down.dim() not in (2, 4) or up.dim() != down.dim():
-            raise PixartError(f"{where}: {module} has down {list(down.shape)} and up {list(up.shape)}; expected "
-                              "2-D matrices (or 4-D for a convolution)")
+            raise PixartError(
+                f"{where}: {module} has down {list(down.shape)} and up {list(up.shape)}; expected "
+                "2-D matrices (or 4-D for a convolution)"
+            )
         if up.shape[1] != down.shape[0]:
-            raise PixartError(f"{where}: {module}: wrong rank pairing, down {list(down.shape)} has rank "
-                              f"{down.shape[0]} but up {list(up.shape)} has {up.shape[1]}")
+            raise PixartError(
+                f"{where}: {module}: wrong rank pairing, down {list(down.shape)} has rank "
+                f"{down.shape[0]} but up {list(up.shape)} has {up.shape[1]}"
+            )
         if up.dim() == 4 and tuple(up.shape[2:]) != (1, 1):
             raise PixartError(f"{where}: {module}: up {list(up.shape)} must be a 1x1 convolution")
         alpha = _alpha(module, found.get("alpha"), config, int(down.shape[0]), where)
@@ -249,7 +272,7 @@ def _adapter_config(metadata: dict, where: str) -> dict:
         return {}
     # diffusers packs each component's LoraConfig under its name: "transformer.lora_alpha", ...
     prefix = "transformer."
-    fields = {k[len(prefix):]: v for k, v in packed.items() if k.startswith(prefix)}
+    fields = {k[len(prefix) :]: v for k, v in packed.items() if k.startswith(prefix)}
     return fields or packed
 
 
@@ -302,10 +325,18 @@ def _omi_names(num_layers: int) -> dict[str, str]:
         "t_block.1": "adaln_single.linear",
         "final_layer.linear": "proj_out",
     }
-    block = {"attn.qkv.0": "attn1.to_q", "attn.qkv.1": "attn1.to_k", "attn.qkv.2": "attn1.to_v",
-             "attn.proj": "attn1.to_out.0", "cross_attn.q_linear": "attn2.to_q",
-             "cross_attn.kv_linear.0": "attn2.to_k", "cross_attn.kv_linear.1": "attn2.to_v",
-             "cross_attn.proj": "attn2.to_out.0", "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2"}
+    block = {
+        "attn.qkv.0": "attn1.to_q",
+        "attn.qkv.1": "attn1.to_k",
+        "attn.qkv.2": "attn1.to_v",
+        "attn.proj": "attn1.to_out.0",
+        "cross_attn.q_linear": "attn2.to_q",
+        "cross_attn.kv_linear.0": "attn2.to_k",
+        "cross_attn.kv_linear.1": "attn2.to_v",
+        "cross_attn.proj": "attn2.to_out.0",
+        "mlp.fc1": "ff.net.0.proj",
+        "mlp.fc2": "ff.net.2",
+    }
     for index in range(num_layers):
         names.update({f"blocks.{index}.{k}": f"transformer_blocks.{index}.{v}" for k, v in block.items()})
     return {f"transformer.{k}": v for k, v in names.items()}
@@ -315,8 +346,11 @@ def _layers(transformer) -> dict[str, Any]:
     """The transformer's Linear and Conv2d layers by name (works on a meta-device skeleton too)."""
     import torch
 
-    return {name: module for name, module in transformer.named_modules()
-            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))}
+    return {
+        name: module
+        for name, module in transformer.named_modules()
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d))
+    }
 
 
 def resolve(lora: LoraWeights, transformer) -> dict[str, LoraModule]:
@@ -327,32 +361,42 @@ def resolve(lora: LoraWeights, transformer) -> dict[str, LoraModule]:
     """
     where = f"{OPTION} {lora.path}"
     layers = _layers(transformer)
-    if lora.naming == "kohya":
-        underscored = {name.replace(".", "_"): name for name in layers}
-        lookup = lambda key: next((underscored.get(key[len(p):]) for p in _KOHYA_PREFIXES  # noqa: E731
-                                   if key.startswith(p) and key[len(p):] in underscored), None)
-    elif lora.naming == "omi":
-        table = _omi_names(len(getattr(transformer, "transformer_blocks", ())))
-        lookup = lambda key: table.get(key) if table.get(key) in layers else None  # noqa: E731
-    else:
-        lookup = lambda key: next((key[len(p):] for p in _PEFT_PREFIXES  # noqa: E731
-                                   if key.startswith(p) and key[len(p):] in layers), None)
+    underscored = {name.replace(".", "_"): name for name in layers}
+    table = _omi_names(len(getattr(transformer, "transformer_blocks", ()))) if lora.naming == "omi" else {}
+
+    def lookup(key: str) -> str | None:
+        """The transformer layer a file's module name means, in the file's naming, or None."""
+        if lora.naming == "kohya":
+            prefixes, names = _KOHYA_PREFIXES, underscored
+        elif lora.naming == "omi":
+            return table.get(key) if table.get(key) in layers else None
+        else:
+            prefixes, names = _PEFT_PREFIXES, {name: name for name in layers}
+        return next((names[key[len(p) :]] for p in prefixes if key.startswith(p) and key[len(p) :] in names), None)
+
     resolved: dict[str, LoraModule] = {}
     for key, module in lora.modules.items():
         name = lookup(key)
         if name is None:
-            raise PixartError(f"{where}: module {key} is not a layer of this model's transformer; the LoRA was made "
-                              "for another model (pixart applies PixArt transformer LoRAs)")
+            raise PixartError(
+                f"{where}: module {key} is not a layer of this model's transformer; the LoRA was made "
+                "for another model (pixart applies PixArt transformer LoRAs)"
+            )
         if name in resolved:
             raise PixartError(f"{where}: two entries adapt the same layer {name}; the file is inconsistent")
         layer = layers[name]
         weight_shape = tuple(layer.weight.shape)
         down_shape, up_shape = tuple(module.down.shape), tuple(module.up.shape)
-        fits = (up_shape[0] == weight_shape[0] and down_shape[1:] == weight_shape[1:]
-                and len(down_shape) == len(weight_shape))
+        fits = (
+            up_shape[0] == weight_shape[0]
+            and down_shape[1:] == weight_shape[1:]
+            and len(down_shape) == len(weight_shape)
+        )
         if not fits:
-            raise PixartError(f"{where}: {key} does not fit: down {list(down_shape)} and up {list(up_shape)} for a "
-                              f"layer of weight {list(weight_shape)}; the LoRA was made for another model size")
+            raise PixartError(
+                f"{where}: {key} does not fit: down {list(down_shape)} and up {list(up_shape)} for a "
+                f"layer of weight {list(weight_shape)}; the LoRA was made for another model size"
+            )
         resolved[name] = module
     return resolved
 

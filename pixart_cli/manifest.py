@@ -34,14 +34,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def record(folder: Path, index: int, path: Path, prompt: str, negative_prompt: str, seed: int, options: dict,
-           settings: dict) -> dict:
+def record(
+    folder: Path, index: int, path: Path, prompt: str, negative_prompt: str, seed: int, options: dict, settings: dict
+) -> dict:
     """The manifest line of a written image: identity, the settings stored in the image, size and sha256.
     The path is relative to the manifest's folder, so the folder can move (or be mounted elsewhere)."""
     path = Path(path)
-    return {"version": VERSION, "index": index, "path": os.path.relpath(path, folder), "prompt": prompt,
-            "negative_prompt": negative_prompt, "seed": seed, "options": options, "settings": settings,
-            "size": path.stat().st_size, "sha256": sha256_file(path)}
+    return {
+        "version": VERSION,
+        "index": index,
+        "path": os.path.relpath(path, folder),
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "seed": seed,
+        "options": options,
+        "settings": settings,
+        "size": path.stat().st_size,
+        "sha256": sha256_file(path),
+    }
 
 
 def append(folder: Path, line: dict) -> None:
@@ -54,7 +64,7 @@ def append(folder: Path, line: dict) -> None:
         if size and os.pread(fd, 1, size - 1) != b"\n":
             data = b"\n" + data  # a line cut short by a crash stays one (skipped) line, not glued to ours
         while data:  # a regular file takes it in one write; the loop only guards a short write (we hold the lock)
-            data = data[os.write(fd, data):]
+            data = data[os.write(fd, data) :]
     finally:
         os.close(fd)
 
@@ -87,9 +97,15 @@ def read(folder: Path) -> dict[int, dict]:
 
 
 def _well_formed(line) -> bool:
-    return (isinstance(line, dict) and line.get("version") == VERSION and isinstance(line.get("index"), int)
-            and isinstance(line.get("path"), str) and isinstance(line.get("sha256"), str)
-            and isinstance(line.get("size"), int) and all(key in line for key in IDENTITY))
+    return (
+        isinstance(line, dict)
+        and line.get("version") == VERSION
+        and isinstance(line.get("index"), int)
+        and isinstance(line.get("path"), str)
+        and isinstance(line.get("sha256"), str)
+        and isinstance(line.get("size"), int)
+        and all(key in line for key in IDENTITY)
+    )
 
 
 @dataclass(frozen=True)
@@ -104,8 +120,14 @@ class Wanted:
     options: dict
 
     def identity(self) -> dict:
-        return {"index": self.index, "path": self.path, "prompt": self.prompt,
-                "negative_prompt": self.negative_prompt, "seed": self.seed, "options": self.options}
+        return {
+            "index": self.index,
+            "path": self.path,
+            "prompt": self.prompt,
+            "negative_prompt": self.negative_prompt,
+            "seed": self.seed,
+            "options": self.options,
+        }
 
 
 def complete(folder: Path, wanted: Wanted, lines: dict[int, dict]) -> bool:

@@ -46,8 +46,9 @@ def parse_vram(text: str | None) -> int | None:
     if value < MIN_VRAM:
         raise PixartError(f"--vram {text}: too small to run anything; give at least 256MB")
     if value > MAX_VRAM:  # also catches digits that overflow a float
-        raise PixartError(f"--vram {text}: larger than any device ({MAX_VRAM // 2**40} TB); give the card's size "
-                          "or auto")
+        raise PixartError(
+            f"--vram {text}: larger than any device ({MAX_VRAM // 2**40} TB); give the card's size or auto"
+        )
     return int(value)
 
 
@@ -72,8 +73,10 @@ class Plan:
             extra += f", up to {self.batch} texts per call" if self.stage == "encode" else f", batch {self.batch}"
         if self.budget is None:
             return f"{self.stage}: plan {self.name}{extra} (no device budget on this device)"
-        text = (f"{self.stage}: plan {self.name}{extra} (estimated peak {self.estimate / GIB:.2f} GB, "
-                f"budget {self.budget / GIB:.2f} GB)")
+        text = (
+            f"{self.stage}: plan {self.name}{extra} (estimated peak {self.estimate / GIB:.2f} GB, "
+            f"budget {self.budget / GIB:.2f} GB)"
+        )
         if not self.fits:
             text += "; no plan fits the budget, this is the smallest and may run out of memory"
         return text
@@ -124,9 +127,19 @@ def meta_model(builder, config, dtype, cpu_buffers: bool = False):
         torch.set_default_dtype(previous)
 
 
-def plan_encode(budget: int | None, context: int, t5_bytes: int, block_bytes: int, embedding_bytes: int,
-                texts: int, max_length: int, d_ff: int, dtype_size: int, precision: str = "full",
-                quantizable_bytes: int = 0) -> Plan:
+def plan_encode(
+    budget: int | None,
+    context: int,
+    t5_bytes: int,
+    block_bytes: int,
+    embedding_bytes: int,
+    texts: int,
+    max_length: int,
+    d_ff: int,
+    dtype_size: int,
+    precision: str = "full",
+    quantizable_bytes: int = 0,
+) -> Plan:
     """Resident T5 when it fits; else stream it block by block. 8bit/4bit only when asked for.
     ``batch`` is the number of texts per T5 call.
 
@@ -136,6 +149,7 @@ def plan_encode(budget: int | None, context: int, t5_bytes: int, block_bytes: in
     which transformers keeps in fp32) stays as it is, so 8-bit T5-XXL still holds ~7.4 GB (8.29 GB peak
     measured on an H100, 2026-11-26).
     """
+
     def activations(batch: int) -> int:
         return T5_ACTIVATIONS_PER_TOKEN * batch * max_length * d_ff * dtype_size
 
@@ -143,8 +157,13 @@ def plan_encode(budget: int | None, context: int, t5_bytes: int, block_bytes: in
     if precision != "full":
         shrink = {"8bit": 2, "4bit": 4}[precision] * 2 // dtype_size  # bytes of fp16/bf16 -> 1 or 1/2 byte
         weights = t5_bytes - quantizable_bytes + quantizable_bytes // shrink
-        return Plan("encode", f"resident-{precision}", context + weights + QUANTIZE_OVERHEAD + activations(batch),
-                    budget, batch=batch)
+        return Plan(
+            "encode",
+            f"resident-{precision}",
+            context + weights + QUANTIZE_OVERHEAD + activations(batch),
+            budget,
+            batch=batch,
+        )
     resident = context + t5_bytes + activations(batch)
     if budget is None or resident <= budget:
         return Plan("encode", "resident", resident, budget, batch=batch)
@@ -155,8 +174,16 @@ def plan_encode(budget: int | None, context: int, t5_bytes: int, block_bytes: in
     return Plan("encode", "streamed", weights + activations(batch), budget, batch=batch)
 
 
-def plan_denoise(budget: int | None, context: int, transformer_bytes: int, tokens_per_sample: int, hidden: int,
-                 dtype_size: int, images: int, cfg: bool) -> Plan:
+def plan_denoise(
+    budget: int | None,
+    context: int,
+    transformer_bytes: int,
+    tokens_per_sample: int,
+    hidden: int,
+    dtype_size: int,
+    images: int,
+    cfg: bool,
+) -> Plan:
     """Resident transformer with the largest batch that fits; streamed (group offload) below its size."""
     per_image = DIT_ACTIVATIONS_PER_TOKEN * tokens_per_sample * hidden * dtype_size * (2 if cfg else 1)
     if budget is None:  # CPU / MPS: batches bounded only so that a long list never allocates all at once
@@ -169,18 +196,22 @@ def plan_denoise(budget: int | None, context: int, transformer_bytes: int, token
     return Plan("denoise", "streamed", context + transformer_bytes // 8 + per_image, budget, batch=1)
 
 
-def plan_decode(budget: int | None, context: int, vae_bytes: int, first_channels: int, height: int, width: int,
-                dtype_size: int) -> Plan:
+def plan_decode(
+    budget: int | None, context: int, vae_bytes: int, first_channels: int, height: int, width: int, dtype_size: int
+) -> Plan:
     """Full decode when it fits; else tiled decode with the largest tile that fits."""
+
     def estimate(h: int, w: int) -> int:
         return context + vae_bytes + VAE_ACTIVATIONS_PER_PIXEL * first_channels * h * w * dtype_size
 
     full = estimate(height, width)
     if budget is None or full <= budget:
         return Plan("decode", "full", full, budget)
-    tiled = [Plan("decode", "tiled", estimate(min(tile, height), min(tile, width)), budget, tile=tile)
-             for tile in VAE_TILES if tile < max(height, width)] or [
-        Plan("decode", "tiled", full, budget, tile=VAE_TILES[-1])]
+    tiled = [
+        Plan("decode", "tiled", estimate(min(tile, height), min(tile, width)), budget, tile=tile)
+        for tile in VAE_TILES
+        if tile < max(height, width)
+    ] or [Plan("decode", "tiled", full, budget, tile=VAE_TILES[-1])]
     # the largest tile that fits, else the smallest tile there is
     return next((plan for plan in tiled if plan.fits), tiled[-1])
 
@@ -214,17 +245,31 @@ class StageReport:
 
     def as_dict(self) -> dict:
         gb = lambda n: round(n / GIB, 3)  # noqa: E731
-        return {"stage": self.stage, "plan": self.plan, "device": self.device, "load_s": round(self.load_s, 3),
-                "compute_s": round(self.compute_s, 3), "peak_allocated_gb": gb(self.peak_allocated),
-                "peak_reserved_gb": gb(self.peak_reserved), "cuda_context_gb": gb(self.context),
-                "peak_device_gb": gb(self.peak_reserved + self.context), "peak_rss_gb": gb(self.peak_rss)}
+        return {
+            "stage": self.stage,
+            "plan": self.plan,
+            "device": self.device,
+            "load_s": round(self.load_s, 3),
+            "compute_s": round(self.compute_s, 3),
+            "peak_allocated_gb": gb(self.peak_allocated),
+            "peak_reserved_gb": gb(self.peak_reserved),
+            "cuda_context_gb": gb(self.context),
+            "peak_device_gb": gb(self.peak_reserved + self.context),
+            "peak_rss_gb": gb(self.peak_rss),
+        }
 
     def describe(self) -> str:
         d = self.as_dict()
-        device = (f"device peak {d['peak_device_gb']:.2f} GB (reserved {d['peak_reserved_gb']:.2f} + context "
-                  f"{d['cuda_context_gb']:.2f}; allocated {d['peak_allocated_gb']:.2f}), " if self.context else "")
-        return (f"{self.stage}: {device}RSS peak {d['peak_rss_gb']:.2f} GB, load {self.load_s:.2f} s, "
-                f"compute {self.compute_s:.2f} s")
+        device = (
+            f"device peak {d['peak_device_gb']:.2f} GB (reserved {d['peak_reserved_gb']:.2f} + context "
+            f"{d['cuda_context_gb']:.2f}; allocated {d['peak_allocated_gb']:.2f}), "
+            if self.context
+            else ""
+        )
+        return (
+            f"{self.stage}: {device}RSS peak {d['peak_rss_gb']:.2f} GB, load {self.load_s:.2f} s, "
+            f"compute {self.compute_s:.2f} s"
+        )
 
 
 class Meter:

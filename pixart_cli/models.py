@@ -37,13 +37,16 @@ FAMILIES = {
     "alpha": Family("alpha", "PixArtAlphaPipeline", steps=20, guidance_scale=4.5, max_sequence_length=120),
     "sigma": Family("sigma", "PixArtSigmaPipeline", steps=20, guidance_scale=4.5, max_sequence_length=300),
     "lcm": Family("lcm", "PixArtAlphaPipeline", steps=4, guidance_scale=0.0, max_sequence_length=120),
-    "dmd": Family("dmd", "PixArtAlphaPipeline", steps=1, guidance_scale=1.0, max_sequence_length=120,
-                  timesteps=(400,)),
+    "dmd": Family("dmd", "PixArtAlphaPipeline", steps=1, guidance_scale=1.0, max_sequence_length=120, timesteps=(400,)),
 }
 
 # Transformer sample_size -> the resolution-binning table the pipelines use for it.
-BIN_TABLES = {256: "ASPECT_RATIO_2048_BIN", 128: "ASPECT_RATIO_1024_BIN", 64: "ASPECT_RATIO_512_BIN",
-              32: "ASPECT_RATIO_256_BIN"}
+BIN_TABLES = {
+    256: "ASPECT_RATIO_2048_BIN",
+    128: "ASPECT_RATIO_1024_BIN",
+    64: "ASPECT_RATIO_512_BIN",
+    32: "ASPECT_RATIO_256_BIN",
+}
 
 
 def base_model() -> str:
@@ -80,9 +83,13 @@ class Model:
             folder = Path(model).expanduser()
             if not folder.is_dir():
                 if named_by is not None:
-                    raise PixartError(f"{named_by}: names the model folder {model}, which does not exist here; pass "
-                                      "--model with the model's folder or id")
-                raise PixartError(f"--model {model}: no such folder; give a diffusers model folder or a Hugging Face id")
+                    raise PixartError(
+                        f"{named_by}: names the model folder {model}, which does not exist here; pass "
+                        "--model with the model's folder or id"
+                    )
+                raise PixartError(
+                    f"--model {model}: no such folder; give a diffusers model folder or a Hugging Face id"
+                )
             if not (folder / "model_index.json").is_file():
                 where = f"{named_by}: names the model folder {model}, which" if named_by else f"--model {model}:"
                 raise PixartError(f"{where} is not a diffusers model folder (no model_index.json)")
@@ -126,8 +133,9 @@ class Model:
         if self.local:
             path = self.root / relative
             if not path.is_file():
-                raise PixartError(f"--model {self.id}: {relative} is missing; the model folder is incomplete",
-                                  EXIT_RUNTIME)
+                raise PixartError(
+                    f"--model {self.id}: {relative} is missing; the model folder is incomplete", EXIT_RUNTIME
+                )
             return path
         from huggingface_hub import hf_hub_download
 
@@ -166,7 +174,7 @@ class Model:
 
         try:
             return fetch(*args, **kwargs, local_files_only=True)
-        except Exception as error:  # noqa: BLE001 - not cached (or offline mode): try the network below
+        except Exception as error:
             cached_error = error
         if self.offline_only or huggingface_hub.constants.HF_HUB_OFFLINE:
             raise self.unavailable(cached_error) from cached_error
@@ -265,15 +273,17 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def model_unavailable(model: str, error: Exception, named_by: str | None = None,
-                      reason: str | None = None) -> PixartError:
+def model_unavailable(
+    model: str, error: Exception, named_by: str | None = None, reason: str | None = None
+) -> PixartError:
     """The line for a hub model that cannot be had (offline, unreachable, unknown, gated)."""
     reason = type(error).__name__ if reason is None else reason
     if named_by is not None:
         return PixartError(
             f"{named_by}: names the hub model {model}, which is not in the local Hugging Face cache; a model named "
             f"by a file is never downloaded: pass --model {model} to download it, or --model with a local folder",
-            EXIT_RUNTIME)
+            EXIT_RUNTIME,
+        )
     return PixartError(
         f"--model {model}: not in the local Hugging Face cache and could not be downloaded ({reason}); "
         f"download it once with `hf download {model}` while online, or point --model at a local diffusers folder",
@@ -296,10 +306,15 @@ def load_component(model: Model, component: str, load, **kwargs):
             raise holder.unavailable(error) from error
         broken = _broken_weight_file(model, component)
         if broken is not None:
-            raise PixartError(f"--model {model.id}: {broken} is damaged (truncated or not safetensors); download "
-                              "the model again", EXIT_RUNTIME) from error
-        raise PixartError(f"--model {model.id}: cannot load {component}/ ({detail(error)}); the model folder may be "
-                          "damaged: download it again", EXIT_RUNTIME) from error
+            raise PixartError(
+                f"--model {model.id}: {broken} is damaged (truncated or not safetensors); download the model again",
+                EXIT_RUNTIME,
+            ) from error
+        raise PixartError(
+            f"--model {model.id}: cannot load {component}/ ({detail(error)}); the model folder may be "
+            "damaged: download it again",
+            EXIT_RUNTIME,
+        ) from error
 
 
 def _broken_weight_file(model: Model, component: str) -> str | None:

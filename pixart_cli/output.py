@@ -7,8 +7,12 @@ import sys
 import time
 
 # What each stage's progress counts (encode also encodes the negative prompt, "" when none is given).
-UNITS = {"encode": "texts (the prompts and the negative prompt)", "denoise": "steps", "decode": "images",
-         "encode-image": "images"}
+UNITS = {
+    "encode": "texts (the prompts and the negative prompt)",
+    "denoise": "steps",
+    "decode": "images",
+    "encode-image": "images",
+}
 
 
 class Output:
@@ -58,20 +62,33 @@ class Output:
             self._started[stage] = time.perf_counter()
         if self.console.is_terminal:
             if self._progress is None:
-                from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                                           TimeElapsedColumn, TimeRemainingColumn)
+                from rich.progress import (
+                    BarColumn,
+                    MofNCompleteColumn,
+                    Progress,
+                    TaskProgressColumn,
+                    TextColumn,
+                    TimeElapsedColumn,
+                    TimeRemainingColumn,
+                )
 
-                self._progress = Progress(TextColumn("{task.description:>8}"), BarColumn(), MofNCompleteColumn(),
-                                          TaskProgressColumn(show_speed=True), TimeElapsedColumn(),
-                                          TimeRemainingColumn(), console=self.console, transient=False)
+                self._progress = Progress(
+                    TextColumn("{task.description:>8}"),
+                    BarColumn(),
+                    MofNCompleteColumn(),
+                    TaskProgressColumn(show_speed=True),
+                    TimeElapsedColumn(),
+                    TimeRemainingColumn(),
+                    console=self.console,
+                    transient=False,
+                )
                 self._progress.start()
             if stage not in self._tasks:
                 self._tasks[stage] = self._progress.add_task(stage, total=total)
             self._progress.update(self._tasks[stage], completed=done, total=total)
         elif done == total:
             elapsed = time.perf_counter() - self._started[stage]
-            self.console.print(f"{stage}: {done}/{total} {UNITS.get(stage, 'done')} in {elapsed:.1f} s",
-                               markup=False)
+            self.console.print(f"{stage}: {done}/{total} {UNITS.get(stage, 'done')} in {elapsed:.1f} s", markup=False)
 
     def close(self) -> None:
         """Stop the progress display and, in JSON mode, print the document."""
@@ -90,8 +107,9 @@ class Output:
         self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
         sys.stderr.flush()
         if self.as_json:
-            print(json.dumps({**self.record, "error": message, "exit_code": exit_code}, indent=2, default=str),
-                  flush=True)
+            print(
+                json.dumps({**self.record, "error": message, "exit_code": exit_code}, indent=2, default=str), flush=True
+            )
 
 
 def _escape(text: str) -> str:

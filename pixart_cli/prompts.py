@@ -25,21 +25,37 @@ def preprocess(texts: list[str], clean_caption: bool) -> list[str]:
     return [text.lower().strip() for text in texts]
 
 
-def encode_prompts(tokenizer, text_encoder, texts: list[str], *, max_length: int, clean_caption: bool, device,
-                   warn: Callable[[str], None] | None = None):
+def encode_prompts(
+    tokenizer,
+    text_encoder,
+    texts: list[str],
+    *,
+    max_length: int,
+    clean_caption: bool,
+    device,
+    warn: Callable[[str], None] | None = None,
+):
     """``pipeline.encode_prompt(texts, do_classifier_free_guidance=False, ...)`` -> (embeds [N, L, C], mask [N, L])."""
     import torch
 
     texts = preprocess(texts, clean_caption)
-    text_inputs = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
-                            add_special_tokens=True, return_tensors="pt")
+    text_inputs = tokenizer(
+        texts,
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        add_special_tokens=True,
+        return_tensors="pt",
+    )
     text_input_ids = text_inputs.input_ids
     untruncated_ids = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
     if untruncated_ids.shape[-1] >= text_input_ids.shape[-1] and not torch.equal(text_input_ids, untruncated_ids):
-        removed_text = tokenizer.batch_decode(untruncated_ids[:, max_length - 1: -1])
+        removed_text = tokenizer.batch_decode(untruncated_ids[:, max_length - 1 : -1])
         if warn:
-            warn("The following part of your input was truncated because T5 can only handle sequences up to"
-                 f" {max_length} tokens: {removed_text}")
+            warn(
+                "The following part of your input was truncated because T5 can only handle sequences up to"
+                f" {max_length} tokens: {removed_text}"
+            )
     mask = text_inputs.attention_mask.to(device)
     embeds = text_encoder(text_input_ids.to(device), attention_mask=mask)[0]
     return embeds.to(dtype=text_encoder.dtype, device=device), mask
@@ -62,14 +78,19 @@ def _caption_cleaner() -> Callable[[str], str]:
     path = Path(importlib.util.find_spec("diffusers").origin).parent / PIPELINE_SOURCE
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     pipeline = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == PIPELINE_CLASS)
-    wanted = [node for node in pipeline.body
-              if (isinstance(node, ast.FunctionDef) and node.name == "_clean_caption")
-              or (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "bad_punct_regex" for t in node.targets))]
+    wanted = [
+        node
+        for node in pipeline.body
+        if (isinstance(node, ast.FunctionDef) and node.name == "_clean_caption")
+        or (isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "bad_punct_regex" for t in node.targets))
+    ]
     if len(wanted) != 2:
         raise LookupError(f"{PIPELINE_CLASS}._clean_caption or bad_punct_regex not found in {path}")
     newer_fields = {"type_params": []} if "type_params" in ast.ClassDef._fields else {}  # Python 3.12+
     captions = ast.ClassDef(name="Captions", bases=[], keywords=[], body=wanted, decorator_list=[], **newer_fields)
     namespace = {"re": re, "html": html, "ul": urllib.parse, "ftfy": ftfy, "BeautifulSoup": BeautifulSoup}
-    exec(compile(ast.fix_missing_locations(ast.Module(body=[captions], type_ignores=[])), str(path), "exec"),  # noqa: S102
-         namespace)
+    exec(
+        compile(ast.fix_missing_locations(ast.Module(body=[captions], type_ignores=[])), str(path), "exec"),
+        namespace,
+    )
     return namespace["Captions"]()._clean_caption

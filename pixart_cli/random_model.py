@@ -33,8 +33,9 @@ visit our shop at www example com for more pictures of cute animals
 
 
 # PixArt-XL-2-1024-MS's scheduler: DPM-Solver++ 2M on linear betas, epsilon prediction.
-_SCHEDULER = dict(beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon",
-                  num_train_timesteps=1000)
+_SCHEDULER = dict(
+    beta_start=0.0001, beta_end=0.02, beta_schedule="linear", prediction_type="epsilon", num_train_timesteps=1000
+)
 
 
 def train_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> int:
@@ -61,8 +62,15 @@ def train_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> int:
     (folder / "spiece.model").write_bytes(model.getvalue())
     # The real checkpoint ships only the slow tokenizer's files (no tokenizer.json); keep that layout so that
     # loading it is what the tests exercise.
-    config = {"tokenizer_class": "T5Tokenizer", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>",
-              "extra_ids": 0, "legacy": True, "model_max_length": 512}
+    config = {
+        "tokenizer_class": "T5Tokenizer",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        "extra_ids": 0,
+        "legacy": True,
+        "model_max_length": 512,
+    }
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=1) + "\n")
     tokenizer = T5Tokenizer.from_pretrained(folder)
     return len(tokenizer)
@@ -93,8 +101,12 @@ def _build_modules(t5_config, dit: dict, vae: dict, device: str, scale_t5: bool)
                         module.weight.mul_(0.05)
         transformer = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **dit)
         autoencoder = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, **{"scaling_factor": 0.18215, **vae},
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            **{"scaling_factor": 0.18215, **vae},
         )
     return text_encoder, transformer, autoencoder
 
@@ -106,17 +118,48 @@ def _configs(size: str, vocab: int, sample_size: int | None):
 
     if size == "tiny":
         dtype = torch.float32
-        t5 = T5Config(vocab_size=vocab, d_model=32, d_ff=64, d_kv=8, num_layers=2, num_heads=4,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False)
-        dit = dict(num_attention_heads=2, attention_head_dim=8, num_layers=2, caption_channels=32,
-                   cross_attention_dim=16, sample_size=32 if sample_size is None else sample_size, norm_num_groups=1)
+        t5 = T5Config(
+            vocab_size=vocab,
+            d_model=32,
+            d_ff=64,
+            d_kv=8,
+            num_layers=2,
+            num_heads=4,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            tie_word_embeddings=False,
+        )
+        dit = dict(
+            num_attention_heads=2,
+            attention_head_dim=8,
+            num_layers=2,
+            caption_channels=32,
+            cross_attention_dim=16,
+            sample_size=32 if sample_size is None else sample_size,
+            norm_num_groups=1,
+        )
         vae = dict(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=64)
     elif size == "full":
         dtype = torch.float16
-        t5 = T5Config(vocab_size=32128, d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64,
-                      feed_forward_proj="gated-gelu", is_encoder_decoder=False, tie_word_embeddings=False)
-        dit = dict(num_attention_heads=16, attention_head_dim=72, num_layers=28, caption_channels=4096,
-                   cross_attention_dim=1152, sample_size=128 if sample_size is None else sample_size)
+        t5 = T5Config(
+            vocab_size=32128,
+            d_model=4096,
+            d_ff=10240,
+            d_kv=64,
+            num_layers=24,
+            num_heads=64,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            tie_word_embeddings=False,
+        )
+        dit = dict(
+            num_attention_heads=16,
+            attention_head_dim=72,
+            num_layers=28,
+            caption_channels=4096,
+            cross_attention_dim=1152,
+            sample_size=128 if sample_size is None else sample_size,
+        )
         vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32, sample_size=512)
     else:
         raise ValueError(f"size must be 'tiny' or 'full', not {size!r}")
@@ -135,9 +178,14 @@ def write_full_size_configs(out: Path) -> Path:
     transformer.save_config(out / "transformer")
     autoencoder.save_config(out / "vae")
     DPMSolverMultistepScheduler(**_SCHEDULER).save_config(out / "scheduler")
-    index = {"_class_name": "PixArtAlphaPipeline", "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
-             "text_encoder": ["transformers", "T5EncoderModel"], "tokenizer": ["transformers", "T5Tokenizer"],
-             "transformer": ["diffusers", "PixArtTransformer2DModel"], "vae": ["diffusers", "AutoencoderKL"]}
+    index = {
+        "_class_name": "PixArtAlphaPipeline",
+        "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "PixArtTransformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
     (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     return out
 
@@ -145,8 +193,15 @@ def write_full_size_configs(out: Path) -> Path:
 FAMILIES = ("alpha", "sigma", "lcm", "dmd")
 
 
-def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokenizer_dir: Path | None = None,
-          device: str = "cpu", seed: int = 0, family: str = "alpha") -> Path:
+def build(
+    out: Path,
+    size: str = "tiny",
+    sample_size: int | None = None,
+    tokenizer_dir: Path | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    family: str = "alpha",
+) -> Path:
     """Write a random PixArt pipeline folder of one family to ``out`` and return it.
 
     sigma: PixArtSigmaPipeline, no micro-conditions, SDXL-VAE scaling. lcm: LCMScheduler. dmd: DDPMScheduler and,
@@ -175,7 +230,8 @@ def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokeniz
     import diffusers
 
     scheduler_class = {"lcm": diffusers.LCMScheduler, "dmd": diffusers.DDPMScheduler}.get(
-        family, DPMSolverMultistepScheduler)
+        family, DPMSolverMultistepScheduler
+    )
     scheduler = scheduler_class(**_SCHEDULER)
     pipeline_class = diffusers.PixArtSigmaPipeline if family == "sigma" else PixArtAlphaPipeline
     if family == "dmd":  # the published DMD repo has only its transformer and scheduler
@@ -184,8 +240,9 @@ def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokeniz
         shutil.rmtree(out / "tokenizer")
         text_encoder = autoencoder = None
     # The tokenizer folder is already in place; the pipeline saves the other four next to it.
-    pipe = pipeline_class(tokenizer=None, text_encoder=text_encoder, vae=autoencoder, transformer=transformer,
-                          scheduler=scheduler)
+    pipe = pipeline_class(
+        tokenizer=None, text_encoder=text_encoder, vae=autoencoder, transformer=transformer, scheduler=scheduler
+    )
     # Shards like the real checkpoint's, so per-shard loading paths are exercised.
     pipe.save_pretrained(out, max_shard_size="5GB" if size == "full" else "100MB")
     index_path = out / "model_index.json"
@@ -193,7 +250,12 @@ def build(out: Path, size: str = "tiny", sample_size: int | None = None, tokeniz
     if family != "dmd":
         index["tokenizer"] = ["transformers", "T5Tokenizer"]
     index_path.write_text(json.dumps(index, indent=2) + "\n")
-    info = {"random_weights": True, "size": size, "family": family, "note": "built by pixart_cli.random_model; images are noise"}
+    info = {
+        "random_weights": True,
+        "size": size,
+        "family": family,
+        "note": "built by pixart_cli.random_model; images are noise",
+    }
     (out / "RANDOM_WEIGHTS.json").write_text(json.dumps(info, indent=1) + "\n")
     return out
 

@@ -39,27 +39,40 @@ def import_ray():
     """Ray, or exit 2 with the install command."""
     try:
         import ray
-        import ray.data  # noqa: F401 - Ray Data is a separate extra of Ray
+        import ray.data
     except ImportError:
         raise PixartError(f"--ray: Ray Data is not installed; install it with: {INSTALL}") from None
     return ray
 
 
-def run_ray(job: Job, todo: list[int], seed: int, model, encoding: EncodeSettings, denoising: DenoiseSettings,
-            run: RunOptions, address: str | None, callbacks: Callbacks) -> int:
+def run_ray(
+    job: Job,
+    todo: list[int],
+    seed: int,
+    model,
+    encoding: EncodeSettings,
+    denoising: DenoiseSettings,
+    run: RunOptions,
+    address: str | None,
+    callbacks: Callbacks,
+) -> int:
     """Make images ``todo`` of ``job`` on Ray; append their manifest lines and report each path. Returns the count."""
     ray = import_ray()
     device = run.device
-    units = [{"start": start, "stop": stop, "prompts": json.dumps(job.prompts[start:stop])}
-             for start, stop in passes(todo, IMAGES_PER_UNIT)]
+    units = [
+        {"start": start, "stop": stop, "prompts": json.dumps(job.prompts[start:stop])}
+        for start, stop in passes(todo, IMAGES_PER_UNIT)
+    ]
     if not units:
         return 0
     address = os.environ.get("RAY_ADDRESS") if address is None else address
     _init(ray, address)
     log = callbacks.log or (lambda message: None)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0
-    log(f"ray: {'cluster ' + address if address else 'local Ray'}, {len(units)} unit(s) of up to {IMAGES_PER_UNIT} "
-        f"images, " + (f"{gpus} GPU(s), one actor per stage per GPU" if gpus else "CPU only, one actor per stage"))
+    log(
+        f"ray: {'cluster ' + address if address else 'local Ray'}, {len(units)} unit(s) of up to {IMAGES_PER_UNIT} "
+        f"images, " + (f"{gpus} GPU(s), one actor per stage per GPU" if gpus else "CPU only, one actor per stage")
+    )
 
     def pool(stage: str) -> dict:
         """map_batches arguments for one stage's actor pool."""
@@ -70,13 +83,20 @@ def run_ray(job: Job, todo: list[int], seed: int, model, encoding: EncodeSetting
         return {"compute": ActorPoolStrategy(size=1), "num_cpus": 1}
 
     # Each actor resolves its own run context on its worker: the model by id (a hub id or an absolute folder).
-    stage_args = {"job": job, "seed": seed, "model": (model.id, model.revision), "encoding": encoding,
-                  "denoising": denoising, "run": RunOptions("cuda" if gpus else device, run.dtype, run.vram, run.loras),
-                  "gpu": bool(gpus)}
+    stage_args = {
+        "job": job,
+        "seed": seed,
+        "model": (model.id, model.revision),
+        "encoding": encoding,
+        "denoising": denoising,
+        "run": RunOptions("cuda" if gpus else device, run.dtype, run.vram, run.loras),
+        "gpu": bool(gpus),
+    }
     dataset = ray.data.from_items(units)
     for stage, actor in (("encode", EncodeActor), ("denoise", DenoiseActor), ("decode", DecodeActor)):
-        dataset = dataset.map_batches(actor, batch_size=1, fn_constructor_kwargs={**stage_args, "stage": stage},
-                                      **pool(stage))
+        dataset = dataset.map_batches(
+            actor, batch_size=1, fn_constructor_kwargs={**stage_args, "stage": stage}, **pool(stage)
+        )
     written = 0
     if callbacks.progress:
         callbacks.progress("ray", 0, len(todo))
@@ -89,7 +109,7 @@ def run_ray(job: Job, todo: list[int], seed: int, model, encoding: EncodeSetting
                 written += 1
             if callbacks.progress:
                 callbacks.progress("ray", written, len(todo))
-    except Exception as error:  # noqa: BLE001 - Ray wraps an actor's exception; show ours as ours
+    except Exception as error:
         raise _unwrap(error) from error  # the chain shows with PIXART_DEBUG=1
     return written
 
@@ -103,8 +123,12 @@ def _init(ray, address: str | None) -> None:
     if os.environ.get("PIXART_DEBUG") != "1":
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     env = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    common = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.ERROR,
-              "runtime_env": {"env_vars": env}}
+    common = {
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+        "runtime_env": {"env_vars": env},
+    }
     try:
         if address:
             ray.init(address=address, **common)
@@ -112,9 +136,11 @@ def _init(ray, address: str | None) -> None:
             # Stage actors take one logical CPU each; a 2-core machine still runs all three stages at once.
             ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), **common)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise PixartError(f"--ray-address {address}: cannot join the Ray cluster ({detail(error)}); start one with "
-                          "`ray start --head`, or leave out --ray-address and RAY_ADDRESS for a local Ray",
-                          EXIT_RUNTIME) from None
+        raise PixartError(
+            f"--ray-address {address}: cannot join the Ray cluster ({detail(error)}); start one with "
+            "`ray start --head`, or leave out --ray-address and RAY_ADDRESS for a local Ray",
+            EXIT_RUNTIME,
+        ) from None
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -134,16 +160,27 @@ def _unwrap(error: BaseException) -> BaseException:
         seen = getattr(seen, "cause", None) or seen.__cause__
         if seen is None:
             break
-    return PixartError(f"Ray run failed: {type(innermost).__name__}: {detail(innermost)} (run with PIXART_DEBUG=1 "
-                       "for the traceback)", EXIT_RUNTIME)
+    return PixartError(
+        f"Ray run failed: {type(innermost).__name__}: {detail(innermost)} (run with PIXART_DEBUG=1 for the traceback)",
+        EXIT_RUNTIME,
+    )
 
 
 # --- the stage actors (built by Ray Data on the workers) ----------------------------------------------------
 class _StageActor:
     """One stage's actor: the stage function of ``pixart <stage>``, with the run's settings and its own context."""
 
-    def __init__(self, job: Job, seed: int, model: tuple, encoding: EncodeSettings, denoising: DenoiseSettings,
-                 run: RunOptions, gpu: bool, stage: str):
+    def __init__(
+        self,
+        job: Job,
+        seed: int,
+        model: tuple,
+        encoding: EncodeSettings,
+        denoising: DenoiseSettings,
+        run: RunOptions,
+        gpu: bool,
+        stage: str,
+    ):
         from pixart_cli import runtime
         from pixart_cli.models import Model
 
@@ -190,8 +227,7 @@ class DecodeActor(_StageActor):
         lines, paths = [], []
         for start, payload in zip(batch["start"], batch["payload"]):
             tensors, meta = _unpack(payload)
-            images = decode(artifacts.Latents(tensors["latents"], meta), self.ctx,
-                            batch_size=self.denoising.batch_size)
+            images = decode(artifacts.Latents(tensors["latents"], meta), self.ctx, batch_size=self.denoising.batch_size)
             written = []
             unit_lines = write_images(self.job, int(start), images, meta, written.append, append=False)
             lines.append(json.dumps(unit_lines))
@@ -215,8 +251,9 @@ def _pack(tensors: dict, meta: dict) -> bytes:
     import numpy as np
     import torch
 
-    arrays = {key: (value.float() if value.dtype == torch.bfloat16 else value).cpu().numpy()
-              for key, value in tensors.items()}
+    arrays = {
+        key: (value.float() if value.dtype == torch.bfloat16 else value).cpu().numpy() for key, value in tensors.items()
+    }
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     arrays["bf16"] = np.array([key for key, value in tensors.items() if value.dtype == torch.bfloat16] or [""])
     buffer = io.BytesIO()

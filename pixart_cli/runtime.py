@@ -77,14 +77,20 @@ class RunContext:
     loras: tuple = ()  # lora.LoraWeights, read at the edge; fused into the transformer where it loads (denoise)
 
     @classmethod
-    def resolve(cls, model: Model | str, device: str = "auto", dtype: str = "auto", vram: int | None = None,
-                **callbacks) -> RunContext:
+    def resolve(
+        cls, model: Model | str, device: str = "auto", dtype: str = "auto", vram: int | None = None, **callbacks
+    ) -> RunContext:
         """Build a context from the user's words: ``model`` a Model (or a folder / hub id), ``device`` auto, cpu,
         cuda, cuda:N or mps, ``dtype`` auto, fp32, fp16 or bf16, ``vram`` a budget in bytes (``memory.parse_vram``)
         or None for auto."""
         torch_device = resolve_device(device)
-        context = cls(torch_device, resolve_dtype(dtype, torch_device),
-                      model if isinstance(model, Model) else Model(model), vram, **callbacks)
+        context = cls(
+            torch_device,
+            resolve_dtype(dtype, torch_device),
+            model if isinstance(model, Model) else Model(model),
+            vram,
+            **callbacks,
+        )
         if vram is not None and torch_device.type != "cuda":
             # budgets are for CUDA memory; CPU and MPS share system RAM
             context.note(f"--vram {vram / 2**30:g}GB is ignored on {torch_device.type.upper()}")

@@ -22,11 +22,27 @@ from collections.abc import Callable
 SIGMA_PIPELINE = "PixArtSigmaPipeline"
 
 
-def sample_latents(transformer, scheduler, pipeline: str, *, prompt_embeds, prompt_attention_mask,
-                   negative_prompt_embeds=None, negative_prompt_attention_mask=None, num_inference_steps: int | None,
-                   timesteps: list[int] | None, guidance_scale: float, height: int, width: int, vae_scale_factor: int,
-                   generator: list, device, callback: Callable | None = None, start_latents=None,
-                   begin_index: int = 0):
+def sample_latents(
+    transformer,
+    scheduler,
+    pipeline: str,
+    *,
+    prompt_embeds,
+    prompt_attention_mask,
+    negative_prompt_embeds=None,
+    negative_prompt_attention_mask=None,
+    num_inference_steps: int | None,
+    timesteps: list[int] | None,
+    guidance_scale: float,
+    height: int,
+    width: int,
+    vae_scale_factor: int,
+    generator: list,
+    device,
+    callback: Callable | None = None,
+    start_latents=None,
+    begin_index: int = 0,
+):
     """Latents [B, C, height / vae_scale_factor, width / vae_scale_factor] for embeddings [B, L, C_text], as the
     named diffusers ``pipeline`` returns them with ``output_type="latent"`` and ``use_resolution_binning=False``.
     ``generator``: one CPU generator per image. ``callback(step, t, latents)``: as the pipeline calls it.
@@ -102,9 +118,14 @@ def sample_latents(transformer, scheduler, pipeline: str, *, prompt_embeds, prom
             current_timestep = current_timestep[None].to(latent_model_input.device)
         current_timestep = current_timestep.expand(latent_model_input.shape[0])
 
-        noise_pred = transformer(latent_model_input, encoder_hidden_states=prompt_embeds,
-                                 encoder_attention_mask=prompt_attention_mask, timestep=current_timestep,
-                                 added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+        noise_pred = transformer(
+            latent_model_input,
+            encoder_hidden_states=prompt_embeds,
+            encoder_attention_mask=prompt_attention_mask,
+            timestep=current_timestep,
+            added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )[0]
         if do_classifier_free_guidance:
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)

@@ -58,16 +58,20 @@ class Ranks:
             if text is None or text == "":
                 return default
             if not text.strip().isdigit():
-                raise PixartError(f"{name}={text!r}: not a process number; unset it, or start pixart with torchrun "
-                                  "or accelerate launch, which set it")
+                raise PixartError(
+                    f"{name}={text!r}: not a process number; unset it, or start pixart with torchrun "
+                    "or accelerate launch, which set it"
+                )
             return int(text)
 
         world_size = number("WORLD_SIZE", 1)
         rank = number("RANK", 0)
         local_rank = number("LOCAL_RANK", None)
         if world_size < 1 or rank >= world_size:
-            raise PixartError(f"RANK={rank}, WORLD_SIZE={world_size}: the rank must be below the world size; start "
-                              "pixart with torchrun or accelerate launch, which set both")
+            raise PixartError(
+                f"RANK={rank}, WORLD_SIZE={world_size}: the rank must be below the world size; start "
+                "pixart with torchrun or accelerate launch, which set both"
+            )
         return cls(rank, world_size, local_rank)
 
     def share(self, total: int) -> range:
@@ -87,8 +91,10 @@ class Ranks:
         if not torch.cuda.is_available():
             return device
         if self.local_rank >= torch.cuda.device_count():
-            raise PixartError(f"LOCAL_RANK={self.local_rank}: only {torch.cuda.device_count()} CUDA device(s) on "
-                              "this machine; start at most that many processes per node (--nproc_per_node)")
+            raise PixartError(
+                f"LOCAL_RANK={self.local_rank}: only {torch.cuda.device_count()} CUDA device(s) on "
+                "this machine; start at most that many processes per node (--nproc_per_node)"
+            )
         return f"cuda:{self.local_rank}"
 
 
@@ -107,9 +113,16 @@ class RunOptions:
         share)."""
         from pixart_cli.runtime import RunContext
 
-        return RunContext.resolve(model, self.device if device is None else device, self.dtype,
-                                  self.vram if vram is None else vram, progress=callbacks.progress,
-                                  log=callbacks.log, reports=callbacks.reports, loras=self.loras)
+        return RunContext.resolve(
+            model,
+            self.device if device is None else device,
+            self.dtype,
+            self.vram if vram is None else vram,
+            progress=callbacks.progress,
+            log=callbacks.log,
+            reports=callbacks.reports,
+            loras=self.loras,
+        )
 
 
 def image_options(model, dtype: str, encoding: EncodeSettings, denoising: DenoiseSettings, loras=()) -> dict:
@@ -117,10 +130,20 @@ def image_options(model, dtype: str, encoding: EncodeSettings, denoising: Denois
     --resume only when they are the same now."""
     from pixart_cli.lora import records
 
-    return {"model": model.id, "loras": records(list(loras)), "steps": denoising.steps, "guidance_scale": denoising.guidance_scale,
-            "width": denoising.width, "height": denoising.height, "binning": denoising.binning,
-            "scheduler": denoising.scheduler, "dtype": dtype, "max_sequence_length": encoding.max_sequence_length,
-            "clean_caption": encoding.clean_caption, "precision": encoding.precision}
+    return {
+        "model": model.id,
+        "loras": records(list(loras)),
+        "steps": denoising.steps,
+        "guidance_scale": denoising.guidance_scale,
+        "width": denoising.width,
+        "height": denoising.height,
+        "binning": denoising.binning,
+        "scheduler": denoising.scheduler,
+        "dtype": dtype,
+        "max_sequence_length": encoding.max_sequence_length,
+        "clean_caption": encoding.clean_caption,
+        "precision": encoding.precision,
+    }
 
 
 @dataclass
@@ -135,8 +158,7 @@ class Job:
 
     def wanted(self, index: int, seed: int) -> manifest.Wanted:
         path = os.path.relpath(self.paths[index], self.folder) if self.folder is not None else str(self.paths[index])
-        return manifest.Wanted(index, path, self.prompts[index], self.negative_prompt, seed + index,
-                               self.options)
+        return manifest.Wanted(index, path, self.prompts[index], self.negative_prompt, seed + index, self.options)
 
     def done(self, index: int, seed: int, lines: dict[int, dict]) -> bool:
         """Image ``index`` is complete on disk as the manifest lines record it (never, without a manifest)."""
@@ -166,9 +188,16 @@ class Summary:
     engine: str = "processes"
 
     def as_dict(self) -> dict:
-        return {"written": self.written, "skipped": self.skipped, "processes": self.processes, "engine": self.engine,
-                "seconds": round(self.seconds, 2), "seed": self.seed, "images": self.total,
-                "manifest": None if self.manifest is None else str(self.manifest)}
+        return {
+            "written": self.written,
+            "skipped": self.skipped,
+            "processes": self.processes,
+            "engine": self.engine,
+            "seconds": round(self.seconds, 2),
+            "seed": self.seed,
+            "images": self.total,
+            "manifest": None if self.manifest is None else str(self.manifest),
+        }
 
     def describe(self) -> str:
         seeds = str(self.seed) if self.total == 1 else f"{self.seed}..{self.seed + self.total - 1}"
@@ -196,9 +225,20 @@ class Callbacks:
     reports: list | None = field(default_factory=list)
 
 
-def generate_images(prompts: Sequence[str], *, output: Path, encoding: EncodeSettings, denoising: DenoiseSettings,
-                    model, run: RunOptions, resume: bool, callbacks: Callbacks, ray: bool = False,
-                    ray_address: str | None = None, ranks: Ranks | None = None) -> Summary | None:
+def generate_images(
+    prompts: Sequence[str],
+    *,
+    output: Path,
+    encoding: EncodeSettings,
+    denoising: DenoiseSettings,
+    model,
+    run: RunOptions,
+    resume: bool,
+    callbacks: Callbacks,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ranks: Ranks | None = None,
+) -> Summary | None:
     """Make every image of the run that is this process's to make; return the summary on rank 0 (None elsewhere).
 
     ``denoising.seed`` None: rank 0 draws one and every process uses it (or, with --resume, the manifest's).
@@ -209,19 +249,28 @@ def generate_images(prompts: Sequence[str], *, output: Path, encoding: EncodeSet
     prompts = check_prompts(prompts)
     num_images, seed = denoising.num_images, denoising.seed
     denoising.check_total(len(prompts))
-    job = make_job(prompts, num_images, output, encoding.negative_prompt,
-                   image_options(model, run.dtype, encoding, denoising, run.loras))
+    job = make_job(
+        prompts,
+        num_images,
+        output,
+        encoding.negative_prompt,
+        image_options(model, run.dtype, encoding, denoising, run.loras),
+    )
     if resume and job.folder is None:
         raise PixartError(f"--resume: needs -o DIR/ (the manifest lives in DIR), not -o {output}")
     if ray and ranks.world_size > 1:
-        raise PixartError(f"--ray: runs from one process, but WORLD_SIZE={ranks.world_size}; start it without "
-                          "torchrun or accelerate launch")
+        raise PixartError(
+            f"--ray: runs from one process, but WORLD_SIZE={ranks.world_size}; start it without "
+            "torchrun or accelerate launch"
+        )
     lines = manifest.read(job.folder) if resume else {}
     if seed is None and resume:
         seed = manifest.base_seed(lines)  # the interrupted run's seed, so its images are found complete
     if seed is not None and seed + len(job.prompts) - 1 > MAX_SEED:
-        raise PixartError(f"--seed {seed}: image {len(job.prompts)} would get seed {seed + len(job.prompts) - 1}, "
-                          f"above {MAX_SEED}; use a smaller seed")
+        raise PixartError(
+            f"--seed {seed}: image {len(job.prompts)} would get seed {seed + len(job.prompts) - 1}, "
+            f"above {MAX_SEED}; use a smaller seed"
+        )
 
     if ray:
         from pixart_cli.ray_run import run_ray
@@ -231,8 +280,16 @@ def generate_images(prompts: Sequence[str], *, output: Path, encoding: EncodeSet
             manifest.start_new(job.folder)
         todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
         written = run_ray(job, todo, seed, model, encoding, denoising, run, ray_address, callbacks)
-        return Summary(written, len(job.prompts) - len(todo), 1, time.perf_counter() - started, seed,
-                       len(job.prompts), manifest.manifest_path(job.folder) if job.folder else None, "Ray")
+        return Summary(
+            written,
+            len(job.prompts) - len(todo),
+            1,
+            time.perf_counter() - started,
+            seed,
+            len(job.prompts),
+            manifest.manifest_path(job.folder) if job.folder else None,
+            "Ray",
+        )
 
     # 2. Agree on the seed, and start a new manifest before any rank appends to it
     group = _ProcessGroup(ranks) if ranks.world_size > 1 else None
@@ -251,10 +308,12 @@ def generate_images(prompts: Sequence[str], *, output: Path, encoding: EncodeSet
         if group is not None and log is not None:
             log(f"rank {ranks.rank}/{ranks.world_size}: images {_ranges(share)}, {len(todo)} to make")
             progress = callbacks.progress
-            callbacks = Callbacks(callbacks.wrote, _prefixed(log, f"rank {ranks.rank}: "),
-                                  progress and (lambda stage, done, total: progress(f"rank {ranks.rank} {stage}",
-                                                                                     done, total)),
-                                  callbacks.reports)
+            callbacks = Callbacks(
+                callbacks.wrote,
+                _prefixed(log, f"rank {ranks.rank}: "),
+                progress and (lambda stage, done, total: progress(f"rank {ranks.rank} {stage}", done, total)),
+                callbacks.reports,
+            )
 
         # 4. Make them, pass by pass
         if todo:
@@ -273,9 +332,15 @@ def generate_images(prompts: Sequence[str], *, output: Path, encoding: EncodeSet
             group.close()
     if ranks.rank != 0:
         return None
-    return Summary(sum(c[0] for c in gathered), sum(c[1] for c in gathered), ranks.world_size,
-                   time.perf_counter() - started, seed, len(job.prompts),
-                   manifest.manifest_path(job.folder) if job.folder else None)
+    return Summary(
+        sum(c[0] for c in gathered),
+        sum(c[1] for c in gathered),
+        ranks.world_size,
+        time.perf_counter() - started,
+        seed,
+        len(job.prompts),
+        manifest.manifest_path(job.folder) if job.folder else None,
+    )
 
 
 def passes(indices: Sequence[int], size: int) -> list[tuple[int, int]]:
@@ -290,33 +355,57 @@ def passes(indices: Sequence[int], size: int) -> list[tuple[int, int]]:
     return runs
 
 
-def make_pass(job: Job, start: int, stop: int, seed: int, encoding: EncodeSettings, denoising: DenoiseSettings,
-              ctx, callbacks: Callbacks) -> None:
+def make_pass(
+    job: Job,
+    start: int,
+    stop: int,
+    seed: int,
+    encoding: EncodeSettings,
+    denoising: DenoiseSettings,
+    ctx,
+    callbacks: Callbacks,
+) -> None:
     """Images start..stop-1 through the one-process chain, then written, then recorded in the manifest."""
     from dataclasses import replace
 
     from pixart_cli.generate import generate
 
-    images, meta = generate(job.prompts[start:stop], encoding, replace(denoising, seed=seed + start, num_images=1),
-                            ctx, decode_batch_size=denoising.batch_size)
+    images, meta = generate(
+        job.prompts[start:stop],
+        encoding,
+        replace(denoising, seed=seed + start, num_images=1),
+        ctx,
+        decode_batch_size=denoising.batch_size,
+    )
     write_images(job, start, images, meta, callbacks.wrote)
 
 
-def write_images(job: Job, start: int, images: list, meta: dict, wrote: Callable[[Path], None] | None,
-                 append: bool = True) -> list[dict]:
+def write_images(
+    job: Job, start: int, images: list, meta: dict, wrote: Callable[[Path], None] | None, append: bool = True
+) -> list[dict]:
     """Write image start+j for each decoded image j, then (-o DIR/ only) its manifest line, and report the path.
     Returns the manifest lines; ``append=False`` leaves appending them to the caller (Ray's driver)."""
     from pixart_cli import artifacts
 
-    requests = [(job.paths[start + offset], image, *artifacts.image_metadata(meta, offset))
-                for offset, image in enumerate(images)]
+    requests = [
+        (job.paths[start + offset], image, *artifacts.image_metadata(meta, offset))
+        for offset, image in enumerate(images)
+    ]
     lines = []
 
     def written(offset: int, path: Path) -> None:
         index = start + offset
         if job.folder is not None:
-            line = manifest.record(job.folder, index, path, job.prompts[index], job.negative_prompt,
-                                   meta["seeds"][offset], job.options, requests[offset][3])
+            line = manifest.record(
+                job.folder,
+                index,
+                path,
+                job.prompts[index],
+                job.negative_prompt,
+                meta["seeds"][offset],
+                job.options,
+                requests[offset][3],
+            )
             if append:
                 manifest.append(job.folder, line)
             lines.append(line)
@@ -349,8 +438,10 @@ class _ProcessGroup:
 
         missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
         if missing:
-            raise PixartError(f"WORLD_SIZE={ranks.world_size} but {' and '.join(missing)} not set: start pixart with "
-                              "torchrun or accelerate launch, which set them")
+            raise PixartError(
+                f"WORLD_SIZE={ranks.world_size} but {' and '.join(missing)} not set: start pixart with "
+                "torchrun or accelerate launch, which set them"
+            )
         self.ranks = ranks
         self.dist = dist
         dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=FINISH_TIMEOUT)

@@ -39,15 +39,18 @@ class SchedulerChoice:
     sampler_name: str
 
 
-SCHEDULERS = {choice.cli_name: choice for choice in (
-    SchedulerChoice("dpm++", "DPMSolverMultistepScheduler", "DPM++ 2M"),
-    SchedulerChoice("sa-solver", "SASolverScheduler", "SA-Solver"),
-    SchedulerChoice("ddim", "DDIMScheduler", "DDIM"),
-    SchedulerChoice("euler", "EulerDiscreteScheduler", "Euler"),
-    SchedulerChoice("euler-a", "EulerAncestralDiscreteScheduler", "Euler a"),
-    SchedulerChoice("lcm", "LCMScheduler", "LCM"),
-    SchedulerChoice("ddpm", "DDPMScheduler", "DDPM"),
-)}
+SCHEDULERS = {
+    choice.cli_name: choice
+    for choice in (
+        SchedulerChoice("dpm++", "DPMSolverMultistepScheduler", "DPM++ 2M"),
+        SchedulerChoice("sa-solver", "SASolverScheduler", "SA-Solver"),
+        SchedulerChoice("ddim", "DDIMScheduler", "DDIM"),
+        SchedulerChoice("euler", "EulerDiscreteScheduler", "Euler"),
+        SchedulerChoice("euler-a", "EulerAncestralDiscreteScheduler", "Euler a"),
+        SchedulerChoice("lcm", "LCMScheduler", "LCM"),
+        SchedulerChoice("ddpm", "DDPMScheduler", "DDPM"),
+    )
+}
 
 
 def sampler_name(class_name: str) -> str:
@@ -79,12 +82,17 @@ class EncodeSettings:
         if self.clean_caption:
             import importlib.util
 
-            missing = [name for name, module in (("beautifulsoup4", "bs4"), ("ftfy", "ftfy"))
-                       if importlib.util.find_spec(module) is None]
+            missing = [
+                name
+                for name, module in (("beautifulsoup4", "bs4"), ("ftfy", "ftfy"))
+                if importlib.util.find_spec(module) is None
+            ]
             if missing:
                 # diffusers would silently skip cleaning and give another image than the pipeline's default.
-                raise PixartError(f"caption cleaning needs {' and '.join(missing)}: pip install "
-                                  f"{' '.join(missing)}, or pass --no-clean-caption")
+                raise PixartError(
+                    f"caption cleaning needs {' and '.join(missing)}: pip install "
+                    f"{' '.join(missing)}, or pass --no-clean-caption"
+                )
 
 
 def check_prompts(prompts) -> list[str]:
@@ -116,18 +124,25 @@ class DenoiseSettings:
 
     def __post_init__(self):
         if self.strength is not None and not (math.isfinite(self.strength) and 0 < self.strength <= 1):
-            raise PixartError(f"--strength {self.strength}: must be above 0 and at most 1 (1 runs every step "
-                              f"from the noised image; default {DEFAULT_STRENGTH:g})")
+            raise PixartError(
+                f"--strength {self.strength}: must be above 0 and at most 1 (1 runs every step "
+                f"from the noised image; default {DEFAULT_STRENGTH:g})"
+            )
         if self.scheduler is not None and self.scheduler not in SCHEDULERS:
-            raise PixartError(f"--scheduler {self.scheduler!r}: unknown; use one of {', '.join(SCHEDULERS)} "
-                              "(default: the model's own)")
+            raise PixartError(
+                f"--scheduler {self.scheduler!r}: unknown; use one of {', '.join(SCHEDULERS)} "
+                "(default: the model's own)"
+            )
         if self.batch_size is not None and self.batch_size < 1:
             raise PixartError(f"--batch-size {self.batch_size}: must be at least 1")
         _check_int("--steps", self.steps, 1, MAX_STEPS)
         if self.guidance_scale is not None and not (
-                math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= MAX_GUIDANCE):
-            raise PixartError(f"--guidance-scale {self.guidance_scale}: must be a number from 0 to {MAX_GUIDANCE:g} "
-                              "(≤1 turns guidance off)")
+            math.isfinite(self.guidance_scale) and 0 <= self.guidance_scale <= MAX_GUIDANCE
+        ):
+            raise PixartError(
+                f"--guidance-scale {self.guidance_scale}: must be a number from 0 to {MAX_GUIDANCE:g} "
+                "(≤1 turns guidance off)"
+            )
         _check_int("--seed", self.seed, 0, MAX_SEED)
         for flag, value in (("--width", self.width), ("--height", self.height)):
             if value is not None and (value < 8 or value % 8):
@@ -142,5 +157,7 @@ class DenoiseSettings:
         """The run's image count (prompts x --num-images) within the bound of one run."""
         total = prompts * self.num_images
         if total > MAX_IMAGES:
-            raise PixartError(f"--num-images {self.num_images}: {prompts} prompt(s) x {self.num_images} = {total} "
-                              f"images, over the {MAX_IMAGES} one run holds; split the prompts into several runs")
+            raise PixartError(
+                f"--num-images {self.num_images}: {prompts} prompt(s) x {self.num_images} = {total} "
+                f"images, over the {MAX_IMAGES} one run holds; split the prompts into several runs"
+            )

@@ -31,8 +31,18 @@ _TIED_EMBEDDING = ("shared.weight", "encoder.embed_tokens.weight")
 READ_THREADS = 8
 
 
-_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                       "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 class TensorFile:
@@ -177,6 +187,7 @@ class StreamedT5:
     def _make_loader(self, index: int):
         def load(module, args):
             self._load(self.blocks[index])
+
         return load
 
     def _make_unloader(self, index: int):
@@ -184,4 +195,5 @@ class StreamedT5:
             for name in self.blocks[index]:
                 self._set(self.model, name, "meta")
             return output
+
         return unload

@@ -21,9 +21,18 @@ import math
 from types import SimpleNamespace
 
 # T5Config's defaults, for keys a config.json leaves out.
-DEFAULTS = {"vocab_size": 32128, "d_model": 512, "d_kv": 64, "d_ff": 2048, "num_layers": 6, "num_heads": 8,
-            "relative_attention_num_buckets": 32, "relative_attention_max_distance": 128,
-            "layer_norm_epsilon": 1e-6, "feed_forward_proj": "relu"}
+DEFAULTS = {
+    "vocab_size": 32128,
+    "d_model": 512,
+    "d_kv": 64,
+    "d_ff": 2048,
+    "num_layers": 6,
+    "num_heads": 8,
+    "relative_attention_num_buckets": 32,
+    "relative_attention_max_distance": 128,
+    "layer_norm_epsilon": 1e-6,
+    "feed_forward_proj": "relu",
+}
 KEEP_IN_FP32 = ["wo"]  # T5PreTrainedModel._keep_in_fp32_modules
 
 
@@ -52,8 +61,12 @@ def _gelu_new(x):
 def _activation(name: str):
     import torch
 
-    return {"gelu_new": _gelu_new, "relu": torch.nn.functional.relu, "gelu": torch.nn.functional.gelu,
-            "silu": torch.nn.functional.silu}[name]
+    return {
+        "gelu_new": _gelu_new,
+        "relu": torch.nn.functional.relu,
+        "gelu": torch.nn.functional.gelu,
+        "silu": torch.nn.functional.silu,
+    }[name]
 
 
 _ACTIVATIONS = ("gelu_new", "relu", "gelu", "silu")
@@ -78,8 +91,11 @@ def _classes():
 
     def clamp_fp16(hidden_states):
         if hidden_states.dtype == torch.float16:
-            clamp_value = torch.where(torch.isinf(hidden_states).any(), torch.finfo(hidden_states.dtype).max - 1000,
-                                      torch.finfo(hidden_states.dtype).max)
+            clamp_value = torch.where(
+                torch.isinf(hidden_states).any(),
+                torch.finfo(hidden_states.dtype).max - 1000,
+                torch.finfo(hidden_states.dtype).max,
+            )
             hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
         return hidden_states
 
@@ -119,9 +135,11 @@ def _classes():
             relative_position = torch.abs(relative_position)
             max_exact = num_buckets // 2
             is_small = relative_position < max_exact
-            if_large = max_exact + (torch.log(relative_position.float() / max_exact)
-                                    / math.log(config.relative_attention_max_distance / max_exact)
-                                    * (num_buckets - max_exact)).to(torch.long)
+            if_large = max_exact + (
+                torch.log(relative_position.float() / max_exact)
+                / math.log(config.relative_attention_max_distance / max_exact)
+                * (num_buckets - max_exact)
+            ).to(torch.long)
             if_large = torch.min(if_large, torch.full_like(if_large, num_buckets - 1))
             buckets = buckets + torch.where(is_small, relative_position, if_large)
             return self.relative_attention_bias(buckets).permute([2, 0, 1]).unsqueeze(0)
@@ -136,11 +154,15 @@ def _classes():
                 if hasattr(self, "relative_attention_bias"):
                     position_bias = self.compute_bias(input_shape[1], query.device)
                 else:
-                    position_bias = torch.zeros((1, self.config.num_heads, input_shape[1], input_shape[1]),
-                                                device=query.device, dtype=query.dtype)
+                    position_bias = torch.zeros(
+                        (1, self.config.num_heads, input_shape[1], input_shape[1]),
+                        device=query.device,
+                        dtype=query.dtype,
+                    )
             bias = position_bias if mask is None else torch.where(mask, position_bias, torch.finfo(key.dtype).min)
-            output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias.contiguous(),
-                                                                      dropout_p=0.0, scale=1.0, is_causal=False)
+            output = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, attn_mask=bias.contiguous(), dropout_p=0.0, scale=1.0, is_causal=False
+            )
             output = output.reshape(output.shape[0], -1, input_shape[1], value.shape[-1]).transpose(1, 2).contiguous()
             return self.o(output.reshape(*input_shape, -1).contiguous()), position_bias
 
@@ -187,8 +209,9 @@ def _classes():
     class Block(nn.Module):
         def __init__(self, config, has_relative_attention_bias):
             super().__init__()
-            self.layer = nn.ModuleList([SelfAttentionLayer(config, has_relative_attention_bias),
-                                        FeedForwardLayer(config)])
+            self.layer = nn.ModuleList(
+                [SelfAttentionLayer(config, has_relative_attention_bias), FeedForwardLayer(config)]
+            )
 
         def forward(self, hidden_states, mask, position_bias):
             hidden_states, position_bias = self.layer[0](hidden_states, mask, position_bias)

@@ -30,17 +30,31 @@ def _parts(config: dict, with_encoder: bool = False) -> dict:
 
     vae = import_diffusers("diffusers.models.autoencoders.vae")
     latent = config.get("latent_channels", 4)
-    shared = dict(block_out_channels=tuple(config.get("block_out_channels", (64,))),
-                  layers_per_block=config.get("layers_per_block", 1), norm_num_groups=config.get("norm_num_groups", 32),
-                  act_fn=config.get("act_fn", "silu"), mid_block_add_attention=config.get("mid_block_add_attention", True))
-    parts = {"decoder": vae.Decoder(in_channels=latent, out_channels=config.get("out_channels", 3),
-                                    up_block_types=tuple(config.get("up_block_types", ("UpDecoderBlock2D",))), **shared)}
+    shared = dict(
+        block_out_channels=tuple(config.get("block_out_channels", (64,))),
+        layers_per_block=config.get("layers_per_block", 1),
+        norm_num_groups=config.get("norm_num_groups", 32),
+        act_fn=config.get("act_fn", "silu"),
+        mid_block_add_attention=config.get("mid_block_add_attention", True),
+    )
+    parts = {
+        "decoder": vae.Decoder(
+            in_channels=latent,
+            out_channels=config.get("out_channels", 3),
+            up_block_types=tuple(config.get("up_block_types", ("UpDecoderBlock2D",))),
+            **shared,
+        )
+    }
     if config.get("use_post_quant_conv", True):
         parts["post_quant_conv"] = torch.nn.Conv2d(latent, latent, 1)
     if with_encoder:
-        parts["encoder"] = vae.Encoder(in_channels=config.get("in_channels", 3), out_channels=latent,
-                                       down_block_types=tuple(config.get("down_block_types", ("DownEncoderBlock2D",))),
-                                       double_z=True, **shared)
+        parts["encoder"] = vae.Encoder(
+            in_channels=config.get("in_channels", 3),
+            out_channels=latent,
+            down_block_types=tuple(config.get("down_block_types", ("DownEncoderBlock2D",))),
+            double_z=True,
+            **shared,
+        )
         if config.get("use_quant_conv", True):
             parts["quant_conv"] = torch.nn.Conv2d(2 * latent, 2 * latent, 1)
     return parts

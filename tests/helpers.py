@@ -89,8 +89,9 @@ def max_diff(a, b) -> int:
 def run_pixart(*args, cwd, env=None, check=True, timeout=300):
     """The installed console script as a subprocess, as a shell user runs it."""
     full_env = {**os.environ, **(env or {})}
-    result = subprocess.run([pixart_bin(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True,
-                            timeout=timeout)
+    result = subprocess.run(
+        [pixart_bin(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"pixart {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr}")
     return result
@@ -108,7 +109,6 @@ def invoke(*args, cwd):
         return runner.invoke(app, [str(a) for a in args])
     finally:
         os.chdir(previous)
-
 
 
 def assert_one_line_error(result, code, *fragments):

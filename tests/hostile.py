@@ -44,7 +44,7 @@ def rezip(blob: bytes, compress: int = zipfile.ZIP_STORED, pickle_patch=None, ex
         info = zipfile.ZipFile(io.BytesIO(raw)).infolist()[0]
         raw = bytearray(raw)
         start = raw.find(b"PK\x01\x02")  # the first central-directory record
-        raw[start + 24:start + 28] = (info.file_size + extra_size).to_bytes(4, "little")
+        raw[start + 24 : start + 28] = (info.file_size + extra_size).to_bytes(4, "little")
         raw = bytes(raw)
     return raw
 
@@ -115,8 +115,14 @@ class Worker:
         self.process = None
 
     def start(self):
-        self.process = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.DEVNULL, text=True, cwd=Path(__file__).parent)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=Path(__file__).parent,
+        )
         assert json.loads(self.process.stdout.readline()) == {"ready": True}
 
     def read(self, path, loader: str = "any", **extra) -> dict:
@@ -153,8 +159,12 @@ def _serve() -> None:
         size = int(status.read().split("VmSize:")[1].split()[0]) * 1024
     limit = size + WORKER_HEADROOM
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-    loaders = {"any": artifacts.load_any, "embeddings": artifacts.load_embeddings, "latents": artifacts.load_latents,
-               "describe": lambda path: json.dumps(artifacts.describe(path), allow_nan=False)}
+    loaders = {
+        "any": artifacts.load_any,
+        "embeddings": artifacts.load_embeddings,
+        "latents": artifacts.load_latents,
+        "describe": lambda path: json.dumps(artifacts.describe(path), allow_nan=False),
+    }
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
@@ -170,7 +180,7 @@ def _serve() -> None:
                 answer = {"outcome": "accepted"}
         except PixartError as error:
             answer = {"outcome": "refused", "message": str(error)}
-        except BaseException as error:  # noqa: BLE001 - anything else is what the fuzz looks for
+        except BaseException as error:
             answer = {"outcome": "crashed", "message": f"{type(error).__name__}: {error}"[:300]}
         print(json.dumps(answer), flush=True)
 

@@ -25,10 +25,12 @@ def embeddings_file(tiny_model, tmp_path_factory):
 
 
 def test_help_does_not_import_torch_and_is_fast():
-    code = ("import sys, time; t = time.perf_counter(); from pixart_cli.cli import app; "
-            "from typer.testing import CliRunner; r = CliRunner().invoke(app, ['--help']); "
-            "assert r.exit_code == 0 and 'encode' in r.stdout; "
-            "print('torch' in sys.modules, 'diffusers' in sys.modules)")
+    code = (
+        "import sys, time; t = time.perf_counter(); from pixart_cli.cli import app; "
+        "from typer.testing import CliRunner; r = CliRunner().invoke(app, ['--help']); "
+        "assert r.exit_code == 0 and 'encode' in r.stdout; "
+        "print('torch' in sys.modules, 'diffusers' in sys.modules)"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
     started = time.perf_counter()
@@ -36,13 +38,16 @@ def test_help_does_not_import_torch_and_is_fast():
     assert time.perf_counter() - started < 2.0  # generous for a loaded CI box; typically ~0.25 s
 
 
-@pytest.mark.parametrize("command, options", [
-    ("encode", ["--negative-prompt TEXT", "--max-sequence-length N", "--revision REV", "--cache DIR"]),
-    ("denoise", ["EMBEDDINGS", "--steps N", "--guidance-scale SCALE", "--seed N", "--batch-size N"]),
-    ("decode", ["LATENTS", "--batch-size N", "Images per VAE call"]),
-    ("generate", ["[PROMPT]...", "--steps N", "--vram SIZE", "--prompts-file FILE"]),
-    ("info", ["FILE", "--json"]),
-])
+@pytest.mark.parametrize(
+    "command, options",
+    [
+        ("encode", ["--negative-prompt TEXT", "--max-sequence-length N", "--revision REV", "--cache DIR"]),
+        ("denoise", ["EMBEDDINGS", "--steps N", "--guidance-scale SCALE", "--seed N", "--batch-size N"]),
+        ("decode", ["LATENTS", "--batch-size N", "Images per VAE call"]),
+        ("generate", ["[PROMPT]...", "--steps N", "--vram SIZE", "--prompts-file FILE"]),
+        ("info", ["FILE", "--json"]),
+    ],
+)
 def test_help_names_each_option_with_a_plain_metavar(command, options):
     for flag in ("--help", "-h"):
         result = runner.invoke(app, [command, flag], env={"COLUMNS": "200"})
@@ -66,8 +71,15 @@ def test_command_list_is_not_cut():
     result = runner.invoke(app, ["-h"], env={"COLUMNS": "80"})
     assert result.exit_code == 0
     listed = result.stdout.split("Commands:")[1].splitlines()[1:]
-    assert [line.split()[0] for line in listed if line.strip()] == ["encode", "denoise", "decode", "encode-image",
-                                                                                "generate", "info", "compare"]
+    assert [line.split()[0] for line in listed if line.strip()] == [
+        "encode",
+        "denoise",
+        "decode",
+        "encode-image",
+        "generate",
+        "info",
+        "compare",
+    ]
     assert not any(line.rstrip().endswith("...") for line in listed), listed
 
 
@@ -78,23 +90,26 @@ def test_json_error_is_a_json_document(tmp_path):
     assert document["exit_code"] == 2 and "missing.pt" in document["error"] and document["outputs"] == []
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["denoise", "{emb}", "--steps", "0"], ["--steps 0", "between 1 and 1000"]),
-    (["denoise", "{emb}", "--steps", "1"], ["--steps 1", "DPMSolverMultistepScheduler", "--steps 2"]),
-    (["denoise", "{emb}", "--guidance-scale", "-1"], ["--guidance-scale -1.0", "from 0 to 100"]),
-    (["denoise", "{emb}", "--width", "100"], ["--width 100", "multiple of 8"]),
-    (["denoise", "{emb}", "--width", "99999992"], ["--width 99999992", "maximum"]),
-    (["denoise", "{emb}", "--num-images", "0"], ["--num-images 0"]),
-    (["denoise", "{emb}", "--seed", "-3"], ["--seed -3"]),
-    (["denoise", "{emb}", "--device", "tpu"], ["--device 'tpu'", "unknown device"]),
-    (["denoise", "{emb}", "--dtype", "fp8"], ["--dtype 'fp8'"]),
-    (["denoise", "{emb}", "-o", "{emb}"], ["is also the input file"]),
-    (["denoise", "{emb}", "-o", "missing/dir/x.pt"], ["does not exist"]),
-    (["denoise", "nope.pt"], ["nope.pt", "no such file"]),
-    (["decode", "{emb}"], ["is an embeddings file", "needs a latents file"]),
-    (["encode", ""], ["PROMPT #1 is empty"]),
-    (["encode", "cat", "--model", "/no/such/folder"], ["--model /no/such/folder", "no such folder"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["denoise", "{emb}", "--steps", "0"], ["--steps 0", "between 1 and 1000"]),
+        (["denoise", "{emb}", "--steps", "1"], ["--steps 1", "DPMSolverMultistepScheduler", "--steps 2"]),
+        (["denoise", "{emb}", "--guidance-scale", "-1"], ["--guidance-scale -1.0", "from 0 to 100"]),
+        (["denoise", "{emb}", "--width", "100"], ["--width 100", "multiple of 8"]),
+        (["denoise", "{emb}", "--width", "99999992"], ["--width 99999992", "maximum"]),
+        (["denoise", "{emb}", "--num-images", "0"], ["--num-images 0"]),
+        (["denoise", "{emb}", "--seed", "-3"], ["--seed -3"]),
+        (["denoise", "{emb}", "--device", "tpu"], ["--device 'tpu'", "unknown device"]),
+        (["denoise", "{emb}", "--dtype", "fp8"], ["--dtype 'fp8'"]),
+        (["denoise", "{emb}", "-o", "{emb}"], ["is also the input file"]),
+        (["denoise", "{emb}", "-o", "missing/dir/x.pt"], ["does not exist"]),
+        (["denoise", "nope.pt"], ["nope.pt", "no such file"]),
+        (["decode", "{emb}"], ["is an embeddings file", "needs a latents file"]),
+        (["encode", ""], ["PROMPT #1 is empty"]),
+        (["encode", "cat", "--model", "/no/such/folder"], ["--model /no/such/folder", "no such folder"]),
+    ],
+)
 def test_bad_input_is_one_line_exit_2_nothing_written(args, fragments, embeddings_file, tmp_path):
     args = [a.replace("{emb}", str(embeddings_file)) for a in args]
     before = sorted(tmp_path.iterdir())
@@ -126,8 +141,9 @@ def test_quiet_and_json_outputs(embeddings_file, tmp_path):
 
 
 def test_latents_file_records_what_decode_needs(embeddings_file, tmp_path):
-    result = invoke("denoise", embeddings_file, "--steps", "2", "--seed", SEED, "--width", "200", "--height", "144",
-                    cwd=tmp_path)
+    result = invoke(
+        "denoise", embeddings_file, "--steps", "2", "--seed", SEED, "--width", "200", "--height", "144", cwd=tmp_path
+    )
     assert result.exit_code == 0, result.stderr
     meta = artifacts.load_latents(tmp_path / "latents.pt").meta
     assert meta["requested_width"] == 200 and meta["requested_height"] == 144
@@ -144,8 +160,22 @@ def test_latents_file_records_what_decode_needs(embeddings_file, tmp_path):
 
 
 def test_several_images_get_numbered_paths(tiny_model, tmp_path):
-    result = invoke("generate", "a cat", "a dog", "--num-images", "2", "--steps", "2", "--seed", "3",
-                    "--model", tiny_model, "-o", "pic.png", cwd=tmp_path)
+    result = invoke(
+        "generate",
+        "a cat",
+        "a dog",
+        "--num-images",
+        "2",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--model",
+        tiny_model,
+        "-o",
+        "pic.png",
+        cwd=tmp_path,
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.splitlines() == ["pic-0.png", "pic-1.png", "pic-2.png", "pic-3.png"]
     from PIL import Image

@@ -18,9 +18,16 @@ PROMPTS = ["a cute cat", "a red chair"]
 
 
 def embeddings(path, prompt_embeds, mask):
-    meta = {"format": artifacts.EMBEDDINGS_FORMAT, "version": artifacts.FORMAT_VERSION, "model": "m", "family": "alpha",
-            "dtype": "fp32", "prompts": PROMPTS[:prompt_embeds.shape[0]], "negative_prompt": "",
-            "max_sequence_length": prompt_embeds.shape[1]}
+    meta = {
+        "format": artifacts.EMBEDDINGS_FORMAT,
+        "version": artifacts.FORMAT_VERSION,
+        "model": "m",
+        "family": "alpha",
+        "dtype": "fp32",
+        "prompts": PROMPTS[: prompt_embeds.shape[0]],
+        "negative_prompt": "",
+        "max_sequence_length": prompt_embeds.shape[1],
+    }
     negative = torch.zeros_like(prompt_embeds)
     artifacts.save(path, artifacts.Embeddings(prompt_embeds, mask, negative, mask.clone(), meta))
     return path
@@ -28,17 +35,30 @@ def embeddings(path, prompt_embeds, mask):
 
 def latents(path, tensor):
     count, _, height, width = tensor.shape
-    meta = {"format": artifacts.LATENTS_FORMAT, "version": artifacts.FORMAT_VERSION, "model": "m", "family": "alpha",
-            "dtype": "fp32", "prompts": PROMPTS[:count], "seeds": list(range(count)), "height": height * 8,
-            "width": width * 8, "requested_height": height * 8, "requested_width": width * 8}
+    meta = {
+        "format": artifacts.LATENTS_FORMAT,
+        "version": artifacts.FORMAT_VERSION,
+        "model": "m",
+        "family": "alpha",
+        "dtype": "fp32",
+        "prompts": PROMPTS[:count],
+        "seeds": list(range(count)),
+        "height": height * 8,
+        "width": width * 8,
+        "requested_height": height * 8,
+        "requested_width": width * 8,
+    }
     artifacts.save(path, artifacts.Latents(tensor, meta))
     return path
 
 
 def numpy_stats(x, y) -> dict:
     x, y = np.asarray(x, dtype=np.float64).ravel(), np.asarray(y, dtype=np.float64).ravel()
-    return {"cosine": float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))),
-            "max_abs_diff": float(np.abs(x - y).max()), "mean_abs_diff": float(np.abs(x - y).mean())}
+    return {
+        "cosine": float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))),
+        "max_abs_diff": float(np.abs(x - y).max()),
+        "mean_abs_diff": float(np.abs(x - y).mean()),
+    }
 
 
 def assert_pair(pair: dict, expected: dict):
@@ -105,12 +125,19 @@ def test_images_pixel_difference_and_psnr(tmp_path):
     assert identical["psnr"] is None and identical["max_pixel_diff"] == 0 and identical["cosine"] == 1.0
 
 
-@pytest.mark.parametrize("a, b, fragment", [
-    ("emb.pt", "lat.pt", "error: lat.pt: holds latents but emb.pt holds embeddings; compare two files of the same kind"),
-    ("lat.pt", "lat-small.pt", "error: lat-small.pt: latents [1, 4, 2, 2] do not match lat.pt's [2, 4, 4, 4]"),
-    ("a.png", "lat.pt", "error: lat.pt: cannot compare it with the image a.png"),
-    ("a.png", "small.png", "error: small.png: is 8x8 but a.png is 24x16"),
-])
+@pytest.mark.parametrize(
+    "a, b, fragment",
+    [
+        (
+            "emb.pt",
+            "lat.pt",
+            "error: lat.pt: holds latents but emb.pt holds embeddings; compare two files of the same kind",
+        ),
+        ("lat.pt", "lat-small.pt", "error: lat-small.pt: latents [1, 4, 2, 2] do not match lat.pt's [2, 4, 4, 4]"),
+        ("a.png", "lat.pt", "error: lat.pt: cannot compare it with the image a.png"),
+        ("a.png", "small.png", "error: small.png: is 8x8 but a.png is 24x16"),
+    ],
+)
 def test_files_that_cannot_be_compared_exit_2(tmp_path, a, b, fragment):
     embeddings(tmp_path / "emb.pt", torch.ones(2, 3, 4), torch.ones(2, 3, dtype=torch.int64))
     latents(tmp_path / "lat.pt", torch.ones(2, 4, 4, 4))
@@ -120,4 +147,5 @@ def test_files_that_cannot_be_compared_exit_2(tmp_path, a, b, fragment):
     result = run_pixart("compare", a, b, cwd=tmp_path, check=False)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == [fragment] or (
-        len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(fragment)), result.stderr
+        len(result.stderr.strip().splitlines()) == 1 and result.stderr.startswith(fragment)
+    ), result.stderr

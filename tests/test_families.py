@@ -38,7 +38,10 @@ def ours(model, prompt, seed=SEED, **options):
 def test_family_detection(tiny_model, family_models):
     assert Model(str(tiny_model)).family.name == "alpha"
     assert {name: Model(str(path)).family.name for name, path in family_models.items()} == {
-        "sigma": "sigma", "lcm": "lcm", "dmd": "dmd"}
+        "sigma": "sigma",
+        "lcm": "lcm",
+        "dmd": "dmd",
+    }
 
 
 def test_sigma_equals_its_pipeline(family_models):
@@ -65,11 +68,20 @@ def test_dmd_borrows_t5_and_vae_from_the_base_model(family_models, tiny_model, m
     monkeypatch.setenv("PIXART_BASE_MODEL", str(tiny_model))
     image, meta = ours(family_models["dmd"], PROMPT)
     assert (meta["steps"], meta["timesteps"], meta["guidance_scale"]) == (1, [400], 1.0)
-    components = {"tokenizer": T5Tokenizer.from_pretrained(tiny_model, subfolder="tokenizer"),
-                  "text_encoder": T5EncoderModel.from_pretrained(tiny_model, subfolder="text_encoder"),
-                  "vae": AutoencoderKL.from_pretrained(tiny_model, subfolder="vae")}
-    reference = oracle(PixArtAlphaPipeline, family_models["dmd"], PROMPT, components=components,
-                       timesteps=[400], num_inference_steps=1, guidance_scale=1.0)
+    components = {
+        "tokenizer": T5Tokenizer.from_pretrained(tiny_model, subfolder="tokenizer"),
+        "text_encoder": T5EncoderModel.from_pretrained(tiny_model, subfolder="text_encoder"),
+        "vae": AutoencoderKL.from_pretrained(tiny_model, subfolder="vae"),
+    }
+    reference = oracle(
+        PixArtAlphaPipeline,
+        family_models["dmd"],
+        PROMPT,
+        components=components,
+        timesteps=[400],
+        num_inference_steps=1,
+        guidance_scale=1.0,
+    )
     assert max_diff(image, reference) <= 1
 
 
@@ -78,8 +90,10 @@ def test_user_flags_win_over_family_defaults(family_models):
     assert (meta["steps"], meta["guidance_scale"]) == (2, 1.5)
 
 
-@pytest.mark.parametrize("name, class_name", [("euler-a", "EulerAncestralDiscreteScheduler"),
-                                              ("ddim", "DDIMScheduler"), ("sa-solver", "SASolverScheduler")])
+@pytest.mark.parametrize(
+    "name, class_name",
+    [("euler-a", "EulerAncestralDiscreteScheduler"), ("ddim", "DDIMScheduler"), ("sa-solver", "SASolverScheduler")],
+)
 def test_scheduler_choice_equals_pipeline_with_that_scheduler(tiny_model, name, class_name):
     import diffusers
     from diffusers import PixArtAlphaPipeline
@@ -90,8 +104,13 @@ def test_scheduler_choice_equals_pipeline_with_that_scheduler(tiny_model, name, 
 
     scheduler_class = getattr(diffusers, class_name)
     overrides = SCHEDULER_OVERRIDES.get(class_name, {})
-    reference = oracle(PixArtAlphaPipeline, tiny_model, PROMPT, num_inference_steps=3,
-                       scheduler=lambda config: scheduler_class.from_config(config, **overrides))
+    reference = oracle(
+        PixArtAlphaPipeline,
+        tiny_model,
+        PROMPT,
+        num_inference_steps=3,
+        scheduler=lambda config: scheduler_class.from_config(config, **overrides),
+    )
     assert max_diff(image, reference) <= 1
 
 
@@ -113,24 +132,23 @@ def test_embedding_cache_skips_t5(tiny_model, tmp_path):
     second = encoded(["a dog", "a cat"], tiny_model, cache=tmp_path, log=logs.append)
     assert logs == [f"encode: all 2 prompt(s) found in the cache {tmp_path}; T5 not loaded"]
     assert torch.equal(second.prompt_embeds[0], first.prompt_embeds[1])
-    other = encoded(["a cat"], tiny_model, cache=tmp_path, negative_prompt="blurry",
-                   log=logs.append)
+    other = encoded(["a cat"], tiny_model, cache=tmp_path, negative_prompt="blurry", log=logs.append)
     assert any("plan resident" in line for line in logs)  # another negative prompt is another cache entry
     assert not torch.equal(other.negative_prompt_embeds, first.negative_prompt_embeds[:1])
 
 
 def test_long_prompt_warns_with_the_dropped_text(tiny_model):
     logs: list[str] = []
-    encoded(["a cute cat " * 40 + "THE END"], tiny_model, max_sequence_length=16,
-           log=logs.append)
+    encoded(["a cute cat " * 40 + "THE END"], tiny_model, max_sequence_length=16, log=logs.append)
     warnings = [line for line in logs if line.startswith("warning:")]
     assert len(warnings) == 1 and "truncated" in warnings[0] and "end" in warnings[0].lower()
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp"])
 def test_images_carry_their_settings_and_info_reads_them(tiny_model, tmp_path, suffix):
-    result = invoke("generate", PROMPT, "--steps", "2", "--seed", "11", "--model", tiny_model, "-o",
-                    f"pic{suffix}", cwd=tmp_path)
+    result = invoke(
+        "generate", PROMPT, "--steps", "2", "--seed", "11", "--model", tiny_model, "-o", f"pic{suffix}", cwd=tmp_path
+    )
     assert result.exit_code == 0 and result.stdout == f"pic{suffix}\n"
     shown = invoke("info", f"pic{suffix}", "--json", cwd=tmp_path)
     described = json.loads(shown.stdout)

@@ -44,8 +44,9 @@ def diffusers_img2img(model, image_path, strength, steps, seed, scheduler=None):
     if scheduler is not None:
         pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
     image = load_image(str(image_path))
-    height, width = PixArtImageProcessor.classify_height_width_bin(image.height // 8 * 8, image.width // 8 * 8,
-                                                                   ASPECT_RATIO_256_BIN)
+    height, width = PixArtImageProcessor.classify_height_width_bin(
+        image.height // 8 * 8, image.width // 8 * 8, ASPECT_RATIO_256_BIN
+    )
     pixels = pipe.image_processor.preprocess(image, height=height, width=width, resize_mode="crop")
     init = retrieve_latents(pipe.vae.encode(pixels), generator=torch.Generator().manual_seed(0))
     init = init * pipe.vae.config.scaling_factor
@@ -56,14 +57,19 @@ def diffusers_img2img(model, image_path, strength, steps, seed, scheduler=None):
     stand_in = SimpleNamespace(scheduler=pipe.scheduler)
     timesteps, _ = StableDiffusionImg2ImgPipeline.get_timesteps(stand_in, steps, strength, "cpu")
     latents = StableDiffusionImg2ImgPipeline.prepare_latents(
-        stand_in, init, timesteps[:1].repeat(1), 1, 1, torch.float32, "cpu", [torch.Generator().manual_seed(seed)])
+        stand_in, init, timesteps[:1].repeat(1), 1, 1, torch.float32, "cpu", [torch.Generator().manual_seed(seed)]
+    )
     with torch.no_grad():
         for t in timesteps:
             model_input = pipe.scheduler.scale_model_input(torch.cat([latents] * 2), t)
-            prediction = pipe.transformer(model_input, encoder_hidden_states=embeds, encoder_attention_mask=mask,
-                                          timestep=t.expand(2), added_cond_kwargs={"resolution": None,
-                                                                                   "aspect_ratio": None},
-                                          return_dict=False)[0]
+            prediction = pipe.transformer(
+                model_input,
+                encoder_hidden_states=embeds,
+                encoder_attention_mask=mask,
+                timestep=t.expand(2),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+                return_dict=False,
+            )[0]
             unconditional, conditional = prediction.chunk(2)
             noise = (unconditional + 4.5 * (conditional - unconditional)).chunk(2, dim=1)[0]  # learned sigma dropped
             latents = pipe.scheduler.step(noise, t, latents, return_dict=False)[0]
@@ -80,7 +86,8 @@ def test_staged_img2img_equals_diffusers_recipe(tiny_model, source_png, schedule
     ours = denoise(encoded([PROMPT], tiny_model), settings, cpu(tiny_model), init=init)
 
     reference_init, reference, steps_run = diffusers_img2img(
-        tiny_model, source_png, 0.6, 4, SEED, None if scheduler is None else diffusers.EulerDiscreteScheduler)
+        tiny_model, source_png, 0.6, 4, SEED, None if scheduler is None else diffusers.EulerDiscreteScheduler
+    )
     torch.testing.assert_close(init.latents, reference_init, rtol=0, atol=1e-6)
     torch.testing.assert_close(ours.latents, reference, rtol=1e-4, atol=1e-4)
     assert steps_run == 2 and ours.meta["steps_run"] == 2 and ours.meta["steps"] == 4
@@ -89,8 +96,10 @@ def test_staged_img2img_equals_diffusers_recipe(tiny_model, source_png, schedule
     assert ours.meta["strength"] == 0.6
     import hashlib
 
-    assert ours.meta["source_image"] == {"name": "source.png",
-                                         "sha256": hashlib.sha256(source_png.read_bytes()).hexdigest()}
+    assert ours.meta["source_image"] == {
+        "name": "source.png",
+        "sha256": hashlib.sha256(source_png.read_bytes()).hexdigest(),
+    }
 
 
 def test_staged_commands_equal_installed_generate(tiny_model, source_png, tmp_path, monkeypatch):
@@ -105,11 +114,29 @@ def test_staged_commands_equal_installed_generate(tiny_model, source_png, tmp_pa
 
     assert run("encode", PROMPT, "-q") == "embeddings.pt\n"
     assert run("encode-image", source_png, "-o", "init.pt") == "init.pt\n"
-    assert run("denoise", "embeddings.pt", "--init-latents", "init.pt", "--strength", "0.5", "--steps", "3",
-               "--seed", SEED) == "latents.pt\n"
+    assert (
+        run(
+            "denoise", "embeddings.pt", "--init-latents", "init.pt", "--strength", "0.5", "--steps", "3", "--seed", SEED
+        )
+        == "latents.pt\n"
+    )
     assert run("decode", "latents.pt", "-o", "staged.png") == "staged.png\n"
-    generated = run_pixart("generate", PROMPT, "--image", source_png, "--strength", "0.5", "--steps", "3",
-                           "--seed", SEED, "-o", "one.png", cwd=tmp_path, env={"PIXART_MODEL": str(tiny_model)})
+    generated = run_pixart(
+        "generate",
+        PROMPT,
+        "--image",
+        source_png,
+        "--strength",
+        "0.5",
+        "--steps",
+        "3",
+        "--seed",
+        SEED,
+        "-o",
+        "one.png",
+        cwd=tmp_path,
+        env={"PIXART_MODEL": str(tiny_model)},
+    )
     assert generated.stdout == "one.png\n"
 
     staged, one = read_png(tmp_path / "staged.png"), read_png(tmp_path / "one.png")
@@ -145,12 +172,18 @@ def test_bad_input_exits_2_before_models_load(tiny_model, tiny_unbinned_model, s
         (("denoise", "emb.pt", "--strength", "0.5"), "give --init-latents FILE"),
         (("denoise", "emb.pt", "--init-latents", "emb.pt"), "is an embeddings file", "pixart encode-image"),
         (("denoise", "emb.pt", "--init-latents", "init.pt", "--width", "256"), "encoded for 200x296"),
-        (("denoise", "emb.pt", "--init-latents", "init.pt", "--no-binning"), "--width 200: without binning",
-         "the one init.pt was encoded for"),
+        (
+            ("denoise", "emb.pt", "--init-latents", "init.pt", "--no-binning"),
+            "--width 200: without binning",
+            "the one init.pt was encoded for",
+        ),
         (("denoise", "emb.pt", "--init-latents", "eight.pt"), "8 channels"),
         (("denoise", "emb.pt", "--init-latents", "init.pt", "--steps", "2", "--strength", "0.4"), "0 steps"),
-        (("denoise", "emb.pt", "--init-latents", "init.pt", "--model", str(tiny_unbinned_model)),
-         "--height 296: beyond this model's maximum of 256", "init.pt was encoded for"),
+        (
+            ("denoise", "emb.pt", "--init-latents", "init.pt", "--model", str(tiny_unbinned_model)),
+            "--height 296: beyond this model's maximum of 256",
+            "init.pt was encoded for",
+        ),
         (("generate", PROMPT, "--image", "missing.png", *env_model), "--image missing.png: no such file"),
         (("generate", PROMPT, "--strength", "0.5", *env_model), "give --image FILE"),
         (("generate", PROMPT, "--image", source_png, "-o", "out/", *env_model), "--image: image to image"),

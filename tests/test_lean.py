@@ -15,10 +15,24 @@ from helpers import SEED, denoised, encoded
 from pixart_cli import random_model
 
 # Heavy packages that no stage runs. Each was measured costing a stage process from 0.3 s to several seconds.
-NEVER = ["sklearn", "sympy", "torch._dynamo", "torch._inductor", "torch.distributed.tensor", "bitsandbytes", "peft",
-         "ray", "diffusers.pipelines", "diffusers.loaders", "diffusers.models.autoencoders.autoencoder_kl",
-         "diffusers.hooks.group_offloading", "transformers.modeling_utils", "transformers.generation",
-         "transformers.models.t5.modeling_t5", "transformers.models.auto"]
+NEVER = [
+    "sklearn",
+    "sympy",
+    "torch._dynamo",
+    "torch._inductor",
+    "torch.distributed.tensor",
+    "bitsandbytes",
+    "peft",
+    "ray",
+    "diffusers.pipelines",
+    "diffusers.loaders",
+    "diffusers.models.autoencoders.autoencoder_kl",
+    "diffusers.hooks.group_offloading",
+    "transformers.modeling_utils",
+    "transformers.generation",
+    "transformers.models.t5.modeling_t5",
+    "transformers.models.auto",
+]
 NOT_IMPORTED = {
     "encode": NEVER + ["diffusers"],
     "denoise": NEVER + ["transformers"],
@@ -38,19 +52,26 @@ runpy.run_module("pixart_cli", run_name="__main__")
 
 def imported_by(tmp_path, *args) -> set[str]:
     record = tmp_path / "modules.json"
-    result = subprocess.run([sys.executable, "-c", RECORD_MODULES, str(record), *map(str, args)], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", RECORD_MODULES, str(record), *map(str, args)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     return set(json.loads(record.read_text()))
 
 
 def test_each_stage_process_imports_only_what_it_runs(tiny_model, tmp_path):
     common = ["--model", tiny_model, "--device", "cpu", "--quiet"]
-    runs = {"encode": ["encode", "a cute cat", "-o", "emb.pt", *common],
-            "denoise": ["denoise", "emb.pt", "--steps", "2", "-o", "lat.pt", *common],
-            "decode": ["decode", "lat.pt", "-o", "image.png", *common],
-            "encode-image": ["encode-image", "image.png", "-o", "init.pt", *common],
-            "generate": ["generate", "a cute cat", "--steps", "2", "-o", "gen.png", *common]}
+    runs = {
+        "encode": ["encode", "a cute cat", "-o", "emb.pt", *common],
+        "denoise": ["denoise", "emb.pt", "--steps", "2", "-o", "lat.pt", *common],
+        "decode": ["decode", "lat.pt", "-o", "image.png", *common],
+        "encode-image": ["encode-image", "image.png", "-o", "init.pt", *common],
+        "generate": ["generate", "a cute cat", "--steps", "2", "-o", "gen.png", *common],
+    }
     for stage, args in runs.items():
         modules = imported_by(tmp_path, *args)
         assert "torch" in modules  # the recording works
@@ -90,12 +111,15 @@ def test_bin_tables_read_from_source_equal_the_pipelines():
         assert diffusers_constant(path, name) == getattr(module, name), name
 
 
-@pytest.mark.parametrize("caption", [
-    "a cute cat &amp; dog, see https://example.com/cat.png",
-    "<b>Hello</b> @nick #123 “quoted” ---- this-is-my-cute-cat_x www.shop.com/x",
-    "IMG_12345678.jpg free shipping 1920x1080 page 3, jc6640vc 192.168.0.1",
-    "  Ünïcödé   ‘quotes’ and — dashes — 東京 ...  ",
-])
+@pytest.mark.parametrize(
+    "caption",
+    [
+        "a cute cat &amp; dog, see https://example.com/cat.png",
+        "<b>Hello</b> @nick #123 “quoted” ---- this-is-my-cute-cat_x www.shop.com/x",
+        "IMG_12345678.jpg free shipping 1920x1080 page 3, jc6640vc 192.168.0.1",
+        "  Ünïcödé   ‘quotes’ and — dashes — 東京 ...  ",
+    ],
+)
 def test_caption_cleaning_is_the_pipelines(caption):
     from diffusers import PixArtAlphaPipeline
 
@@ -144,17 +168,31 @@ def test_micro_conditions_of_the_1024_transformer_match_the_pipeline(tmp_path):
     model = random_model.build(tmp_path / "model", "tiny", sample_size=128)
     # The micro-condition embeddings split the hidden size in three: 24 wide, not the tiny model's 16.
     torch.manual_seed(SEED)
-    PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=12, num_layers=1, caption_channels=32,
-                             cross_attention_dim=24, sample_size=128, norm_num_groups=1).save_pretrained(
-        model / "transformer")
+    PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=12,
+        num_layers=1,
+        caption_channels=32,
+        cross_attention_dim=24,
+        sample_size=128,
+        norm_num_groups=1,
+    ).save_pretrained(model / "transformer")
     embeddings = encoded(["a cute cat"], model)
     ours = denoised(embeddings, steps=2, seed=SEED, width=64, height=48, binning=False)
     pipe = PixArtAlphaPipeline.from_pretrained(model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    reference = pipe(prompt_embeds=embeddings.prompt_embeds, prompt_attention_mask=embeddings.prompt_attention_mask,
-                     negative_prompt_embeds=embeddings.negative_prompt_embeds,
-                     negative_prompt_attention_mask=embeddings.negative_prompt_attention_mask, negative_prompt=None,
-                     num_inference_steps=2, width=64, height=48, use_resolution_binning=False, output_type="latent",
-                     generator=[torch.Generator("cpu").manual_seed(SEED)]).images
+    reference = pipe(
+        prompt_embeds=embeddings.prompt_embeds,
+        prompt_attention_mask=embeddings.prompt_attention_mask,
+        negative_prompt_embeds=embeddings.negative_prompt_embeds,
+        negative_prompt_attention_mask=embeddings.negative_prompt_attention_mask,
+        negative_prompt=None,
+        num_inference_steps=2,
+        width=64,
+        height=48,
+        use_resolution_binning=False,
+        output_type="latent",
+        generator=[torch.Generator("cpu").manual_seed(SEED)],
+    ).images
     assert pipe.transformer.config.sample_size == 128 and pipe.transformer.use_additional_conditions
     assert torch.equal(ours.latents, reference)

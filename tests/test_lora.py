@@ -16,16 +16,27 @@ from pixart_cli.errors import PixartError
 
 PROMPT = "a cute cat"
 # A few layers of each kind the tiny transformer has: self/cross attention, MLP, conditioning, output, patch conv.
-LAYERS = ("transformer_blocks.0.attn1.to_q", "transformer_blocks.1.attn2.to_k", "transformer_blocks.0.ff.net.0.proj",
-          "transformer_blocks.1.ff.net.2", "adaln_single.linear", "caption_projection.linear_1", "proj_out",
-          "pos_embed.proj")
+LAYERS = (
+    "transformer_blocks.0.attn1.to_q",
+    "transformer_blocks.1.attn2.to_k",
+    "transformer_blocks.0.ff.net.0.proj",
+    "transformer_blocks.1.ff.net.2",
+    "adaln_single.linear",
+    "caption_projection.linear_1",
+    "proj_out",
+    "pos_embed.proj",
+)
 # Original PixArt names for OneTrainer's OMI naming (its convert_pixart_lora.py table), for the layers above.
-OMI_NAMES = {"transformer_blocks.0.attn1.to_q": "transformer.blocks.0.attn.qkv.0",
-             "transformer_blocks.1.attn2.to_k": "transformer.blocks.1.cross_attn.kv_linear.0",
-             "transformer_blocks.0.ff.net.0.proj": "transformer.blocks.0.mlp.fc1",
-             "transformer_blocks.1.ff.net.2": "transformer.blocks.1.mlp.fc2", "adaln_single.linear": "transformer.t_block.1",
-             "caption_projection.linear_1": "transformer.y_embedder.y_proj.fc1", "proj_out": "transformer.final_layer.linear",
-             "pos_embed.proj": "transformer.x_embedder.proj"}
+OMI_NAMES = {
+    "transformer_blocks.0.attn1.to_q": "transformer.blocks.0.attn.qkv.0",
+    "transformer_blocks.1.attn2.to_k": "transformer.blocks.1.cross_attn.kv_linear.0",
+    "transformer_blocks.0.ff.net.0.proj": "transformer.blocks.0.mlp.fc1",
+    "transformer_blocks.1.ff.net.2": "transformer.blocks.1.mlp.fc2",
+    "adaln_single.linear": "transformer.t_block.1",
+    "caption_projection.linear_1": "transformer.y_embedder.y_proj.fc1",
+    "proj_out": "transformer.final_layer.linear",
+    "pos_embed.proj": "transformer.x_embedder.proj",
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +83,9 @@ def write_lora(path, weights: dict, naming: str, alpha: float | None = None, met
     metadata = {"format": "pt"}
     if metadata_alpha is not None:
         rank = next(iter(weights.values()))[0].shape[0]
-        metadata["lora_adapter_metadata"] = json.dumps({"transformer.r": rank, "transformer.lora_alpha": metadata_alpha})
+        metadata["lora_adapter_metadata"] = json.dumps(
+            {"transformer.r": rank, "transformer.lora_alpha": metadata_alpha}
+        )
     save_file(tensors, str(path), metadata=metadata)
     return path
 
@@ -84,7 +97,9 @@ def hand_merged(transformer, adapters) -> dict:
         for name, (down, up) in weights.items():
             key = f"{name}.weight"
             rank = down.shape[0]
-            state[key] = state[key] + scale * (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(state[key].shape)
+            state[key] = state[key] + scale * (alpha / rank) * (up.flatten(1) @ down.flatten(1)).reshape(
+                state[key].shape
+            )
     return state
 
 
@@ -102,14 +117,17 @@ def assert_state_close(ours: dict, reference: dict):
         torch.testing.assert_close(ours[key], reference[key], rtol=0, atol=1e-6, msg=key)
 
 
-@pytest.mark.parametrize("naming, alpha, metadata_alpha, expected_alpha", [
-    ("diffusers", None, 2.0, 2.0),  # alpha from diffusers' lora_adapter_metadata
-    ("diffusers", None, None, 4.0),  # no alpha anywhere: alpha = rank
-    ("peft", 8.0, None, 8.0),  # .alpha keys
-    ("onetrainer", 1.0, None, 1.0),
-    ("lycoris", 3.0, None, 3.0),
-    ("omi", 2.0, None, 2.0),
-])
+@pytest.mark.parametrize(
+    "naming, alpha, metadata_alpha, expected_alpha",
+    [
+        ("diffusers", None, 2.0, 2.0),  # alpha from diffusers' lora_adapter_metadata
+        ("diffusers", None, None, 4.0),  # no alpha anywhere: alpha = rank
+        ("peft", 8.0, None, 8.0),  # .alpha keys
+        ("onetrainer", 1.0, None, 1.0),
+        ("lycoris", 3.0, None, 3.0),
+        ("omi", 2.0, None, 2.0),
+    ],
+)
 def test_each_naming_fuses_to_the_hand_merge(transformer, tmp_path, naming, alpha, metadata_alpha, expected_alpha):
     weights = random_lora(transformer, rank=4, seed=1)
     path = write_lora(tmp_path / "style.safetensors", weights, naming, alpha, metadata_alpha)
@@ -132,16 +150,21 @@ def test_peft_save_pretrained_alpha_comes_from_its_adapter_config(transformer, t
 
 def test_two_loras_at_different_scales_add_up(transformer, tmp_path):
     first, second = random_lora(transformer, 4, seed=2), random_lora(transformer, 8, seed=3, layers=LAYERS[2:])
-    loras = [lora.read_lora(lora.LoraSpec(write_lora(tmp_path / "a.safetensors", first, "diffusers", 4.0), 0.8)),
-             lora.read_lora(lora.LoraSpec(write_lora(tmp_path / "b.safetensors", second, "onetrainer", 2.0), -0.5))]
+    loras = [
+        lora.read_lora(lora.LoraSpec(write_lora(tmp_path / "a.safetensors", first, "diffusers", 4.0), 0.8)),
+        lora.read_lora(lora.LoraSpec(write_lora(tmp_path / "b.safetensors", second, "onetrainer", 2.0), -0.5)),
+    ]
     reference = hand_merged(transformer, [(first, 4.0, 0.8), (second, 2.0, -0.5)])
     assert_state_close(fused(transformer, loras), reference)
 
 
 def test_streamed_plan_equals_resident_plan_with_loras(tiny_model, transformer, tmp_path, monkeypatch):
     """Fused before diffusers' group offloading: the streamed transformer gives the same latents."""
-    loras = [lora.read_lora(lora.LoraSpec(write_lora(tmp_path / "a.safetensors", random_lora(transformer, 4, 4),
-                                                     "diffusers"), 0.6))]
+    loras = [
+        lora.read_lora(
+            lora.LoraSpec(write_lora(tmp_path / "a.safetensors", random_lora(transformer, 4, 4), "diffusers"), 0.6)
+        )
+    ]
     embeddings = encoded([PROMPT], tiny_model)
     resident = denoised(embeddings, steps=2, seed=0, loras=tuple(loras))
     logs: list[str] = []
@@ -163,21 +186,39 @@ def test_generate_with_two_loras_equals_diffusers_on_hand_merged_weights(tiny_mo
     first, second = random_lora(transformer, 4, seed=5), random_lora(transformer, 2, seed=6, layers=LAYERS[:4])
     write_lora(tmp_path / "first.safetensors", first, "diffusers", metadata_alpha=2.0)
     write_lora(tmp_path / "second.safetensors", second, "onetrainer", alpha=1.0)
-    result = run_pixart("generate", PROMPT, "--steps", "2", "--seed", "3", "--lora", "first.safetensors:0.8",
-                        "--lora", "second.safetensors:0.5", "-o", "out.png", cwd=tmp_path,
-                        env={"PIXART_MODEL": str(tiny_model)})
+    result = run_pixart(
+        "generate",
+        PROMPT,
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--lora",
+        "first.safetensors:0.8",
+        "--lora",
+        "second.safetensors:0.5",
+        "-o",
+        "out.png",
+        cwd=tmp_path,
+        env={"PIXART_MODEL": str(tiny_model)},
+    )
     assert result.stdout == "out.png\n"
     assert "lora: first.safetensors x0.8 (8 layers, rank 4, peft naming, alpha from lora_adapter_metadata)" in (
-        result.stderr)
+        result.stderr
+    )
 
     pipe = PixArtAlphaPipeline.from_pretrained(tiny_model, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     pipe.transformer.load_state_dict(hand_merged(pipe.transformer, [(first, 2.0, 0.8), (second, 1.0, 0.5)]))
-    reference = np.asarray(pipe(PROMPT, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3)
-                                ).images[0])
+    reference = np.asarray(
+        pipe(PROMPT, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    )
     assert max_diff(read_png(tmp_path / "out.png"), reference) <= 1
-    without = np.asarray(PixArtAlphaPipeline.from_pretrained(tiny_model, dtype=torch.float32)(
-        PROMPT, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3)).images[0])
+    without = np.asarray(
+        PixArtAlphaPipeline.from_pretrained(tiny_model, dtype=torch.float32)(
+            PROMPT, num_inference_steps=2, generator=torch.Generator("cpu").manual_seed(3)
+        ).images[0]
+    )
     assert max_diff(without, reference) > 8  # the comparison can tell a LoRA from none
 
     settings = artifacts.read_image_metadata(tmp_path / "out.png")["settings"]
@@ -185,7 +226,8 @@ def test_generate_with_two_loras_equals_diffusers_on_hand_merged_weights(tiny_mo
 
     assert settings["loras"] == [
         {"file": name, "sha256": hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(), "scale": scale}
-        for name, scale in (("first.safetensors", 0.8), ("second.safetensors", 0.5))]
+        for name, scale in (("first.safetensors", 0.8), ("second.safetensors", 0.5))
+    ]
 
 
 # --- bad LoRA files ------------------------------------------------------------------------------------------
@@ -193,18 +235,32 @@ def _bad_files(transformer, folder):
     good = random_lora(transformer, 4, seed=7, layers=LAYERS[:2])
     down, up = good["transformer_blocks.0.attn1.to_q"]
     files = {
-        "unknown-module": ({"transformer.transformer_blocks.9.attn1.to_q.lora_A.weight": down,
-                            "transformer.transformer_blocks.9.attn1.to_q.lora_B.weight": up},
-                           "transformer_blocks.9.attn1.to_q is not a layer of this model's transformer"),
-        "wrong-shape": ({"transformer.proj_out.lora_A.weight": down, "transformer.proj_out.lora_B.weight": up},
-                        "transformer.proj_out does not fit: down [4, 16] and up [16, 4] for a layer of weight [32, 16]"),
-        "wrong-rank-pairing": ({"lora_transformer_proj_out.lora_down.weight": down,
-                                "lora_transformer_proj_out.lora_up.weight": torch.zeros(32, 3)},
-                               "wrong rank pairing, down [4, 16] has rank 4 but up [32, 3] has 3"),
+        "unknown-module": (
+            {
+                "transformer.transformer_blocks.9.attn1.to_q.lora_A.weight": down,
+                "transformer.transformer_blocks.9.attn1.to_q.lora_B.weight": up,
+            },
+            "transformer_blocks.9.attn1.to_q is not a layer of this model's transformer",
+        ),
+        "wrong-shape": (
+            {"transformer.proj_out.lora_A.weight": down, "transformer.proj_out.lora_B.weight": up},
+            "transformer.proj_out does not fit: down [4, 16] and up [16, 4] for a layer of weight [32, 16]",
+        ),
+        "wrong-rank-pairing": (
+            {
+                "lora_transformer_proj_out.lora_down.weight": down,
+                "lora_transformer_proj_out.lora_up.weight": torch.zeros(32, 3),
+            },
+            "wrong rank pairing, down [4, 16] has rank 4 but up [32, 3] has 3",
+        ),
         "unpaired": ({"transformer.proj_out.lora_A.weight": down}, "has a LoRA down matrix but no up matrix"),
-        "text-encoder": ({"lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": down,
-                          "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": up},
-                         "text-encoder (T5) LoRA weights"),
+        "text-encoder": (
+            {
+                "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_down.weight": down,
+                "lora_te_encoder_block_0_layer_0_SelfAttention_q.lora_up.weight": up,
+            },
+            "text-encoder (T5) LoRA weights",
+        ),
         "lokr": ({"lycoris_proj_out.lokr_w1": down}, "holds LoKr weights"),
     }
     paths = {}
@@ -230,10 +286,13 @@ def test_bad_loras_are_refused_before_the_weights_load(tiny_model, transformer, 
         assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
 
 
-@pytest.mark.parametrize("text, fragment", [
-    ("style.safetensors:nan", "is not a finite number"),
-    ("missing.safetensors:0.5", "--lora missing.safetensors: no such file"),
-])
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("style.safetensors:nan", "is not a finite number"),
+        ("missing.safetensors:0.5", "--lora missing.safetensors: no such file"),
+    ],
+)
 def test_bad_lora_values(text, fragment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PixartError, match=fragment):
@@ -255,12 +314,23 @@ def test_a_lora_that_does_not_fit_exits_2_and_writes_nothing(tiny_model, transfo
     path, fragment = _bad_files(transformer, tmp_path)["wrong-shape"]
     artifacts.save(tmp_path / "emb.pt", encoded([PROMPT], tiny_model))
     before = sorted(p.name for p in tmp_path.iterdir())
-    result = run_pixart("generate", PROMPT, "-o", "out.png", "--lora", f"{path.name}:0.5", cwd=tmp_path,
-                        env={"PIXART_MODEL": str(tiny_model)}, check=False)
+    result = run_pixart(
+        "generate",
+        PROMPT,
+        "-o",
+        "out.png",
+        "--lora",
+        f"{path.name}:0.5",
+        cwd=tmp_path,
+        env={"PIXART_MODEL": str(tiny_model)},
+        check=False,
+    )
     monkeypatch.chdir(tmp_path)
     in_process = CliRunner().invoke(app, ["denoise", "emb.pt", "-o", "lat.pt", "--lora", f"{path.name}:0.5"])
-    for code, stdout, stderr in ((result.returncode, result.stdout, result.stderr),
-                                 (in_process.exit_code, in_process.stdout, in_process.stderr)):
+    for code, stdout, stderr in (
+        (result.returncode, result.stdout, result.stderr),
+        (in_process.exit_code, in_process.stdout, in_process.stderr),
+    ):
         assert code == 2 and stdout == "", stderr
         lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"error: --lora {path.name}: ") and fragment in lines[0]
@@ -271,12 +341,28 @@ def test_the_memory_plan_counts_the_moment_of_fusing():
     """Fusing needs an fp32 copy of the largest adapted layer and its LoRA on the device; nothing more stays."""
     from diffusers import PixArtTransformer2DModel
 
-    xl = dict(in_channels=4, out_channels=8, patch_size=2, num_attention_heads=16, attention_head_dim=72, num_layers=28,
-              caption_channels=4096, cross_attention_dim=1152, sample_size=128)
+    xl = dict(
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        num_attention_heads=16,
+        attention_head_dim=72,
+        num_layers=28,
+        caption_channels=4096,
+        cross_attention_dim=1152,
+        sample_size=128,
+    )
     skeleton = memory.meta_model(lambda config: PixArtTransformer2DModel(**config), xl, torch.float16)
     rank = 4
-    weights = {"transformer_blocks.0.attn1.to_q": (torch.zeros(rank, 1152), torch.zeros(1152, rank)),
-               "transformer_blocks.3.ff.net.0.proj": (torch.zeros(rank, 1152), torch.zeros(4608, rank))}
-    adapter = lora.LoraWeights(__import__("pathlib").Path("x.safetensors"), "0" * 64, 1.0, "peft",
-                               {f"transformer.{k}": lora.LoraModule(d, u, 4.0) for k, (d, u) in weights.items()})
+    weights = {
+        "transformer_blocks.0.attn1.to_q": (torch.zeros(rank, 1152), torch.zeros(1152, rank)),
+        "transformer_blocks.3.ff.net.0.proj": (torch.zeros(rank, 1152), torch.zeros(4608, rank)),
+    }
+    adapter = lora.LoraWeights(
+        __import__("pathlib").Path("x.safetensors"),
+        "0" * 64,
+        1.0,
+        "peft",
+        {f"transformer.{k}": lora.LoraModule(d, u, 4.0) for k, (d, u) in weights.items()},
+    )
     assert lora.fuse_peak_bytes(skeleton, [adapter]) == 2 * 4 * 4608 * 1152 + 4 * rank * (1152 + 4608)  # 42.5 MB

@@ -16,8 +16,10 @@ GB = memory.GIB
 CONTEXT = memory.CONTEXT_ESTIMATE
 
 
-@pytest.mark.parametrize("text, expected", [("8GB", 8 * GB), ("3gb", 3 * GB), ("2.5G", int(2.5 * GB)),
-                                            ("512MB", 512 * 2**20), ("auto", None), (None, None)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("8GB", 8 * GB), ("3gb", 3 * GB), ("2.5G", int(2.5 * GB)), ("512MB", 512 * 2**20), ("auto", None), (None, None)],
+)
 def test_parse_vram(text, expected):
     assert memory.parse_vram(text) == expected
 
@@ -51,24 +53,30 @@ def test_quantized_t5_estimate_matches_the_h100_measurement(full_size, precision
     assert abs(plan.estimate / GB - measured) < 0.5, plan.describe()
 
 
-@pytest.mark.parametrize("budget, encode_plan, denoise_plan, decode_plan", [
-    (None, "resident", "resident", "full"),  # CPU: no budget
-    (24 * GB, "resident", "resident", "full"),
-    (8 * GB, "streamed", "resident", "full"),
-    (3 * GB, "streamed", "resident", "tiled"),
-    (int(1.5 * GB), "streamed", "streamed", "tiled"),
-])
+@pytest.mark.parametrize(
+    "budget, encode_plan, denoise_plan, decode_plan",
+    [
+        (None, "resident", "resident", "full"),  # CPU: no budget
+        (24 * GB, "resident", "resident", "full"),
+        (8 * GB, "streamed", "resident", "full"),
+        (3 * GB, "streamed", "resident", "tiled"),
+        (int(1.5 * GB), "streamed", "streamed", "tiled"),
+    ],
+)
 def test_planner_on_full_size_configs(full_size, budget, encode_plan, denoise_plan, decode_plan):
     fp16 = torch.float16
     encode = encode_module.plan(full_size, budget, CONTEXT, fp16, 2, 120)
     assert encode.name == encode_plan
-    transformer = memory.meta_model(__import__("diffusers").PixArtTransformer2DModel.from_config,
-                                    full_size.config("transformer"), fp16)
-    denoise = memory.plan_denoise(budget, CONTEXT, memory.parameter_bytes(transformer), 64 * 64,
-                                  transformer.inner_dim, 2, 1, cfg=True)
+    transformer = memory.meta_model(
+        __import__("diffusers").PixArtTransformer2DModel.from_config, full_size.config("transformer"), fp16
+    )
+    denoise = memory.plan_denoise(
+        budget, CONTEXT, memory.parameter_bytes(transformer), 64 * 64, transformer.inner_dim, 2, 1, cfg=True
+    )
     assert denoise.name == denoise_plan
-    vae_bytes = memory.parameter_bytes(memory.meta_model(__import__("diffusers").AutoencoderKL.from_config,
-                                                         full_size.config("vae"), fp16))
+    vae_bytes = memory.parameter_bytes(
+        memory.meta_model(__import__("diffusers").AutoencoderKL.from_config, full_size.config("vae"), fp16)
+    )
     decode = memory.plan_decode(budget, CONTEXT, vae_bytes, 128, 1024, 1024, 2)
     assert decode.name == decode_plan
     for plan in (encode, denoise, decode):
@@ -104,8 +112,11 @@ def test_every_small_plan_matches_the_plain_plan(tiny_model, tiny_budget, monkey
     small_latents = denoised(small_embeddings, steps=2, seed=SEED, log=logs.append)
     small_images = decoded(small_latents, log=logs.append)
     plans = [line.split(" (")[0] for line in logs if ": plan " in line]
-    assert plans == ["encode: plan streamed, up to 1 texts per call", "denoise: plan streamed, batch 1",
-                     "decode: plan tiled, tile 128px"]
+    assert plans == [
+        "encode: plan streamed, up to 1 texts per call",
+        "denoise: plan streamed, batch 1",
+        "decode: plan tiled, tile 128px",
+    ]
     monkeypatch.undo()
     embeddings = encoded(["a cute cat"], tiny_model)
     latents = denoised(embeddings, steps=2, seed=SEED)
@@ -137,7 +148,8 @@ def test_streamed_t5_holds_blocks_only_while_they_run(tiny_model, resident):
     assert streamed.model.shared.weight.device.type == "cpu"
     seen = []
     streamed.model.encoder.block[1].register_forward_pre_hook(
-        lambda module, args: seen.append({p.device.type for p in streamed.model.encoder.block.parameters()}))
+        lambda module, args: seen.append({p.device.type for p in streamed.model.encoder.block.parameters()})
+    )
     ids = torch.tensor([[5, 6, 7, 1]])
     with torch.no_grad():
         ours = streamed.model(ids, attention_mask=torch.ones_like(ids))[0]
@@ -147,7 +159,8 @@ def test_streamed_t5_holds_blocks_only_while_they_run(tiny_model, resident):
     assert seen == ([{"cpu"}] if resident else [{"cpu", "meta"}])
     if not resident:
         assert [p.device.type for p in streamed.model.encoder.block[0].parameters()] == ["meta"] * len(
-            list(streamed.model.encoder.block[0].parameters()))
+            list(streamed.model.encoder.block[0].parameters())
+        )
 
 
 def test_report_memory_names_each_stage(tiny_model):
@@ -175,8 +188,13 @@ images = decoded(denoised(encoded(["a cute cat"], {str(tiny_model)!r}), steps=2,
                  log=logs.append)
 print(len(images), [line.split(" (")[0] for line in logs if ": plan " in line])
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            cwd=tmp_path, env={**__import__("os").environ,
-                                               "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)})
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "1 ['denoise: plan streamed, batch 1', 'decode: plan tiled, tile 128px']"

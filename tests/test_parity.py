@@ -37,8 +37,9 @@ def test_staged_equals_pipeline(tiny_model, tmp_path, size):
 
 def test_unbinned_model_and_guidance_off(tiny_unbinned_model, tmp_path):
     ours, latents = staged(tiny_unbinned_model, "a red chair", tmp_path, steps=2, guidance_scale=1.0)
-    reference = pipeline_images(tiny_unbinned_model, "a red chair", num_inference_steps=2, guidance_scale=1.0,
-                                use_resolution_binning=False)
+    reference = pipeline_images(
+        tiny_unbinned_model, "a red chair", num_inference_steps=2, guidance_scale=1.0, use_resolution_binning=False
+    )
     assert max_diff(ours, reference) <= 1
     assert latents.meta["binned"] is False and latents.meta["width"] == 64
 
@@ -69,8 +70,9 @@ def test_installed_script_staged_and_generate_equal_pipeline(tiny_model, tmp_pat
     assert f"seed: {SEED}" in denoised.stderr
     decoded = run_pixart("decode", "latents.pt", "-o", "cat.png", cwd=tmp_path, env=env)
     assert decoded.stdout == "cat.png\n"
-    generated = run_pixart("generate", CLEANED_PROMPT, "--steps", "3", "--seed", SEED, "-o", "one.png",
-                           cwd=tmp_path, env=env)
+    generated = run_pixart(
+        "generate", CLEANED_PROMPT, "--steps", "3", "--seed", SEED, "-o", "one.png", cwd=tmp_path, env=env
+    )
     assert generated.stdout == "one.png\n"
 
     reference = pipeline_images(tiny_model, CLEANED_PROMPT, num_inference_steps=3)[0]

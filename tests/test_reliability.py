@@ -13,10 +13,10 @@ import time
 import zipfile
 from pathlib import Path
 
+import hostile as attacks
 import pytest
 import torch
 
-import hostile as attacks
 from helpers import SEED, assert_one_line_error, denoised, encoded, invoke, pixart_bin, run_pixart
 from pixart_cli import artifacts
 from pixart_cli.errors import PixartError
@@ -31,8 +31,13 @@ def files(tiny_model, tmp_path_factory):
     artifacts.save(folder / "emb.pt", embeddings)
     artifacts.save(folder / "lat.pt", latents)
     load = lambda name: torch.load(folder / name, weights_only=True)  # noqa: E731
-    return {"folder": folder, "emb": folder / "emb.pt", "lat": folder / "lat.pt", "emb_data": load("emb.pt"),
-            "lat_data": load("lat.pt")}
+    return {
+        "folder": folder,
+        "emb": folder / "emb.pt",
+        "lat": folder / "lat.pt",
+        "emb_data": load("emb.pt"),
+        "lat_data": load("lat.pt"),
+    }
 
 
 def _with(data: dict, meta=None, **tensors) -> dict:
@@ -56,25 +61,30 @@ def _hostile(name: str, files: dict) -> bytes:
     return {
         "shared-meta": lambda: attacks.to_bytes(_with(emb, meta={"extra": attacks.shared_meta(12, 6)})),
         "deep-meta": lambda: attacks.deep_meta_file(lat, 200_000),
-        "stride-0-view": lambda: attacks.to_bytes(_with(emb, prompt_embeds=torch.zeros(1, 1, 32).expand(
-            125_000_000, 120, 32))),
-        "requested-size": lambda: attacks.to_bytes(_with(lat, meta={"requested_width": 16384,
-                                                                    "requested_height": 16384})),
+        "stride-0-view": lambda: attacks.to_bytes(
+            _with(emb, prompt_embeds=torch.zeros(1, 1, 32).expand(125_000_000, 120, 32))
+        ),
+        "requested-size": lambda: attacks.to_bytes(
+            _with(lat, meta={"requested_width": 16384, "requested_height": 16384})
+        ),
         "sparse": lambda: attacks.to_bytes(_with(emb, prompt_embeds=emb["prompt_embeds"].to_sparse())),
         "float8": lambda: attacks.to_bytes(_with(lat, latents=lat["latents"].to(torch.float8_e4m3fn))),
         "tuple-key": lambda: attacks.to_bytes(_with(lat, meta={("a", "b"): 1})),
     }[name]()
 
 
-@pytest.mark.parametrize("command, name, fragment", [
-    ("info", "shared-meta", "shared or cyclic"),
-    ("decode", "deep-meta", "nested more than 16 levels"),
-    ("denoise", "stride-0-view", "strided view"),
-    ("decode", "requested-size", "beyond this model's maximum of 1024"),
-    ("denoise", "sparse", "sparse_coo tensor"),
-    ("decode", "float8", "float8_e4m3fn"),
-    ("info", "tuple-key", "key of type tuple"),
-])
+@pytest.mark.parametrize(
+    "command, name, fragment",
+    [
+        ("info", "shared-meta", "shared or cyclic"),
+        ("decode", "deep-meta", "nested more than 16 levels"),
+        ("denoise", "stride-0-view", "strided view"),
+        ("decode", "requested-size", "beyond this model's maximum of 1024"),
+        ("denoise", "sparse", "sparse_coo tensor"),
+        ("decode", "float8", "float8_e4m3fn"),
+        ("info", "tuple-key", "key of type tuple"),
+    ],
+)
 def test_hostile_structures_are_refused_in_a_real_process(command, name, fragment, files, tmp_path):
     path = tmp_path / f"{name}.pt"
     path.write_bytes(_hostile(name, files))
@@ -84,9 +94,17 @@ def test_hostile_structures_are_refused_in_a_real_process(command, name, fragmen
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
-@pytest.mark.parametrize("kind, fragment", [("meta", "meta device"), ("quantized", "quantized"),
-                                            ("complex64", "complex64"), ("sparse_csr", "sparse_csr"),
-                                            ("cyclic", "shared or cyclic"), ("deflated", "compressed")])
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("meta", "meta device"),
+        ("quantized", "quantized"),
+        ("complex64", "complex64"),
+        ("sparse_csr", "sparse_csr"),
+        ("cyclic", "shared or cyclic"),
+        ("deflated", "compressed"),
+    ],
+)
 def test_more_hostile_kinds(kind, fragment, files, tmp_path):
     emb = files["emb_data"]
     if kind == "cyclic":
@@ -107,8 +125,13 @@ def test_devices_fifos_sockets_and_links_to_them_are_never_replaced(tmp_path):
     os.symlink("/dev/null", tmp_path / "link-to-null")
     server = socket.socket(socket.AF_UNIX)
     server.bind(str(tmp_path / "sock"))
-    for target, kind in (("/dev/null", "character device"), ("fifo", "named pipe"), ("link-to-fifo", "named pipe"),
-                         ("link-to-null", "character device"), ("sock", "socket")):
+    for target, kind in (
+        ("/dev/null", "character device"),
+        ("fifo", "named pipe"),
+        ("link-to-fifo", "named pipe"),
+        ("link-to-null", "character device"),
+        ("sock", "socket"),
+    ):
         result = run_pixart("encode", "a cat", "-o", target, cwd=tmp_path, check=False)
         assert_refused(result, 2, target, kind, "-o -")
     server.close()
@@ -117,8 +140,9 @@ def test_devices_fifos_sockets_and_links_to_them_are_never_replaced(tmp_path):
 
 
 def test_output_dash_writes_one_output_to_stdout(files, tmp_path):
-    piped = subprocess.run([pixart_bin(), "decode", str(files["emb"]).replace("emb", "one"), "-o", "-"],
-                           capture_output=True, cwd=tmp_path)
+    piped = subprocess.run(
+        [pixart_bin(), "decode", str(files["emb"]).replace("emb", "one"), "-o", "-"], capture_output=True, cwd=tmp_path
+    )
     assert piped.returncode == 2  # (a missing file, checked before stdout is touched)
     single = tmp_path / "one.pt"
     data = files["lat_data"]
@@ -134,9 +158,13 @@ def test_output_dash_writes_one_output_to_stdout(files, tmp_path):
 
 # --- 4: --no-overwrite at the moment the file is placed ---------------------------------------------------------
 def test_no_overwrite_holds_when_the_file_appears_during_the_run(files, tmp_path):
-    process = subprocess.Popen([pixart_bin(), "denoise", str(files["emb"]), "--steps", "20", "--no-overwrite",
-                                "-o", "lat.pt"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [pixart_bin(), "denoise", str(files["emb"]), "--steps", "20", "--no-overwrite", "-o", "lat.pt"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stderr:
         if "denoise: plan" in line:
             break
@@ -158,9 +186,13 @@ def test_no_overwrite_placement_is_a_no_clobber_link(tmp_path):
 
 # --- 5: several outputs and signals -----------------------------------------------------------------------------
 def test_a_burst_of_signals_gives_one_line(files, tmp_path):
-    process = subprocess.Popen([pixart_bin(), "denoise", str(files["emb"]), "--steps", "1000", "--num-images", "4",
-                                "-o", "lat.pt"],
-                               cwd=tmp_path, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [pixart_bin(), "denoise", str(files["emb"]), "--steps", "1000", "--num-images", "4", "-o", "lat.pt"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stderr:
         if "denoise: plan" in line:
             break
@@ -175,13 +207,19 @@ def test_a_burst_of_signals_gives_one_line(files, tmp_path):
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("failure, code, fragment", [
-    (KeyboardInterrupt(), 130, "interrupted; 2 of 3 outputs had been written"),
-    # images are written by several threads: the third may land although the second failed; the line and stdout
-    # then list both that did (the assertions below check stdout against the folder)
-    (OSError(errno.ENOSPC, "No space left on device", "lat-1.png"), 1,
-     "cannot write lat-1.png (No space left on device); "),
-])
+@pytest.mark.parametrize(
+    "failure, code, fragment",
+    [
+        (KeyboardInterrupt(), 130, "interrupted; 2 of 3 outputs had been written"),
+        # images are written by several threads: the third may land although the second failed; the line and stdout
+        # then list both that did (the assertions below check stdout against the folder)
+        (
+            OSError(errno.ENOSPC, "No space left on device", "lat-1.png"),
+            1,
+            "cannot write lat-1.png (No space left on device); ",
+        ),
+    ],
+)
 def test_a_failure_between_images_says_what_was_written(failure, code, fragment, files, tmp_path, monkeypatch):
     real_save = artifacts.save_image
     calls = []
@@ -206,10 +244,16 @@ def test_a_failure_between_images_says_what_was_written(failure, code, fragment,
 def test_two_processes_filling_one_cache(tiny_model, tmp_path):
     prompts = [f"prompt {i}" for i in range(6)]
     command = [pixart_bin(), "encode", "--model", str(tiny_model), "--cache", "cache"]
-    first = subprocess.Popen([*command, *prompts, "-o", "a.pt"], cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    second = subprocess.Popen([*command, *reversed(prompts), "-o", "b.pt"], cwd=tmp_path, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*command, *prompts, "-o", "a.pt"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    second = subprocess.Popen(
+        [*command, *reversed(prompts), "-o", "b.pt"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     for process in (first, second):
         assert process.wait(timeout=120) == 0, process.stderr.read()
     a, b = artifacts.load_embeddings(tmp_path / "a.pt"), artifacts.load_embeddings(tmp_path / "b.pt")
@@ -226,10 +270,11 @@ def test_two_processes_filling_one_cache(tiny_model, tmp_path):
 def test_a_tampered_cache_entry_is_encoded_again(tiny_model, tmp_path):
     fresh = encoded(["a cat"], tiny_model)
     encoded(["a cat"], tiny_model, cache=tmp_path / "cache")
-    entry, = (tmp_path / "cache").iterdir()
+    (entry,) = (tmp_path / "cache").iterdir()
     data = torch.load(entry, weights_only=True)
-    torch.save(_with(data, prompt_embeds=torch.zeros(1, 120, 64), negative_prompt_embeds=torch.zeros(1, 120, 64)),
-               entry)
+    torch.save(
+        _with(data, prompt_embeds=torch.zeros(1, 120, 64), negative_prompt_embeds=torch.zeros(1, 120, 64)), entry
+    )
     logs: list[str] = []
     again = encoded(["a cat"], tiny_model, cache=tmp_path / "cache", log=logs.append)
     assert torch.equal(again.prompt_embeds, fresh.prompt_embeds)
@@ -252,21 +297,31 @@ def test_a_hub_model_named_by_a_file_is_never_downloaded(files, tmp_path):
     path = tmp_path / "hub.pt"
     torch.save(_with(files["emb_data"], meta={"model": "someone/not-downloaded"}), path)
     env = {key: value for key, value in os.environ.items() if key != "HF_HUB_OFFLINE"}
-    result = subprocess.run([pixart_bin(), "denoise", str(path)], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [pixart_bin(), "denoise", str(path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     # one line: no hub request was made (its retries print several lines over ~27 s)
-    assert_refused(result, 1, str(path), "names the hub model someone/not-downloaded",
-                   "pass --model someone/not-downloaded to download it")
+    assert_refused(
+        result,
+        1,
+        str(path),
+        "names the hub model someone/not-downloaded",
+        "pass --model someone/not-downloaded to download it",
+    )
 
 
 # --- 10: info ----------------------------------------------------------------------------------------------------
 def test_info_shows_nan_as_json_and_escapes_terminal_codes(files, tmp_path):
     path = tmp_path / "odd.pt"
     prompts = ["\x1b[31mred\x1b[0m\nsecond line"] * 3
-    torch.save(_with(files["lat_data"], meta={"guidance_scale": float("nan"), "extra": float("-inf"),
-                                             "prompts": prompts}), path)
-    shown = json.loads(invoke("info", path, "--json", cwd=tmp_path).stdout,
-                       parse_constant=lambda name: pytest.fail(f"invalid JSON constant {name}"))
+    torch.save(
+        _with(files["lat_data"], meta={"guidance_scale": float("nan"), "extra": float("-inf"), "prompts": prompts}),
+        path,
+    )
+    shown = json.loads(
+        invoke("info", path, "--json", cwd=tmp_path).stdout,
+        parse_constant=lambda name: pytest.fail(f"invalid JSON constant {name}"),
+    )
     assert shown["meta"]["guidance_scale"] == "NaN" and shown["meta"]["extra"] == "-Infinity"
     table = run_pixart("info", path, cwd=tmp_path).stdout
     assert "\x1b" not in table and "\\x1b[31mred\\x1b[0m" in table and "second line" in table
@@ -274,15 +329,16 @@ def test_info_shows_nan_as_json_and_escapes_terminal_codes(files, tmp_path):
 
 # --- rough edges: paths --------------------------------------------------------------------------------------------
 def test_paths_empty_missing_folders(files, tmp_path):
-    assert_refused(run_pixart("denoise", "", cwd=tmp_path, check=False), 2, "EMBEDDINGS: the path is empty",
-                   "that command failed")
+    assert_refused(
+        run_pixart("denoise", "", cwd=tmp_path, check=False), 2, "EMBEDDINGS: the path is empty", "that command failed"
+    )
     assert_refused(run_pixart("info", "nothere.png", cwd=tmp_path, check=False), 2, "nothere.png: no such file")
     assert "Errno" not in run_pixart("info", "nothere.png", cwd=tmp_path, check=False).stderr
-    assert_refused(run_pixart("encode", "a cat", "-o", "", cwd=tmp_path, check=False), 2, "--output: the path is "
-                   "empty")
+    assert_refused(run_pixart("encode", "a cat", "-o", "", cwd=tmp_path, check=False), 2, "--output: the path is empty")
     (tmp_path / "existing").mkdir()
-    assert_refused(run_pixart("encode", "a cat", "-o", "nofolder/x.pt", cwd=tmp_path, check=False), 2,
-                   "end the path with /")
+    assert_refused(
+        run_pixart("encode", "a cat", "-o", "nofolder/x.pt", cwd=tmp_path, check=False), 2, "end the path with /"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]
 
 

@@ -11,15 +11,14 @@ import time
 import zipfile
 from pathlib import Path
 
+import hostile as attacks
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hostile as attacks
 from helpers import SEED, assert_one_line_error, denoised, encoded, invoke, run_pixart
 from pixart_cli import artifacts
-
 
 MARKER = "PAYLOAD_RAN"
 
@@ -43,8 +42,7 @@ def good(tiny_model, tmp_path_factory):
     artifacts.save(folder / "emb.pt", embeddings)
     artifacts.save(folder / "lat.pt", latents)
     load = lambda name: torch.load(folder / name, weights_only=True)  # noqa: E731
-    return {"emb": folder / "emb.pt", "lat": folder / "lat.pt", "emb_data": load("emb.pt"),
-            "lat_data": load("lat.pt")}
+    return {"emb": folder / "emb.pt", "lat": folder / "lat.pt", "emb_data": load("emb.pt"), "lat_data": load("lat.pt")}
 
 
 def _mutated(data: dict, **changes) -> dict:
@@ -90,38 +88,82 @@ def _hostile_files(folder: Path, good: dict) -> dict[str, tuple[str, Path, str]]
     from PIL import Image
 
     Image.new("RGB", (8, 8)).save(folder / "picture.png")
-    files["png-renamed"] = ("denoise", raw("picture.pt", (folder / "picture.png").read_bytes()),
-                            "not a pixart .pt file")
+    files["png-renamed"] = (
+        "denoise",
+        raw("picture.pt", (folder / "picture.png").read_bytes()),
+        "not a pixart .pt file",
+    )
     files["latents-to-denoise"] = ("denoise", good["lat"], "is a latents file")
     files["embeddings-to-decode"] = ("decode", good["emb"], "is an embeddings file")
     files["newer-version"] = ("denoise", save("newer.pt", _mutated(emb, meta_version=99)), "newer")
     wide = torch.zeros(1, 120, 64)
-    files["embeddings-too-wide"] = ("denoise", save("wide.pt", _mutated(emb, prompt_embeds=wide,
-                                                                         negative_prompt_embeds=wide)), "64 wide")
+    files["embeddings-too-wide"] = (
+        "denoise",
+        save("wide.pt", _mutated(emb, prompt_embeds=wide, negative_prompt_embeds=wide)),
+        "64 wide",
+    )
     long = torch.zeros(1, 200, 32)
     long_mask = torch.ones(1, 200, dtype=torch.long)
-    files["sequence-length"] = ("denoise", save("long.pt", _mutated(
-        emb, prompt_embeds=long, negative_prompt_embeds=long, prompt_attention_mask=long_mask,
-        negative_prompt_attention_mask=long_mask)), "200 tokens")
-    files["latent-channels"] = ("decode", save("channels.pt", _mutated(lat, latents=torch.zeros(1, 8, 32, 32))),
-                                "8 channels")
-    files["latent-size"] = ("decode", save("size.pt", _mutated(lat, latents=torch.zeros(1, 4, 16, 16))),
-                            "do not decode to the recorded 256x256")
+    files["sequence-length"] = (
+        "denoise",
+        save(
+            "long.pt",
+            _mutated(
+                emb,
+                prompt_embeds=long,
+                negative_prompt_embeds=long,
+                prompt_attention_mask=long_mask,
+                negative_prompt_attention_mask=long_mask,
+            ),
+        ),
+        "200 tokens",
+    )
+    files["latent-channels"] = (
+        "decode",
+        save("channels.pt", _mutated(lat, latents=torch.zeros(1, 8, 32, 32))),
+        "8 channels",
+    )
+    files["latent-size"] = (
+        "decode",
+        save("size.pt", _mutated(lat, latents=torch.zeros(1, 4, 16, 16))),
+        "do not decode to the recorded 256x256",
+    )
     nan = emb["prompt_embeds"].clone()
     nan[0, 0, 0] = float("nan")
     files["nan"] = ("denoise", save("nan.pt", _mutated(emb, prompt_embeds=nan)), "NaN or inf")
     inf = lat["latents"].clone()
     inf[0, 0, 0, 0] = float("inf")
     files["inf"] = ("decode", save("inf.pt", _mutated(lat, latents=inf)), "NaN or inf")
-    files["missing-key"] = ("denoise", save("missing.pt", _mutated(emb, negative_prompt_embeds=None)),
-                            "missing tensor 'negative_prompt_embeds'")
+    files["missing-key"] = (
+        "denoise",
+        save("missing.pt", _mutated(emb, negative_prompt_embeds=None)),
+        "missing tensor 'negative_prompt_embeds'",
+    )
     files["missing-meta"] = ("decode", save("nometa.pt", {"latents": lat["latents"]}), "no meta")
     return files
 
 
-HOSTILE = ["pickle-top-level", "pickle-protocol-4", "pickle-in-zip", "pickle-in-meta", "empty", "truncated", "random-bytes",
-           "png-renamed", "latents-to-denoise", "embeddings-to-decode", "newer-version", "embeddings-too-wide",
-           "sequence-length", "latent-channels", "latent-size", "nan", "inf", "missing-key", "missing-meta"]
+HOSTILE = [
+    "pickle-top-level",
+    "pickle-protocol-4",
+    "pickle-in-zip",
+    "pickle-in-meta",
+    "empty",
+    "truncated",
+    "random-bytes",
+    "png-renamed",
+    "latents-to-denoise",
+    "embeddings-to-decode",
+    "newer-version",
+    "embeddings-too-wide",
+    "sequence-length",
+    "latent-channels",
+    "latent-size",
+    "nan",
+    "inf",
+    "missing-key",
+    "missing-meta",
+]
 
 
 @pytest.fixture(scope="module")
@@ -151,25 +193,33 @@ def test_payload_is_real(tmp_path):
 
 
 # --- bad options: checked before any model or torch loads --------------------------------------------------
-@pytest.mark.parametrize("args, fragment", [
-    (["encode", "--prompts-file", "{empty}"], "holds no prompts"),
-    (["encode"], "give at least one prompt"),
-    (["generate", "cat", "--steps", "0"], "--steps 0"),
-    (["generate", "cat", "--guidance-scale", "-2"], "--guidance-scale"),
-    (["generate", "cat", "--width", "1001"], "--width 1001"),
-    (["generate", "cat", "--num-images", "0"], "--num-images 0"),
-    (["generate", "cat", "--device", "gpu7"], "--device 'gpu7'"),
-    (["generate", "cat", "-o", "/nonexistent/dir/x.png"], "does not exist"),
-    (["encode", "cat", "-o", "{existing}", "--no-overwrite"], "already exists"),
-    (["encode", "cat", "--vram", "lots"], "--vram 'lots'"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["encode", "--prompts-file", "{empty}"], "holds no prompts"),
+        (["encode"], "give at least one prompt"),
+        (["generate", "cat", "--steps", "0"], "--steps 0"),
+        (["generate", "cat", "--guidance-scale", "-2"], "--guidance-scale"),
+        (["generate", "cat", "--width", "1001"], "--width 1001"),
+        (["generate", "cat", "--num-images", "0"], "--num-images 0"),
+        (["generate", "cat", "--device", "gpu7"], "--device 'gpu7'"),
+        (["generate", "cat", "-o", "/nonexistent/dir/x.png"], "does not exist"),
+        (["encode", "cat", "-o", "{existing}", "--no-overwrite"], "already exists"),
+        (["encode", "cat", "--vram", "lots"], "--vram 'lots'"),
+    ],
+)
 def test_bad_options_fail_fast_in_a_real_process(args, fragment, tmp_path):
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "existing.pt").write_bytes(b"keep me")
     args = [a.replace("{empty}", "empty.txt").replace("{existing}", "existing.pt") for a in args]
     # -X importtime lists every module the process imported: bad options are refused before torch loads.
-    result = subprocess.run([sys.executable, "-X", "importtime", "-m", "pixart_cli", *args], cwd=tmp_path,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pixart_cli", *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     errors = [line for line in result.stderr.splitlines() if not line.startswith("import time:")]
     assert result.returncode == 2, result.stderr
@@ -182,8 +232,9 @@ def test_bad_options_fail_fast_in_a_real_process(args, fragment, tmp_path):
 def test_unwritable_output_folder(tmp_path, monkeypatch):
     # Tests run as root in CI, where chmod cannot make a folder unwritable; the check itself is os.access.
     real_access = os.access
-    monkeypatch.setattr(os, "access", lambda path, mode: False if str(path).endswith("locked") else
-                        real_access(path, mode))
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if str(path).endswith("locked") else real_access(path, mode)
+    )
     (tmp_path / "locked").mkdir()
     result = invoke("encode", "cat", "-o", tmp_path / "locked" / "x.pt", cwd=tmp_path)
     assert_one_line_error(result, 2, "locked is not writable")
@@ -193,9 +244,22 @@ def test_prompts_file_and_stdin(tiny_model, tmp_path):
     (tmp_path / "prompts.txt").write_text("a cute cat\n\na red chair\n")
     result = run_pixart("encode", "--prompts-file", "prompts.txt", "--model", tiny_model, cwd=tmp_path)
     assert artifacts.load_embeddings(tmp_path / "embeddings.pt").meta["prompts"] == ["a cute cat", "a red chair"]
-    piped = subprocess.run([str(Path(sys.executable).parent / "pixart"), "encode", "--prompts-file", "-", "-o",
-                            "piped.pt", "--model", str(tiny_model)], input="a dog\n", capture_output=True, text=True,
-                           cwd=tmp_path)
+    piped = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "pixart"),
+            "encode",
+            "--prompts-file",
+            "-",
+            "-o",
+            "piped.pt",
+            "--model",
+            str(tiny_model),
+        ],
+        input="a dog\n",
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert piped.returncode == 0 and piped.stdout == "piped.pt\n", piped.stderr
     assert artifacts.load_embeddings(tmp_path / "piped.pt").meta["prompts"] == ["a dog"]
     assert result.stdout == "embeddings.pt\n"
@@ -205,9 +269,23 @@ def test_prompts_file_and_stdin(tiny_model, tmp_path):
 @pytest.mark.parametrize("signum, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_during_a_stage_leaves_no_output(signum, code, good, tmp_path):
     """A long denoise in a real process, interrupted once its plan line shows the stage is running."""
-    process = subprocess.Popen([str(Path(sys.executable).parent / "pixart"), "denoise", str(good["emb"]),
-                                "--steps", "1000", "--num-images", "4", "-o", "lat.pt"], cwd=tmp_path, stderr=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "pixart"),
+            "denoise",
+            str(good["emb"]),
+            "--steps",
+            "1000",
+            "--num-images",
+            "4",
+            "-o",
+            "lat.pt",
+        ],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     for line in process.stderr:
         if "denoise: plan" in line:
             break
@@ -282,8 +360,9 @@ def _assert_refused(answer: dict, path) -> None:
     assert answer["message"].startswith(str(path)) and "\n" not in answer["message"], answer
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@settings(
+    max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_fuzzed_bytes_are_read_or_refused_within_limits(good, worker, tmp_path_factory, data):
     source = good["emb"].read_bytes() if data.draw(st.booleans()) else good["lat"].read_bytes()
@@ -310,8 +389,10 @@ def test_fuzzed_bytes_are_read_or_refused_within_limits(good, worker, tmp_path_f
         _assert_refused(answer, path)
 
 
-TENSOR_KEYS = {"emb": ["prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds",
-                       "negative_prompt_attention_mask"], "lat": ["latents"]}
+TENSOR_KEYS = {
+    "emb": ["prompt_embeds", "prompt_attention_mask", "negative_prompt_embeds", "negative_prompt_attention_mask"],
+    "lat": ["latents"],
+}
 EXOTIC = ["sparse_coo", "sparse_csr", "meta", "quantized", "float8_e4m3fn", "float8_e5m2", "complex64", "uint16"]
 
 
@@ -345,7 +426,7 @@ def _hostile_blobs(draw, good):
 def _hostile_blob(draw, good, trace):
     real_draw = draw
 
-    def draw(strategy):  # noqa: F811 - every choice is recorded for the failing example's description
+    def draw(strategy):
         value = real_draw(strategy)
         trace.append(value if not isinstance(value, (list, dict)) else type(value).__name__)
         return value
@@ -354,11 +435,13 @@ def _hostile_blob(draw, good, trace):
     base = good[f"{which}_data"]
     data = {key: value for key, value in base.items()}
     data["meta"] = dict(base["meta"])
-    attack = draw(st.sampled_from(["shared", "cyclic", "deep", "key", "number", "wide", "exotic", "strided",
-                                   "zip", "fields"]))
+    attack = draw(
+        st.sampled_from(["shared", "cyclic", "deep", "key", "number", "wide", "exotic", "strided", "zip", "fields"])
+    )
     if attack == "shared":
         data["meta"][draw(st.sampled_from(["extra", "prompts", "seeds"]))] = attacks.shared_meta(
-            draw(st.integers(2, 60)), draw(st.integers(2, 4)))
+            draw(st.integers(2, 60)), draw(st.integers(2, 4))
+        )
     elif attack == "cyclic":
         data["meta"]["extra"] = attacks.cyclic_meta(draw(st.sampled_from(["list", "dict"])))
     elif attack == "deep":
@@ -366,7 +449,7 @@ def _hostile_blob(draw, good, trace):
     elif attack == "key":
         data["meta"][draw(st.sampled_from([("a", "b"), 1, None, 2.5, b"k"]))] = "value"
     elif attack == "number":
-        data["meta"]["extra"] = draw(st.one_of(st.integers(min_value=2**63), st.integers(max_value=-2**63 - 1)))
+        data["meta"]["extra"] = draw(st.one_of(st.integers(min_value=2**63), st.integers(max_value=-(2**63) - 1)))
     elif attack == "wide":  # many nodes from a small pickle: one string repeated past the text budget
         data["meta"]["extra"] = ["x" * 4096] * draw(st.integers(17_000, 20_000))
     elif attack == "exotic":
@@ -375,24 +458,28 @@ def _hostile_blob(draw, good, trace):
     elif attack == "strided":
         key = draw(st.sampled_from(TENSOR_KEYS[which]))
         trick = draw(st.sampled_from(["expand", "overlap", "gap"]))
-        data[key] = attacks.strided_trick(trick, tuple(base[key].shape), draw(st.integers(10**6, 10**12)),
-                                          base[key].dtype)
+        data[key] = attacks.strided_trick(
+            trick, tuple(base[key].shape), draw(st.integers(10**6, 10**12)), base[key].dtype
+        )
     elif attack == "zip":
         blob = attacks.to_bytes(data)
         if draw(st.booleans()):
             return attacks.rezip(blob, compress=zipfile.ZIP_DEFLATED)
         return attacks.rezip(blob, extra_size=draw(st.integers(1 << 20, 1 << 31)))
     else:  # a meta field a stage uses, of the wrong type or count
-        checked = {"emb": ["model", "prompts", "revision", "max_sequence_length"],
-                   "lat": ["model", "prompts", "seeds", "revision", "height", "requested_width"]}[which]
+        checked = {
+            "emb": ["model", "prompts", "revision", "max_sequence_length"],
+            "lat": ["model", "prompts", "seeds", "revision", "height", "requested_width"],
+        }[which]
         field = draw(st.sampled_from(checked))
         values = [3, [], ["a"] * 7, {"x": 1}, "", 10**6, float("nan")] + ([None] if field != "revision" else [])
         data["meta"][field] = draw(st.sampled_from(values))
     return attacks.to_bytes(data)
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+@settings(
+    max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_structurally_hostile_files_are_refused_within_limits(good, worker, tmp_path_factory, data):
     path = tmp_path_factory.getbasetemp() / "hostile.pt"
@@ -400,17 +487,34 @@ def test_structurally_hostile_files_are_refused_within_limits(good, worker, tmp_
     _assert_refused(worker.read(path, data.draw(st.sampled_from(["any", "describe"]))), path)
 
 
-CACHE_SETTINGS = {"model": "/models/tiny", "revision": None, "text_encoder": {"d_model": 32},
-                  "negative_prompt": "", "max_sequence_length": 120, "clean_caption": True, "dtype": "fp32",
-                  "precision": "full"}
+CACHE_SETTINGS = {
+    "model": "/models/tiny",
+    "revision": None,
+    "text_encoder": {"d_model": 32},
+    "negative_prompt": "",
+    "max_sequence_length": 120,
+    "clean_caption": True,
+    "dtype": "fp32",
+    "precision": "full",
+}
 
 
 def _cache_entry(good, **changes) -> artifacts.Embeddings:
     emb = good["emb_data"]
     tensors = [emb[key][:1].clone() for key in artifacts.EMBEDDING_KEYS]
-    meta = {"format": artifacts.EMBEDDINGS_FORMAT, "version": 1, "model": "/models/tiny", "revision": None,
-            "family": "cache", "dtype": "fp32", "prompts": ["a cat"], "max_sequence_length": 120,
-            "negative_prompt": "", "clean_caption": True, "text_encoder_precision": "full"}
+    meta = {
+        "format": artifacts.EMBEDDINGS_FORMAT,
+        "version": 1,
+        "model": "/models/tiny",
+        "revision": None,
+        "family": "cache",
+        "dtype": "fp32",
+        "prompts": ["a cat"],
+        "max_sequence_length": 120,
+        "negative_prompt": "",
+        "clean_caption": True,
+        "text_encoder_precision": "full",
+    }
     for key, value in changes.items():
         if key in artifacts.EMBEDDING_KEYS:
             tensors[artifacts.EMBEDDING_KEYS.index(key)] = value
@@ -419,21 +523,36 @@ def _cache_entry(good, **changes) -> artifacts.Embeddings:
     return artifacts.Embeddings(*tensors, meta=meta)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                  HealthCheck.too_slow])
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 @given(data=st.data())
 def test_tampered_cache_entries_are_misses(good, worker, tmp_path_factory, data):
     """A cache entry that does not match the current settings is never used, whatever it claims."""
-    change = data.draw(st.sampled_from([
-        {"model": "/models/other"}, {"dtype": "fp16"}, {"prompts": ["a dog"]}, {"negative_prompt": "blurry"},
-        {"max_sequence_length": 60, "prompt_embeds": torch.zeros(1, 60, 32), "prompt_attention_mask":
-         torch.ones(1, 60, dtype=torch.long), "negative_prompt_embeds": torch.zeros(1, 60, 32),
-         "negative_prompt_attention_mask": torch.ones(1, 60, dtype=torch.long)},
-        {"prompt_embeds": torch.zeros(1, 120, 64), "negative_prompt_embeds": torch.zeros(1, 120, 64)},
-        {"prompt_embeds": torch.zeros(1, 120, 32, dtype=torch.float16),
-         "negative_prompt_embeds": torch.zeros(1, 120, 32, dtype=torch.float16)},
-        {"clean_caption": False}, {"text_encoder_precision": "8bit"},
-    ]))
+    change = data.draw(
+        st.sampled_from(
+            [
+                {"model": "/models/other"},
+                {"dtype": "fp16"},
+                {"prompts": ["a dog"]},
+                {"negative_prompt": "blurry"},
+                {
+                    "max_sequence_length": 60,
+                    "prompt_embeds": torch.zeros(1, 60, 32),
+                    "prompt_attention_mask": torch.ones(1, 60, dtype=torch.long),
+                    "negative_prompt_embeds": torch.zeros(1, 60, 32),
+                    "negative_prompt_attention_mask": torch.ones(1, 60, dtype=torch.long),
+                },
+                {"prompt_embeds": torch.zeros(1, 120, 64), "negative_prompt_embeds": torch.zeros(1, 120, 64)},
+                {
+                    "prompt_embeds": torch.zeros(1, 120, 32, dtype=torch.float16),
+                    "negative_prompt_embeds": torch.zeros(1, 120, 32, dtype=torch.float16),
+                },
+                {"clean_caption": False},
+                {"text_encoder_precision": "8bit"},
+            ]
+        )
+    )
     folder = tmp_path_factory.getbasetemp() / "fuzz-cache"
     path = tmp_path_factory.getbasetemp() / "entry.pt"
     blob = attacks.to_bytes({**_cache_entry(good, **change).tensors(), "meta": _cache_entry(good, **change).meta})
@@ -447,8 +566,9 @@ def test_tampered_cache_entries_are_misses(good, worker, tmp_path_factory, data)
 def test_a_matching_cache_entry_is_a_hit(good, worker, tmp_path):
     path = tmp_path / "entry.pt"
     artifacts.save(path, _cache_entry(good))
-    answer = worker.read(path, "cache", folder=str(tmp_path / "cache"), settings=CACHE_SETTINGS, width=32,
-                         prompt="a cat")
+    answer = worker.read(
+        path, "cache", folder=str(tmp_path / "cache"), settings=CACHE_SETTINGS, width=32, prompt="a cat"
+    )
     assert answer == {"outcome": "hit"}
 
 
@@ -458,7 +578,14 @@ def test_the_worker_limits_catch_a_bloating_read(worker, tmp_path):
     path = tmp_path / "bloat.pt"
     torch.save({"t": torch.zeros(1).expand(16 * 10**9)}, path)
     code = f"import torch; t = torch.load({str(path)!r}, weights_only=True)['t']; torch.isfinite(t).all()"
-    result = subprocess.run([sys.executable, "-c", f"import resource; lim = 2 << 30; "
-                             f"resource.setrlimit(resource.RLIMIT_AS, (lim, lim)); {code}"], capture_output=True,
-                            text=True, timeout=60)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            f"import resource; lim = 2 << 30; resource.setrlimit(resource.RLIMIT_AS, (lim, lim)); {code}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0 and ("memory" in result.stderr.lower() or "alloc" in result.stderr.lower())

@@ -41,8 +41,19 @@ def single(tiny_model, tmp_path_factory) -> Path:
     work = tmp_path_factory.mktemp("single")
     (work / "prompts.txt").write_text(PROMPTS)
     (work / "out").mkdir()
-    result = invoke("generate", "--prompts-file", "prompts.txt", "-o", "out/", "--num-images", "2",
-                    "--model", tiny_model, *COMMON, cwd=work)
+    result = invoke(
+        "generate",
+        "--prompts-file",
+        "prompts.txt",
+        "-o",
+        "out/",
+        "--num-images",
+        "2",
+        "--model",
+        tiny_model,
+        *COMMON,
+        cwd=work,
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.split() == [f"out/image-{i}.png" for i in range(4)]
     return work
@@ -57,26 +68,55 @@ def test_manifest_lists_every_image_with_its_prompt_seed_settings_and_hash(singl
     for line in lines:
         image = single / "out" / line["path"]
         assert line["sha256"] == manifest.sha256_file(image) and line["size"] == image.stat().st_size
-        assert line["negative_prompt"] == "" and line["options"]["steps"] == 2 and line["options"]["model"] == str(tiny_model)
-        assert line["settings"]["seed"] == line["seed"] and line["settings"]["scheduler"] == "DPMSolverMultistepScheduler"
+        assert (
+            line["negative_prompt"] == ""
+            and line["options"]["steps"] == 2
+            and line["options"]["model"] == str(tiny_model)
+        )
+        assert (
+            line["settings"]["seed"] == line["seed"] and line["settings"]["scheduler"] == "DPMSolverMultistepScheduler"
+        )
 
 
 def test_torchrun_gives_the_same_images_and_manifest_and_idle_ranks_exit_0(single, tiny_model, tmp_path):
     """3 processes for 2 images (the single run's first prompt, 2 images): ranks 0 and 1 make one each, rank 2
     has nothing to do and exits 0. Same names, prompts, seeds and settings as the single run's images 0 and 1."""
     (tmp_path / "out").mkdir()
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3",
-                             "-m", "pixart_cli", "generate", "a red cube", "--num-images", "2", "-o", "out/",
-                             "--model", str(tiny_model), *COMMON], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "3",
+            "-m",
+            "pixart_cli",
+            "generate",
+            "a red cube",
+            "--num-images",
+            "2",
+            "-o",
+            "out/",
+            "--model",
+            str(tiny_model),
+            *COMMON,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.split()) == ["out/image-0.png", "out/image-1.png"]  # each path once
     summaries = [line for line in result.stderr.splitlines() if line.startswith("generate: ")]
     assert len(summaries) == 1 and "wrote 2 image(s)" in summaries[0] and "3 processes" in summaries[0], summaries
     assert "rank 2/3: images none, 0 to make" in result.stderr
     for index in (0, 1):
-        assert max_diff(read_png(tmp_path / "out" / f"image-{index}.png"),
-                        read_png(single / "out" / f"image-{index}.png")) <= 1
+        assert (
+            max_diff(read_png(tmp_path / "out" / f"image-{index}.png"), read_png(single / "out" / f"image-{index}.png"))
+            <= 1
+        )
     identity = lambda line: {k: v for k, v in line.items() if k not in ("sha256", "size")}  # noqa: E731
     parted = sorted(manifest_lines(tmp_path / "out"), key=lambda line: line["index"])
     assert [identity(line) for line in parted] == [identity(line) for line in manifest_lines(single / "out")[:2]]
@@ -95,8 +135,20 @@ def test_resume_redoes_only_missing_damaged_and_unrecorded_images(single, tiny_m
     untouched = (out / "image-0.png").stat().st_mtime_ns
     # no --seed: the manifest's seed is used, so image 0 is found complete
     args = [a for a in COMMON if a not in ("--seed", "7")]
-    result = invoke("generate", "--prompts-file", "prompts.txt", "-o", "out/", "--num-images", "2", "--resume",
-                    "--model", tiny_model, *args, cwd=work)
+    result = invoke(
+        "generate",
+        "--prompts-file",
+        "prompts.txt",
+        "-o",
+        "out/",
+        "--num-images",
+        "2",
+        "--resume",
+        "--model",
+        tiny_model,
+        *args,
+        cwd=work,
+    )
     assert result.exit_code == 0, result.stderr
     assert result.stdout.split() == ["out/image-1.png", "out/image-2.png", "out/image-3.png"]
     assert "skipped 1 already complete" in result.stderr
@@ -106,8 +158,20 @@ def test_resume_redoes_only_missing_damaged_and_unrecorded_images(single, tiny_m
     newest = manifest.read(out)
     assert sorted(newest) == [0, 1, 2, 3]
     assert all(newest[i]["sha256"] == manifest.sha256_file(out / f"image-{i}.png") for i in range(4))
-    again = invoke("generate", "--prompts-file", "prompts.txt", "-o", "out/", "--num-images", "2", "--resume",
-                   "--model", tiny_model, *COMMON, cwd=work)
+    again = invoke(
+        "generate",
+        "--prompts-file",
+        "prompts.txt",
+        "-o",
+        "out/",
+        "--num-images",
+        "2",
+        "--resume",
+        "--model",
+        tiny_model,
+        *COMMON,
+        cwd=work,
+    )
     assert again.exit_code == 0 and again.stdout == "" and "skipped 4 already complete" in again.stderr
 
 
@@ -129,16 +193,35 @@ def test_ray_gives_the_same_images_and_manifest(single, tiny_model, tmp_path):
     pytest.importorskip("ray.data")
     (tmp_path / "prompts.txt").write_text(PROMPTS)
     (tmp_path / "out").mkdir()
-    result = subprocess.run([str(Path(sys.executable).parent / "pixart"), "generate", "--prompts-file", "prompts.txt",
-                             "-o", "out/", "--num-images", "2", "--ray", "--model", str(tiny_model), *COMMON],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=400,
-                            env={**os.environ, "RAY_ADDRESS": ""})
+    result = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "pixart"),
+            "generate",
+            "--prompts-file",
+            "prompts.txt",
+            "-o",
+            "out/",
+            "--num-images",
+            "2",
+            "--ray",
+            "--model",
+            str(tiny_model),
+            *COMMON,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(result.stdout.split()) == [f"out/image-{i}.png" for i in range(4)]
     assert "wrote 4 image(s)" in result.stderr and "on Ray" in result.stderr
     for index in range(4):
-        assert max_diff(read_png(tmp_path / "out" / f"image-{index}.png"),
-                        read_png(single / "out" / f"image-{index}.png")) <= 1
+        assert (
+            max_diff(read_png(tmp_path / "out" / f"image-{index}.png"), read_png(single / "out" / f"image-{index}.png"))
+            <= 1
+        )
     by_index = lambda folder: sorted(manifest_lines(folder), key=lambda line: line["index"])  # noqa: E731
     assert by_index(tmp_path / "out") == by_index(single / "out")
 
@@ -173,11 +256,14 @@ def test_shares_are_contiguous_cover_every_image_once_and_leave_extra_ranks_idle
     assert passes([0, 1, 2, 5, 6, 9], 2) == [(0, 2), (2, 3), (5, 7), (9, 10)]
 
 
-@pytest.mark.parametrize("env, fragment", [
-    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2, WORLD_SIZE=2"),
-    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
-    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "", "MASTER_PORT": ""}, "MASTER_ADDR and MASTER_PORT not set"),
-])
+@pytest.mark.parametrize(
+    "env, fragment",
+    [
+        ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2, WORLD_SIZE=2"),
+        ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "", "MASTER_PORT": ""}, "MASTER_ADDR and MASTER_PORT not set"),
+    ],
+)
 def test_bad_launcher_environment_is_one_line_exit_2(tmp_path, monkeypatch, env, fragment, tiny_model):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
