@@ -156,24 +156,7 @@ def main() -> None:
     args.model, args.tokenizer = args.model.resolve(), args.tokenizer.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     log: list = []
-    if not (args.model / "model_index.json").is_file():
-        t0 = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pixart_cli.random_model",
-                str(args.model),
-                "--size",
-                "full",
-                "--tokenizer",
-                str(args.tokenizer),
-                "--device",
-                "cuda",
-            ],
-            check=True,
-        )
-        print(f"built {args.model} in {time.perf_counter() - t0:.1f} s", flush=True)
+    build_model(args.model, args.tokenizer)
     device = subprocess.run(
         ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"], capture_output=True, text=True
     ).stdout.strip()
@@ -257,6 +240,27 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(table(results))
     print(table(results))
+
+
+def build_model(model: Path, tokenizer: Path) -> None:
+    """The full-size random-weight model in ``model``, built on the GPU unless it is there already."""
+    if (model / "model_index.json").is_file():
+        return
+    started = time.perf_counter()
+    command = [
+        sys.executable,
+        "-m",
+        "pixart_cli.random_model",
+        str(model),
+        "--size",
+        "full",
+        "--tokenizer",
+        str(tokenizer),
+        "--device",
+        "cuda",
+    ]
+    subprocess.run(command, check=True)
+    print(f"built {model} in {time.perf_counter() - started:.1f} s", flush=True)
 
 
 def parity(out: Path) -> dict | None:

@@ -138,24 +138,10 @@ def main() -> None:
     args = parser.parse_args()
     args.model, args.tokenizer, args.out = args.model.resolve(), args.tokenizer.resolve(), args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
-    if not (args.model / "model_index.json").is_file():
-        started = time.perf_counter()
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pixart_cli.random_model",
-                str(args.model),
-                "--size",
-                "full",
-                "--tokenizer",
-                str(args.tokenizer),
-                "--device",
-                "cuda",
-            ],
-            check=True,
-        )
-        print(f"built {args.model} in {time.perf_counter() - started:.1f} s", flush=True)
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench import build_model
+
+    build_model(args.model, args.tokenizer)
     gpus = args.gpus if args.gpus is not None else len(GpuPeaks.used())
     (args.out / "prompts.txt").write_text("".join(f"{PROMPT}, variation {i}\n" for i in range(args.prompts)))
     device = subprocess.run(

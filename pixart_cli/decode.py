@@ -5,7 +5,7 @@ from __future__ import annotations
 from pixart_cli import artifacts, memory
 from pixart_cli.denoise import check_finite
 from pixart_cli.errors import PixartError, bad_file
-from pixart_cli.models import Model, load_component
+from pixart_cli.models import Model
 from pixart_cli.runtime import RunContext
 
 
@@ -42,7 +42,7 @@ def decode(
     import torch
 
     from pixart_cli.lean import import_diffusers
-    from pixart_cli.vae_decoder import load_vae_decoder, vae_skeleton
+    from pixart_cli.vae_decoder import load_vae_half, vae_skeleton
 
     PixArtImageProcessor = import_diffusers("diffusers.image_processor").PixArtImageProcessor
 
@@ -71,27 +71,7 @@ def decode(
     del skeleton
     ctx.note(chosen.describe())
     with meter.phase("load"):
-        # The decoder alone, without importing AutoencoderKL (vae_decoder.py); AutoencoderKL for tiled decode
-        # or a checkpoint in another layout.
-        vae = (
-            None
-            if chosen.tile
-            else load_component(
-                source, "vae", lambda **_: load_vae_decoder(source.folder("vae"), config, ctx.dtype, ctx.device)
-            )
-        )
-        if vae is None:
-            AutoencoderKL = import_diffusers(
-                "diffusers.models.autoencoders.autoencoder_kl", hide_optional=False
-            ).AutoencoderKL
-            kwargs = {"device_map": {"": ctx.device}} if ctx.device.type == "cuda" else {}
-            vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype, **kwargs)
-        vae.to(ctx.device).eval()
-        if chosen.tile:
-            # diffusers' tiled decode; its tile size is the config's sample_size unless set here.
-            vae.enable_tiling()
-            vae.tile_sample_min_size = chosen.tile
-            vae.tile_latent_min_size = chosen.tile // source.vae_scale_factor
+        vae = load_vae_half(source, config, ctx, chosen.tile, "decoder")
     processor = PixArtImageProcessor(vae_scale_factor=source.vae_scale_factor)
     resize = (meta["requested_height"], meta["requested_width"]) != (meta["height"], meta["width"])
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from pixart_cli import artifacts, memory
 from pixart_cli.errors import PixartError, bad_file
-from pixart_cli.models import Model, load_component
+from pixart_cli.models import Model
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import DEFAULT_STRENGTH, DenoiseSettings
 
@@ -74,7 +74,7 @@ def encode_image(
     import torch
 
     from pixart_cli.lean import import_diffusers
-    from pixart_cli.vae_decoder import encoder_skeleton, load_vae_encoder
+    from pixart_cli.vae_decoder import encoder_skeleton, load_vae_half
 
     PixArtImageProcessor = import_diffusers("diffusers.image_processor").PixArtImageProcessor
 
@@ -103,26 +103,7 @@ def encode_image(
     del skeleton
     ctx.note(chosen.describe())
     with meter.phase("load"):
-        # The encoder alone, without importing AutoencoderKL (vae_decoder.py); AutoencoderKL for tiled encode or
-        # a checkpoint in another layout, its decoder dropped before it reaches the device.
-        vae = (
-            None
-            if chosen.tile
-            else load_component(
-                source, "vae", lambda **_: load_vae_encoder(source.folder("vae"), config, ctx.dtype, ctx.device)
-            )
-        )
-        if vae is None:
-            AutoencoderKL = import_diffusers(
-                "diffusers.models.autoencoders.autoencoder_kl", hide_optional=False
-            ).AutoencoderKL
-            vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype)
-            vae.decoder = vae.post_quant_conv = None
-        vae.to(ctx.device).eval()
-        if chosen.tile:  # diffusers' tiled encode; its tile size is the config's sample_size unless set here
-            vae.enable_tiling()
-            vae.tile_sample_min_size = chosen.tile
-            vae.tile_latent_min_size = chosen.tile // source.vae_scale_factor
+        vae = load_vae_half(source, config, ctx, chosen.tile, "encoder")
 
     # 3. Resize and center-crop to the binned size, as diffusers' image processor does, then encode
     processor = PixArtImageProcessor(vae_scale_factor=source.vae_scale_factor)

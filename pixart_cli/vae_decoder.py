@@ -97,6 +97,35 @@ def load_vae_encoder(folder: Path, config: dict, dtype, device):
     return _load_weights(encoder, folder, dtype, device)
 
 
+def load_vae_half(source, config: dict, ctx, tile: int | None, half: str):
+    """The VAE half a stage runs (``half`` "decoder" or "encoder") on ``ctx.device``, in eval mode.
+
+    Untiled: the compact module above, read from the same safetensors file, without importing AutoencoderKL.
+    Tiled (``tile`` pixels), or a checkpoint in another layout: diffusers' AutoencoderKL with its tiling, the
+    other half dropped before it reaches the device.
+    """
+    from pixart_cli.lean import import_diffusers
+    from pixart_cli.models import load_component
+
+    compact = load_vae_decoder if half == "decoder" else load_vae_encoder
+    if tile is None:
+        vae = load_component(source, "vae", lambda **_: compact(source.folder("vae"), config, ctx.dtype, ctx.device))
+        return vae.to(ctx.device).eval()
+    # AutoencoderKL needs torch._dynamo at import (through diffusers.loaders.peft): not hidden here.
+    AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl", hide_optional=False).AutoencoderKL
+    vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype)
+    if half == "decoder":
+        vae.encoder = vae.quant_conv = None
+    else:
+        vae.decoder = vae.post_quant_conv = None
+    vae.to(ctx.device).eval()
+    # diffusers' tiling; its tile size is the config's sample_size unless set here
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // source.vae_scale_factor
+    return vae
+
+
 def _load_weights(module, folder: Path, dtype, device):
     """``module``'s tensors (built on the meta device) read from the folder's one safetensors file, or None."""
     from pixart_cli.streaming import TensorFile
