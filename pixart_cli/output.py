@@ -96,7 +96,7 @@ class Output:
             self._progress.stop()
             self._progress = None
         if self.as_json:
-            print(json.dumps(self.record, indent=2, default=str), flush=True)
+            self._print_document(self.record)
 
     def error(self, message: str, exit_code: int) -> None:
         """The single red line of a failure, shown even with --quiet; with --json, stdout still gets one JSON
@@ -107,9 +107,14 @@ class Output:
         self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
         sys.stderr.flush()
         if self.as_json:
-            print(
-                json.dumps({**self.record, "error": message, "exit_code": exit_code}, indent=2, default=str), flush=True
-            )
+            self._print_document({**self.record, "error": message, "exit_code": exit_code})
+
+    @staticmethod
+    def _print_document(document: dict) -> None:
+        """One JSON document on stdout; NaN and inf as strings, so that every JSON parser reads it."""
+        from pixart_cli.artifacts import json_safe
+
+        print(json.dumps(json_safe(document), indent=2, default=str, allow_nan=False), flush=True)
 
 
 def _escape(text: str) -> str:
