@@ -143,7 +143,7 @@ def _compare_images(a: Path, b: Path) -> Comparison:
             f"{b}: is {second.shape[1]}x{second.shape[0]} but {a} is {first.shape[1]}x{first.shape[0]};"
             " only images of the same size can be compared"
         )
-    stats = _stats(torch.from_numpy(first), torch.from_numpy(second))
+    stats = _stats(torch.from_numpy(first.copy()), torch.from_numpy(second.copy()))  # PIL's arrays are read-only
     difference = np.abs(first.astype(np.int16) - second.astype(np.int16))
     mse = float((difference.astype(np.float64) ** 2).mean())
     # PSNR of 8-bit images; identical images have none (infinite), written as null.

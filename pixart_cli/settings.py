@@ -150,8 +150,11 @@ class DenoiseSettings:
         _check_int("--num-images", self.num_images, 1, MAX_IMAGES)
 
     def with_seed(self) -> DenoiseSettings:
-        """These settings with a concrete seed: the given one, else a random one (shown and recorded)."""
-        return self if self.seed is not None else replace(self, seed=secrets.randbelow(MAX_SEED + 1))
+        """These settings with a concrete seed: the given one, else a random one (shown and recorded), low enough
+        that every image of a run (seed + i) has a valid seed too."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=secrets.randbelow(MAX_SEED + 1 - MAX_IMAGES))
 
     def check_total(self, prompts: int) -> None:
         """The run's image count (prompts x --num-images) within the bound of one run."""
@@ -160,4 +163,10 @@ class DenoiseSettings:
             raise PixartError(
                 f"--num-images {self.num_images}: {prompts} prompt(s) x {self.num_images} = {total} "
                 f"images, over the {MAX_IMAGES} one run holds; split the prompts into several runs"
+            )
+        # the last image's seed must be one --seed accepts, so that every image can be made again alone
+        if self.seed is not None and self.seed + total - 1 > MAX_SEED:
+            raise PixartError(
+                f"--seed {self.seed}: image {total} would get seed {self.seed + total - 1}, above {MAX_SEED}; "
+                f"use a seed of at most {MAX_SEED - total + 1}"
             )

@@ -110,7 +110,8 @@ def load_vae_half(source, config: dict, ctx, tile: int | None, half: str):
     compact = load_vae_decoder if half == "decoder" else load_vae_encoder
     if tile is None:
         vae = load_component(source, "vae", lambda **_: compact(source.folder("vae"), config, ctx.dtype, ctx.device))
-        return vae.to(ctx.device).eval()
+        if vae is not None:  # None: a checkpoint in another layout, which AutoencoderKL reads below
+            return vae.to(ctx.device).eval()
     # AutoencoderKL needs torch._dynamo at import (through diffusers.loaders.peft): not hidden here.
     AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl", hide_optional=False).AutoencoderKL
     vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype)
@@ -119,10 +120,10 @@ def load_vae_half(source, config: dict, ctx, tile: int | None, half: str):
     else:
         vae.decoder = vae.post_quant_conv = None
     vae.to(ctx.device).eval()
-    # diffusers' tiling; its tile size is the config's sample_size unless set here
-    vae.enable_tiling()
-    vae.tile_sample_min_size = tile
-    vae.tile_latent_min_size = tile // source.vae_scale_factor
+    if tile is not None:  # diffusers' tiling; its tile size is the config's sample_size unless set here
+        vae.enable_tiling()
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // source.vae_scale_factor
     return vae
 
 

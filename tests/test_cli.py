@@ -100,6 +100,10 @@ def test_json_error_is_a_json_document(tmp_path):
         (["denoise", "{emb}", "--width", "99999992"], ["--width 99999992", "maximum"]),
         (["denoise", "{emb}", "--num-images", "0"], ["--num-images 0"]),
         (["denoise", "{emb}", "--seed", "-3"], ["--seed -3"]),
+        (
+            ["denoise", "{emb}", "--seed", "4294967295", "--num-images", "2"],
+            ["--seed 4294967295", "at most 4294967294"],
+        ),
         (["denoise", "{emb}", "--device", "tpu"], ["--device 'tpu'", "unknown device"]),
         (["denoise", "{emb}", "--dtype", "fp8"], ["--dtype 'fp8'"]),
         (["denoise", "{emb}", "-o", "{emb}"], ["is also the input file"]),

@@ -591,3 +591,17 @@ def test_the_worker_limits_catch_a_bloating_read(worker, tmp_path):
         timeout=60,
     )
     assert result.returncode != 0 and ("memory" in result.stderr.lower() or "alloc" in result.stderr.lower())
+
+
+def test_missing_vae_weights_are_named(tiny_model, good, tmp_path):
+    """The compact VAE decoder finds no weights: AutoencoderKL tries, and the failure is one line naming vae/."""
+    import shutil
+
+    broken = tmp_path / "no-vae-weights"
+    shutil.copytree(tiny_model, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    result = invoke("decode", good["lat"], "--model", broken, "-o", "x.png", cwd=tmp_path)
+    assert result.exit_code == 1 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: --model {broken}: cannot load vae/") and "AttributeError" not in last
+    assert not (tmp_path / "x.png").exists()
