@@ -17,13 +17,13 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
 from pixart_cli import manifest
 from pixart_cli.errors import PixartError
-from pixart_cli.settings import MAX_SEED, DenoiseSettings, EncodeSettings, check_prompts
+from pixart_cli.settings import DenoiseSettings, EncodeSettings, check_prompts
 
 IMAGES_PER_PASS = 64  # images per encode -> denoise -> decode pass of one process: a SIGTERM loses at most one pass
 # An idle or early rank waits this long for the slowest one at the end (gloo's default, 30 min, is too short for
@@ -266,16 +266,12 @@ def generate_images(
     lines = manifest.read(job.folder) if resume else {}
     if seed is None and resume:
         seed = manifest.base_seed(lines)  # the interrupted run's seed, so its images are found complete
-    if seed is not None and seed + len(job.prompts) - 1 > MAX_SEED:
-        raise PixartError(
-            f"--seed {seed}: image {len(job.prompts)} would get seed {seed + len(job.prompts) - 1}, "
-            f"above {MAX_SEED}; use a smaller seed"
-        )
+        replace(denoising, seed=seed).check_total(len(prompts))  # a seed read from a file is checked the same
 
     if ray:
         from pixart_cli.ray_run import run_ray
 
-        seed = _draw_seed(MAX_SEED - len(job.prompts) + 1) if seed is None else seed
+        seed = denoising.with_seed().seed if seed is None else seed
         if job.folder is not None and not resume:
             manifest.start_new(job.folder)
         todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
@@ -295,7 +291,7 @@ def generate_images(
     group = _ProcessGroup(ranks) if ranks.world_size > 1 else None
     try:
         if ranks.rank == 0:
-            seed = _draw_seed(MAX_SEED - len(job.prompts) + 1) if seed is None else seed
+            seed = denoising.with_seed().seed if seed is None else seed
             if job.folder is not None and not resume:
                 manifest.start_new(job.folder)
         if group is not None:
@@ -366,8 +362,6 @@ def make_pass(
     callbacks: Callbacks,
 ) -> None:
     """Images start..stop-1 through the one-process chain, then written, then recorded in the manifest."""
-    from dataclasses import replace
-
     from pixart_cli.generate import generate
 
     images, meta = generate(
@@ -414,12 +408,6 @@ def write_images(
 
     artifacts.save_images(requests, on_written=written)
     return lines
-
-
-def _draw_seed(limit: int) -> int:
-    import secrets
-
-    return secrets.randbelow(max(limit, 0) + 1)
 
 
 def _ranges(indices: range) -> str:
