@@ -8,7 +8,7 @@ wall time and the peak of nvidia-smi's memory.used above the idle level (what a 
 pixart's own --report-memory JSON. Results: RESULTS_DIR/results.json and RESULTS_DIR/results.md.
 
 Cases: pixart-8GB, pixart-3GB (staged: three processes, then generate), generate-8GB, generate-32 (32 prompts
-at --vram 8GB), encode-group-offload (T5 under diffusers' group offloading, to compare with pixart's streaming),
+at --vram 8GB), generate-32-taylorseer (the same with --step-cache taylorseer:2), encode-group-offload (T5 under diffusers' group offloading, to compare with pixart's streaming),
 the diffusers baselines all-gpu, model-cpu-offload, group-offload, staged-8bit, loop-32 (all on the GPU, 32
 prompts one by one, each image saved as a PNG), and startup (each stage process against `import torch`, with
 its import time split by package: benchmarks/startup.py).
@@ -27,6 +27,16 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 PROMPT = "a small house by a lake with mountains behind it, watercolor"
+# case: (label, output folder, extra options). The step-cache case is approximate: parity() reports its
+# difference from the exact run's images (on random weights: a size of the change, not a judgement of quality).
+GENERATE_32 = {
+    "generate-32": ("pixart generate 32 prompts 8GB", "pixart-32", ()),
+    "generate-32-taylorseer": (
+        "pixart generate 32 prompts 8GB --step-cache taylorseer:2",
+        "pixart-32-taylorseer",
+        ("--step-cache", "taylorseer:2"),
+    ),
+}
 DIFFUSERS_CASES = ("all-gpu", "model-cpu-offload", "group-offload", "staged-8bit", "loop-32")
 SUBJECTS = [
     "a small house by a lake",
@@ -181,17 +191,18 @@ def main() -> None:
                 args.out,
                 log,
             )
-        elif case == "generate-32":  # many prompts within 8 GB, beside diffusers' loop (case loop-32)
+        elif case in GENERATE_32:  # many prompts within 8 GB, beside diffusers' loop (case loop-32)
             prompts = args.out / "prompts-32.txt"
             prompts.write_text("\n".join(many_prompts(32)) + "\n")
+            label, folder, extra = GENERATE_32[case]
             run(
-                "pixart generate 32 prompts 8GB",
+                label,
                 pixart(
                     "generate",
                     "--prompts-file",
                     str(prompts),
                     "-o",
-                    str(args.out / "pixart-32") + "/",
+                    str(args.out / folder) + "/",
                     "--seed",
                     "0",
                     "--model",
@@ -200,6 +211,7 @@ def main() -> None:
                     "8GB",
                     "--report-memory",
                     "--json",
+                    *extra,
                 ),
                 args.out,
                 log,
@@ -265,16 +277,29 @@ def build_model(model: Path, tokenizer: Path) -> None:
 
 def parity(out: Path) -> dict | None:
     """pixart generate --vram 8GB (case pixart-8GB) against diffusers' fp16 pipeline all on the GPU (case all-gpu),
-    same prompt and seed: max and mean pixel difference, when both ran."""
-    ours, theirs = out / "pixart-8GB" / "gen.png", out / "diffusers-all-gpu.png"
-    if not (ours.is_file() and theirs.is_file()):
-        return None
+    same prompt and seed: max and mean pixel difference, when both ran. With the step-cache case: its 32 images
+    against the exact generate-32 ones."""
     import numpy as np
     from PIL import Image
 
-    a, b = (np.asarray(Image.open(path).convert("RGB")).astype(np.int16) for path in (ours, theirs))
-    difference = np.abs(a - b)
-    return {"max_pixel_diff": int(difference.max()), "mean_pixel_diff": round(float(difference.mean()), 3)}
+    def differences(pairs):
+        values = [
+            np.abs(np.asarray(Image.open(a).convert("RGB")).astype(np.int16) - np.asarray(Image.open(b).convert("RGB")))
+            for a, b in pairs
+        ]
+        return {
+            "max_pixel_diff": int(max(v.max() for v in values)),
+            "mean_pixel_diff": round(float(np.mean([v.mean() for v in values])), 3),
+        }
+
+    found = {}
+    ours, theirs = out / "pixart-8GB" / "gen.png", out / "diffusers-all-gpu.png"
+    if ours.is_file() and theirs.is_file():
+        found = differences([(ours, theirs)])
+    exact, cached = sorted((out / "pixart-32").glob("*.png")), sorted((out / "pixart-32-taylorseer").glob("*.png"))
+    if exact and len(exact) == len(cached):
+        found["step_cache_taylorseer_2_vs_exact"] = differences(zip(exact, cached))
+    return found or None
 
 
 def medians(log: list) -> dict:

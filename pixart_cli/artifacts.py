@@ -952,6 +952,7 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
             "max_sequence_length",
             "binned",
             "loras",
+            "step_cache",
         )
     }
     # image to image only: the strength, the steps that ran, and the source image (name, sha256)
@@ -976,4 +977,6 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
     )
     if "strength" in settings:  # image to image, as A1111 writes it
         parameters += f", Denoising strength: {settings['strength']}"
+    if settings["step_cache"] is not None:  # approximate: a reader must know the image is not the exact one
+        parameters += f", Step cache: {settings['step_cache']}"
     return parameters, settings

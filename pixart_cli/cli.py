@@ -243,6 +243,7 @@ def denoise(
     scheduler: options.Scheduler = None,
     batch_size: options.DenoiseBatchSize = None,
     compile: options.Compile = False,
+    step_cache: options.StepCache = None,
     lora: options.Lora = None,
     init_latents: options.InitLatents = None,
     strength: options.Strength = None,
@@ -277,6 +278,7 @@ def denoise(
             batch_size,
             compile,
             strength,
+            step_cache,
         ).with_seed()
         inputs = (embeddings,) if init_latents is None else (embeddings, init_latents)
         (target,) = _targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
@@ -389,6 +391,7 @@ def generate(
     scheduler: options.Scheduler = None,
     batch_size: options.GenerateBatchSize = None,
     compile: options.Compile = False,
+    step_cache: options.StepCache = None,
     lora: options.Lora = None,
     image: options.Image = None,
     strength: options.Strength = None,
@@ -428,6 +431,7 @@ def generate(
             batch_size,
             compile,
             strength,
+            step_cache,
         )
         targets = _targets(
             out, output, len(texts) * num_images, "image", () if image is None else (image,), overwrite=not no_overwrite

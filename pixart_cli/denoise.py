@@ -151,7 +151,12 @@ def denoise(
     for adapter in ctx.loras:
         ctx.note(adapter.describe())
     with meter.phase("load"):
-        transformer, noise_scheduler = _load(chosen, plan.scheduler, ctx, compiled=settings.compile)
+        step_cache = settings.step_cache if chosen.name != "streamed" else None
+        if settings.step_cache is not None and step_cache is None:
+            ctx.note("--step-cache: ignored under the streamed plan (its blocks move between devices each step)")
+        transformer, noise_scheduler = _load(
+            chosen, plan.scheduler, ctx, compiled=settings.compile, step_cache=step_cache
+        )
 
     # 3. Denoise in batches of the plan's size
     with meter.phase("compute"):
@@ -182,6 +187,7 @@ def denoise(
         "binned": plan.binned,
         "plan": chosen.name,
         "compiled": settings.compile,
+        "step_cache": step_cache,
         "clean_caption": meta_in.get("clean_caption"),
         "max_sequence_length": meta_in.get("max_sequence_length"),
         "loras": lora.records(list(ctx.loras)),
@@ -218,16 +224,17 @@ def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
     )
 
 
-def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: bool = False):
-    """The transformer (resident or group-offloaded, LoRAs fused) and the scheduler; nothing else."""
+def _load(
+    chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: bool = False, step_cache: str | None = None
+):
+    """The transformer (resident or group-offloaded, LoRAs fused, an opt-in step cache hooked on) and the
+    scheduler; nothing else."""
     import torch
 
-    from pixart_cli.lean import import_diffusers
+    from pixart_cli import step_caching
+    from pixart_cli.lean import make_scheduler
 
-    diffusers = import_diffusers("diffusers")
-    PixArtTransformer2DModel = import_diffusers(
-        "diffusers.models.transformers.pixart_transformer_2d"
-    ).PixArtTransformer2DModel
+    PixArtTransformer2DModel = step_caching.transformer_class(step_cache is not None)
 
     source, device = ctx.model, ctx.device
     if chosen.name == "streamed":
@@ -246,6 +253,8 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
         torch.nn.Module.to(transformer, device)
         lora.apply_loras(transformer, list(ctx.loras))
     transformer.eval()
+    if step_cache is not None:
+        step_caching.enable(transformer, step_cache)
     if compiled:
         if chosen.name == "streamed":
             ctx.note("--compile: ignored under the streamed plan (its blocks move between devices each step)")
@@ -254,8 +263,8 @@ def _load(chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: b
             # /tmp), so a later run with the same shapes reuses them instead of compiling again.
             transformer.compile()
     # The model's own scheduler config, as the class the user picked (default: the model's own class).
-    noise_scheduler = getattr(diffusers, scheduler_name).from_config(
-        source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {})
+    noise_scheduler = make_scheduler(
+        scheduler_name, source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {})
     )
     return transformer, noise_scheduler
 
@@ -345,12 +354,10 @@ def check_finite(latents, dtype_name: str) -> None:
 
 def scheduler_class_name(source: Model, choice: str | None) -> str:
     """The diffusers class name of the scheduler: the user's --scheduler, else the model's own."""
-    from pixart_cli.lean import import_diffusers
-
-    diffusers = import_diffusers("diffusers")
+    from pixart_cli.lean import scheduler_class
 
     name = SCHEDULERS[choice].class_name if choice is not None else source.config("scheduler").get("_class_name", "")
-    if not isinstance(getattr(diffusers, name, None), type):
+    if scheduler_class(name) is None:
         raise PixartError(
             f"--model {source.id}: unknown scheduler class {name!r} in scheduler/scheduler_config.json", EXIT_RUNTIME
         )

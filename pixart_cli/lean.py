@@ -68,6 +68,56 @@ def import_diffusers(name: str, hide_optional: bool = True):
     return importlib.import_module(name)
 
 
+def scheduler_class(name: str):
+    """diffusers' scheduler class ``name`` (None if diffusers has no such class), imported without scipy."""
+    diffusers = import_diffusers("diffusers")
+    with _scipy_deferred():
+        found = getattr(diffusers, name, None)
+    return found if isinstance(found, type) else None
+
+
+def make_scheduler(name: str, config: dict, **overrides):
+    """``scheduler_class(name).from_config(config, **overrides)``, without scipy.
+
+    ``from_config`` imports every scheduler class the config is compatible with (``_get_compatibles``)."""
+    cls = scheduler_class(name)
+    with _scipy_deferred():
+        return cls.from_config(config, **overrides)
+
+
+@contextmanager
+def _scipy_deferred():
+    """Scheduler modules imported in the block skip their ``import scipy.stats``.
+
+    Most scheduler modules run ``if is_scipy_available(): import scipy.stats`` at import, for beta sigmas only
+    (``use_beta_sigmas``, which no PixArt scheduler config sets): a second of a denoise process on an H200
+    (2026-11-28). They import with diffusers told scipy is missing, then get a stand-in ``scipy`` that imports
+    the real submodule on first use, so beta sigmas still work.
+    """
+    import_utils = sys.modules["diffusers.utils.import_utils"]
+    scipy_installed = import_utils.is_scipy_available()
+    before = set(sys.modules)
+    import_utils._scipy_available = False
+    try:
+        yield
+    finally:
+        import_utils._scipy_available = scipy_installed
+    if scipy_installed:
+        for name in set(sys.modules) - before:
+            module = sys.modules[name]
+            if name.startswith("diffusers.schedulers.") and module is not None and "scipy" not in vars(module):
+                module.scipy = _ScipyOnFirstUse()
+
+
+class _ScipyOnFirstUse:
+    """Stands for ``scipy`` in a module that skipped ``import scipy.stats``: ``.stats`` imports it then."""
+
+    def __getattr__(self, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return importlib.import_module(f"scipy.{name}")
+
+
 def import_transformers(name: str):
     """Import one transformers module (``transformers.models.t5.tokenization_t5``) without transformers'
     ``__init__``, which scans every model file of the library to build its lazy index (about a second).

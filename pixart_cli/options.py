@@ -242,6 +242,18 @@ Compile = Annotated[
         "are cached for later runs. Not bit-identical to the default.",
     ),
 ]
+StepCache = Annotated[
+    Optional[str],
+    typer.Option(
+        "--step-cache",
+        metavar="METHOD:VALUE",
+        help="Skip part of the transformer's work on some steps (approximate, opt-in): fbc:THRESHOLD (First "
+        "Block Cache, e.g. fbc:0.1; how much it skips depends on the model) or taylorseer:INTERVAL (TaylorSeer, "
+        "e.g. taylorseer:2: a full step every INTERVAL steps after the first 3, forecast in between). "
+        "Changes the image; recorded in its metadata.",
+        show_default=False,
+    ),
+]
 Lora = Annotated[
     Optional[list[str]],
     typer.Option(

@@ -9,7 +9,7 @@ import time
 # What each stage's progress counts (encode also encodes the negative prompt, "" when none is given).
 UNITS = {
     "encode": "texts (the prompts and the negative prompt)",
-    "denoise": "steps",
+    "denoise": "steps, over all batches",
     "decode": "images",
     "encode-image": "images",
 }

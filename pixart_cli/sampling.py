@@ -53,6 +53,9 @@ def sample_latents(
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
+    from pixart_cli import step_caching
+
+    step_caching.reset(transformer)  # an opt-in step cache starts each batch from its own first step
     sigma = pipeline == SIGMA_PIPELINE
     batch_size = prompt_embeds.shape[0]
     do_classifier_free_guidance = guidance_scale > 1.0
@@ -118,14 +121,15 @@ def sample_latents(
             current_timestep = current_timestep[None].to(latent_model_input.device)
         current_timestep = current_timestep.expand(latent_model_input.shape[0])
 
-        noise_pred = transformer(
-            latent_model_input,
-            encoder_hidden_states=prompt_embeds,
-            encoder_attention_mask=prompt_attention_mask,
-            timestep=current_timestep,
-            added_cond_kwargs=added_cond_kwargs,
-            return_dict=False,
-        )[0]
+        with step_caching.step_context(transformer):
+            noise_pred = transformer(
+                latent_model_input,
+                encoder_hidden_states=prompt_embeds,
+                encoder_attention_mask=prompt_attention_mask,
+                timestep=current_timestep,
+                added_cond_kwargs=added_cond_kwargs,
+                return_dict=False,
+            )[0]
         if do_classifier_free_guidance:
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)

@@ -139,6 +139,7 @@ def image_options(model, dtype: str, encoding: EncodeSettings, denoising: Denois
         "height": denoising.height,
         "binning": denoising.binning,
         "scheduler": denoising.scheduler,
+        "step_cache": denoising.step_cache,
         "dtype": dtype,
         "max_sequence_length": encoding.max_sequence_length,
         "clean_caption": encoding.clean_caption,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SEED, decoded, denoised, encoded, generated, invoke, max_diff
+from helpers import SEED, assert_one_line_error, decoded, denoised, encoded, generated, invoke, max_diff
 from pixart_cli import artifacts, random_model
 from pixart_cli.models import Model
 
@@ -184,3 +184,32 @@ def test_compile_is_opt_in_and_recorded(tiny_model, monkeypatch):
     marked = denoised(embeddings, steps=2, seed=SEED, compile=True)
     assert compiled == ["PixArtTransformer2DModel"] and marked.meta["compiled"] is True
     assert torch.equal(marked.latents, eager.latents)  # compile was stubbed: everything else is the same run
+
+
+def test_step_cache_is_opt_in_recorded_and_exact_when_it_skips_nothing(tiny_model):
+    """--step-cache hooks diffusers' caches onto the transformer. A First Block Cache threshold no step change
+    falls below skips nothing and gives the default output exactly (the hooks alone change nothing); TaylorSeer
+    forecasts steps, so its output differs; each file says which cache made it."""
+    embeddings = encoded([PROMPT, "a dog"], tiny_model)
+    exact = denoised(embeddings, steps=8, seed=SEED)
+    assert exact.meta["step_cache"] is None
+    hooked = denoised(embeddings, steps=8, seed=SEED, step_cache="fbc:1e-9")
+    assert hooked.meta["step_cache"] == "fbc:1e-09" and torch.equal(hooked.latents, exact.latents)
+    forecast = denoised(embeddings, steps=8, seed=SEED, step_cache="TaylorSeer:2", batch_size=1)
+    assert forecast.meta["step_cache"] == "taylorseer:2"
+    assert torch.isfinite(forecast.latents).all() and not torch.equal(forecast.latents, exact.latents)
+    # each batch starts its own cache: image 2 alone equals image 2 of a batch of both
+    both = denoised(embeddings, steps=8, seed=SEED, step_cache="taylorseer:2")
+    assert torch.allclose(both.latents, forecast.latents, rtol=1e-4, atol=1e-3)  # batching: float order only
+    _, settings = artifacts.image_metadata(forecast.meta, 0)
+    assert settings["step_cache"] == "taylorseer:2"
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [("fast", "unknown method"), ("fbc:0", "fbc takes a threshold above 0"), ("taylorseer:1", "from 2")],
+)
+def test_bad_step_cache_is_one_line(value, fragment, tmp_path):
+    result = invoke("generate", "a cat", "--step-cache", value, "-o", "cat.png", cwd=tmp_path)
+    assert_one_line_error(result, 2, f"--step-cache {value!r}", fragment)
+    assert list(tmp_path.iterdir()) == []

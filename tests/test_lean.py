@@ -5,6 +5,7 @@ transformers compute. The import lists are checked in real processes, so the gua
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -50,7 +51,7 @@ runpy.run_module("pixart_cli", run_name="__main__")
 """
 
 
-def imported_by(tmp_path, *args) -> set[str]:
+def imported_by(tmp_path, *args, env=None) -> set[str]:
     record = tmp_path / "modules.json"
     result = subprocess.run(
         [sys.executable, "-c", RECORD_MODULES, str(record), *map(str, args)],
@@ -58,6 +59,7 @@ def imported_by(tmp_path, *args) -> set[str]:
         capture_output=True,
         text=True,
         timeout=300,
+        env=env,
     )
     assert result.returncode == 0, result.stderr
     return set(json.loads(record.read_text()))
@@ -77,6 +79,48 @@ def test_each_stage_process_imports_only_what_it_runs(tiny_model, tmp_path):
         assert "torch" in modules  # the recording works
         loaded = [name for name in NOT_IMPORTED[stage] if name in modules]
         assert not loaded, f"{stage} imported {loaded}"
+
+
+def fake_scipy(folder):
+    """An installed-looking ``scipy`` (dist-info included, as diffusers checks) whose ``stats`` records its import;
+    CI has no scipy, the GPU machines do."""
+    (folder / "scipy" / "stats").mkdir(parents=True)
+    (folder / "scipy" / "__init__.py").write_text("")
+    (folder / "scipy" / "stats" / "__init__.py").write_text(
+        "class beta:\n    @staticmethod\n    def ppf(q, a, b):\n        return float(q)\n"
+    )
+    info = folder / "scipy-1.99.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: scipy\nVersion: 1.99.0\n")
+    (info / "top_level.txt").write_text("scipy\n")
+    return folder
+
+
+def test_denoise_imports_scipy_only_for_beta_sigmas(tiny_model, tmp_path):
+    """Scheduler modules import scipy.stats at import time for beta sigmas alone; a denoise process skips it, and
+    a scheduler that does use beta sigmas still gets it."""
+    env = {**os.environ, "PYTHONPATH": str(fake_scipy(tmp_path / "site"))}
+    subprocess.run(
+        [sys.executable, "-m", "pixart_cli", "encode", "a cat", "--model", tiny_model, "-o", "emb.pt", "-q"],
+        cwd=tmp_path,
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    modules = imported_by(tmp_path, "denoise", "emb.pt", "--steps", "2", "--model", tiny_model, "-q", env=env)
+    assert "scipy.stats" not in modules
+    code = """
+import sys
+from pixart_cli.lean import scheduler_class
+cls = scheduler_class("DPMSolverMultistepScheduler")
+from diffusers.utils import is_scipy_available
+assert is_scipy_available() and "scipy.stats" not in sys.modules  # diffusers sees the fake one, not imported
+cls(use_beta_sigmas=True).set_timesteps(4)
+print("scipy.stats" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True"]
 
 
 def test_lean_import_leaves_the_rest_of_diffusers_importable(tmp_path):

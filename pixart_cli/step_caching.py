@@ -1,0 +1,100 @@
+"""Opt-in step caching (approximate), with diffusers' own caches: ``--step-cache METHOD:VALUE``.
+
+- ``fbc:THRESHOLD``: First Block Cache (ParaAttention; diffusers.hooks.first_block_cache). The first transformer
+  block runs at every step; when its residual changed less than THRESHOLD (relative) since the last full step,
+  the other blocks are skipped and their cached residual is added instead. How many steps it skips depends on
+  the weights, so its speed-up cannot be measured on random weights (none is skipped there).
+- ``taylorseer:INTERVAL``: TaylorSeer (arXiv 2503.06923; diffusers.hooks.taylorseer_cache), lite variant: after
+  3 full steps, the transformer runs in full every INTERVAL-th step only; in between its output is forecast from
+  the last full steps (first-order Taylor series) and the blocks are skipped. Its speed-up is fixed by the
+  schedule, whatever the weights.
+
+Both change the output, so neither is the default, and a file made with one records it (``step_cache``).
+diffusers hooks its caches onto models that carry its CacheMixin; PixArt's transformer class does not, so the
+class is extended with it here (public API: ``enable_cache`` and ``cache_context``).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+from pixart_cli.errors import PixartError
+
+METHODS = {
+    "fbc": "a threshold above 0, e.g. fbc:0.1",
+    "taylorseer": "a whole number of steps from 2, e.g. taylorseer:2",
+}
+MAX_FBC_THRESHOLD = 1.0  # a relative change; at 1 a step would be skipped even when the residual doubled
+TAYLORSEER_FULL_STEPS_FIRST = 3  # diffusers' default: the forecast needs a few full steps to start from
+
+
+def check(text: str) -> str:
+    """``--step-cache`` as given -> its canonical form (``fbc:0.1``, ``taylorseer:2``); one line if it is not."""
+    method, _, value = text.strip().partition(":")
+    method = method.lower()
+    if method not in METHODS:
+        raise PixartError(
+            f"--step-cache {text!r}: unknown method; use fbc:THRESHOLD (e.g. fbc:0.1) or taylorseer:INTERVAL "
+            "(e.g. taylorseer:2)"
+        )
+    try:
+        number = float(value) if method == "fbc" else int(value)
+    except ValueError:
+        number = None
+    if method == "fbc" and number is not None and math.isfinite(number) and 0 < number <= MAX_FBC_THRESHOLD:
+        return f"fbc:{number:g}"
+    if method == "taylorseer" and number is not None and 2 <= number <= 1000:
+        return f"taylorseer:{number}"
+    raise PixartError(f"--step-cache {text!r}: {method} takes {METHODS[method]}")
+
+
+def transformer_class(cached: bool):
+    """PixArtTransformer2DModel, or the same class with diffusers' CacheMixin when a step cache is asked for."""
+    from pixart_cli.lean import import_diffusers
+
+    PixArtTransformer2DModel = import_diffusers(
+        "diffusers.models.transformers.pixart_transformer_2d"
+    ).PixArtTransformer2DModel
+    if not cached:
+        return PixArtTransformer2DModel
+    CacheMixin = import_diffusers("diffusers.models.cache_utils").CacheMixin
+    return type("PixArtTransformer2DModelWithCache", (PixArtTransformer2DModel, CacheMixin), {})
+
+
+def enable(transformer, step_cache: str) -> None:
+    """Hook the cache ``step_cache`` (as ``check`` returns it) onto a transformer built by
+    ``transformer_class(True)``."""
+    # The hooks register every diffusers transformer block type when first used: that imports them all, which
+    # costs seconds and happens only on this opt-in path.
+    from pixart_cli.lean import import_diffusers
+
+    method, _, value = step_cache.partition(":")
+    if method == "fbc":
+        hooks = import_diffusers("diffusers.hooks.first_block_cache", hide_optional=False)
+        config = hooks.FirstBlockCacheConfig(threshold=float(value))
+    else:
+        hooks = import_diffusers("diffusers.hooks.taylorseer_cache", hide_optional=False)
+        config = hooks.TaylorSeerCacheConfig(
+            cache_interval=int(value),
+            disable_cache_before_step=TAYLORSEER_FULL_STEPS_FIRST,
+            use_lite_mode=True,
+            taylor_factors_dtype=transformer.dtype,
+        )
+    transformer.enable_cache(config)
+
+
+def step_context(transformer):
+    """Around each transformer call: the cache's state for this denoising loop (a no-op without a cache)."""
+    if getattr(transformer, "is_cache_enabled", False):
+        return transformer.cache_context("cond")
+    return nullcontext()
+
+
+def reset(transformer) -> None:
+    """Forget the cached residuals: a new batch of images starts from its own first step."""
+    if getattr(transformer, "is_cache_enabled", False):
+        from pixart_cli.lean import import_diffusers
+
+        HookRegistry = import_diffusers("diffusers.hooks.hooks", hide_optional=False).HookRegistry
+        HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
