@@ -361,8 +361,10 @@ def make_pass(
     denoising: DenoiseSettings,
     ctx,
     callbacks: Callbacks,
-) -> None:
-    """Images start..stop-1 through the one-process chain, then written, then recorded in the manifest."""
+    append: bool = True,
+) -> list[dict]:
+    """Images start..stop-1 through the one-process chain, then written, then recorded in the manifest
+    (``append=False``: the manifest lines are returned for the caller to append, as Ray's driver does)."""
     from pixart_cli.generate import generate
 
     images, meta = generate(
@@ -372,7 +374,7 @@ def make_pass(
         ctx,
         decode_batch_size=denoising.batch_size,
     )
-    write_images(job, start, images, meta, callbacks.wrote)
+    return write_images(job, start, images, meta, callbacks.wrote, append=append)
 
 
 def write_images(
