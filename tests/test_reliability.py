@@ -310,6 +310,33 @@ def test_a_hub_model_named_by_a_file_is_never_downloaded(files, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "component, command, weights",
+    [
+        ("transformer", "denoise", "diffusion_pytorch_model.safetensors"),
+        ("vae", "decode", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "encode", "model.safetensors"),
+    ],
+)
+def test_a_component_with_a_config_but_no_weights_is_named(component, command, weights, tiny_model, files, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for entry in tiny_model.iterdir():
+        (model / entry.name).symlink_to(entry)
+    (model / component).unlink()
+    (model / component).mkdir()
+    (model / component / "config.json").symlink_to(tiny_model / component / "config.json")
+    source = {"denoise": [files["emb"], "--steps", "2"], "decode": [files["lat"]], "encode": ["a cat"]}[command]
+    result = run_pixart(command, *source, "--model", model, "-o", "out/", cwd=tmp_path, check=False)
+    errors = [line for line in result.stderr.splitlines() if not line.startswith(("seed:", f"{command}: "))]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr  # (no loader warning on another line)
+    assert errors[0] == (
+        f"error: --model {model}: {component}/ has no weights file ({weights} is missing); the model folder is "
+        "incomplete: download it again"
+    )
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
 # --- 10: info ----------------------------------------------------------------------------------------------------
 def test_info_shows_nan_as_json_and_escapes_terminal_codes(files, tmp_path):
     path = tmp_path / "odd.pt"
