@@ -858,6 +858,7 @@ def output_targets(
       inside it (``embeddings.pt``, ``latents.pt``, ``image.png``; several images ``image-0.png``, ...);
     - a file name: used as is; several images become ``out-0.png``, ``out-1.png``, ...
 
+    A path with a line break in it is refused: stdout lists each written path on one line.
     Each target must be new or a regular file (a device, FIFO or socket, or a link to one, is never replaced
     or written into), not an input, in a writable folder, with a name the file system takes; with
     ``overwrite=False`` it must not exist (checked again when the file is put in place).
@@ -865,6 +866,11 @@ def output_targets(
     text = str(output)
     if text == "":
         raise _empty_path_error(option)
+    if len(f"_{text}_".splitlines()) > 1:  # \n, \r and the other breaks str.splitlines knows
+        raise PixartError(
+            f"{option} {_short(text)}: the path holds a line break, but each written path is one line of "
+            "stdout; choose a name without one"
+        )
     if is_stdout(text):
         if count != 1:
             raise PixartError(

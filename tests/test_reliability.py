@@ -362,6 +362,12 @@ def test_paths_empty_missing_folders(files, tmp_path):
     assert_refused(run_pixart("info", "nothere.png", cwd=tmp_path, check=False), 2, "nothere.png: no such file")
     assert "Errno" not in run_pixart("info", "nothere.png", cwd=tmp_path, check=False).stderr
     assert_refused(run_pixart("encode", "a cat", "-o", "", cwd=tmp_path, check=False), 2, "--output: the path is empty")
+    for broken in ("a\nb.pt", "dir\r/"):  # stdout lists one path per line
+        assert_refused(
+            run_pixart("encode", "a cat", "-o", broken, cwd=tmp_path, check=False),
+            2,
+            f"--output {broken!r}: the path holds a line break",
+        )
     (tmp_path / "existing").mkdir()
     assert_refused(
         run_pixart("encode", "a cat", "-o", "nofolder/x.pt", cwd=tmp_path, check=False), 2, "end the path with /"
