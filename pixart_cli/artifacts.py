@@ -568,10 +568,22 @@ def load_any(path) -> Embeddings | Latents:
     return _latents(path, data, size)
 
 
+def file_kind(path) -> str:
+    """ "pt" or "image", for the commands that take either (info, compare): what the file holds decides (torch.save
+    writes a zip archive), then its name; a file that is neither is read as a .pt file, whose checks name it."""
+    if str(path) == "":
+        raise _empty_path_error("FILE")
+    handle, _ = open_input(path, "FILE")
+    with handle:
+        if handle.read(4) == b"PK\x03\x04":
+            return "pt"
+    return "image" if Path(path).suffix.lower() in IMAGE_FORMATS else "pt"
+
+
 def describe(path) -> dict:
     """What `pixart info` shows: a .pt file's tensors and meta, or an image's embedded settings.
     Everything in it is bounded and JSON-safe (NaN and inf as strings)."""
-    if str(path) and Path(path).suffix.lower() in IMAGE_FORMATS:
+    if file_kind(path) == "image":
         return json_safe({"file": str(path), "kind": "image", **read_image_metadata(path)})
     artifact = load_any(path)
     tensors = {
@@ -833,6 +845,7 @@ def load_image_pixels(path: Path):
 
 
 # --- where outputs go: one policy for every command ----------------------------------------------------------
+PT_SUFFIX = ".pt"
 DEFAULT_NAMES = {
     "embeddings": "embeddings.pt",
     "latents": "latents.pt",
@@ -856,7 +869,8 @@ def output_targets(
     - ``-``: the single output's bytes go to stdout (not with several outputs, --json, or a terminal);
     - an existing folder, or a path ending in ``/`` (created when the output is written): the default name
       inside it (``embeddings.pt``, ``latents.pt``, ``image.png``; several images ``image-0.png``, ...);
-    - a file name: used as is; several images become ``out-0.png``, ``out-1.png``, ...
+    - a file name: used as is; several images become ``out-0.png``, ``out-1.png``, ...; an image's extension
+      picks its format (.png, .jpg, .webp), and a .pt output (embeddings, latents, init latents) must end in .pt.
 
     A path with a line break in it is refused: stdout lists each written path on one line.
     Each target must be new or a regular file (a device, FIFO or socket, or a link to one, is never replaced
@@ -896,6 +910,11 @@ def output_targets(
         paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
     for path in paths:
         _check_target(path, option, inputs, overwrite, create_folder=folder_given)
+    if not images and not folder_given and paths[0].suffix.lower() != PT_SUFFIX:
+        raise PixartError(
+            f"{option} {text}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} file is a torch .pt file; "
+            f"name it {paths[0].with_suffix(PT_SUFFIX)}"
+        )
     return paths
 
 

@@ -354,6 +354,14 @@ def test_info_shows_nan_as_json_and_escapes_terminal_codes(files, tmp_path):
     assert "\x1b" not in table and "\\x1b[31mred\\x1b[0m" in table and "second line" in table
 
 
+def test_info_and_compare_read_a_pt_file_by_its_contents_whatever_its_name(files, tmp_path):
+    (tmp_path / "older.png").write_bytes(files["emb"].read_bytes())  # (named before .pt was required)
+    shown = json.loads(run_pixart("info", "older.png", "--json", cwd=tmp_path).stdout)
+    assert shown["kind"] == "embeddings" and shown["tensors"]["prompt_embeds"]["shape"] == [1, 120, 32]
+    compared = json.loads(run_pixart("compare", "older.png", files["emb"], "--json", cwd=tmp_path).stdout)
+    assert compared["kind"] == "embeddings" and compared["pairs"][0]["max_abs_diff"] == 0
+
+
 # --- rough edges: paths --------------------------------------------------------------------------------------------
 def test_paths_empty_missing_folders(files, tmp_path):
     assert_refused(

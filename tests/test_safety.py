@@ -208,6 +208,14 @@ def test_payload_is_real(tmp_path):
         (["generate", "cat", "-o", "/nonexistent/dir/x.png"], "does not exist"),
         (["encode", "cat", "-o", "{existing}", "--no-overwrite"], "already exists"),
         (["encode", "cat", "--vram", "lots"], "--vram 'lots'"),
+        (
+            ["encode", "cat", "-o", "emb.png"],
+            "--output emb.png: an embeddings file is a torch .pt file; name it emb.pt",
+        ),
+        (
+            ["encode-image", "x.png", "-o", "init"],
+            "--output init: an init latents file is a torch .pt file; name it init.pt",
+        ),
     ],
 )
 def test_bad_options_fail_fast_in_a_real_process(args, fragment, tmp_path):
