@@ -748,9 +748,13 @@ def read_image_metadata(path: Path) -> dict:
     """{"parameters": str | None, "settings": dict | None, "format", "size"} of an image pixart wrote."""
     from PIL import Image, UnidentifiedImageError
 
-    handle, _ = open_input(path)
+    handle, size_on_disk = open_input(path)
+    if size_on_disk == 0:
+        handle.close()
+        raise bad_file(path, "is empty (0 bytes); the command that wrote it may have failed: run it again")
     try:
         with handle, Image.open(handle) as image:
+            image.load()  # the pixels too: a truncated or damaged file fails here, not only a bad header
             fmt, size = image.format, list(image.size)
             if fmt == "PNG":
                 parameters, settings = image.text.get("parameters"), image.text.get("pixart")
@@ -763,8 +767,8 @@ def read_image_metadata(path: Path) -> dict:
                     if isinstance(comment, bytes) and comment.startswith(b"UNICODE")
                     else comment
                 )
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise bad_file(path, f"not an image pixart can read ({detail(error)})") from error
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise bad_file(path, image_problem(error)) from error
     try:
         settings = plain_meta(path, json.loads(settings)) if isinstance(settings, (str, bytes)) else None
     except (ValueError, RecursionError, PixartError):  # not JSON, too deep or too big: another program's, not ours
@@ -782,6 +786,7 @@ class SourceImage:
     path: Path
     sha256: str
     pixels: Any  # PIL.Image.Image, mode RGB
+    option: str = "IMAGE"  # the argument that named it (IMAGE, --image): errors about the image name it
 
     @property
     def name(self) -> str:
@@ -807,11 +812,15 @@ def read_source_image(path, option: str = "IMAGE") -> SourceImage:
 
     from PIL import Image, ImageOps
 
+    if str(path) == "":
+        raise _empty_path_error(option)
     try:
         handle, size = open_input(path, option)
     except PixartError as error:  # the line names the option too: "--image x.png: no such file"
         raise PixartError(f"{option} {error}", error.exit_code) from None
     with handle:
+        if size == 0:
+            raise PixartError(f"{option} {path}: is empty (0 bytes); give a .png, .jpg or .webp file")
         if size > MAX_SOURCE_IMAGE_BYTES:
             raise PixartError(
                 f"{option} {path}: {size} bytes is beyond the {MAX_SOURCE_IMAGE_BYTES // 2**20} MiB "
@@ -823,10 +832,8 @@ def read_source_image(path, option: str = "IMAGE") -> SourceImage:
             # as diffusers.utils.load_image: upright per EXIF, then RGB (alpha dropped, palettes expanded)
             pixels = ImageOps.exif_transpose(image).convert("RGB")
     except Exception as error:
-        raise PixartError(
-            f"{option} {path}: not an image pixart can read ({detail(error)[:120]}); give a .png, .jpg or .webp file"
-        ) from None
-    return SourceImage(Path(path), hashlib.sha256(data).hexdigest(), pixels)
+        raise PixartError(f"{option} {path}: {image_problem(error)}; give a .png, .jpg or .webp file") from None
+    return SourceImage(Path(path), hashlib.sha256(data).hexdigest(), pixels, option)
 
 
 def load_image_pixels(path: Path):
@@ -841,7 +848,20 @@ def load_image_pixels(path: Path):
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except Exception as error:
-        raise bad_file(path, f"not an image pixart can read ({detail(error)[:120]})") from None
+        raise bad_file(path, image_problem(error)) from None
+
+
+def image_problem(error: Exception) -> str:
+    """Why PIL could not read an image, for a line that names the file already: PIL's own text names the file
+    object it was given (``<_io.BytesIO object at 0x...>``), which says nothing to a user."""
+    import re
+
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image pixart can read (PIL does not recognise its format)"
+    reason = re.sub(r"\s*<[^<>]*>", "", detail(error)).strip(" :") or type(error).__name__
+    return f"not an image pixart can read ({reason[:120]})"
 
 
 # --- where outputs go: one policy for every command ----------------------------------------------------------

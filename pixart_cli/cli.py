@@ -355,6 +355,7 @@ def encode_image(
 
         # 1. Every option and path, the image itself, then the sizes on the model's configs, before a model loads
         budget = _check_common(device, dtype, vram)
+        img2img.check_size_options(width, height)
         (target,) = _targets(out, output, 1, "init latents", (image,), overwrite=not no_overwrite)
         source_image = artifacts.read_source_image(image)
         source = _new_model(model, revision)
