@@ -82,6 +82,11 @@ class Model:
     """
 
     def __init__(self, model: str, revision: str | None = None, named_by: str | None = None):
+        if not model.strip():
+            raise PixartError(
+                f"--model {model!r}: the name is empty; give a diffusers model folder or a Hugging Face id, or leave "
+                f"--model out (default: ${MODEL_ENV}, else {DEFAULT_MODEL})"
+            )
         self.id = model
         self.revision = revision
         self.named_by = named_by

@@ -362,6 +362,36 @@ def test_info_and_compare_read_a_pt_file_by_its_contents_whatever_its_name(files
     assert compared["kind"] == "embeddings" and compared["pairs"][0]["max_abs_diff"] == 0
 
 
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["denoise", "{emb}", "--lora", "style:abc"],
+            "--lora style:abc: the scale 'abc' is not a number; give style:0.8",
+        ),
+        (["denoise", "{emb}", "--lora", "folder"], "--lora folder: is a folder; give the LoRA's .safetensors file"),
+        (["encode", "a cat", "--model", "{model}", "--cache", "style"], "--cache style: is a file, not a folder"),
+        (["encode", "a cat", "--model", ""], "--model '': the name is empty; give a diffusers model folder"),
+        (["info", "cut.jpg"], "cut.jpg: not an image pixart can read (image file is truncated"),
+    ],
+)
+def test_option_and_file_messages_name_what_is_wrong(args, line, tiny_model, files, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "style").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(tmp_path / "whole.jpg")
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # its header whole: only decoding finds the cut
+    before = sorted(tmp_path.iterdir())
+    args = [arg.replace("{emb}", str(files["emb"])).replace("{model}", str(tiny_model)) for arg in args]
+    result = run_pixart(*args, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {line}"), result.stderr
+    assert sorted(tmp_path.iterdir()) == before
+
+
 # --- rough edges: paths --------------------------------------------------------------------------------------------
 def test_paths_empty_missing_folders(files, tmp_path):
     assert_refused(
