@@ -85,13 +85,16 @@ def is_stdout(path) -> bool:
 
 
 @contextmanager
-def atomic_path(path: Path, overwrite: bool = True):
+def atomic_path(path: Path, overwrite: bool = True, follow_link: bool = False):
     """Yield a temp path beside ``path``; put it in place only if the block succeeds (see ``place``).
 
     The temp name does not contain the output's name, so a name as long as the file system allows still works.
     A missing folder (``-o newdir/``) is created here, at the last moment, and removed again if this fails.
+    ``follow_link``: an output the user named; a symbolic link to a regular file there is written through (see
+    ``output_targets``). pixart's own files (cache entries, the manifest) replace a link instead: a link planted
+    in a shared folder must not make pixart write elsewhere.
     """
-    path = Path(path)
+    path = written_path(path) if follow_link else Path(path)
     created = _make_folders(path.parent)
     placed = False
     temp = None
@@ -117,6 +120,15 @@ def atomic_path(path: Path, overwrite: bool = True):
                     folder.rmdir()
                 except OSError:
                     break
+
+
+def written_path(path) -> Path:
+    """The file an output named ``path`` lands in: the file a symbolic link there points to, when it points to a
+    regular file (as ``cp`` and PIL's ``save`` write through a link), else ``path`` itself."""
+    path = Path(path)
+    if os.path.islink(path) and _existing_kind(path) == "file":
+        return Path(os.path.realpath(path))
+    return path
 
 
 def _make_folders(folder: Path) -> list[Path]:
@@ -193,9 +205,9 @@ def _existing_kind(path: Path) -> str | None:
     return "not a regular file"
 
 
-def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True) -> Path:
+def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True, follow_link: bool = True) -> Path:
     """Write an Embeddings or Latents file atomically (``-`` : to stdout), stamped with its format and version;
-    tensors go to the CPU first.
+    tensors go to the CPU first. ``follow_link``: as ``atomic_path`` (an output the user named).
 
     Each tensor is saved with only its own elements: torch.save writes a view's whole storage, so a row sliced
     from a batch would otherwise carry the batch with it.
@@ -209,7 +221,7 @@ def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True) -> 
         torch.save(payload, buffer)
         _write_stdout(buffer.getvalue())
         return Path(STDOUT)
-    with atomic_path(path, overwrite) as temp:
+    with atomic_path(path, overwrite, follow_link) as temp:
         torch.save(payload, temp)
     return Path(path)
 
@@ -698,7 +710,7 @@ def save_image(path, image, parameters: str, settings: dict, overwrite: bool = T
         image.save(buffer, format=fmt, **extra)
         _write_stdout(buffer.getvalue())
         return Path(STDOUT)
-    with atomic_path(path, overwrite) as temp:
+    with atomic_path(path, overwrite, follow_link=True) as temp:
         image.save(temp, format=fmt, **extra)
     return Path(path)
 
@@ -895,7 +907,9 @@ def output_targets(
     A path with a line break in it is refused: stdout lists each written path on one line.
     Each target must be new or a regular file (a device, FIFO or socket, or a link to one, is never replaced
     or written into), not an input, in a writable folder, with a name the file system takes; with
-    ``overwrite=False`` it must not exist (checked again when the file is put in place).
+    ``overwrite=False`` it must not exist (checked again when the file is put in place). A symbolic link to a
+    regular file is written through, as ``cp`` and PIL do: the file it points to gets the output (replaced
+    atomically), the link stays, and the path printed is the one given.
     """
     text = str(output)
     if text == "":
@@ -964,6 +978,9 @@ def _check_target(path: Path, option: str, inputs: tuple, overwrite: bool, creat
         raise PixartError(f"{option} {path}: {existing} is not a folder")
     if not os.access(existing, os.W_OK):
         raise PixartError(f"{option} {path}: folder {existing} is not writable")
+    destination = written_path(path)
+    if destination != path and not os.access(destination.parent, os.W_OK):
+        raise PixartError(f"{option} {path}: links to {destination}, whose folder is not writable; give another path")
     try:
         name_max = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):

@@ -99,6 +99,6 @@ class EmbeddingCache:
         }
         tensors = [tensor.detach().cpu().clone() for tensor in row]
         try:
-            artifacts.save(self.path(prompt), artifacts.Embeddings(*tensors, meta=meta))
+            artifacts.save(self.path(prompt), artifacts.Embeddings(*tensors, meta=meta), follow_link=False)
         except (PixartError, OSError) as error:
             self.log(f"cache: could not store an entry in {self.folder} ({error}); continuing without it")

@@ -139,6 +139,21 @@ def test_devices_fifos_sockets_and_links_to_them_are_never_replaced(tmp_path):
     assert os.readlink(tmp_path / "link-to-fifo") == "fifo"
 
 
+def test_a_link_to_a_regular_file_is_written_through_as_cp_does(tiny_model, files, tmp_path):
+    """The file a link points to gets the output (.pt and images alike); the link stays; stdout names the link."""
+    for name, target in (("emb.pt", "real.pt"), ("lat-1.png", "real.png")):
+        (tmp_path / target).write_bytes(b"old")
+        (tmp_path / name).symlink_to(target)
+    refused = run_pixart("encode", "a cat", "-o", "emb.pt", "--no-overwrite", cwd=tmp_path, check=False)
+    assert_refused(refused, 2, "--output emb.pt: already exists and --no-overwrite was given")
+    assert run_pixart("encode", "a cat", "--model", tiny_model, "-o", "emb.pt", cwd=tmp_path).stdout == "emb.pt\n"
+    assert run_pixart("decode", files["lat"], "-o", "lat.png", cwd=tmp_path).stdout.split()[1] == "lat-1.png"
+    assert os.readlink(tmp_path / "emb.pt") == "real.pt" and os.readlink(tmp_path / "lat-1.png") == "real.png"
+    assert artifacts.load_embeddings(tmp_path / "real.pt").meta["prompts"] == ["a cat"]
+    assert artifacts.read_image_metadata(tmp_path / "real.png")["format"] == "PNG"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".pixart-")]  # no temp file left
+
+
 def test_output_dash_writes_one_output_to_stdout(files, tmp_path):
     piped = subprocess.run(
         [pixart_bin(), "decode", str(files["emb"]).replace("emb", "one"), "-o", "-"], capture_output=True, cwd=tmp_path
@@ -280,6 +295,16 @@ def test_a_tampered_cache_entry_is_encoded_again(tiny_model, tmp_path):
     assert torch.equal(again.prompt_embeds, fresh.prompt_embeds)
     assert any("ignoring entry" in line for line in logs)
     assert artifacts.load_embeddings(entry).prompt_embeds.shape == (1, 120, 32)  # replaced by a good one
+
+
+def test_a_link_planted_as_a_cache_entry_is_replaced_not_written_through(tiny_model, tmp_path):
+    encoded(["a cat"], tiny_model, cache=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").iterdir()
+    (tmp_path / "victim").write_bytes(b"someone else's file")
+    entry.unlink()
+    entry.symlink_to(tmp_path / "victim")
+    encoded(["a cat"], tiny_model, cache=tmp_path / "cache", log=lambda line: None)
+    assert (tmp_path / "victim").read_bytes() == b"someone else's file" and not entry.is_symlink()
 
 
 # --- 9: the model a file names ---------------------------------------------------------------------------------
