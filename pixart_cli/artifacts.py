@@ -85,13 +85,16 @@ def is_stdout(path) -> bool:
 
 
 @contextmanager
-def atomic_path(path: Path, overwrite: bool = True):
+def atomic_path(path: Path, overwrite: bool = True, follow_link: bool = False):
     """Yield a temp path beside ``path``; put it in place only if the block succeeds (see ``place``).
 
     The temp name does not contain the output's name, so a name as long as the file system allows still works.
     A missing folder (``-o newdir/``) is created here, at the last moment, and removed again if this fails.
+    ``follow_link``: an output the user named; a symbolic link to a regular file there is written through (see
+    ``output_targets``). pixart's own files (cache entries, the manifest) replace a link instead: a link planted
+    in a shared folder must not make pixart write elsewhere.
     """
-    path = Path(path)
+    path = written_path(path) if follow_link else Path(path)
     created = _make_folders(path.parent)
     placed = False
     temp = None
@@ -117,6 +120,15 @@ def atomic_path(path: Path, overwrite: bool = True):
                     folder.rmdir()
                 except OSError:
                     break
+
+
+def written_path(path) -> Path:
+    """The file an output named ``path`` lands in: the file a symbolic link there points to, when it points to a
+    regular file (as ``cp`` and PIL's ``save`` write through a link), else ``path`` itself."""
+    path = Path(path)
+    if os.path.islink(path) and _existing_kind(path) == "file":
+        return Path(os.path.realpath(path))
+    return path
 
 
 def _make_folders(folder: Path) -> list[Path]:
@@ -193,9 +205,9 @@ def _existing_kind(path: Path) -> str | None:
     return "not a regular file"
 
 
-def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True) -> Path:
+def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True, follow_link: bool = True) -> Path:
     """Write an Embeddings or Latents file atomically (``-`` : to stdout), stamped with its format and version;
-    tensors go to the CPU first.
+    tensors go to the CPU first. ``follow_link``: as ``atomic_path`` (an output the user named).
 
     Each tensor is saved with only its own elements: torch.save writes a view's whole storage, so a row sliced
     from a batch would otherwise carry the batch with it.
@@ -209,7 +221,7 @@ def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True) -> 
         torch.save(payload, buffer)
         _write_stdout(buffer.getvalue())
         return Path(STDOUT)
-    with atomic_path(path, overwrite) as temp:
+    with atomic_path(path, overwrite, follow_link) as temp:
         torch.save(payload, temp)
     return Path(path)
 
@@ -568,10 +580,22 @@ def load_any(path) -> Embeddings | Latents:
     return _latents(path, data, size)
 
 
+def file_kind(path) -> str:
+    """ "pt" or "image", for the commands that take either (info, compare): what the file holds decides (torch.save
+    writes a zip archive), then its name; a file that is neither is read as a .pt file, whose checks name it."""
+    if str(path) == "":
+        raise _empty_path_error("FILE")
+    handle, _ = open_input(path, "FILE")
+    with handle:
+        if handle.read(4) == b"PK\x03\x04":
+            return "pt"
+    return "image" if Path(path).suffix.lower() in IMAGE_FORMATS else "pt"
+
+
 def describe(path) -> dict:
     """What `pixart info` shows: a .pt file's tensors and meta, or an image's embedded settings.
     Everything in it is bounded and JSON-safe (NaN and inf as strings)."""
-    if str(path) and Path(path).suffix.lower() in IMAGE_FORMATS:
+    if file_kind(path) == "image":
         return json_safe({"file": str(path), "kind": "image", **read_image_metadata(path)})
     artifact = load_any(path)
     tensors = {
@@ -686,7 +710,7 @@ def save_image(path, image, parameters: str, settings: dict, overwrite: bool = T
         image.save(buffer, format=fmt, **extra)
         _write_stdout(buffer.getvalue())
         return Path(STDOUT)
-    with atomic_path(path, overwrite) as temp:
+    with atomic_path(path, overwrite, follow_link=True) as temp:
         image.save(temp, format=fmt, **extra)
     return Path(path)
 
@@ -736,9 +760,13 @@ def read_image_metadata(path: Path) -> dict:
     """{"parameters": str | None, "settings": dict | None, "format", "size"} of an image pixart wrote."""
     from PIL import Image, UnidentifiedImageError
 
-    handle, _ = open_input(path)
+    handle, size_on_disk = open_input(path)
+    if size_on_disk == 0:
+        handle.close()
+        raise bad_file(path, "is empty (0 bytes); the command that wrote it may have failed: run it again")
     try:
         with handle, Image.open(handle) as image:
+            image.load()  # the pixels too: a truncated or damaged file fails here, not only a bad header
             fmt, size = image.format, list(image.size)
             if fmt == "PNG":
                 parameters, settings = image.text.get("parameters"), image.text.get("pixart")
@@ -751,8 +779,8 @@ def read_image_metadata(path: Path) -> dict:
                     if isinstance(comment, bytes) and comment.startswith(b"UNICODE")
                     else comment
                 )
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as error:
-        raise bad_file(path, f"not an image pixart can read ({detail(error)})") from error
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise bad_file(path, image_problem(error)) from error
     try:
         settings = plain_meta(path, json.loads(settings)) if isinstance(settings, (str, bytes)) else None
     except (ValueError, RecursionError, PixartError):  # not JSON, too deep or too big: another program's, not ours
@@ -770,6 +798,7 @@ class SourceImage:
     path: Path
     sha256: str
     pixels: Any  # PIL.Image.Image, mode RGB
+    option: str = "IMAGE"  # the argument that named it (IMAGE, --image): errors about the image name it
 
     @property
     def name(self) -> str:
@@ -795,11 +824,15 @@ def read_source_image(path, option: str = "IMAGE") -> SourceImage:
 
     from PIL import Image, ImageOps
 
+    if str(path) == "":
+        raise _empty_path_error(option)
     try:
         handle, size = open_input(path, option)
     except PixartError as error:  # the line names the option too: "--image x.png: no such file"
         raise PixartError(f"{option} {error}", error.exit_code) from None
     with handle:
+        if size == 0:
+            raise PixartError(f"{option} {path}: is empty (0 bytes); give a .png, .jpg or .webp file")
         if size > MAX_SOURCE_IMAGE_BYTES:
             raise PixartError(
                 f"{option} {path}: {size} bytes is beyond the {MAX_SOURCE_IMAGE_BYTES // 2**20} MiB "
@@ -811,10 +844,8 @@ def read_source_image(path, option: str = "IMAGE") -> SourceImage:
             # as diffusers.utils.load_image: upright per EXIF, then RGB (alpha dropped, palettes expanded)
             pixels = ImageOps.exif_transpose(image).convert("RGB")
     except Exception as error:
-        raise PixartError(
-            f"{option} {path}: not an image pixart can read ({detail(error)[:120]}); give a .png, .jpg or .webp file"
-        ) from None
-    return SourceImage(Path(path), hashlib.sha256(data).hexdigest(), pixels)
+        raise PixartError(f"{option} {path}: {image_problem(error)}; give a .png, .jpg or .webp file") from None
+    return SourceImage(Path(path), hashlib.sha256(data).hexdigest(), pixels, option)
 
 
 def load_image_pixels(path: Path):
@@ -829,10 +860,24 @@ def load_image_pixels(path: Path):
         with Image.open(path) as image:
             return np.asarray(image.convert("RGB"))
     except Exception as error:
-        raise bad_file(path, f"not an image pixart can read ({detail(error)[:120]})") from None
+        raise bad_file(path, image_problem(error)) from None
+
+
+def image_problem(error: Exception) -> str:
+    """Why PIL could not read an image, for a line that names the file already: PIL's own text names the file
+    object it was given (``<_io.BytesIO object at 0x...>``), which says nothing to a user."""
+    import re
+
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image pixart can read (PIL does not recognise its format)"
+    reason = re.sub(r"\s*<[^<>]*>", "", detail(error)).strip(" :") or type(error).__name__
+    return f"not an image pixart can read ({reason[:120]})"
 
 
 # --- where outputs go: one policy for every command ----------------------------------------------------------
+PT_SUFFIX = ".pt"
 DEFAULT_NAMES = {
     "embeddings": "embeddings.pt",
     "latents": "latents.pt",
@@ -856,15 +901,24 @@ def output_targets(
     - ``-``: the single output's bytes go to stdout (not with several outputs, --json, or a terminal);
     - an existing folder, or a path ending in ``/`` (created when the output is written): the default name
       inside it (``embeddings.pt``, ``latents.pt``, ``image.png``; several images ``image-0.png``, ...);
-    - a file name: used as is; several images become ``out-0.png``, ``out-1.png``, ...
+    - a file name: used as is; several images become ``out-0.png``, ``out-1.png``, ...; an image's extension
+      picks its format (.png, .jpg, .webp), and a .pt output (embeddings, latents, init latents) must end in .pt.
 
+    A path with a line break in it is refused: stdout lists each written path on one line.
     Each target must be new or a regular file (a device, FIFO or socket, or a link to one, is never replaced
     or written into), not an input, in a writable folder, with a name the file system takes; with
-    ``overwrite=False`` it must not exist (checked again when the file is put in place).
+    ``overwrite=False`` it must not exist (checked again when the file is put in place). A symbolic link to a
+    regular file is written through, as ``cp`` and PIL do: the file it points to gets the output (replaced
+    atomically), the link stays, and the path printed is the one given.
     """
     text = str(output)
     if text == "":
         raise _empty_path_error(option)
+    if len(f"_{text}_".splitlines()) > 1:  # \n, \r and the other breaks str.splitlines knows
+        raise PixartError(
+            f"{option} {_short(text)}: the path holds a line break, but each written path is one line of "
+            "stdout; choose a name without one"
+        )
     if is_stdout(text):
         if count != 1:
             raise PixartError(
@@ -890,6 +944,11 @@ def output_targets(
         paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
     for path in paths:
         _check_target(path, option, inputs, overwrite, create_folder=folder_given)
+    if not images and not folder_given and paths[0].suffix.lower() != PT_SUFFIX:
+        raise PixartError(
+            f"{option} {text}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} file is a torch .pt file; "
+            f"name it {paths[0].with_suffix(PT_SUFFIX)}"
+        )
     return paths
 
 
@@ -919,6 +978,9 @@ def _check_target(path: Path, option: str, inputs: tuple, overwrite: bool, creat
         raise PixartError(f"{option} {path}: {existing} is not a folder")
     if not os.access(existing, os.W_OK):
         raise PixartError(f"{option} {path}: folder {existing} is not writable")
+    destination = written_path(path)
+    if destination != path and not os.access(destination.parent, os.W_OK):
+        raise PixartError(f"{option} {path}: links to {destination}, whose folder is not writable; give another path")
     try:
         name_max = os.pathconf(existing, "PC_NAME_MAX")
     except (OSError, ValueError):

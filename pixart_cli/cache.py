@@ -30,6 +30,8 @@ class EmbeddingCache:
         if str(folder) == "":
             raise PixartError("--cache: the path is empty; give a folder (or leave --cache out)")
         self.folder = Path(folder).expanduser()
+        if self.folder.exists() and not self.folder.is_dir():
+            raise PixartError(f"--cache {folder}: is a file, not a folder; give a folder (created if missing)")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -97,6 +99,6 @@ class EmbeddingCache:
         }
         tensors = [tensor.detach().cpu().clone() for tensor in row]
         try:
-            artifacts.save(self.path(prompt), artifacts.Embeddings(*tensors, meta=meta))
+            artifacts.save(self.path(prompt), artifacts.Embeddings(*tensors, meta=meta), follow_link=False)
         except (PixartError, OSError) as error:
             self.log(f"cache: could not store an entry in {self.folder} ({error}); continuing without it")

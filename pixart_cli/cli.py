@@ -357,6 +357,7 @@ def encode_image(
 
         # 1. Every option and path, the image itself, then the sizes on the model's configs, before a model loads
         budget = _check_common(device, dtype, vram)
+        img2img.check_size_options(width, height)
         (target,) = _targets(out, output, 1, "init latents", (image,), overwrite=not no_overwrite)
         source_image = artifacts.read_source_image(image)
         source = _new_model(model, revision)
@@ -548,18 +549,107 @@ def _root(
     """Run PixArt text-to-image models in memory-staged steps."""
 
 
-def main() -> None:
-    """Console-script entry point."""
+def main(args: Optional[list[str]] = None) -> None:
+    """Console-script entry point. The parser runs outside Typer's standalone mode, so that its errors (a bad
+    value, an unknown option, a missing argument) end as ours do: one line, exit 2, and with --json the JSON
+    error document on stdout."""
     install_signal_handlers()
+    args = sys.argv[1:] if args is None else list(args)
+    command = typer.main.get_command(app)
     try:
-        app(prog_name="pixart")
-        code = 0
+        result = command.main(args, prog_name="pixart", standalone_mode=False)
+        code = result if isinstance(result, int) else 0  # --help, --version, typer.Exit(code): the code
+    except typer.TyperException as error:  # the parser's (Typer's click): show it as one line
+        if not args:  # `pixart` alone: the help, as Typer shows it (exit 2)
+            error.show()
+            code = error.exit_code
+        else:
+            name, message = _parser_failure(command, args, error)
+            code = error.exit_code
+            Output(name, as_json=_asks_json(args)).error(message, code)
+    except typer.Abort:  # end of input while Typer read from stdin
+        code = EXIT_RUNTIME
+        Output("pixart", as_json=_asks_json(args)).error("aborted; no output was written", code)
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except (KeyboardInterrupt, Terminated) as error:  # a signal outside a command's work (while parsing)
         code, message = _failure(error)
         Output("pixart").error(message, code)
     leave(code)
+
+
+def _asks_json(args: list[str]) -> bool:
+    """Whether the command line asks for --json (before a ``--`` that ends the options)."""
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+# Typer's conversion errors (pydantic's error types) in our words
+_CONVERSION = {
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "float_parsing": "must be a number",
+    "bool_parsing": "must be true or false",
+}
+
+
+def _parser_failure(group, args: list[str], error: Exception) -> tuple[str, str]:
+    """(command name, one line) for an error of the parser: what was wrong, with the option and the value, and
+    where to look (the command's --help)."""
+    name = next((arg for arg in args if arg in group.commands), None)
+    context = getattr(error, "ctx", None)
+    if context is not None and context.command is not group:
+        name = context.info_name
+    see = f"see `pixart {name} --help`" if name else "see `pixart --help`"
+    param = getattr(error, "param", None)
+    option = getattr(error, "option_name", None)
+    if param is not None:
+        flag = max(param.opts, key=len) if param.opts and param.opts[0].startswith("-") else None
+        shown = flag or getattr(param, "metavar", None) or param.name.upper()
+        if isinstance(error, typer.BadParameter) and error.message:  # a value that does not convert
+            value = _given_value(args, param.opts, error)
+            cause = error.__cause__
+            kind = cause.errors()[0].get("type") if hasattr(cause, "errors") else None
+            reason = _CONVERSION.get(kind) or _sentence(error.message)
+            return name or "pixart", f"{shown}{'' if value is None else f' {value!r}'}: {reason}; {see}"
+        what = "option" if flag else "argument"
+        return name or "pixart", f"{shown}: missing; this {what} is required; {see}"
+    if option is not None:
+        possible = [p for p in getattr(error, "possibilities", None) or () if p not in ("--help", "-h")]
+        if error.format_message().startswith("No such option"):
+            hint = f" (did you mean {' or '.join(sorted(possible))}?)" if possible else ""
+            return name or "pixart", f"{option}: no such option{hint}; {see}"
+        message = error.format_message()
+        if "requires an argument" in message:
+            return name or "pixart", f"{option}: needs a value; {see}"
+        if "does not take a value" in message:
+            return name or "pixart", f"{option}: takes no value (it is a flag); {see}"
+    return name or "pixart", f"{_sentence(error.format_message())}; {see}"
+
+
+def _given_value(args: list[str], opts: list[str], error: Exception):
+    """The text given for an option, as the parser saw it (the conversion error's input, else the last value
+    after the flag on the command line), or None."""
+    cause = error.__cause__
+    if hasattr(cause, "errors"):
+        value = cause.errors()[0].get("input")
+        if isinstance(value, str):
+            return value
+    value = None
+    for index, arg in enumerate(args):
+        if arg == "--":
+            break
+        for opt in opts:
+            if arg == opt and index + 1 < len(args):
+                value = args[index + 1]
+            elif opt.startswith("--") and arg.startswith(opt + "="):
+                value = arg[len(opt) + 1 :]
+    return value
+
+
+def _sentence(text: str) -> str:
+    """A message as part of our line: one line, lower case first, no final period."""
+    text = " ".join(text.split()).rstrip(".")
+    return text[:1].lower() + text[1:]
 
 
 if __name__ == "__main__":

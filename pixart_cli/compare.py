@@ -32,18 +32,13 @@ class Comparison:
         return {"kind": self.kind, "a": self.a, "b": self.b, "pairs": self.pairs, "notes": self.notes}
 
 
-def _kind(path: Path) -> str:
-    if Path(path).suffix.lower() in artifacts.IMAGE_FORMATS:
-        return "image"
-    return "pt"
-
-
 def compare_files(a: Path, b: Path) -> Comparison:
     """Compare two files of the same kind. Raises PixartError (exit 2) when they cannot be compared."""
+    kinds = artifacts.file_kind(a), artifacts.file_kind(b)
     a, b = Path(a), Path(b)
-    if _kind(a) == "image" or _kind(b) == "image":
-        if _kind(a) != _kind(b):
-            image, other = (a, b) if _kind(a) == "image" else (b, a)
+    if "image" in kinds:
+        if kinds[0] != kinds[1]:
+            image, other = (a, b) if kinds[0] == "image" else (b, a)
             raise PixartError(
                 f"{other}: cannot compare it with the image {image}; give two images, two embeddings "
                 "files or two latents files"

@@ -47,19 +47,48 @@ def fit(
     """
     from pixart_cli.denoise import schedule
 
-    image_width, image_height = image.size
-    requested = (image_width // 8 * 8 if width is None else width, image_height // 8 * 8 if height is None else height)
-    if min(requested) < 8:
-        raise PixartError(
-            f"IMAGE {image.path}: {image_width}x{image_height} is too small; give an image of at least 8x8 pixels"
-        )
+    check_size_options(width, height)
+    own = dict(zip(("--width", "--height"), image.size))
+    given = {"--width": width, "--height": height}
+    # A side not given is the image's own, rounded down to a multiple of 8: when that is out of bounds, the image
+    # is what to change (or that side's flag), so the line names the image.
     limit = 4 * source.native_size
-    if (width is None or height is None) and max(requested) > limit:
-        raise PixartError(
-            f"IMAGE {image.path}: {image_width}x{image_height} is beyond this model's maximum of {limit} "
-            f"(4x its native {source.native_size}); pass --width and --height to scale it down"
+    for flag, value in given.items():
+        if value is not None:
+            continue
+        side = flag.removeprefix("--")
+        if own[flag] < 8:
+            extent = "wide" if side == "width" else "high"
+            raise PixartError(
+                f"{image.option} {image.path}: it is {own[flag]} pixels {extent}; give an image at least 8 "
+                f"pixels {extent}, or pass {flag}"
+            )
+        if own[flag] // 8 * 8 > limit:
+            raise PixartError(
+                f"{image.option} {image.path}: its {side} {own[flag]} is beyond this model's maximum of {limit} "
+                f"(4x its native {source.native_size}); pass {flag} to scale it down"
+            )
+    requested = {flag: own[flag] // 8 * 8 if value is None else value for flag, value in given.items()}
+    try:
+        return schedule(
+            DenoiseSettings(width=requested["--width"], height=requested["--height"], binning=binning), source
         )
-    return schedule(DenoiseSettings(width=requested[0], height=requested[1], binning=binning), source)
+    except PixartError as error:  # a size check of denoise's, about a side the image gave: named as the image's
+        flag, _, rest = str(error).partition(" ")
+        if flag not in given or given[flag] is not None:
+            raise
+        reason = rest.partition(": ")[2].replace("; use ", f"; pass {flag} ")
+        side = flag.removeprefix("--")
+        used = "" if own[flag] == requested[flag] else f" (used as {requested[flag]}, rounded down to a multiple of 8)"
+        raise PixartError(
+            f"{image.option} {image.path}: its {side} {own[flag]}{used}: {reason}", error.exit_code
+        ) from None
+
+
+def check_size_options(width: int | None, height: int | None) -> None:
+    """--width/--height of an image to encode: positive multiples of 8, as denoise takes them (checked before the
+    image is read)."""
+    DenoiseSettings(width=width, height=height)
 
 
 def encode_image(
@@ -151,12 +180,19 @@ def settings_for(settings: DenoiseSettings, init_meta: dict | None, option: str 
         if settings.strength is not None:
             raise PixartError(f"--strength {settings.strength}: only for image to image; give {option} FILE too")
         return settings
-    width, height = settings.width, settings.height
     requested = (init_meta["requested_width"], init_meta["requested_height"])
-    if (width is not None and width != requested[0]) or (height is not None and height != requested[1]):
+    differing = [
+        f"{flag} {value}"
+        for flag, value, encoded in (
+            ("--width", settings.width, requested[0]),
+            ("--height", settings.height, requested[1]),
+        )
+        if value is not None and value != encoded
+    ]
+    if differing:
         raise PixartError(
-            f"--width/--height {width}x{height}: the image was encoded for {requested[0]}x{requested[1]};"
-            " leave them out, or encode the image again with that --width and --height"
+            f"{' '.join(differing)}: the image was encoded for {requested[0]}x{requested[1]}; leave "
+            f"{'it' if len(differing) == 1 else 'them'} out, or encode the image again at that size"
         )
     strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
     return dataclasses.replace(

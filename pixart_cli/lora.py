@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,6 +126,9 @@ def parse_lora_spec(text: str) -> LoraSpec:
         raise PixartError(f"{OPTION} {text}: scale {tail} is not a finite number; give FILE:0.8 or FILE")
     if not path:
         raise PixartError(f"{OPTION} {text!r}: no file name; give FILE or FILE:SCALE")
+    if path == text and colon and head and not os.path.lexists(text) and os.path.isfile(head):
+        # FILE:SCALE with a scale that is not a number (no file is named so, with the colon)
+        raise PixartError(f"{OPTION} {text}: the scale {tail!r} is not a number; give {head}:0.8 or {head}")
     return LoraSpec(Path(path), scale)
 
 
@@ -136,8 +140,14 @@ def read_lora(spec: LoraSpec) -> LoraWeights:
     """
     path = spec.path
     where = f"{OPTION} {path}"
+    if path.is_dir():
+        inside = path / _PEFT_WEIGHTS
+        fix = f"give {inside}" if inside.is_file() else "give the LoRA's .safetensors file"
+        raise PixartError(f"{where}: is a folder; {fix}")
     if not path.is_file():
-        raise PixartError(f"{where}: no such file")
+        broken = " (a broken symbolic link)" if path.is_symlink() else ""
+        scale = "; FILE:SCALE takes a number after the colon" if ":" in path.name else ""
+        raise PixartError(f"{where}: no such file{broken}{scale}")
     try:
         data = path.read_bytes()
     except OSError as error:

@@ -19,6 +19,13 @@ MODEL_ENV = "PIXART_MODEL"
 # Where components missing from a model folder come from (PixArt-DMD ships only its transformer and scheduler).
 BASE_MODEL_ENV = "PIXART_BASE_MODEL"
 SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")
+# The weights file each component with weights is saved as (diffusers' and transformers' save_pretrained names);
+# a sharded (.index.json), variant (.fp16.safetensors) or .bin file counts too.
+WEIGHTS_FILES = {
+    "transformer": "diffusion_pytorch_model.safetensors",
+    "vae": "diffusion_pytorch_model.safetensors",
+    "text_encoder": "model.safetensors",
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +82,11 @@ class Model:
     """
 
     def __init__(self, model: str, revision: str | None = None, named_by: str | None = None):
+        if not model.strip():
+            raise PixartError(
+                f"--model {model!r}: the name is empty; give a diffusers model folder or a Hugging Face id, or leave "
+                f"--model out (default: ${MODEL_ENV}, else {DEFAULT_MODEL})"
+            )
         self.id = model
         self.revision = revision
         self.named_by = named_by
@@ -140,6 +152,26 @@ class Model:
         from huggingface_hub import hf_hub_download
 
         return Path(self._from_hub(hf_hub_download, self.id, relative, revision=self.revision))
+
+    def check_weights(self, component: str) -> None:
+        """A local component folder must hold a weights file: a folder with its config alone would otherwise
+        fail deep inside the loader (or send the VAE to another loader), with another file's name in the line."""
+        holder = self.owner(component)
+        if holder is not self:
+            return holder.check_weights(component)
+        if not self.local or component not in WEIGHTS_FILES:
+            return
+        folder = self.root / component
+        try:
+            names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
+        except OSError as error:
+            raise PixartError(f"--model {self.id}: cannot read {component}/ ({error.strerror})", EXIT_RUNTIME) from None
+        if not any(name.endswith((".safetensors", ".bin", ".index.json")) for name in names):
+            raise PixartError(
+                f"--model {self.id}: {component}/ has no weights file ({WEIGHTS_FILES[component]} is missing); "
+                "the model folder is incomplete: download it again",
+                EXIT_RUNTIME,
+            )
 
     def config(self, component: str | None) -> dict:
         """A component's config.json (``None``: model_index.json), parsed."""
@@ -293,6 +325,7 @@ def model_unavailable(
 
 def load_component(model: Model, component: str, load, **kwargs):
     """``load(**from_pretrained args)`` with a broken or missing model turned into one line."""
+    model.check_weights(component)
     try:
         return load(**model.load_args(component), **kwargs)
     except PixartError:

@@ -34,8 +34,9 @@ class Output:
         if self._console is None:
             from rich.console import Console
 
-            # soft_wrap: a line stays one line for scripts reading stderr, whatever the width
-            self._console = Console(stderr=True, highlight=False, soft_wrap=True)
+            # soft_wrap: a line stays one line for scripts reading stderr, whatever the width; emoji off: a value
+            # such as "f:abc:" is shown as typed, not with ":abc:" turned into an emoji
+            self._console = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
         return self._console
 
     def note(self, message: str, **fields) -> None:

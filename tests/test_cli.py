@@ -10,7 +10,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-from helpers import SEED, assert_one_line_error, encoded, invoke
+from helpers import SEED, assert_one_line_error, encoded, invoke, run_pixart
 from pixart_cli import artifacts
 from pixart_cli.cli import app
 
@@ -120,6 +120,43 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args, fragments, embedding
     result = invoke(*args, cwd=tmp_path)
     assert_one_line_error(result, 2, *fragments)
     assert sorted(tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (["denoise", "x.pt", "--steps", "abc"], "--steps 'abc': must be a whole number; see `pixart denoise --help`"),
+        (["denoise", "x.pt", "-g", "x"], "--guidance-scale 'x': must be a number; see `pixart denoise --help`"),
+        (["denoise", "x.pt", "--bogus"], "--bogus: no such option; see `pixart denoise --help`"),
+        (["denoise"], "EMBEDDINGS: missing; this argument is required; see `pixart denoise --help`"),
+        (["decode", "x.pt", "--device"], "--device: needs a value; see `pixart decode --help`"),
+        (["nosuch"], "no such command 'nosuch'; see `pixart --help`"),
+    ],
+)
+def test_parser_errors_are_one_line_and_a_json_document(args, line, tmp_path):
+    """The parser's errors end as our own checks do (a real process: the console script's main runs the parser)."""
+    for as_json in (False, True):
+        # --json right after the command: at the end it would be the value of an option that lacks one
+        result = run_pixart(args[0], *(["--json"] if as_json else []), *args[1:], cwd=tmp_path, check=False)
+        assert result.returncode == 2 and result.stderr == f"error: {line}\n", result.stderr
+        if as_json:
+            assert json.loads(result.stdout) == {
+                "command": args[0] if args[0] != "nosuch" else "pixart",
+                "outputs": [],
+                "error": line,
+                "exit_code": 2,
+            }
+        else:
+            assert result.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_help_version_and_a_bare_command_in_a_real_process(tmp_path):
+    shown = run_pixart("-h", cwd=tmp_path)
+    assert shown.stdout.startswith("Usage: pixart") and shown.stderr == ""
+    assert run_pixart("--version", cwd=tmp_path).stdout.startswith("pixart-cli ")
+    bare = run_pixart(cwd=tmp_path, check=False)  # `pixart` alone: the help, on stderr, exit 2 (as before)
+    assert bare.returncode == 2 and bare.stderr.startswith("Usage: pixart") and bare.stdout == ""
 
 
 def test_unknown_hub_model_offline_is_runtime_error(tmp_path):

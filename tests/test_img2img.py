@@ -157,6 +157,10 @@ def test_bad_input_exits_2_before_models_load(tiny_model, tiny_unbinned_model, s
     init = tmp_path / "init.pt"
     artifacts.save(init, img2img.encode_image(artifacts.read_source_image(source_png), cpu(tiny_model)))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "unknown.png").write_bytes(b"not an image at all")
+    from PIL import Image
+
+    Image.new("RGB", (4, 64)).save(tmp_path / "thin.png")
     wide = artifacts.load_latents(init)
     artifacts.save(tmp_path / "eight.pt", artifacts.Latents(wide.latents.repeat(1, 2, 1, 1), wide.meta))
     (tmp_path / "out").mkdir()
@@ -166,12 +170,29 @@ def test_bad_input_exits_2_before_models_load(tiny_model, tiny_unbinned_model, s
         (("encode-image", "missing.png", *env_model), "IMAGE missing.png: no such file"),
         (("encode-image", "broken.png", *env_model), "IMAGE broken.png: not an image"),
         (("encode-image", source_png, "--width", "5000", "--height", "512", *env_model), "--width 5000"),
+        (
+            ("encode-image", "unknown.png", *env_model),
+            "IMAGE unknown.png: not an image pixart can read (PIL does not recognise its format)",
+        ),
+        (("encode-image", "", *env_model), "IMAGE: the path is empty"),
+        (("encode-image", source_png, "--height", "0", *env_model), "--height 0: must be a positive multiple of 8"),
+        (("encode-image", "thin.png", *env_model), "IMAGE thin.png: it is 4 pixels wide", "or pass --width"),
+        (
+            ("encode-image", source_png, "--no-binning", *env_model),
+            f"IMAGE {source_png}: its width 200: without binning it must be a multiple of 16",
+            "pass --width 192",
+        ),
+        (("generate", PROMPT, "--image", "thin.png", *env_model), "--image thin.png: it is 4 pixels wide"),
         (("denoise", "emb.pt", "--init-latents", "init.pt", "--strength", "0"), "--strength 0.0"),
         (("denoise", "emb.pt", "--init-latents", "init.pt", "--strength", "1.5"), "--strength 1.5"),
         (("denoise", "emb.pt", "--init-latents", "init.pt", "--strength", "nan"), "--strength nan"),
         (("denoise", "emb.pt", "--strength", "0.5"), "give --init-latents FILE"),
         (("denoise", "emb.pt", "--init-latents", "emb.pt"), "is an embeddings file", "pixart encode-image"),
         (("denoise", "emb.pt", "--init-latents", "init.pt", "--width", "256"), "encoded for 200x296"),
+        (
+            ("denoise", "emb.pt", "--init-latents", "init.pt", "--height", "64"),
+            "--height 64: the image was encoded for 200x296; leave it out",
+        ),
         (
             ("denoise", "emb.pt", "--init-latents", "init.pt", "--no-binning"),
             "--width 200: without binning",
@@ -193,5 +214,11 @@ def test_bad_input_exits_2_before_models_load(tiny_model, tiny_unbinned_model, s
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
 
     # and in a real process, before torch loads a model: exit 2, one line
-    result = run_pixart("encode-image", "missing.png", *env_model, cwd=tmp_path, check=False)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stdout == ""
+    for args, line in (
+        (("missing.png",), "IMAGE missing.png: no such file"),
+        (("",), "IMAGE: the path is empty"),
+        ((source_png, "--height", "0"), "--height 0: must be a positive multiple of 8"),
+    ):
+        result = run_pixart("encode-image", *args, *env_model, cwd=tmp_path, check=False)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1 and result.stdout == ""
+        assert result.stderr.startswith(f"error: {line}"), result.stderr

@@ -139,6 +139,21 @@ def test_devices_fifos_sockets_and_links_to_them_are_never_replaced(tmp_path):
     assert os.readlink(tmp_path / "link-to-fifo") == "fifo"
 
 
+def test_a_link_to_a_regular_file_is_written_through_as_cp_does(tiny_model, files, tmp_path):
+    """The file a link points to gets the output (.pt and images alike); the link stays; stdout names the link."""
+    for name, target in (("emb.pt", "real.pt"), ("lat-1.png", "real.png")):
+        (tmp_path / target).write_bytes(b"old")
+        (tmp_path / name).symlink_to(target)
+    refused = run_pixart("encode", "a cat", "-o", "emb.pt", "--no-overwrite", cwd=tmp_path, check=False)
+    assert_refused(refused, 2, "--output emb.pt: already exists and --no-overwrite was given")
+    assert run_pixart("encode", "a cat", "--model", tiny_model, "-o", "emb.pt", cwd=tmp_path).stdout == "emb.pt\n"
+    assert run_pixart("decode", files["lat"], "-o", "lat.png", cwd=tmp_path).stdout.split()[1] == "lat-1.png"
+    assert os.readlink(tmp_path / "emb.pt") == "real.pt" and os.readlink(tmp_path / "lat-1.png") == "real.png"
+    assert artifacts.load_embeddings(tmp_path / "real.pt").meta["prompts"] == ["a cat"]
+    assert artifacts.read_image_metadata(tmp_path / "real.png")["format"] == "PNG"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".pixart-")]  # no temp file left
+
+
 def test_output_dash_writes_one_output_to_stdout(files, tmp_path):
     piped = subprocess.run(
         [pixart_bin(), "decode", str(files["emb"]).replace("emb", "one"), "-o", "-"], capture_output=True, cwd=tmp_path
@@ -282,6 +297,16 @@ def test_a_tampered_cache_entry_is_encoded_again(tiny_model, tmp_path):
     assert artifacts.load_embeddings(entry).prompt_embeds.shape == (1, 120, 32)  # replaced by a good one
 
 
+def test_a_link_planted_as_a_cache_entry_is_replaced_not_written_through(tiny_model, tmp_path):
+    encoded(["a cat"], tiny_model, cache=tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").iterdir()
+    (tmp_path / "victim").write_bytes(b"someone else's file")
+    entry.unlink()
+    entry.symlink_to(tmp_path / "victim")
+    encoded(["a cat"], tiny_model, cache=tmp_path / "cache", log=lambda line: None)
+    assert (tmp_path / "victim").read_bytes() == b"someone else's file" and not entry.is_symlink()
+
+
 # --- 9: the model a file names ---------------------------------------------------------------------------------
 def test_a_relative_model_is_recorded_as_an_absolute_folder(tiny_model, files, tmp_path):
     (tmp_path / "a").mkdir()
@@ -310,6 +335,32 @@ def test_a_hub_model_named_by_a_file_is_never_downloaded(files, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "component, command, weights",
+    [
+        ("transformer", "denoise", "diffusion_pytorch_model.safetensors"),
+        ("text_encoder", "encode", "model.safetensors"),
+    ],
+)
+def test_a_component_with_a_config_but_no_weights_is_named(component, command, weights, tiny_model, files, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    for entry in tiny_model.iterdir():
+        (model / entry.name).symlink_to(entry)
+    (model / component).unlink()
+    (model / component).mkdir()
+    (model / component / "config.json").symlink_to(tiny_model / component / "config.json")
+    source = {"denoise": [files["emb"], "--steps", "2"], "encode": ["a cat"]}[command]
+    result = run_pixart(command, *source, "--model", model, "-o", "out/", cwd=tmp_path, check=False)
+    errors = [line for line in result.stderr.splitlines() if not line.startswith(("seed:", f"{command}: "))]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr  # (no loader warning on another line)
+    assert errors[0] == (
+        f"error: --model {model}: {component}/ has no weights file ({weights} is missing); the model folder is "
+        "incomplete: download it again"
+    )
+    assert result.stdout == "" and not (tmp_path / "out").exists()
+
+
 # --- 10: info ----------------------------------------------------------------------------------------------------
 def test_info_shows_nan_as_json_and_escapes_terminal_codes(files, tmp_path):
     path = tmp_path / "odd.pt"
@@ -327,6 +378,44 @@ def test_info_shows_nan_as_json_and_escapes_terminal_codes(files, tmp_path):
     assert "\x1b" not in table and "\\x1b[31mred\\x1b[0m" in table and "second line" in table
 
 
+def test_info_and_compare_read_a_pt_file_by_its_contents_whatever_its_name(files, tmp_path):
+    (tmp_path / "older.png").write_bytes(files["emb"].read_bytes())  # (named before .pt was required)
+    shown = json.loads(run_pixart("info", "older.png", "--json", cwd=tmp_path).stdout)
+    assert shown["kind"] == "embeddings" and shown["tensors"]["prompt_embeds"]["shape"] == [1, 120, 32]
+    compared = json.loads(run_pixart("compare", "older.png", files["emb"], "--json", cwd=tmp_path).stdout)
+    assert compared["kind"] == "embeddings" and compared["pairs"][0]["max_abs_diff"] == 0
+
+
+@pytest.mark.parametrize(
+    "args, line",
+    [
+        (
+            ["denoise", "{emb}", "--lora", "style:abc"],
+            "--lora style:abc: the scale 'abc' is not a number; give style:0.8",
+        ),
+        (["denoise", "{emb}", "--lora", "folder"], "--lora folder: is a folder; give the LoRA's .safetensors file"),
+        (["encode", "a cat", "--model", "{model}", "--cache", "style"], "--cache style: is a file, not a folder"),
+        (["encode", "a cat", "--model", ""], "--model '': the name is empty; give a diffusers model folder"),
+        (["info", "cut.jpg"], "cut.jpg: not an image pixart can read (image file is truncated"),
+    ],
+)
+def test_option_and_file_messages_name_what_is_wrong(args, line, tiny_model, files, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "style").write_bytes(b"")
+    (tmp_path / "folder").mkdir()
+    Image.effect_noise((64, 64), 64).convert("RGB").save(tmp_path / "whole.jpg")
+    whole = (tmp_path / "whole.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])  # its header whole: only decoding finds the cut
+    before = sorted(tmp_path.iterdir())
+    args = [arg.replace("{emb}", str(files["emb"])).replace("{model}", str(tiny_model)) for arg in args]
+    result = run_pixart(*args, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: {line}"), result.stderr
+    assert sorted(tmp_path.iterdir()) == before
+
+
 # --- rough edges: paths --------------------------------------------------------------------------------------------
 def test_paths_empty_missing_folders(files, tmp_path):
     assert_refused(
@@ -335,6 +424,12 @@ def test_paths_empty_missing_folders(files, tmp_path):
     assert_refused(run_pixart("info", "nothere.png", cwd=tmp_path, check=False), 2, "nothere.png: no such file")
     assert "Errno" not in run_pixart("info", "nothere.png", cwd=tmp_path, check=False).stderr
     assert_refused(run_pixart("encode", "a cat", "-o", "", cwd=tmp_path, check=False), 2, "--output: the path is empty")
+    for broken in ("a\nb.pt", "dir\r/"):  # stdout lists one path per line
+        assert_refused(
+            run_pixart("encode", "a cat", "-o", broken, cwd=tmp_path, check=False),
+            2,
+            f"--output {broken!r}: the path holds a line break",
+        )
     (tmp_path / "existing").mkdir()
     assert_refused(
         run_pixart("encode", "a cat", "-o", "nofolder/x.pt", cwd=tmp_path, check=False), 2, "end the path with /"

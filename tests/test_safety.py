@@ -178,7 +178,7 @@ def hostile(good, tmp_path_factory):
 def test_hostile_file(name, hostile, tmp_path):
     folder, files = hostile
     command, path, fragment = files[name]
-    result = invoke(command, path, "-o", "out.x" if command == "denoise" else "out.png", cwd=tmp_path)
+    result = invoke(command, path, "-o", "out.pt" if command == "denoise" else "out.png", cwd=tmp_path)
     assert_one_line_error(result, 2, str(path), fragment)
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert not (folder / MARKER).exists()  # the payload never ran
@@ -208,6 +208,14 @@ def test_payload_is_real(tmp_path):
         (["generate", "cat", "-o", "/nonexistent/dir/x.png"], "does not exist"),
         (["encode", "cat", "-o", "{existing}", "--no-overwrite"], "already exists"),
         (["encode", "cat", "--vram", "lots"], "--vram 'lots'"),
+        (
+            ["encode", "cat", "-o", "emb.png"],
+            "--output emb.png: an embeddings file is a torch .pt file; name it emb.pt",
+        ),
+        (
+            ["encode-image", "x.png", "-o", "init"],
+            "--output init: an init latents file is a torch .pt file; name it init.pt",
+        ),
     ],
 )
 def test_bad_options_fail_fast_in_a_real_process(args, fragment, tmp_path):
@@ -594,7 +602,8 @@ def test_the_worker_limits_catch_a_bloating_read(worker, tmp_path):
 
 
 def test_missing_vae_weights_are_named(tiny_model, good, tmp_path):
-    """The compact VAE decoder finds no weights: AutoencoderKL tries, and the failure is one line naming vae/."""
+    """No VAE weights: one line naming vae/ and the missing file, before any loader tries (the compact decoder
+    would hand over to AutoencoderKL, whose error names another file)."""
     import shutil
 
     broken = tmp_path / "no-vae-weights"
@@ -603,5 +612,8 @@ def test_missing_vae_weights_are_named(tiny_model, good, tmp_path):
     result = invoke("decode", good["lat"], "--model", broken, "-o", "x.png", cwd=tmp_path)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"error: --model {broken}: cannot load vae/") and "AttributeError" not in last
+    assert last == (
+        f"error: --model {broken}: vae/ has no weights file (diffusion_pytorch_model.safetensors is missing); "
+        "the model folder is incomplete: download it again"
+    )
     assert not (tmp_path / "x.png").exists()
