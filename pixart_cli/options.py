@@ -296,8 +296,8 @@ Ray = Annotated[
     bool,
     typer.Option(
         "--ray",
-        help='Run the stages as Ray Data actor pools (pip install "pixart-cli[ray]"): a local Ray, or the '
-        "cluster at --ray-address / RAY_ADDRESS.",
+        help='Spread the images over one Ray actor per GPU, each running the three stages (pip install '
+        '"pixart-cli[ray]"): a local Ray, or the cluster at --ray-address / RAY_ADDRESS.',
     ),
 ]
 RayAddress = Annotated[

@@ -108,16 +108,15 @@ class RunOptions:
     vram: int | None = None
     loras: tuple = ()  # lora.LoraWeights, read once by the CLI
 
-    def context(self, model, callbacks: Callbacks, device: str | None = None, vram: int | None = None):
-        """This process's run context (``device``/``vram`` override the run's: a rank's GPU, a Ray stage's
-        share)."""
+    def context(self, model, callbacks: Callbacks, device: str | None = None):
+        """This process's run context (``device`` overrides the run's: a rank's GPU)."""
         from pixart_cli.runtime import RunContext
 
         return RunContext.resolve(
             model,
             self.device if device is None else device,
             self.dtype,
-            self.vram if vram is None else vram,
+            self.vram,
             progress=callbacks.progress,
             log=callbacks.log,
             reports=callbacks.reports,
