@@ -296,7 +296,7 @@ Ray = Annotated[
     bool,
     typer.Option(
         "--ray",
-        help='Spread the images over one Ray actor per GPU, each running the three stages (pip install '
+        help="Spread the images over one Ray actor per GPU, each running the three stages (pip install "
         '"pixart-cli[ray]"): a local Ray, or the cluster at --ray-address / RAY_ADDRESS.',
     ),
 ]
