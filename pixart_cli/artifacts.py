@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file, detail
+from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file, detail, signals_deferred
 
 EMBEDDINGS_FORMAT = "pixart-cli/embeddings"
 LATENTS_FORMAT = "pixart-cli/latents"
@@ -730,9 +730,10 @@ def save_images(images: list[tuple], overwrite: bool = True, on_written=None) ->
     if len(images) <= 1 or any(is_stdout(item[0]) for item in images):
         paths = []
         for index, item in enumerate(images):
-            paths.append(save_image(*item, overwrite=overwrite))
-            if on_written is not None:
-                on_written(index, paths[-1])
+            with signals_deferred():  # placed and reported together
+                paths.append(save_image(*item, overwrite=overwrite))
+                if on_written is not None:
+                    on_written(index, paths[-1])
         return paths
     from concurrent.futures import ThreadPoolExecutor
 
@@ -1015,6 +1016,7 @@ def image_metadata(meta: dict, index: int) -> tuple[str, dict]:
             "binned",
             "loras",
             "step_cache",
+            "compiled",
         )
     }
     # image to image only: the strength, the steps that ran, and the source image (name, sha256)

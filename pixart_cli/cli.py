@@ -13,7 +13,17 @@ from typing import Annotated, Optional
 import typer
 
 from pixart_cli import __version__, options
-from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, Terminated, detail, leave, on_signal
+from pixart_cli.errors import (
+    EXIT_RUNTIME,
+    EXIT_SIGINT,
+    EXIT_SIGTERM,
+    PixartError,
+    Terminated,
+    detail,
+    leave,
+    on_signal,
+    signals_deferred,
+)
 from pixart_cli.output import Output, printable
 
 app = typer.Typer(
@@ -34,6 +44,9 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
 
+_completed: list[str] = []  # the command whose work and output finished (a later signal interrupts nothing)
+
+
 def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None:
     """Run one command's work; turn every failure into one line and an exit code (traceback: PIXART_DEBUG=1)."""
     debug = os.environ.get("PIXART_DEBUG") == "1"
@@ -44,6 +57,7 @@ def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None
     try:
         work()
         out.close()
+        _completed.append(out.command)
     except (Exception, KeyboardInterrupt, Terminated) as error:  # the edge: one line, not a traceback
         code, message = _failure(error, out.record["outputs"], getattr(out, "planned", None))
         if debug:
@@ -68,6 +82,8 @@ def _failure(error: BaseException, written: list[str] = (), planned: int | None 
         if code in (EXIT_SIGINT, EXIT_SIGTERM):
             message += "; no output was written"
         return code, message
+    if planned and len(written) >= planned:
+        return code, f"{message}; all {len(written)} outputs had been written (listed on stdout)"
     of = f" of {planned}" if planned else ""
     names = ", ".join(written) if len(written) <= 3 else f"{written[0]} ... {written[-1]}"
     return (
@@ -221,7 +237,9 @@ def encode(
         (target,) = _targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
         # 2. Resolve once, run, write
         ctx = _context(out, _new_model(model, revision), device, dtype, budget, report_memory)
-        out.wrote(artifacts.save(target, encode(texts, settings, ctx), overwrite=not no_overwrite))
+        embeddings = encode(texts, settings, ctx)
+        with signals_deferred():  # placed and reported together
+            out.wrote(artifacts.save(target, embeddings, overwrite=not no_overwrite))
         _finish(out, ctx)
 
     _run(out, work, quantized=text_encoder_precision != "full")
@@ -291,7 +309,8 @@ def denoise(
         )
         latents = denoise(loaded, settings, ctx, source_path=str(embeddings), init=init, init_path=str(init_latents))
         out.record["seeds"] = latents.meta["seeds"]
-        out.wrote(artifacts.save(target, latents, overwrite=not no_overwrite))
+        with signals_deferred():  # placed and reported together
+            out.wrote(artifacts.save(target, latents, overwrite=not no_overwrite))
         _finish(out, ctx)
 
     _run(out, work)
@@ -365,7 +384,8 @@ def encode_image(
         # 2. Resolve once, run, write
         ctx = _context(out, source, device, dtype, budget, report_memory)
         init = img2img.encode_image(source_image, ctx, width, height, not no_binning)
-        out.wrote(artifacts.save(target, init, overwrite=not no_overwrite))
+        with signals_deferred():  # placed and reported together
+            out.wrote(artifacts.save(target, init, overwrite=not no_overwrite))
         _finish(out, ctx)
 
     _run(out, work)
@@ -434,8 +454,14 @@ def generate(
             strength,
             step_cache,
         )
+        # --resume skips the complete images that are there; only those it makes again must be new
         targets = _targets(
-            out, output, len(texts) * num_images, "image", () if image is None else (image,), overwrite=not no_overwrite
+            out,
+            output,
+            len(texts) * num_images,
+            "image",
+            () if image is None else (image,),
+            overwrite=not no_overwrite or resume,
         )
         if image is None:
             img2img.settings_for(denoising, None, option="--image")  # --strength alone is refused here
@@ -461,6 +487,7 @@ def generate(
                 callbacks=callbacks,
                 ray=ray,
                 ray_address=ray_address,
+                overwrite=not no_overwrite,
             )
             if summary is not None:
                 out.note(summary.describe(), summary=summary.as_dict())
@@ -572,9 +599,12 @@ def main(args: Optional[list[str]] = None) -> None:
         Output("pixart", as_json=_asks_json(args)).error("aborted; no output was written", code)
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-    except (KeyboardInterrupt, Terminated) as error:  # a signal outside a command's work (while parsing)
-        code, message = _failure(error)
-        Output("pixart").error(message, code)
+    except (KeyboardInterrupt, Terminated) as error:  # a signal outside a command's work
+        if _completed:  # after the work and its output were complete: nothing was interrupted
+            code = 0
+        else:  # while parsing
+            code, message = _failure(error)
+            Output("pixart").error(message, code)
     leave(code)
 
 

@@ -151,9 +151,7 @@ def denoise(
     for adapter in ctx.loras:
         ctx.note(adapter.describe())
     with meter.phase("load"):
-        step_cache = settings.step_cache if chosen.name != "streamed" else None
-        if settings.step_cache is not None and step_cache is None:
-            ctx.note("--step-cache: ignored under the streamed plan (its blocks move between devices each step)")
+        step_cache = _step_cache(settings.step_cache, chosen, plan, ctx)
         transformer, noise_scheduler = _load(
             chosen, plan.scheduler, ctx, compiled=settings.compile, step_cache=step_cache
         )
@@ -222,6 +220,22 @@ def _plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
         images,
         plan.guidance_scale > 1,
     )
+
+
+def _step_cache(step_cache: str | None, chosen: memory.Plan, plan: Schedule, ctx: RunContext) -> str | None:
+    """The step cache this run uses (recorded in the file): the one asked for, unless it cannot act here."""
+    from pixart_cli import step_caching
+
+    if step_cache is None:
+        return None
+    if chosen.name == "streamed":
+        ctx.note(f"--step-cache {step_cache}: ignored under the streamed plan (its blocks move between devices)")
+        return None
+    if not step_caching.runs_anything(step_cache, plan.steps_per_image):
+        ctx.note(f"--step-cache {step_cache}: ignored, {plan.steps_per_image} steps are all run in full by it")
+        return None
+    ctx.note(f"step cache: {step_cache} (approximate: images differ from the exact run's)")
+    return step_cache
 
 
 def _load(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 # Exit codes, as scripts see them.
 EXIT_RUNTIME = 1  # the work failed: out of memory, model missing, broken model folder
 EXIT_USAGE = 2  # bad input: an option, a prompt, a file; nothing was loaded or written
@@ -35,6 +37,23 @@ def detail(error: BaseException) -> str:
 _stopping = False
 _last_raised = float("-inf")
 SIGNAL_QUIET_SECONDS = 3.0
+_deferring = 0  # depth of signals_deferred blocks
+_pending: int | None = None  # a signal that arrived inside one
+
+
+@contextmanager
+def signals_deferred():
+    """A signal that arrives inside the block takes effect at its end: an output placed inside is also reported
+    inside, so a failure line never says "not written" about a file that is there."""
+    global _deferring, _pending
+    _deferring += 1
+    try:
+        yield
+    finally:
+        _deferring -= 1
+    if _deferring == 0 and _pending is not None:
+        signum, _pending = _pending, None
+        _stop(signum)
 
 
 def on_signal(signum, frame) -> None:
@@ -43,15 +62,23 @@ def on_signal(signum, frame) -> None:
     (cleanup, the one error line) into a traceback. A signal after that raises again, in case library code
     swallowed the first. The handler stays installed: switching to SIG_IGN from inside a handler while more
     signals are pending makes Python raise "Signal N ignored due to race condition"."""
-    global _stopping, _last_raised
+    global _pending
     import time
 
-    now = time.monotonic()
-    if now - _last_raised < SIGNAL_QUIET_SECONDS:
+    if time.monotonic() - _last_raised < SIGNAL_QUIET_SECONDS:
         return
-    _stopping, _last_raised = True, now
-    import signal
+    if _deferring:
+        _pending = signum
+        return
+    _stop(signum)
 
+
+def _stop(signum: int) -> None:
+    global _stopping, _last_raised
+    import signal
+    import time
+
+    _stopping, _last_raised = True, time.monotonic()
     raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 

@@ -70,8 +70,13 @@ def append(folder: Path, line: dict) -> None:
 
 
 def start_new(folder: Path) -> None:
-    """Begin a fresh manifest for a run without --resume (atomically: readers see the old file or an empty one)."""
+    """Begin a fresh manifest for a run without --resume (atomically: readers see the old file or an empty one).
+    A folder that does not exist yet has no manifest to clear: the first line appended creates it, after the
+    first image created the folder, so a run stopped before any image leaves no folder behind."""
     from pixart_cli.artifacts import atomic_path
+
+    if not folder.is_dir():
+        return
 
     with atomic_path(manifest_path(folder)) as temp:
         temp.write_bytes(b"")

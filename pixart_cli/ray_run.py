@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from pixart_cli import manifest
@@ -127,11 +129,11 @@ def _init(ray, address: str | None) -> None:
         "runtime_env": {"env_vars": env},
     }
     try:
-        if address:
-            ray.init(address=address, **common)
-        else:
-            # Stage actors take one logical CPU each; a 2-core machine still runs all three stages at once.
-            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), **common)
+        with _stderr_silenced(os.environ.get("PIXART_DEBUG") != "1"):
+            if address:
+                ray.init(address=address, **common)
+            else:
+                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), **common)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise PixartError(
             f"--ray-address {address}: cannot join the Ray cluster ({detail(error)}); start one with "
@@ -145,6 +147,24 @@ def _init(ray, address: str | None) -> None:
     if hasattr(context, "print_on_execution_start"):
         context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution notes and the progress-bar advisory
+
+
+@contextmanager
+def _stderr_silenced(silenced: bool):
+    """File descriptor 2 to /dev/null while Ray starts: its C++ core prints a line about the log level we set
+    (even under --quiet) from below Python; failures still come back as exceptions."""
+    if not silenced:
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _unwrap(error: BaseException) -> BaseException:

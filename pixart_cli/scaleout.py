@@ -139,6 +139,7 @@ def image_options(model, dtype: str, encoding: EncodeSettings, denoising: Denois
         "binning": denoising.binning,
         "scheduler": denoising.scheduler,
         "step_cache": denoising.step_cache,
+        "compile": denoising.compile,
         "dtype": dtype,
         "max_sequence_length": encoding.max_sequence_length,
         "clean_caption": encoding.clean_caption,
@@ -155,6 +156,7 @@ class Job:
     negative_prompt: str
     options: dict  # the image-changing options as given (None = the model's default)
     folder: Path | None  # where manifest.jsonl lives: -o DIR/; None when -o names image files
+    overwrite: bool = True  # False: --no-overwrite, an existing image is never replaced (nor the manifest)
 
     def wanted(self, index: int, seed: int) -> manifest.Wanted:
         path = os.path.relpath(self.paths[index], self.folder) if self.folder is not None else str(self.paths[index])
@@ -165,13 +167,19 @@ class Job:
         return self.folder is not None and manifest.complete(self.folder, self.wanted(index, seed), lines)
 
 
-def make_job(prompts: Sequence[str], num_images: int, output: Path, negative_prompt: str, options: dict) -> Job:
+def make_job(
+    prompts: Sequence[str], num_images: int, output: Path, negative_prompt: str, options: dict, overwrite: bool = True
+) -> Job:
     from pixart_cli import artifacts
 
+    if artifacts.is_stdout(str(output)):
+        raise PixartError(
+            "--output -: --ray, --resume and several processes write image files; give a folder (-o DIR/)"
+        )
     image_prompts = [prompt for prompt in prompts for _ in range(num_images)]
     paths = artifacts.output_targets(output, len(image_prompts), "image", allow_stdout=False)
     is_folder = str(output).endswith(("/", os.sep)) or Path(output).is_dir()
-    return Job(image_prompts, paths, negative_prompt, options, Path(output) if is_folder else None)
+    return Job(image_prompts, paths, negative_prompt, options, Path(output) if is_folder else None, overwrite)
 
 
 @dataclass
@@ -238,8 +246,11 @@ def generate_images(
     ray: bool = False,
     ray_address: str | None = None,
     ranks: Ranks | None = None,
+    overwrite: bool = True,
 ) -> Summary | None:
     """Make every image of the run that is this process's to make; return the summary on rank 0 (None elsewhere).
+    ``overwrite=False`` (--no-overwrite): no existing image is replaced, and a new run does not restart an
+    existing manifest.
 
     ``denoising.seed`` None: rank 0 draws one and every process uses it (or, with --resume, the manifest's).
     """
@@ -255,7 +266,13 @@ def generate_images(
         output,
         encoding.negative_prompt,
         image_options(model, run.dtype, encoding, denoising, run.loras),
+        overwrite,
     )
+    if not overwrite and not resume and job.folder is not None and manifest.manifest_path(job.folder).is_file():
+        raise PixartError(
+            f"--no-overwrite: {manifest.manifest_path(job.folder)} already exists and a new run would start it "
+            "again; add --resume to finish that run, or drop --no-overwrite"
+        )
     if resume and job.folder is None:
         raise PixartError(f"--resume: needs -o DIR/ (the manifest lives in DIR), not -o {output}")
     if ray and ranks.world_size > 1:
@@ -408,7 +425,7 @@ def write_images(
         if wrote is not None:
             wrote(path)
 
-    artifacts.save_images(requests, on_written=written)
+    artifacts.save_images(requests, overwrite=job.overwrite, on_written=written)
     return lines
 
 

@@ -17,13 +17,19 @@ class is extended with it here (public API: ``enable_cache`` and ``cache_context
 from __future__ import annotations
 
 import math
+import re
 from contextlib import nullcontext
 
 from pixart_cli.errors import PixartError
 
 METHODS = {
-    "fbc": "a threshold above 0, e.g. fbc:0.1",
-    "taylorseer": "a whole number of steps from 2, e.g. taylorseer:2",
+    "fbc": "a threshold above 0 and at most 1, e.g. fbc:0.1",
+    "taylorseer": "a whole number of steps from 2 to 1000, e.g. taylorseer:2",
+}
+# Plain ASCII numbers only: int() and float() also take "1_0", "+3", " 3" and other scripts' digits.
+NUMBER = {
+    "fbc": re.compile(r"\d+(\.\d*)?|\.\d+|\d+(\.\d*)?[eE]-?\d+", re.ASCII),
+    "taylorseer": re.compile(r"\d+", re.ASCII),
 }
 MAX_FBC_THRESHOLD = 1.0  # a relative change; at 1 a step would be skipped even when the residual doubled
 TAYLORSEER_FULL_STEPS_FIRST = 3  # diffusers' default: the forecast needs a few full steps to start from
@@ -38,15 +44,20 @@ def check(text: str) -> str:
             f"--step-cache {text!r}: unknown method; use fbc:THRESHOLD (e.g. fbc:0.1) or taylorseer:INTERVAL "
             "(e.g. taylorseer:2)"
         )
-    try:
+    number = None
+    if NUMBER[method].fullmatch(value):
         number = float(value) if method == "fbc" else int(value)
-    except ValueError:
-        number = None
     if method == "fbc" and number is not None and math.isfinite(number) and 0 < number <= MAX_FBC_THRESHOLD:
         return f"fbc:{number:g}"
     if method == "taylorseer" and number is not None and 2 <= number <= 1000:
         return f"taylorseer:{number}"
     raise PixartError(f"--step-cache {text!r}: {method} takes {METHODS[method]}")
+
+
+def runs_anything(step_cache: str, steps: int) -> bool:
+    """Whether the cache can skip any of ``steps`` steps: TaylorSeer runs its first steps in full, and the step
+    after them too (it forecasts from the full steps before)."""
+    return not step_cache.startswith("taylorseer:") or steps > TAYLORSEER_FULL_STEPS_FIRST + 1
 
 
 def transformer_class(cached: bool):

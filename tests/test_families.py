@@ -203,11 +203,18 @@ def test_step_cache_is_opt_in_recorded_and_exact_when_it_skips_nothing(tiny_mode
     assert torch.allclose(both.latents, forecast.latents, rtol=1e-4, atol=1e-3)  # batching: float order only
     _, settings = artifacts.image_metadata(forecast.meta, 0)
     assert settings["step_cache"] == "taylorseer:2"
+    # with 4 steps TaylorSeer runs every one in full: not applied, not recorded
+    assert denoised(embeddings, steps=4, seed=SEED, step_cache="taylorseer:2").meta["step_cache"] is None
 
 
 @pytest.mark.parametrize(
     "value, fragment",
-    [("fast", "unknown method"), ("fbc:0", "fbc takes a threshold above 0"), ("taylorseer:1", "from 2")],
+    [
+        ("fast", "unknown method"),
+        ("fbc:0", "above 0 and at most 1"),
+        ("fbc:1.5", "above 0 and at most 1"),
+        ("taylorseer:1_0", "from 2 to 1000"),
+    ],
 )
 def test_bad_step_cache_is_one_line(value, fragment, tmp_path):
     result = invoke("generate", "a cat", "--step-cache", value, "-o", "cat.png", cwd=tmp_path)

@@ -445,3 +445,18 @@ def test_output_folders_one_rule_for_every_command(tiny_model, files, tmp_path):
     assert result.exit_code == 0 and result.stdout.split() == [f"new/deeper/image-{i}.png" for i in range(3)]
     failed = invoke("decode", files["emb"], "-o", "never/", cwd=tmp_path)
     assert failed.exit_code == 2 and not (tmp_path / "never").exists()
+
+
+def test_a_signal_while_an_output_is_placed_takes_effect_after_it_is_reported(monkeypatch):
+    """The race an outside try-out hit: SIGINT between a file's rename and its report made the line say that no
+    output was written. Inside signals_deferred the signal waits for the end of the block."""
+    from pixart_cli import errors
+
+    for name, value in (("_stopping", False), ("_last_raised", float("-inf")), ("_pending", None)):
+        monkeypatch.setattr(errors, name, value)  # restored after: errors.leave() reads _stopping
+    reported = []
+    with pytest.raises(KeyboardInterrupt):
+        with errors.signals_deferred():
+            errors.on_signal(signal.SIGINT, None)
+            reported.append("out.png")  # still runs: the signal waits
+    assert reported == ["out.png"] and errors._pending is None

@@ -175,6 +175,32 @@ def test_resume_redoes_only_missing_damaged_and_unrecorded_images(single, tiny_m
     assert again.exit_code == 0 and again.stdout == "" and "skipped 4 already complete" in again.stderr
 
 
+def test_no_overwrite_replaces_no_image_and_no_manifest(single, tiny_model, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(single, work)
+    out = work / "out"
+    (out / "image-1.png").unlink()
+    kept = {i: (out / f"image-{i}.png").stat().st_mtime_ns for i in (0, 2, 3)}
+    run = ["generate", "--prompts-file", "prompts.txt", "-o", "out/", "--num-images", "2", "--model", tiny_model]
+    resumed = invoke(*run, "--resume", "--no-overwrite", *COMMON, cwd=work)
+    assert resumed.exit_code == 0, resumed.stderr
+    assert resumed.stdout.split() == ["out/image-1.png"]  # the complete ones are skipped, not refused
+    assert kept == {i: (out / f"image-{i}.png").stat().st_mtime_ns for i in (0, 2, 3)}
+    lines = (out / "manifest.jsonl").read_text()
+    for image in out.glob("*.png"):  # the images alone would be refused first; the manifest must be too
+        image.unlink()
+    restarted = invoke(*run, "--no-overwrite", *COMMON, cwd=work)
+    assert restarted.exit_code == 2 and "manifest.jsonl already exists" in restarted.stderr
+    assert "--resume" in restarted.stderr and (out / "manifest.jsonl").read_text() == lines
+
+
+def test_scale_out_refuses_stdout_and_leaves_no_folder_before_its_first_image(tmp_path):
+    result = invoke("generate", "a cat", "-o", "-", "--ray", cwd=tmp_path)
+    assert result.exit_code == 2 and "give a folder (-o DIR/)" in result.stderr and "--json" not in result.stderr
+    manifest.start_new(tmp_path / "new")  # an interrupted run's folder: nothing to clear, nothing made
+    assert not (tmp_path / "new").exists()
+
+
 def test_resume_needs_an_output_folder(tmp_path):
     result = invoke("generate", "a cat", "-o", "cat.png", "--resume", cwd=tmp_path)
     assert result.exit_code == 2 and "--resume: needs -o DIR/" in result.stderr and result.stdout == ""
