@@ -208,11 +208,11 @@ class Summary:
         }
 
     def describe(self) -> str:
-        seeds = str(self.seed) if self.total == 1 else f"{self.seed}..{self.seed + self.total - 1}"
+        seeds = f"seed {self.seed}" if self.total == 1 else f"seeds {self.seed}..{self.seed + self.total - 1}"
         text = f"generate: wrote {self.written} image(s)"
         if self.skipped:
             text += f", skipped {self.skipped} already complete"
-        text += f" (seeds {seeds})"
+        text += f" ({seeds})"
         if self.engine != "processes":
             text += f" on {self.engine}"
         elif self.processes > 1:

@@ -33,7 +33,7 @@ def embeddings(path, prompt_embeds, mask):
     return path
 
 
-def latents(path, tensor):
+def latents(path, tensor, **settings):
     count, _, height, width = tensor.shape
     meta = {
         "format": artifacts.LATENTS_FORMAT,
@@ -47,6 +47,7 @@ def latents(path, tensor):
         "width": width * 8,
         "requested_height": height * 8,
         "requested_width": width * 8,
+        **settings,
     }
     artifacts.save(path, artifacts.Latents(tensor, meta))
     return path
@@ -99,9 +100,10 @@ def test_latents_per_image(tmp_path):
     first = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(1))
     second = first * 0.5  # same direction, half the size
     latents(tmp_path / "a.pt", first)
-    latents(tmp_path / "b.pt", second)
+    latents(tmp_path / "b.pt", second, step_cache="taylorseer:2")
     document = compare_json(tmp_path / "a.pt", tmp_path / "b.pt", tmp_path)
     assert document["kind"] == "latents"
+    assert document["notes"] == ["different step_cache: None and taylorseer:2"]
     for index, pair in enumerate(document["pairs"]):
         assert_pair(pair, numpy_stats(first[index], second[index]))
         assert pair["cosine"] == pytest.approx(1.0) and pair["seed"] == index
