@@ -20,9 +20,11 @@ from pixart_cli.errors import (
     PixartError,
     Terminated,
     detail,
+    ignore_signals,
     leave,
     on_signal,
     signals_deferred,
+    stopped,
 )
 from pixart_cli.output import Output, printable
 
@@ -44,7 +46,12 @@ def install_signal_handlers() -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
 
-_completed: list[str] = []  # the command whose work and output finished (a later signal interrupts nothing)
+class _Outcome:
+    """What the command's work came to, for main(): a signal after the work completed interrupts nothing, and
+    a failure already given its line must not get a second."""
+
+    completed = False
+    reported = False
 
 
 def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None:
@@ -57,12 +64,20 @@ def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None
     try:
         work()
         out.close()
-        _completed.append(out.command)
+        _Outcome.completed = True
     except (Exception, KeyboardInterrupt, Terminated) as error:  # the edge: one line, not a traceback
-        code, message = _failure(error, out.record["outputs"], getattr(out, "planned", None))
+        planned, written = getattr(out, "planned", None), out.record["outputs"]
+        if isinstance(error, (KeyboardInterrupt, Terminated)) and planned and len(written) >= planned:
+            # every output is in place and reported: the signal came too late to interrupt anything
+            out.note("interrupted after every output was written; nothing is missing")
+            out.close()
+            _Outcome.completed = True
+            return
+        code, message = _failure(error, written, planned)
         if debug:
             traceback.print_exception(error)
         out.error(message, code)
+        _Outcome.reported = True
         raise typer.Exit(code) from None
 
 
@@ -581,9 +596,10 @@ def main(args: Optional[list[str]] = None) -> None:
     value, an unknown option, a missing argument) end as ours do: one line, exit 2, and with --json the JSON
     error document on stdout."""
     install_signal_handlers()
+    _Outcome.completed = _Outcome.reported = False
     args = sys.argv[1:] if args is None else list(args)
-    command = typer.main.get_command(app)
     try:
+        command = typer.main.get_command(app)
         result = command.main(args, prog_name="pixart", standalone_mode=False)
         code = result if isinstance(result, int) else 0  # --help, --version, typer.Exit(code): the code
     except typer.TyperException as error:  # the parser's (Typer's click): show it as one line
@@ -600,11 +616,18 @@ def main(args: Optional[list[str]] = None) -> None:
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     except (KeyboardInterrupt, Terminated) as error:  # a signal outside a command's work
-        if _completed:  # after the work and its output were complete: nothing was interrupted
-            code = 0
-        else:  # while parsing
+        code = 0
+        if not _Outcome.completed:  # while starting or parsing
             code, message = _failure(error)
-            Output("pixart").error(message, code)
+            Output("pixart", as_json=_asks_json(args)).error(message, code)
+            _Outcome.reported = True
+    if _Outcome.completed:
+        code = 0  # a signal after the work and its output completed interrupted nothing
+        ignore_signals()  # nor may one during the interpreter's exit
+    elif stopped() and not _Outcome.reported:
+        # Typer's own handler turned a SIGINT during start-up into exit 130 without a word
+        code, message = _failure(KeyboardInterrupt())
+        Output("pixart", as_json=_asks_json(args)).error(message, code)
     leave(code)
 
 

@@ -16,8 +16,15 @@ def main() -> None:
         from pixart_cli import cli
     except (KeyboardInterrupt, Terminated) as error:
         sigint = isinstance(error, KeyboardInterrupt)
-        sys.stderr.write(f"error: {'interrupted' if sigint else 'terminated'}; no output was written\n")
-        leave(EXIT_SIGINT if sigint else EXIT_SIGTERM)
+        message = f"{'interrupted' if sigint else 'terminated'}; no output was written"
+        code = EXIT_SIGINT if sigint else EXIT_SIGTERM
+        sys.stderr.write(f"error: {message}\n")
+        if "--json" in sys.argv[1:]:  # the JSON error document that --json promises (output.py's, by hand)
+            import json
+
+            doc = {"command": "pixart", "outputs": [], "error": message, "exit_code": code}
+            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        leave(code)
     cli.main()
 
 

@@ -37,6 +37,7 @@ def detail(error: BaseException) -> str:
 _stopping = False
 _last_raised = float("-inf")
 SIGNAL_QUIET_SECONDS = 3.0
+_finished = False  # the work is complete: a signal now interrupts nothing
 _deferring = 0  # depth of signals_deferred blocks
 _pending: int | None = None  # a signal that arrived inside one
 
@@ -65,12 +66,28 @@ def on_signal(signum, frame) -> None:
     global _pending
     import time
 
-    if time.monotonic() - _last_raised < SIGNAL_QUIET_SECONDS:
+    if _finished or time.monotonic() - _last_raised < SIGNAL_QUIET_SECONDS:
         return
     if _deferring:
         _pending = signum
         return
     _stop(signum)
+
+
+def ignore_signals() -> None:
+    """From now on SIGINT and SIGTERM do nothing (the work is complete; the interpreter's exit must not be cut
+    short). The flag comes first, so a signal that arrives while the handlers are switched is ignored too."""
+    global _finished
+    import signal
+
+    _finished = True
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def stopped() -> bool:
+    """Whether a signal has stopped this process's work."""
+    return _stopping
 
 
 def _stop(signum: int) -> None:

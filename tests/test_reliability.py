@@ -222,6 +222,28 @@ def test_a_burst_of_signals_gives_one_line(files, tmp_path):
     assert stdout == "" and list(tmp_path.iterdir()) == []
 
 
+def test_a_signal_once_every_output_is_written_interrupts_nothing(tiny_model, tmp_path):
+    """From the summary line on, the outputs are all there: SIGTERM then (or while the interpreter exits) ends
+    with exit 0, the paths on stdout and no error line or traceback, whenever exactly it lands."""
+    process = subprocess.Popen(
+        [pixart_bin(), "generate", "a", "b", "--steps", "2", "--device", "cpu", "--model", tiny_model, "-o", "out/"],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("generate: wrote"):
+            process.send_signal(signal.SIGTERM)
+    stdout = process.stdout.read()
+    process.wait(timeout=120)
+    assert process.returncode == 0, "".join(lines)
+    assert not any("error" in line or "Traceback" in line for line in lines)
+    assert stdout.split() == [f"out/image-{i}.png" for i in range(len(stdout.split()))] and stdout
+
+
 @pytest.mark.parametrize(
     "failure, code, fragment",
     [
