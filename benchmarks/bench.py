@@ -122,8 +122,13 @@ def pixart(*args: str) -> list[str]:
     return [sys.executable, "-m", "pixart_cli", *args]
 
 
+def measured(model: Path, budget: str) -> list[str]:
+    """The options every measured pixart process takes: the model, the budget, and its own memory report."""
+    return ["--model", str(model), "--vram", budget, "--report-memory", "--json"]
+
+
 def pixart_case(budget: str, model: Path, work: Path, log: list) -> None:
-    common = ["--model", str(model), "--vram", budget, "--report-memory", "--json"]
+    common = measured(model, budget)
     work.mkdir(parents=True, exist_ok=True)
     run(f"pixart encode {budget}", pixart("encode", PROMPT, "-o", "emb.pt", *common), work, log)
     run(f"pixart denoise {budget}", pixart("denoise", "emb.pt", "-o", "lat.pt", "--seed", "0", *common), work, log)
@@ -174,20 +179,7 @@ def main() -> None:
         if case == "generate-8GB":  # the one-process comparison with diffusers all-gpu, alone
             run(
                 "pixart generate 8GB",
-                pixart(
-                    "generate",
-                    PROMPT,
-                    "-o",
-                    "gen.png",
-                    "--seed",
-                    "0",
-                    "--model",
-                    str(args.model),
-                    "--vram",
-                    "8GB",
-                    "--report-memory",
-                    "--json",
-                ),
+                pixart("generate", PROMPT, "-o", "gen.png", "--seed", "0", *measured(args.model, "8GB")),
                 args.out,
                 log,
             )
@@ -205,12 +197,7 @@ def main() -> None:
                     str(args.out / folder) + "/",
                     "--seed",
                     "0",
-                    "--model",
-                    str(args.model),
-                    "--vram",
-                    "8GB",
-                    "--report-memory",
-                    "--json",
+                    *measured(args.model, "8GB"),
                     *extra,
                 ),
                 args.out,

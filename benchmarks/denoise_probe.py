@@ -24,21 +24,11 @@ def build(dtype, cached: bool = False):
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    from pixart_cli import step_caching
+    from pixart_cli import random_model, step_caching
 
     torch.manual_seed(0)
     with torch.device("cuda"):
-        transformer = step_caching.transformer_class(cached)(
-            in_channels=4,
-            out_channels=8,
-            patch_size=2,
-            num_attention_heads=16,
-            attention_head_dim=72,
-            num_layers=28,
-            caption_channels=4096,
-            cross_attention_dim=1152,
-            sample_size=128,
-        ).to(dtype)
+        transformer = step_caching.transformer_class(cached)(**random_model.transformer_kwargs()).to(dtype)
     transformer.eval()
     scheduler = DPMSolverMultistepScheduler()
     return transformer, scheduler

@@ -99,7 +99,7 @@ def _build_modules(t5_config, dit: dict, vae: dict, device: str, scale_t5: bool)
                 for module in text_encoder.modules():
                     if isinstance(module, torch.nn.Linear):
                         module.weight.mul_(0.05)
-        transformer = PixArtTransformer2DModel(in_channels=4, out_channels=8, patch_size=2, **dit)
+        transformer = PixArtTransformer2DModel(**transformer_kwargs(dit))
         autoencoder = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -109,6 +109,14 @@ def _build_modules(t5_config, dit: dict, vae: dict, device: str, scale_t5: bool)
             **{"scaling_factor": 0.18215, **vae},
         )
     return text_encoder, transformer, autoencoder
+
+
+def transformer_kwargs(dit: dict | None = None) -> dict:
+    """PixArtTransformer2DModel's arguments: ``dit`` (of ``_configs``; default: the full-size architecture)
+    with the SD VAE's 4 latent channels (8 out: learned sigma) and patch size 2."""
+    if dit is None:
+        dit = _configs("full", 32128, None)[1]
+    return {"in_channels": 4, "out_channels": 8, "patch_size": 2, **dit}
 
 
 def _configs(size: str, vocab: int, sample_size: int | None):

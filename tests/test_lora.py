@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import denoised, encoded, max_diff, read_png, run_pixart
-from pixart_cli import artifacts, lora, memory
+from pixart_cli import artifacts, lora, memory, random_model
 from pixart_cli.errors import PixartError
 
 PROMPT = "a cute cat"
@@ -341,17 +341,7 @@ def test_the_memory_plan_counts_the_moment_of_fusing():
     """Fusing needs an fp32 copy of the largest adapted layer and its LoRA on the device; nothing more stays."""
     from diffusers import PixArtTransformer2DModel
 
-    xl = dict(
-        in_channels=4,
-        out_channels=8,
-        patch_size=2,
-        num_attention_heads=16,
-        attention_head_dim=72,
-        num_layers=28,
-        caption_channels=4096,
-        cross_attention_dim=1152,
-        sample_size=128,
-    )
+    xl = random_model.transformer_kwargs()  # PixArt-XL-2-1024
     skeleton = memory.meta_model(lambda config: PixArtTransformer2DModel(**config), xl, torch.float16)
     rank = 4
     weights = {
