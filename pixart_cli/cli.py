@@ -67,7 +67,7 @@ def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None
         _Outcome.completed = True
     except (Exception, KeyboardInterrupt, Terminated) as error:  # the edge: one line, not a traceback
         planned, written = getattr(out, "planned", None), out.record["outputs"]
-        if isinstance(error, (KeyboardInterrupt, Terminated)) and planned and len(written) >= planned:
+        if isinstance(error, (KeyboardInterrupt, Terminated)) and _all_written(written, planned):
             # every output is in place and reported: the signal came too late to interrupt anything
             out.note("interrupted after every output was written; nothing is missing")
             out.close()
@@ -79,6 +79,10 @@ def _run(out: Output, work: Callable[[], None], quantized: bool = False) -> None
         out.error(message, code)
         _Outcome.reported = True
         raise typer.Exit(code) from None
+
+
+def _all_written(written: list[str], planned: int | None) -> bool:
+    return bool(planned) and len(written) >= planned
 
 
 def _failure(error: BaseException, written: list[str] = (), planned: int | None = None) -> tuple[int, str]:
@@ -97,7 +101,7 @@ def _failure(error: BaseException, written: list[str] = (), planned: int | None 
         if code in (EXIT_SIGINT, EXIT_SIGTERM):
             message += "; no output was written"
         return code, message
-    if planned and len(written) >= planned:
+    if _all_written(written, planned):
         return code, f"{message}; all {len(written)} outputs had been written (listed on stdout)"
     of = f" of {planned}" if planned else ""
     names = ", ".join(written) if len(written) <= 3 else f"{written[0]} ... {written[-1]}"

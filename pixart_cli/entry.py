@@ -15,15 +15,14 @@ def main() -> None:
     try:
         from pixart_cli import cli
     except (KeyboardInterrupt, Terminated) as error:
-        sigint = isinstance(error, KeyboardInterrupt)
-        message = f"{'interrupted' if sigint else 'terminated'}; no output was written"
-        code = EXIT_SIGINT if sigint else EXIT_SIGTERM
-        sys.stderr.write(f"error: {message}\n")
-        if "--json" in sys.argv[1:]:  # the JSON error document that --json promises (output.py's, by hand)
-            import json
+        from pixart_cli.output import Output
 
-            doc = {"command": "pixart", "outputs": [], "error": message, "exit_code": code}
-            sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sigint = isinstance(error, KeyboardInterrupt)
+        code = EXIT_SIGINT if sigint else EXIT_SIGTERM
+        # the one output sink: the error line, and under --json the JSON error document
+        Output("pixart", as_json="--json" in sys.argv[1:]).error(
+            f"{'interrupted' if sigint else 'terminated'}; no output was written", code
+        )
         leave(code)
     cli.main()
 
