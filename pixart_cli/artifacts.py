@@ -79,6 +79,12 @@ def _empty_path_error(option: str) -> PixartError:
 STDOUT = "-"
 
 
+def names_folder(output) -> bool:
+    """Whether ``-o`` names a folder: a path ending in ``/`` (created when written) or an existing folder."""
+    text = str(output)
+    return text.endswith(("/", os.sep)) or os.path.isdir(text)
+
+
 def is_stdout(path) -> bool:
     """``-o -``: the single output's bytes go to stdout (scripts pipe them) instead of a file."""
     return str(path) == STDOUT
@@ -931,7 +937,7 @@ def output_targets(
             raise PixartError(f"{option} -: stdout is a terminal; redirect it (> file) or give a file name")
         return [Path(STDOUT)]
     images = kind == "image"
-    folder_given = text.endswith(("/", os.sep)) or os.path.isdir(text)
+    folder_given = names_folder(text)
     if folder_given:
         folder = Path(text)
         if images and count > 1:

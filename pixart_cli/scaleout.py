@@ -36,8 +36,9 @@ def applies(output: Path, resume: bool, ray: bool, ray_address: str | None) -> b
     or --ray. A plain single-file run keeps the one-process path."""
     if ray_address is not None and not ray:
         raise PixartError(f"--ray-address {ray_address}: only used with --ray; add --ray")
-    is_folder = str(output).endswith(("/", os.sep)) or Path(output).is_dir()
-    return is_folder or resume or ray or Ranks.from_env().world_size > 1
+    from pixart_cli.artifacts import names_folder
+
+    return names_folder(output) or resume or ray or Ranks.from_env().world_size > 1
 
 
 @dataclass(frozen=True)
@@ -178,8 +179,8 @@ def make_job(
         )
     image_prompts = [prompt for prompt in prompts for _ in range(num_images)]
     paths = artifacts.output_targets(output, len(image_prompts), "image", allow_stdout=False)
-    is_folder = str(output).endswith(("/", os.sep)) or Path(output).is_dir()
-    return Job(image_prompts, paths, negative_prompt, options, Path(output) if is_folder else None, overwrite)
+    folder = Path(output) if artifacts.names_folder(output) else None
+    return Job(image_prompts, paths, negative_prompt, options, folder, overwrite)
 
 
 @dataclass
