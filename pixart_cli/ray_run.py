@@ -67,8 +67,7 @@ def run_ray(
     log = callbacks.log or (lambda message: None)
     gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0
     actors = max(gpus, 1)
-    # One unit per actor (a pass's worth at most): each unit streams T5 and loads each model once.
-    size = min(IMAGES_PER_PASS, -(-len(todo) // actors))
+    size = unit_size(len(todo), actors)
     units = [
         {"start": start, "stop": stop, "prompts": json.dumps(job.prompts[start:stop])}
         for start, stop in passes(todo, size)
@@ -111,6 +110,14 @@ def run_ray(
     except Exception as error:
         raise _unwrap(error) from error  # the chain shows with PIXART_DEBUG=1
     return written
+
+
+def unit_size(images: int, actors: int) -> int:
+    """Images per unit: as few units as passes of ``IMAGES_PER_PASS`` allow (each unit streams T5 and loads each
+    model once), in a multiple of ``actors`` so that every GPU gets the same share: 192 images on 2 GPUs are 4
+    units of 48, not 64 + 64 on one GPU and 64 on the other."""
+    rounds = -(-images // (actors * IMAGES_PER_PASS))
+    return max(1, -(-images // (actors * rounds)))
 
 
 def _init(ray, address: str | None) -> None:

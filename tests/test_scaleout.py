@@ -282,6 +282,20 @@ def test_shares_are_contiguous_cover_every_image_once_and_leave_extra_ranks_idle
     assert passes([0, 1, 2, 5, 6, 9], 2) == [(0, 2), (2, 3), (5, 7), (9, 10)]
 
 
+def test_ray_units_give_every_gpu_the_same_share():
+    from pixart_cli.ray_run import unit_size
+    from pixart_cli.scaleout import IMAGES_PER_PASS
+
+    for images in range(1, 400):
+        for actors in (1, 2, 3, 8):
+            size = unit_size(images, actors)
+            units = len(passes(range(images), size))
+            assert size <= IMAGES_PER_PASS
+            assert units <= actors * -(-images // (actors * IMAGES_PER_PASS))  # as few units as passes allow
+            assert units % actors == 0 or units < actors  # no GPU runs a round more than another
+    assert unit_size(192, 2) == 48  # 4 units of 48, not 64 + 64 + 64 (two on one GPU)
+
+
 @pytest.mark.parametrize(
     "env, fragment",
     [
