@@ -39,13 +39,27 @@ class Schedule:
         return img2img.steps_to_run(len(self.timesteps) if self.timesteps else self.steps, self.strength)
 
 
+def resolved(settings: DenoiseSettings, source: Model) -> dict:
+    """The settings that change an image with each default filled from the model's family and configs: steps,
+    timesteps, guidance_scale, scheduler (class name), requested_width, requested_height. Reads configs only and
+    imports nothing heavy (scale-out's drivers compare these with a manifest before any model loads)."""
+    family = source.family
+    return {
+        "steps": family.steps if settings.steps is None else settings.steps,
+        "timesteps": list(family.timesteps) if settings.steps is None and family.timesteps else None,
+        "guidance_scale": float(family.guidance_scale if settings.guidance_scale is None else settings.guidance_scale),
+        "scheduler": chosen_scheduler(source, settings.scheduler),
+        "requested_width": source.native_size if settings.width is None else settings.width,
+        "requested_height": source.native_size if settings.height is None else settings.height,
+    }
+
+
 def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
     """Fill each default from the model's family and configs, check what only the model can tell, and bin the
     size as the pipeline does. Reads configs only: no weights load."""
-    family = source.family
-    timesteps = list(family.timesteps) if settings.steps is None and family.timesteps else None
-    steps = family.steps if settings.steps is None else settings.steps
-    scheduler = scheduler_class_name(source, settings.scheduler)
+    filled = resolved(settings, source)
+    steps, timesteps, scheduler = filled["steps"], filled["timesteps"], filled["scheduler"]
+    check_scheduler(source, scheduler)
     if steps == 1 and not timesteps and scheduler in NO_SINGLE_STEP:
         raise PixartError(
             f"--steps 1: {scheduler} cannot take a single step in the PixArt pipeline; "
@@ -54,9 +68,7 @@ def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
     train_steps = source.config("scheduler").get("num_train_timesteps")
     if isinstance(train_steps, int) and steps > train_steps:
         raise PixartError(f"--steps {steps}: this model's scheduler has only {train_steps} timesteps; use fewer")
-    guidance = family.guidance_scale if settings.guidance_scale is None else settings.guidance_scale
-    requested_width = source.native_size if settings.width is None else settings.width
-    requested_height = source.native_size if settings.height is None else settings.height
+    requested_width, requested_height = filled["requested_width"], filled["requested_height"]
     _check_size(source, requested_width, requested_height, patches=False)
     table = source.bin_table if settings.binning else None
     if table is not None:
@@ -70,7 +82,7 @@ def schedule(settings: DenoiseSettings, source: Model) -> Schedule:
     return Schedule(
         steps,
         timesteps,
-        float(guidance),
+        filled["guidance_scale"],
         scheduler,
         requested_width,
         requested_height,
@@ -366,13 +378,16 @@ def check_finite(latents, dtype_name: str) -> None:
         raise PixartError(f"denoising produced NaN or inf values (numeric overflow); {advice}", EXIT_RUNTIME)
 
 
-def scheduler_class_name(source: Model, choice: str | None) -> str:
-    """The diffusers class name of the scheduler: the user's --scheduler, else the model's own."""
+def chosen_scheduler(source: Model, choice: str | None) -> str:
+    """The diffusers class name of the scheduler: the user's --scheduler, else the model's own (unchecked)."""
+    return SCHEDULERS[choice].class_name if choice is not None else source.config("scheduler").get("_class_name", "")
+
+
+def check_scheduler(source: Model, name: str) -> None:
+    """A class diffusers has (imports its scheduler modules)."""
     from pixart_cli.lean import scheduler_class
 
-    name = SCHEDULERS[choice].class_name if choice is not None else source.config("scheduler").get("_class_name", "")
     if scheduler_class(name) is None:
         raise PixartError(
             f"--model {source.id}: unknown scheduler class {name!r} in scheduler/scheduler_config.json", EXIT_RUNTIME
         )
-    return name

@@ -18,7 +18,7 @@ from pathlib import Path
 
 NAME = "manifest.jsonl"
 VERSION = 1
-# What must match for a line to describe the image a run is about to make (the options as given, not resolved).
+# What must match for a line to describe the image a run is about to make (options with defaults filled in).
 IDENTITY = ("index", "path", "prompt", "negative_prompt", "seed", "options")
 
 

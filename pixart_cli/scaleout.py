@@ -126,23 +126,28 @@ class RunOptions:
 
 
 def image_options(model, dtype: str, encoding: EncodeSettings, denoising: DenoiseSettings, loras=()) -> dict:
-    """The options that change an image, as given (None: the model's default): a manifest line is reused by
-    --resume only when they are the same now."""
+    """The options that change an image, each default filled from the model's configs (``-g 4.5`` is the same run
+    as the default 4.5): a manifest line is reused by --resume only when they are the same now. --dtype stays as
+    given (``auto`` depends on each process's device)."""
+    from pixart_cli.denoise import resolved
+    from pixart_cli.encode import max_sequence_length
     from pixart_cli.lora import records
 
+    filled = resolved(denoising, model)
     return {
         "model": model.id,
         "loras": records(list(loras)),
-        "steps": denoising.steps,
-        "guidance_scale": denoising.guidance_scale,
-        "width": denoising.width,
-        "height": denoising.height,
+        "steps": filled["steps"],
+        "timesteps": filled["timesteps"],
+        "guidance_scale": filled["guidance_scale"],
+        "width": filled["requested_width"],
+        "height": filled["requested_height"],
         "binning": denoising.binning,
-        "scheduler": denoising.scheduler,
+        "scheduler": filled["scheduler"],
         "step_cache": denoising.step_cache,
         "compile": denoising.compile,
         "dtype": dtype,
-        "max_sequence_length": encoding.max_sequence_length,
+        "max_sequence_length": max_sequence_length(encoding, model),
         "clean_caption": encoding.clean_caption,
         "precision": encoding.precision,
     }
@@ -155,7 +160,7 @@ class Job:
     prompts: list[str]  # one per image: prompt k repeated num_images times
     paths: list[Path]
     negative_prompt: str
-    options: dict  # the image-changing options as given (None = the model's default)
+    options: dict  # the image-changing options, defaults filled from the model (scaleout.image_options)
     folder: Path | None  # where manifest.jsonl lives: -o DIR/; None when -o names image files
     overwrite: bool = True  # False: --no-overwrite, an existing image is never replaced (nor the manifest)
 
@@ -169,18 +174,29 @@ class Job:
 
 
 def make_job(
-    prompts: Sequence[str], num_images: int, output: Path, negative_prompt: str, options: dict, overwrite: bool = True
+    prompts: Sequence[str],
+    output: Path,
+    encoding: EncodeSettings,
+    denoising: DenoiseSettings,
+    model,
+    run: RunOptions,
+    overwrite: bool = True,
+    resume: bool = False,
 ) -> Job:
+    """The run's images; checks -o (and that --resume has a folder) before the model's configs are read."""
     from pixart_cli import artifacts
 
     if artifacts.is_stdout(str(output)):
         raise PixartError(
             "--output -: --ray, --resume and several processes write image files; give a folder (-o DIR/)"
         )
-    image_prompts = [prompt for prompt in prompts for _ in range(num_images)]
-    paths = artifacts.output_targets(output, len(image_prompts), "image", allow_stdout=False)
     folder = Path(output) if artifacts.names_folder(output) else None
-    return Job(image_prompts, paths, negative_prompt, options, folder, overwrite)
+    if resume and folder is None:
+        raise PixartError(f"--resume: needs -o DIR/ (the manifest lives in DIR), not -o {output}")
+    options = image_options(model, run.dtype, encoding, denoising, run.loras)  # reads the model's configs
+    image_prompts = [prompt for prompt in prompts for _ in range(denoising.num_images)]
+    paths = artifacts.output_targets(output, len(image_prompts), "image", allow_stdout=False)
+    return Job(image_prompts, paths, encoding.negative_prompt, options, folder, overwrite)
 
 
 @dataclass
@@ -259,27 +275,18 @@ def generate_images(
     started = time.perf_counter()
     ranks = Ranks.from_env() if ranks is None else ranks
     prompts = check_prompts(prompts)
-    num_images, seed = denoising.num_images, denoising.seed
+    seed = denoising.seed
     denoising.check_total(len(prompts))
-    job = make_job(
-        prompts,
-        num_images,
-        output,
-        encoding.negative_prompt,
-        image_options(model, run.dtype, encoding, denoising, run.loras),
-        overwrite,
-    )
-    if not overwrite and not resume and job.folder is not None and manifest.manifest_path(job.folder).is_file():
-        raise PixartError(
-            f"--no-overwrite: {manifest.manifest_path(job.folder)} already exists and a new run would start it "
-            "again; add --resume to finish that run, or drop --no-overwrite"
-        )
-    if resume and job.folder is None:
-        raise PixartError(f"--resume: needs -o DIR/ (the manifest lives in DIR), not -o {output}")
     if ray and ranks.world_size > 1:
         raise PixartError(
             f"--ray: runs from one process, but WORLD_SIZE={ranks.world_size}; start it without "
             "torchrun or accelerate launch"
+        )
+    job = make_job(prompts, output, encoding, denoising, model, run, overwrite, resume)
+    if not overwrite and not resume and job.folder is not None and manifest.manifest_path(job.folder).is_file():
+        raise PixartError(
+            f"--no-overwrite: {manifest.manifest_path(job.folder)} already exists and a new run would start it "
+            "again; add --resume to finish that run, or drop --no-overwrite"
         )
     lines = manifest.read(job.folder) if resume else {}
     if seed is None and resume:

@@ -170,9 +170,17 @@ def test_resume_redoes_only_missing_damaged_and_unrecorded_images(single, tiny_m
         "--model",
         tiny_model,
         *COMMON,
+        # the model's own defaults, now given: the same images, so nothing is made again
+        *["-g", "4.5", "--width", "256", "--max-sequence-length", "120", "--scheduler", "dpm++"],
         cwd=work,
     )
-    assert again.exit_code == 0 and again.stdout == "" and "skipped 4 already complete" in again.stderr
+    assert again.exit_code == 0 and again.stdout == "" and "skipped 4 already complete" in again.stderr, again.stderr
+    other = invoke(
+        *["generate", "--prompts-file", "prompts.txt", "-o", "out/", "--num-images", "2"],
+        *["--resume", "--model", tiny_model, *COMMON, "-g", "3"],
+        cwd=work,
+    )
+    assert other.exit_code == 0 and len(other.stdout.split()) == 4, other.stderr  # another guidance: all remade
 
 
 def test_no_overwrite_replaces_no_image_and_no_manifest(single, tiny_model, tmp_path):
