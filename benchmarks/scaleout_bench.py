@@ -140,6 +140,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).parent))
     from bench import build_model
+    from timeline import stamped
 
     build_model(args.model, args.tokenizer)
     gpus = args.gpus if args.gpus is not None else len(GpuPeaks.used())
@@ -156,33 +157,42 @@ def main() -> None:
         subprocess.run(["rm", "-rf", str(out_dir)], check=True)
         out_dir.mkdir()
         line, extra_env = command(case, gpus, args, out_dir)
-        started = time.perf_counter()
         with GpuPeaks() as peaks:
-            proc = subprocess.run(line, env={**os.environ, **extra_env}, capture_output=True, text=True)
-        wall = time.perf_counter() - started
-        written = len(proc.stdout.split())
+            stamped_lines, returncode, wall = stamped(line, extra_env)
+        paths = [at for at, text in stamped_lines if text.startswith(str(out_dir))]
+        others = [(round(at, 2), text) for at, text in stamped_lines if not text.startswith(str(out_dir))]
+        # Start-up: imports, the launcher, Ray's start, until the first stage (or Ray's driver) says it began.
+        work_started = next((at for at, text in others if "encode: plan" in text or text.startswith("ray: ")), None)
         entry = {
             "case": case,
             "gpus": 1 if case == "1gpu" else gpus,
-            "rc": proc.returncode,
+            "rc": returncode,
             "wall_s": round(wall, 2),
-            "images": written,
-            "images_per_s": round(written / wall, 3),
+            "images": len(paths),
+            "images_per_s": round(len(paths) / wall, 3),
+            "start_up_s": work_started,
+            "images_per_s_after_start_up": None
+            if work_started is None
+            else round(len(paths) / (wall - work_started), 3),
             "peak_gb_per_gpu": peaks.peaks_gb(),
             "command": " ".join(line),
-            "stderr_tail": proc.stderr[-2500:],
+            "timeline": others[-60:],  # [seconds since start, line]: stage starts and ends, the summary
         }
-        if proc.returncode == 0:
+        if returncode == 0:
             entry["manifest_complete"] = manifest_ok(out_dir, args.prompts)
         runs.append(entry)
-        print(json.dumps({k: v for k, v in entry.items() if k != "stderr_tail"}), flush=True)
-        if proc.returncode:
-            print(proc.stderr[-2500:], file=sys.stderr, flush=True)
+        print(json.dumps({k: v for k, v in entry.items() if k != "timeline"}), flush=True)
+        if returncode:
+            print("\n".join(text for _, text in others[-30:]), file=sys.stderr, flush=True)
 
     base = next((run for run in runs if run["case"] == "1gpu" and run["rc"] == 0), None)
     for run in runs:
         if base is not None and run is not base and run["rc"] == 0:
             run["speedup_vs_1gpu"] = round(run["images_per_s"] / base["images_per_s"], 2)
+            if run["images_per_s_after_start_up"] and base["images_per_s_after_start_up"]:
+                run["speedup_after_start_up"] = round(
+                    run["images_per_s_after_start_up"] / base["images_per_s_after_start_up"], 2
+                )
             run.update(compare(args.out / "images-1gpu", args.out / f"images-{run['case']}", args.prompts))
     results = {
         "device": device,
@@ -201,11 +211,12 @@ def table(results: dict) -> str:
     lines = [
         f"Device: {results['device']}; date {results['date']}; {results['prompts']} prompts, 1024², "
         f"{results['steps']} steps, --vram {results['vram_per_gpu']} per GPU; wall = whole command (imports, "
-        "loads, Ray start-up included).",
+        "loads, Ray start-up included). Start-up = from launch until the first stage (or Ray's driver) says it "
+        "began: imports, the torchrun launcher, Ray's start; after it, the rest of the command.",
         "",
-        "| case | GPUs | wall s | images/s | speed-up vs 1 GPU | nvidia-smi peak GB per GPU | max / mean pixel diff "
-        "vs 1 GPU | manifest |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | GPUs | wall s | images/s | speed-up vs 1 GPU | start-up s | speed-up after start-up | nvidia-smi "
+        "peak GB per GPU | max / mean pixel diff vs 1 GPU | manifest |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in results["runs"]:
         peaks = ", ".join(f"GPU{index} {gb}" for index, gb in run["peak_gb_per_gpu"].items())
@@ -213,7 +224,8 @@ def table(results: dict) -> str:
         diff = f"{run['max_pixel_diff']} / {run['mean_pixel_diff']}" if "max_pixel_diff" in run else "—"
         lines.append(
             f"| {run['case']}{status} | {run['gpus']} | {run['wall_s']} | {run['images_per_s']} | "
-            f"{run.get('speedup_vs_1gpu', '—')} | {peaks} | {diff} | "
+            f"{run.get('speedup_vs_1gpu', '—')} | {run.get('start_up_s', '—')} | "
+            f"{run.get('speedup_after_start_up', '—')} | {peaks} | {diff} | "
             f"{'complete' if run.get('manifest_complete') else '—'} |"
         )
     return "\n".join(lines) + "\n"
