@@ -63,53 +63,60 @@ def run_ray(
     if not todo:
         return 0
     address = os.environ.get("RAY_ADDRESS") if address is None else address
+    started_here = not ray.is_initialized()
     _init(ray, address)
-    log = callbacks.log or (lambda message: None)
-    gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0
-    actors = max(gpus, 1)
-    size = unit_size(len(todo), actors)
-    units = [
-        {"start": start, "stop": stop, "prompts": json.dumps(job.prompts[start:stop])}
-        for start, stop in passes(todo, size)
-    ]
-    log(
-        f"ray: {'cluster ' + address if address else 'local Ray'}, {len(units)} unit(s) of up to {size} images, "
-        + (f"{gpus} GPU(s), one actor per GPU" if gpus else "CPU only, one actor")
-    )
-    from ray.data import ActorPoolStrategy
-
-    # Each actor resolves its own run context on its worker: the model by id (a hub id or an absolute folder).
-    dataset = ray.data.from_items(units).map_batches(
-        GenerateActor,
-        batch_size=1,
-        fn_constructor_kwargs={
-            "job": job,
-            "seed": seed,
-            "model": (model.id, model.revision),
-            "encoding": encoding,
-            "denoising": denoising,
-            "run": RunOptions("cuda" if gpus else device, run.dtype, run.vram, run.loras),
-        },
-        # One unit at a time per actor: otherwise the first actor up queues every unit and the other GPUs idle
-        # (measured: 2 units on 2 H200s both ran on GPU 0).
-        compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
-        **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
-    )
-    written = 0
-    if callbacks.progress:
-        callbacks.progress("ray", 0, len(todo))
     try:
-        for row in dataset.iter_rows():
-            for line in json.loads(row["lines"]):
-                manifest.append(job.folder, line)
-            for path in json.loads(row["paths"]):
-                callbacks.wrote(Path(path))
-                written += 1
-            if callbacks.progress:
-                callbacks.progress("ray", written, len(todo))
-    except Exception as error:
-        raise _unwrap(error) from error  # the chain shows with PIXART_DEBUG=1
-    return written
+        log = callbacks.log or (lambda message: None)
+        gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0
+        actors = max(gpus, 1)
+        size = unit_size(len(todo), actors)
+        units = [
+            {"start": start, "stop": stop, "prompts": json.dumps(job.prompts[start:stop])}
+            for start, stop in passes(todo, size)
+        ]
+        log(
+            f"ray: {'cluster ' + address if address else 'local Ray'}, {len(units)} unit(s) of up to {size} images, "
+            + (f"{gpus} GPU(s), one actor per GPU" if gpus else "CPU only, one actor")
+        )
+        from ray.data import ActorPoolStrategy
+
+        # Each actor resolves its own run context on its worker: the model by id (a hub id or an absolute folder).
+        dataset = ray.data.from_items(units).map_batches(
+            GenerateActor,
+            batch_size=1,
+            fn_constructor_kwargs={
+                "job": job,
+                "seed": seed,
+                "model": (model.id, model.revision),
+                "encoding": encoding,
+                "denoising": denoising,
+                "run": RunOptions("cuda" if gpus else device, run.dtype, run.vram, run.loras),
+            },
+            # One unit at a time per actor: otherwise the first actor up queues every unit and the other GPUs idle
+            # (measured: 2 units on 2 H200s both ran on GPU 0).
+            compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
+            **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
+        )
+        written = 0
+        if callbacks.progress:
+            callbacks.progress("ray", 0, len(todo))
+        try:
+            for row in dataset.iter_rows():
+                for line in json.loads(row["lines"]):
+                    manifest.append(job.folder, line)
+                for path in json.loads(row["paths"]):
+                    callbacks.wrote(Path(path))
+                    written += 1
+                if callbacks.progress:
+                    callbacks.progress("ray", written, len(todo))
+        except Exception as error:
+            raise _unwrap(error) from error  # the chain shows with PIXART_DEBUG=1
+        return written
+    finally:
+        if started_here:
+            # Here rather than in Ray's exit hook, which first sleeps 0.5 s for worker log lines (not forwarded
+            # unless PIXART_DEBUG=1). A joined cluster is only disconnected from.
+            ray.shutdown()
 
 
 def unit_size(images: int, actors: int) -> int:
