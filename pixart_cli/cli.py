@@ -194,6 +194,15 @@ def _prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> list[
     collected = list(prompts or [])
     if prompts_file == "":
         raise PixartError("--prompts-file: the path is empty; give a file of prompts, one per line (- reads stdin)")
+    if prompts_file == "-":
+        from pixart_cli.scaleout import Ranks
+
+        world_size = Ranks.from_env().world_size
+        if world_size > 1:
+            raise PixartError(
+                f"--prompts-file -: standard input reaches only one of the WORLD_SIZE={world_size} processes; "
+                "save the prompts to a file and give its path"
+            )
     if prompts_file is not None:
         try:
             text = sys.stdin.read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")

@@ -57,7 +57,7 @@ def record(
 def append(folder: Path, line: dict) -> None:
     """Add one line atomically (one write under an exclusive lock); safe from many processes at once."""
     data = (json.dumps(line, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")
-    fd = os.open(manifest_path(folder), os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+    fd = _open(manifest_path(folder), os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
         fcntl.lockf(fd, fcntl.LOCK_EX)  # serialises the last-byte check below with other writers; freed on close
         size = os.fstat(fd).st_size
@@ -82,19 +82,45 @@ def start_new(folder: Path) -> None:
         temp.write_bytes(b"")
 
 
+def _open(path: Path, flags: int) -> int:
+    """A descriptor on the manifest, which must be a regular file: a link, FIFO or device planted in its place is
+    neither followed nor read (it could redirect the appends, block, or never end)."""
+    from pixart_cli.errors import PixartError
+
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        raise PixartError(
+            f"{path}: cannot be used as the manifest ({error.strerror}); remove it, or give -o another folder"
+        ) from None
+    import stat
+
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PixartError(f"{path}: not a regular file; remove it, or give -o another folder")
+    return fd
+
+
 def read(folder: Path) -> dict[int, dict]:
-    """The newest well-formed line of each index. Damaged or foreign lines are skipped, never fatal."""
+    """The newest well-formed line of each index. Damaged or foreign lines are skipped, never fatal. The manifest
+    must be a regular file this process can append to (checked here, before any image is made)."""
+    from pixart_cli.errors import PixartError
+
     path = manifest_path(folder)
     newest: dict[int, dict] = {}
     try:
-        handle = open(path, "rb")
+        handle = os.fdopen(_open(path, os.O_RDONLY), "rb")
     except FileNotFoundError:
         return newest
     with handle:
+        if not os.access(path, os.W_OK):
+            raise PixartError(f"{path}: not writable, so finished images could not be recorded; fix its permissions")
         for raw in handle:
             try:
                 line = json.loads(raw)
-            except ValueError:
+            except (ValueError, RecursionError):  # RecursionError: a line nested deeper than the parser goes
                 continue
             if _well_formed(line):
                 newest[line["index"]] = line
@@ -149,9 +175,21 @@ def complete(folder: Path, wanted: Wanted, lines: dict[int, dict]) -> bool:
         return False
 
 
-def base_seed(lines: dict[int, dict]) -> int | None:
-    """The seed of image 0 in the run that wrote these lines (image i has seed + i), or None."""
+def base_seed(folder: Path, lines: dict[int, dict], images: int) -> int | None:
+    """The seed of image 0 in the run that wrote these lines (image i has seed + i), or None; one line naming the
+    manifest if that is not a seed a run of ``images`` images could have (a hand-edited or foreign line)."""
+    from pixart_cli.errors import PixartError
+    from pixart_cli.settings import MAX_SEED
+
+    highest = MAX_SEED + 1 - images
+
     if not lines:
         return None
     newest = lines[max(lines)]
-    return newest["seed"] - newest["index"] if isinstance(newest["seed"], int) else None
+    seed = newest["seed"]
+    if type(seed) is not int or not 0 <= seed - newest["index"] <= highest:
+        raise PixartError(
+            f"{manifest_path(folder)}: line of image {newest['index']} has seed {seed!r}, not one pixart wrote; "
+            "give --seed, or start a new run without --resume"
+        )
+    return seed - newest["index"]

@@ -56,8 +56,10 @@ def run_ray(
     run: RunOptions,
     address: str | None,
     callbacks: Callbacks,
+    new_manifest: bool = False,
 ) -> int:
-    """Make images ``todo`` of ``job`` on Ray; append their manifest lines and report each path. Returns the count."""
+    """Make images ``todo`` of ``job`` on Ray; append their manifest lines and report each path. Returns the count.
+    ``new_manifest``: start the folder's manifest again once Ray is up (a run without --resume)."""
     ray = import_ray()
     device = run.device
     if not todo:
@@ -65,6 +67,8 @@ def run_ray(
     address = os.environ.get("RAY_ADDRESS") if address is None else address
     started_here = not ray.is_initialized()
     _init(ray, address)
+    if new_manifest:
+        manifest.start_new(job.folder)
     try:
         log = callbacks.log or (lambda message: None)
         gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0

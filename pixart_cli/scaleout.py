@@ -58,7 +58,7 @@ class Ranks:
             text = environ.get(name)
             if text is None or text == "":
                 return default
-            if not text.strip().isdigit():
+            if not (text.strip().isascii() and text.strip().isdigit()):
                 raise PixartError(
                     f"{name}={text!r}: not a process number; unset it, or start pixart with torchrun "
                     "or accelerate launch, which set it"
@@ -129,13 +129,15 @@ def image_options(model, dtype: str, encoding: EncodeSettings, denoising: Denois
     """The options that change an image, each default filled from the model's configs (``-g 4.5`` is the same run
     as the default 4.5): a manifest line is reused by --resume only when they are the same now. --dtype stays as
     given (``auto`` depends on each process's device)."""
+    from pixart_cli import step_caching
     from pixart_cli.denoise import resolved
     from pixart_cli.encode import max_sequence_length
     from pixart_cli.lora import records
 
     filled = resolved(denoising, model)
     return {
-        "model": model.id,
+        "model": model.recorded,  # a local folder as an absolute path: the same however it was typed
+        "revision": model.revision,
         "loras": records(list(loras)),
         "steps": filled["steps"],
         "timesteps": filled["timesteps"],
@@ -144,7 +146,12 @@ def image_options(model, dtype: str, encoding: EncodeSettings, denoising: Denois
         "height": filled["requested_height"],
         "binning": denoising.binning,
         "scheduler": filled["scheduler"],
-        "step_cache": denoising.step_cache,
+        "step_cache": (  # as the denoise stage records it: not when it would skip nothing
+            denoising.step_cache
+            if denoising.step_cache is None
+            or step_caching.runs_anything(denoising.step_cache, len(filled["timesteps"] or []) or filled["steps"])
+            else None
+        ),
         "compile": denoising.compile,
         "dtype": dtype,
         "max_sequence_length": max_sequence_length(encoding, model),
@@ -167,6 +174,17 @@ class Job:
     def wanted(self, index: int, seed: int) -> manifest.Wanted:
         path = os.path.relpath(self.paths[index], self.folder) if self.folder is not None else str(self.paths[index])
         return manifest.Wanted(index, path, self.prompts[index], self.negative_prompt, seed + index, self.options)
+
+    def check_not_replacing(self, todo: Sequence[int]) -> None:
+        """--no-overwrite with --resume: an image file to be made again (damaged, unrecorded, or made with other
+        options) is refused before any work, not after the pass that would replace it."""
+        existing = [self.paths[index] for index in todo if os.path.lexists(self.paths[index])]
+        if existing and not self.overwrite:
+            raise PixartError(
+                f"--no-overwrite: {existing[0]} exists but its manifest line does not record it complete (damaged, "
+                f"unrecorded, or made with other options; {len(existing)} such file(s)); remove them, or drop "
+                "--no-overwrite"
+            )
 
     def done(self, index: int, seed: int, lines: dict[int, dict]) -> bool:
         """Image ``index`` is complete on disk as the manifest lines record it (never, without a manifest)."""
@@ -290,17 +308,17 @@ def generate_images(
         )
     lines = manifest.read(job.folder) if resume else {}
     if seed is None and resume:
-        seed = manifest.base_seed(lines)  # the interrupted run's seed, so its images are found complete
-        replace(denoising, seed=seed).check_total(len(prompts))  # a seed read from a file is checked the same
+        seed = manifest.base_seed(job.folder, lines, len(job.prompts))  # the interrupted run's: found complete
 
     if ray:
         from pixart_cli.ray_run import run_ray
 
         seed = denoising.with_seed().seed if seed is None else seed
-        if job.folder is not None and not resume:
-            manifest.start_new(job.folder)
         todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
-        written = run_ray(job, todo, seed, model, encoding, denoising, run, ray_address, callbacks)
+        job.check_not_replacing(todo)
+        # run_ray starts a new manifest only once Ray is up: a missing Ray or a bad address leaves the old one
+        new_manifest = job.folder is not None and not resume
+        written = run_ray(job, todo, seed, model, encoding, denoising, run, ray_address, callbacks, new_manifest)
         return Summary(
             written,
             len(job.prompts) - len(todo),
@@ -325,6 +343,7 @@ def generate_images(
         # 3. This rank's share, less what a previous run finished (each rank checks only its own images)
         share = ranks.share(len(job.prompts))
         todo = [index for index in share if not job.done(index, seed, lines)]
+        job.check_not_replacing(todo)
         log = callbacks.log
         if group is not None and log is not None:
             log(f"rank {ranks.rank}/{ranks.world_size}: images {_ranges(share)}, {len(todo)} to make")
@@ -456,6 +475,12 @@ class _ProcessGroup:
             raise PixartError(
                 f"WORLD_SIZE={ranks.world_size} but {' and '.join(missing)} not set: start pixart with "
                 "torchrun or accelerate launch, which set them"
+            )
+        port = os.environ["MASTER_PORT"].strip()
+        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise PixartError(
+                f"MASTER_PORT={os.environ['MASTER_PORT']!r}: not a port number (1 to 65535); start pixart with "
+                "torchrun or accelerate launch, which set it"
             )
         self.ranks = ranks
         self.dist = dist

@@ -217,10 +217,82 @@ def test_resume_needs_an_output_folder(tmp_path):
 def test_ray_missing_exits_2_with_the_install_command(tmp_path, monkeypatch, tiny_model):
     monkeypatch.setitem(sys.modules, "ray", None)  # as if not installed
     (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.jsonl").write_text("an earlier run's lines\n")
     result = invoke("generate", "a cat", "-o", "out/", "--ray", "--model", tiny_model, *COMMON, cwd=tmp_path)
     assert result.exit_code == 2, result.stderr
     assert 'pip install "pixart-cli[ray]"' in result.stderr and result.stdout == ""
     assert not (tmp_path / "out" / "image.png").exists()
+    assert (tmp_path / "out" / "manifest.jsonl").read_text() == "an earlier run's lines\n"  # not started again
+
+
+def test_prompts_from_stdin_are_refused_under_several_processes(tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    result = invoke("generate", "--prompts-file", "-", "-o", "out/", cwd=tmp_path)
+    assert result.exit_code == 2 and "reaches only one of the WORLD_SIZE=2 processes" in result.stderr
+
+
+RESUME = ["generate", "--prompts-file", "prompts.txt", "-o", "out/", "--num-images", "2", "--resume"]
+
+
+def test_resume_matches_the_model_however_its_folder_is_written(single, tiny_model, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(single, work)
+    result = invoke(*RESUME, "--model", f"{tiny_model}/", *COMMON, cwd=work)
+    assert result.exit_code == 0 and "skipped 4 already complete" in result.stderr, result.stderr
+    assert manifest_lines(work / "out")[0]["options"]["revision"] is None
+
+
+@pytest.mark.parametrize("planted", ["link", "dangling link", "fifo"])
+def test_resume_refuses_a_manifest_that_is_not_a_regular_file(single, tiny_model, tmp_path, planted):
+    work = tmp_path / "work"
+    shutil.copytree(single, work)
+    target = work / "out" / "manifest.jsonl"
+    victim = tmp_path / "victim.txt"
+    target.unlink()
+    if planted == "fifo":
+        os.mkfifo(target)
+    else:
+        if planted == "link":
+            victim.write_text("someone else's file\n")
+        target.symlink_to(victim)
+    result = invoke(*RESUME, "--model", tiny_model, *COMMON, cwd=work)
+    assert result.exit_code == 2 and "manifest" in result.stderr and result.stdout == "", result.stderr
+    assert (victim.read_text() == "someone else's file\n") if planted == "link" else not victim.exists()
+
+
+def test_resume_names_the_manifest_for_a_seed_it_could_not_have_written(single, tiny_model, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(single, work)
+    lines = manifest_lines(work / "out")
+    lines[-1]["seed"] = 2  # image 3 with seed 2: image 0 would have seed -1
+    (work / "out" / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    args = [a for a in COMMON if a not in ("--seed", "7")]
+    result = invoke(*RESUME, "--model", tiny_model, *args, cwd=work)
+    assert result.exit_code == 2 and "manifest.jsonl: line of image 3 has seed 2" in result.stderr, result.stderr
+
+
+def test_resume_no_overwrite_refuses_a_damaged_image_before_any_work(single, tiny_model, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(single, work)
+    with open(work / "out" / "image-2.png", "ab") as handle:
+        handle.write(b"x")
+    before = (work / "out" / "image-2.png").read_bytes()
+    result = invoke(*RESUME, "--no-overwrite", "--model", tiny_model, *COMMON, cwd=work)
+    assert result.exit_code == 2 and "image-2.png exists but its manifest line" in result.stderr, result.stderr
+    assert "encode:" not in result.stderr and (work / "out" / "image-2.png").read_bytes() == before
+
+
+def test_the_manifest_records_a_step_cache_only_where_it_acts(tiny_model):
+    from pixart_cli.models import Model
+    from pixart_cli.scaleout import image_options
+    from pixart_cli.settings import DenoiseSettings, EncodeSettings
+
+    def recorded(steps):
+        denoising = DenoiseSettings(steps=steps, step_cache="taylorseer:2")
+        return image_options(Model(str(tiny_model)), "auto", EncodeSettings(), denoising)["step_cache"]
+
+    assert recorded(4) is None and recorded(20) == "taylorseer:2"
 
 
 def test_ray_gives_the_same_images_and_manifest(single, tiny_model, tmp_path):
@@ -277,6 +349,8 @@ def test_concurrent_appends_never_interleave_and_a_cut_line_is_skipped(tmp_path)
     assert raw[0] == '{"index": 9, "cut short'
     parsed = [json.loads(line) for line in raw[1:]]
     assert sorted((p["writer"], p["number"]) for p in parsed) == [(w, n) for w in range(4) for n in range(200)]
+    with open(manifest.manifest_path(tmp_path), "a") as handle:
+        handle.write("[" * 100_000 + "]" * 100_000 + "\n")  # deeper than the JSON parser recurses
     assert manifest.read(tmp_path) == {}  # neither the cut line nor foreign lines count as images
 
 
@@ -310,6 +384,8 @@ def test_ray_units_give_every_gpu_the_same_share():
         ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2, WORLD_SIZE=2"),
         ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two'"),
         ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "", "MASTER_PORT": ""}, "MASTER_ADDR and MASTER_PORT not set"),
+        ({"WORLD_SIZE": "3", "RANK": "\u00b2"}, "RANK='\u00b2'"),  # a digit to str.isdigit, not to int()
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "abc"}, "MASTER_PORT='abc'"),
     ],
 )
 def test_bad_launcher_environment_is_one_line_exit_2(tmp_path, monkeypatch, env, fragment, tiny_model):
