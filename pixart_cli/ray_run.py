@@ -15,7 +15,7 @@ unit: 0.56x the throughput of one GPU.
 The decode step writes the images; the driver alone appends the manifest lines and prints the paths, as results
 arrive. Ray is imported only here, and only for --ray. Actors that die (a lost node) are restarted and their
 unit retried: Ray Data's default for actor pools. An error in pixart's own code is not retried; it ends the run
-with its one-line message.
+with its one-line message and exit code (the actor returns it with the unit's results).
 """
 
 from __future__ import annotations
@@ -113,6 +113,8 @@ def run_ray(
                     written += 1
                 if callbacks.progress:
                     callbacks.progress("ray", written, len(todo))
+                if row["error"]:
+                    raise PixartError(row["error"], int(row["exit_code"]))
         except Exception as error:
             raise _unwrap(error) from error  # the chain shows with PIXART_DEBUG=1
         return written
@@ -220,23 +222,35 @@ class GenerateActor:
         runtime.quiet_libraries()
         runtime.lean_imports(encoding.precision != "full")
         self.job, self.seed, self.encoding, self.denoising = job, seed, encoding, denoising
-        self.ctx = run.context(Model(*model), Callbacks(None, None, None, None))
+        # pixart's own errors go back as data with the unit's results: raised, Ray Data would hand the driver only
+        # its "UDF failed to process a data block", without the one-line message or the exit code.
+        self.failure: PixartError | None = None
+        try:
+            self.ctx = run.context(Model(*model), Callbacks(None, None, None, None))
+        except PixartError as error:
+            self.failure = error
 
     def __call__(self, batch: dict) -> dict:
-        lines, paths = [], []
+        lines, paths, errors, codes = [], [], [], []
         for start, stop in zip(batch["start"], batch["stop"]):
-            written = []
-            unit_lines = make_pass(
-                self.job,
-                int(start),
-                int(stop),
-                self.seed,
-                self.encoding,
-                self.denoising,
-                self.ctx,
-                Callbacks(written.append, None, None, None),
-                append=False,
-            )
+            written, unit_lines, failure = [], [], self.failure
+            if failure is None:
+                try:
+                    unit_lines = make_pass(
+                        self.job,
+                        int(start),
+                        int(stop),
+                        self.seed,
+                        self.encoding,
+                        self.denoising,
+                        self.ctx,
+                        Callbacks(written.append, None, None, None),
+                        append=False,
+                    )
+                except PixartError as error:
+                    failure = error
             lines.append(json.dumps(unit_lines))
             paths.append(json.dumps([str(path) for path in written]))
-        return {"lines": lines, "paths": paths}
+            errors.append("" if failure is None else str(failure))
+            codes.append(0 if failure is None else failure.exit_code)
+        return {"lines": lines, "paths": paths, "error": errors, "exit_code": codes}
