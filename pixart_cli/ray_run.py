@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,12 +149,18 @@ def _init(ray, address: str | None) -> None:
         "logging_level": logging.ERROR,
         "runtime_env": {"env_vars": env},
     }
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         with _stderr_silenced(os.environ.get("PIXART_DEBUG") != "1"):
             if address:
                 ray.init(address=address, **common)
             else:
                 ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), **common)
+        # Ray's core installs its own SIGTERM handler below Python's (it prints a stack and exits 15): pixart's
+        # go back in, so a SIGTERM ends the run as everywhere else (143, one line, the JSON document).
+        for signum, handler in handlers.items():
+            if callable(handler):
+                signal.signal(signum, handler)
     except (ConnectionError, RuntimeError, ValueError) as error:
         raise PixartError(
             f"--ray-address {address}: cannot join the Ray cluster ({detail(error)}); start one with "

@@ -354,6 +354,26 @@ def test_ray_ends_with_pixart_s_own_message_from_an_actor(tiny_model, tmp_path):
     assert "Traceback" not in result.stderr and "UDF" not in result.stderr
 
 
+def test_sigterm_ends_a_ray_run_as_it_ends_any_run(tiny_model, tmp_path):
+    pytest.importorskip("ray.data")
+    process = subprocess.Popen(
+        [str(Path(sys.executable).parent / "pixart"), "generate", "a cat", "--model", str(tiny_model), "--device"]
+        + ["cpu", "--steps", "1000", "--seed", "1", "-o", "out/", "--ray", "--json"],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
+    for line in process.stderr:
+        if line.startswith("ray: "):  # Ray is up: its core's own SIGTERM handler would be in place now
+            break
+    process.terminate()
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143 and "error: terminated" in stderr, stderr
+    assert json.loads(stdout)["exit_code"] == 143
+
+
 def _append_many(folder: str, writer: int) -> None:
     for number in range(200):
         manifest.append(Path(folder), {"writer": writer, "number": number, "padding": "x" * (writer * 300)})
