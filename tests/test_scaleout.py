@@ -261,6 +261,17 @@ def test_resume_refuses_a_manifest_that_is_not_a_regular_file(single, tiny_model
     assert (victim.read_text() == "someone else's file\n") if planted == "link" else not victim.exists()
 
 
+def test_resume_counts_an_image_behind_a_link_complete(single, tiny_model, tmp_path):
+    work = tmp_path / "work"
+    shutil.copytree(single, work)
+    outside = tmp_path / "outside.png"
+    shutil.copy(work / "out" / "image-3.png", outside)
+    (work / "out" / "image-3.png").unlink()
+    (work / "out" / "image-3.png").symlink_to(outside)
+    result = invoke(*RESUME, "--model", tiny_model, *COMMON, cwd=work)
+    assert result.exit_code == 0 and "skipped 4 already complete" in result.stderr, result.stderr
+
+
 def test_resume_names_the_manifest_for_a_seed_it_could_not_have_written(single, tiny_model, tmp_path):
     work = tmp_path / "work"
     shutil.copytree(single, work)
