@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,8 +96,6 @@ def _open(path: Path, flags: int) -> int:
         raise PixartError(
             f"{path}: cannot be used as the manifest ({error.strerror}); remove it, or give -o another folder"
         ) from None
-    import stat
-
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise PixartError(f"{path}: not a regular file; remove it, or give -o another folder")
@@ -182,13 +181,11 @@ def base_seed(folder: Path, lines: dict[int, dict], images: int) -> int | None:
     from pixart_cli.errors import PixartError
     from pixart_cli.settings import MAX_SEED
 
-    highest = MAX_SEED + 1 - images
-
     if not lines:
         return None
     newest = lines[max(lines)]
     seed = newest["seed"]
-    if type(seed) is not int or not 0 <= seed - newest["index"] <= highest:
+    if type(seed) is not int or not 0 <= seed - newest["index"] <= MAX_SEED + 1 - images:
         raise PixartError(
             f"{manifest_path(folder)}: line of image {newest['index']} has seed {seed!r}, not one pixart wrote; "
             "give --seed, or start a new run without --resume"
