@@ -151,6 +151,8 @@ def _init(ray, address: str | None) -> None:
     }
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if address:
+            _check_answers(address)  # ray.init waits minutes, silently, on a port where nothing listens
         with _stderr_silenced(os.environ.get("PIXART_DEBUG") != "1"):
             if address:
                 ray.init(address=address, **common)
@@ -174,6 +176,22 @@ def _init(ray, address: str | None) -> None:
     if hasattr(context, "print_on_execution_start"):
         context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution notes and the progress-bar advisory
+
+
+def _check_answers(address: str) -> None:
+    """ConnectionError when a HOST:PORT address (or ray://HOST:PORT) takes no TCP connection within 10 s; other
+    forms (``auto``) are left to Ray."""
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not (port.isascii() and port.isdigit()):
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except (OSError, ValueError) as error:
+        raise ConnectionError(
+            f"nothing answers at {host}:{port}: {getattr(error, 'strerror', None) or error}"
+        ) from None
 
 
 @contextmanager

@@ -225,6 +225,16 @@ def test_ray_missing_exits_2_with_the_install_command(tmp_path, monkeypatch, tin
     assert (tmp_path / "out" / "manifest.jsonl").read_text() == "an earlier run's lines\n"  # not started again
 
 
+def test_a_ray_address_where_nothing_answers_is_one_line(tiny_model, tmp_path):
+    pytest.importorskip("ray.data")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "manifest.jsonl").write_text("an earlier run's lines\n")
+    args = ["generate", "a cat", "-o", "out/", "--ray", "--ray-address", "127.0.0.1:1", "--model", tiny_model]
+    result = invoke(*args, *COMMON, cwd=tmp_path)
+    assert result.exit_code == 1 and "cannot join the Ray cluster (nothing answers at 127.0.0.1:1" in result.stderr
+    assert (tmp_path / "out" / "manifest.jsonl").read_text() == "an earlier run's lines\n"
+
+
 def test_prompts_from_stdin_are_refused_under_several_processes(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
