@@ -24,7 +24,8 @@ def build(dtype, cached: bool = False):
     import torch
     from diffusers import DPMSolverMultistepScheduler
 
-    from pixart_cli import random_model, step_caching
+    from pixart_cli import random_model
+    from pixart_cli.models import step_caching
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -53,7 +54,7 @@ def embeddings(batch: int, dtype):
 def run_loop(transformer, scheduler, batch: int, steps: int, dtype, backends=None):
     import torch
 
-    from pixart_cli.sampling import sample_latents
+    from pixart_cli.models.sampling import sample_latents
 
     tensors = embeddings(batch, dtype)
 
@@ -148,7 +149,7 @@ def main() -> None:
         backends = order.get(case.removeprefix("bf16-"))
         record = {"case": case}
         if case.startswith(("fbc-", "taylorseer-")):
-            from pixart_cli import step_caching
+            from pixart_cli.models import step_caching
 
             step_caching.enable(transformer, step_caching.check(case.replace("-", ":", 1)))
             per_image, out = run_loop(transformer, scheduler, args.batch, args.steps, dtype)

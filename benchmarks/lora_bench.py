@@ -1,4 +1,4 @@
-"""LoRA: fused into the weights at load (pixart_cli.lora) vs applied through peft's unfused adapters.
+"""LoRA: fused into the weights at load (pixart_cli.models.lora) vs applied through peft's unfused adapters.
 
 Measures, on random weights (time does not depend on values), the load-time cost of each way (reading the same
 file included) and the time of one CFG denoising step (one transformer forward with batch 2). On CPU it counts the
@@ -117,7 +117,7 @@ def run(size: str, rank: int, repeat: int, device: str) -> dict:
 
     from safetensors.torch import load_file, save_file
 
-    from pixart_cli import lora
+    from pixart_cli.models import lora
 
     base = build(size, device)
     state = lora_state(base, rank)

@@ -7,7 +7,7 @@ N = every visible GPU. Builds the full-size random-weight model into DIR first i
 does). Each case is one whole command, timed from start to exit, while nvidia-smi's memory.used of every GPU is
 sampled every 50 ms (peak above idle, per GPU). Throughput is images per second of that wall time, imports and
 model loads included. Then every case's images are compared with the 1-GPU images (max pixel difference) and
-every manifest is checked for one line per image. Results: RESULTS_DIR/scaleout.json and RESULTS_DIR/scaleout.md.
+every manifest is checked for one line per image. Results: RESULTS_DIR/job.json and RESULTS_DIR/job.md.
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ def main() -> None:
         "vram_per_gpu": args.vram,
         "runs": runs,
     }
-    (args.out / "scaleout.json").write_text(json.dumps(results, indent=1))
-    (args.out / "scaleout.md").write_text(table(results))
+    (args.out / "job.json").write_text(json.dumps(results, indent=1))
+    (args.out / "job.md").write_text(table(results))
     print(table(results))
 
 

@@ -1,3 +1,3 @@
-from pixart_cli.cli import main
+from pixart_cli.cli.main import main
 
 main()

@@ -16,11 +16,28 @@ class Terminated(BaseException):
 
 
 class PixartError(Exception):
-    """A failure the user can fix. ``str(error)`` is the single line shown; it names the value and the fix."""
+    """A failure the user can fix. ``str(error)`` is the single line shown; it names the value and the fix.
 
-    def __init__(self, message: str, exit_code: int = EXIT_USAGE):
+    Built from parts (``option``, ``value``, ``reason``, ``fix``), the line is "OPTION VALUE: REASON; FIX", and a
+    caller that knows better where a value came from (an image's own size, say) builds its own line from the same
+    parts, never by parsing the text.
+    """
+
+    def __init__(
+        self,
+        message: str | None = None,
+        exit_code: int = EXIT_USAGE,
+        *,
+        option: str | None = None,
+        value=None,
+        reason: str | None = None,
+        fix: str | None = None,
+    ):
+        if message is None:
+            message = f"{option}{'' if value is None else f' {value}'}: {reason}" + (f"; {fix}" if fix else "")
         super().__init__(message)
         self.exit_code = exit_code
+        self.option, self.value, self.reason, self.fix = option, value, reason, fix
 
 
 def bad_file(path, problem: str) -> PixartError:

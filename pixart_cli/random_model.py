@@ -21,6 +21,8 @@ import json
 import os
 from pathlib import Path
 
+from pixart_cli.models.facade import plain
+
 # Tokens that the tiny tokenizer learns from; the words of the test prompts, so they are not all <unk>.
 _CORPUS = """
 a cute cat sitting on a red chair in the sun, photo, high detail
@@ -41,7 +43,8 @@ _SCHEDULER = dict(
 def train_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> int:
     """Train a T5-style sentencepiece tokenizer into ``folder`` (spiece.model only); return its vocab size."""
     import sentencepiece as spm
-    from transformers import T5Tokenizer
+
+    T5Tokenizer = plain("transformers").T5Tokenizer
 
     folder.mkdir(parents=True, exist_ok=True)
     model = io.BytesIO()
@@ -79,7 +82,7 @@ def train_tiny_tokenizer(folder: Path, vocab_size: int = 96) -> int:
 def _copy_tokenizer(source: Path, folder: Path) -> int:
     import shutil
 
-    from transformers import T5Tokenizer
+    T5Tokenizer = plain("transformers").T5Tokenizer
 
     shutil.copytree(source, folder, dirs_exist_ok=True)
     return len(T5Tokenizer.from_pretrained(folder))
@@ -88,8 +91,12 @@ def _copy_tokenizer(source: Path, folder: Path) -> int:
 def _build_modules(t5_config, dit: dict, vae: dict, device: str, scale_t5: bool):
     """Instantiate the three networks with random weights in the current default dtype."""
     import torch
-    from diffusers import AutoencoderKL, PixArtTransformer2DModel
-    from transformers import T5EncoderModel
+
+    AutoencoderKL, PixArtTransformer2DModel = (
+        plain("diffusers").AutoencoderKL,
+        plain("diffusers").PixArtTransformer2DModel,
+    )
+    T5EncoderModel = plain("transformers").T5EncoderModel
 
     with torch.device(device):
         text_encoder = T5EncoderModel(t5_config)
@@ -122,7 +129,8 @@ def transformer_kwargs(dit: dict | None = None) -> dict:
 def _configs(size: str, vocab: int, sample_size: int | None):
     """(T5Config, transformer kwargs, VAE kwargs, torch dtype) of the tiny or the full-size architecture."""
     import torch
-    from transformers import T5Config
+
+    T5Config = plain("transformers").T5Config
 
     if size == "tiny":
         dtype = torch.float32
@@ -177,7 +185,7 @@ def _configs(size: str, vocab: int, sample_size: int | None):
 
 def write_full_size_configs(out: Path) -> Path:
     """PixArt-XL-2-1024-MS's folder layout with configs only, no weights: enough to plan memory exactly."""
-    from diffusers import DPMSolverMultistepScheduler
+    DPMSolverMultistepScheduler = plain("diffusers").DPMSolverMultistepScheduler
 
     out = Path(out)
     t5, dit, vae, _ = _configs("full", 32128, None)
@@ -216,7 +224,12 @@ def build(
     like the published DMD checkpoint, no tokenizer, T5 or VAE (they come from a base model).
     """
     import torch
-    from diffusers import DPMSolverMultistepScheduler, PixArtAlphaPipeline
+
+    diffusers = plain("diffusers")
+    DPMSolverMultistepScheduler, PixArtAlphaPipeline = (
+        diffusers.DPMSolverMultistepScheduler,
+        diffusers.PixArtAlphaPipeline,
+    )
 
     out = Path(out)
     torch.manual_seed(seed)
@@ -235,7 +248,7 @@ def build(
         text_encoder, transformer, autoencoder = _build_modules(t5, dit, vae, device, scale_t5=size == "full")
     finally:
         torch.set_default_dtype(previous_dtype)
-    import diffusers
+    diffusers = plain("diffusers")
 
     scheduler_class = {"lcm": diffusers.LCMScheduler, "dmd": diffusers.DDPMScheduler}.get(
         family, DPMSolverMultistepScheduler

@@ -11,8 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from pixart_cli.errors import PixartError
-from pixart_cli.models import Model
+from pixart_cli.errors import EXIT_RUNTIME, PixartError
+from pixart_cli.models.source import Model
 
 Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
@@ -37,9 +37,9 @@ def quiet_libraries() -> None:
 
 
 def lean_imports(quantized: bool = False) -> None:
-    """Keep bitsandbytes (unless a stage quantizes) and peft out of this process: see lean.keep_out.
+    """Keep bitsandbytes (unless a stage quantizes) and peft out of this process: see facade.keep_out.
     Call before importing diffusers or transformers."""
-    from pixart_cli.lean import keep_out
+    from pixart_cli.models.facade import keep_out
 
     keep_out(quantized=quantized)
 
@@ -106,7 +106,7 @@ class RunContext:
 
     def budget(self) -> tuple[int | None, int]:
         """(budget in bytes, or None off CUDA; CUDA context bytes), measured now."""
-        from pixart_cli.memory import device_budget
+        from pixart_cli.models.memory import device_budget
 
         return device_budget(self.vram, self.device)
 
@@ -119,7 +119,7 @@ class RunContext:
             self.progress(stage, done, total)
 
     def meter(self, stage: str):
-        from pixart_cli.memory import Meter
+        from pixart_cli.models.memory import Meter
 
         return Meter(stage, self.device)
 
@@ -175,3 +175,12 @@ def free(device) -> None:
         import torch
 
         torch.cuda.empty_cache()
+
+
+def check_finite(latents, dtype_name: str) -> None:
+    """NaN or inf made at run time (fp16 overflow, a bad LoRA) would decode to a black image: fail instead."""
+    import torch
+
+    if not bool(torch.isfinite(latents).all()):
+        advice = "try --dtype bf16 or fp32" if dtype_name == "fp16" else "check the model and any LoRA"
+        raise PixartError(f"denoising produced NaN or inf values (numeric overflow); {advice}", EXIT_RUNTIME)

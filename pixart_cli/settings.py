@@ -121,11 +121,11 @@ class DenoiseSettings:
     batch_size: int | None = None
     compile: bool = False  # torch.compile the transformer (opt-in: not bit-identical to eager)
     strength: float | None = None  # image to image only (init latents given): None is DEFAULT_STRENGTH there
-    step_cache: str | None = None  # opt-in, approximate: "fbc:THRESHOLD" or "taylorseer:INTERVAL" (step_caching.py)
+    step_cache: str | None = None  # opt-in, approximate: "fbc:THRESHOLD" or "taylorseer:INTERVAL" (step_cache.py)
 
     def __post_init__(self):
         if self.step_cache is not None:
-            from pixart_cli import step_caching
+            from pixart_cli.models import step_caching
 
             object.__setattr__(self, "step_cache", step_caching.check(self.step_cache))  # canonical, as recorded
         if self.strength is not None and not (math.isfinite(self.strength) and 0 < self.strength <= 1):

@@ -26,7 +26,7 @@ def cpu(model, **callbacks) -> RunContext:
 
 def encoded(prompts, model, **settings):
     """encode() with EncodeSettings(**settings) on the CPU."""
-    from pixart_cli.encode import encode
+    from pixart_cli.stages.encode import encode
 
     callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports", "loras") if key in settings}
     return encode(prompts, EncodeSettings(**settings), cpu(model, **callbacks))
@@ -34,14 +34,14 @@ def encoded(prompts, model, **settings):
 
 def denoised(embeddings, model=None, **settings):
     """denoise() with DenoiseSettings(**settings) on the CPU, with the model the embeddings name by default."""
-    from pixart_cli.denoise import denoise
+    from pixart_cli.stages.denoise import denoise
 
     callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports", "loras") if key in settings}
     return denoise(embeddings, DenoiseSettings(**settings), cpu(model or embeddings.meta["model"], **callbacks))
 
 
 def decoded(latents, model=None, batch_size=None, **callbacks):
-    from pixart_cli.decode import decode
+    from pixart_cli.stages.decode import decode
 
     return decode(latents, cpu(model or latents.meta["model"], **callbacks), batch_size=batch_size)
 

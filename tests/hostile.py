@@ -151,19 +151,19 @@ class Worker:
 
 
 def _serve() -> None:
-    from pixart_cli import artifacts
-    from pixart_cli.cache import EmbeddingCache
     from pixart_cli.errors import PixartError
+    from pixart_cli.files import staged
+    from pixart_cli.models.cache import EmbeddingCache
 
     with open("/proc/self/status") as status:
         size = int(status.read().split("VmSize:")[1].split()[0]) * 1024
     limit = size + WORKER_HEADROOM
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     loaders = {
-        "any": artifacts.load_any,
-        "embeddings": artifacts.load_embeddings,
-        "latents": artifacts.load_latents,
-        "describe": lambda path: json.dumps(artifacts.describe(path), allow_nan=False),
+        "any": staged.load_any,
+        "embeddings": staged.load_embeddings,
+        "latents": staged.load_latents,
+        "describe": lambda path: json.dumps(staged.describe(path), allow_nan=False),
     }
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -11,8 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import SEED, assert_one_line_error, encoded, invoke, run_pixart
-from pixart_cli import artifacts
 from pixart_cli.cli import app
+from pixart_cli.files import staged
 
 runner = CliRunner()
 
@@ -20,7 +20,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def embeddings_file(tiny_model, tmp_path_factory):
     path = tmp_path_factory.mktemp("emb") / "embeddings.pt"
-    artifacts.save(path, encoded(["a cute cat"], tiny_model))
+    staged.save(path, encoded(["a cute cat"], tiny_model))
     return path
 
 
@@ -60,7 +60,7 @@ def test_help_names_each_option_with_a_plain_metavar(command, options):
 
 
 def test_help_defaults_come_from_the_family_table():
-    from pixart_cli.models import FAMILIES
+    from pixart_cli.models.source import FAMILIES
 
     text = " ".join(runner.invoke(app, ["generate", "--help"], env={"COLUMNS": "400"}).stdout.split())
     for family in FAMILIES.values():
@@ -178,7 +178,7 @@ def test_quiet_and_json_outputs(embeddings_file, tmp_path):
     assert document["command"] == "denoise" and document["outputs"] == ["b.pt"]
     seed = document["seeds"][0]
     assert f"seed: {seed}" in as_json.stderr  # a random seed is shown and recorded
-    assert artifacts.load_latents(tmp_path / "b.pt").meta["seeds"] == [seed]
+    assert staged.load_latents(tmp_path / "b.pt").meta["seeds"] == [seed]
 
 
 def test_latents_file_records_what_decode_needs(embeddings_file, tmp_path):
@@ -186,7 +186,7 @@ def test_latents_file_records_what_decode_needs(embeddings_file, tmp_path):
         "denoise", embeddings_file, "--steps", "2", "--seed", SEED, "--width", "200", "--height", "144", cwd=tmp_path
     )
     assert result.exit_code == 0, result.stderr
-    meta = artifacts.load_latents(tmp_path / "latents.pt").meta
+    meta = staged.load_latents(tmp_path / "latents.pt").meta
     assert meta["requested_width"] == 200 and meta["requested_height"] == 144
     assert meta["seeds"] == [SEED] and meta["steps"] == 2 and meta["guidance_scale"] == 4.5
     assert meta["scheduler"] == "DPMSolverMultistepScheduler" and meta["family"] == "alpha"

@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 
 from helpers import run_pixart
-from pixart_cli import artifacts
+from pixart_cli.files import staged
 
 PROMPTS = ["a cute cat", "a red chair"]
 
 
 def embeddings(path, prompt_embeds, mask):
     meta = {
-        "format": artifacts.EMBEDDINGS_FORMAT,
-        "version": artifacts.FORMAT_VERSION,
+        "format": staged.EMBEDDINGS_FORMAT,
+        "version": staged.FORMAT_VERSION,
         "model": "m",
         "family": "alpha",
         "dtype": "fp32",
@@ -29,15 +29,15 @@ def embeddings(path, prompt_embeds, mask):
         "max_sequence_length": prompt_embeds.shape[1],
     }
     negative = torch.zeros_like(prompt_embeds)
-    artifacts.save(path, artifacts.Embeddings(prompt_embeds, mask, negative, mask.clone(), meta))
+    staged.save(path, staged.Embeddings(prompt_embeds, mask, negative, mask.clone(), meta))
     return path
 
 
 def latents(path, tensor, **settings):
     count, _, height, width = tensor.shape
     meta = {
-        "format": artifacts.LATENTS_FORMAT,
-        "version": artifacts.FORMAT_VERSION,
+        "format": staged.LATENTS_FORMAT,
+        "version": staged.FORMAT_VERSION,
         "model": "m",
         "family": "alpha",
         "dtype": "fp32",
@@ -49,7 +49,7 @@ def latents(path, tensor, **settings):
         "requested_width": width * 8,
         **settings,
     }
-    artifacts.save(path, artifacts.Latents(tensor, meta))
+    staged.save(path, staged.Latents(tensor, meta))
     return path
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from helpers import SEED, assert_one_line_error, decoded, denoised, encoded, generated, invoke, max_diff
-from pixart_cli import artifacts, random_model
-from pixart_cli.models import Model
+from pixart_cli import random_model
+from pixart_cli.files import image_io, staged
+from pixart_cli.models.source import Model
 
 PROMPT = "a small house by the lake"
 
@@ -100,7 +101,7 @@ def test_scheduler_choice_equals_pipeline_with_that_scheduler(tiny_model, name, 
 
     image, meta = ours(tiny_model, PROMPT, steps=3, scheduler=name)
     assert meta["scheduler"] == class_name
-    from pixart_cli.denoise import SCHEDULER_OVERRIDES
+    from pixart_cli.stages.denoise import SCHEDULER_OVERRIDES
 
     scheduler_class = getattr(diffusers, class_name)
     overrides = SCHEDULER_OVERRIDES.get(class_name, {})
@@ -160,13 +161,13 @@ def test_images_carry_their_settings_and_info_reads_them(tiny_model, tmp_path, s
 
 def test_info_on_pt_files_and_bad_extension(tiny_model, tmp_path):
     embeddings = encoded([PROMPT], tiny_model)
-    artifacts.save(tmp_path / "emb.pt", embeddings)
+    staged.save(tmp_path / "emb.pt", embeddings)
     described = json.loads(invoke("info", "emb.pt", "--json", cwd=tmp_path).stdout)
     assert described["kind"] == "embeddings"
     assert described["tensors"]["prompt_embeds"] == {"shape": [1, 120, 32], "dtype": "float32"}
     assert described["meta"]["prompts"] == [PROMPT]
     latents = denoised(embeddings, steps=2, seed=SEED)
-    artifacts.save(tmp_path / "lat.pt", latents)
+    staged.save(tmp_path / "lat.pt", latents)
     assert json.loads(invoke("info", "lat.pt", "--json", cwd=tmp_path).stdout)["meta"]["seeds"] == [SEED]
     result = invoke("decode", "lat.pt", "-o", "pic.bmp", cwd=tmp_path)
     assert result.exit_code == 2 and "unknown image type .bmp" in result.stderr
@@ -201,7 +202,7 @@ def test_step_cache_is_opt_in_recorded_and_exact_when_it_skips_nothing(tiny_mode
     # each batch starts its own cache: image 2 alone equals image 2 of a batch of both
     both = denoised(embeddings, steps=8, seed=SEED, step_cache="taylorseer:2")
     assert torch.allclose(both.latents, forecast.latents, rtol=1e-4, atol=1e-3)  # batching: float order only
-    _, settings = artifacts.image_metadata(forecast.meta, 0)
+    _, settings = image_io.image_metadata(forecast.meta, 0)
     assert settings["step_cache"] == "taylorseer:2"
     # with 4 steps TaylorSeer runs every one in full: not applied, not recorded
     assert denoised(embeddings, steps=4, seed=SEED, step_cache="taylorseer:2").meta["step_cache"] is None

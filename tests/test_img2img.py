@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from helpers import SEED, assert_one_line_error, cpu, encoded, invoke, max_diff, read_png, run_pixart
-from pixart_cli import artifacts, img2img
-from pixart_cli.denoise import denoise
+from pixart_cli.files import image_io, staged
 from pixart_cli.settings import DenoiseSettings
+from pixart_cli.stages import encode_image
+from pixart_cli.stages.denoise import denoise
 
 PROMPT = "a cute cat"  # caption cleaning leaves it as it is, so diffusers' encode_prompt gives the same embeddings
 
@@ -81,7 +82,7 @@ def test_staged_img2img_equals_diffusers_recipe(tiny_model, source_png, schedule
     """DPM++ (the model's own) and Euler, whose init_noise_sigma is not 1: the noised start is not scaled again."""
     import diffusers
 
-    init = img2img.encode_image(artifacts.read_source_image(source_png), cpu(tiny_model))
+    init = img2img.encode_image(image_io.read_source_image(source_png), cpu(tiny_model))
     settings = DenoiseSettings(steps=4, seed=SEED, strength=0.6, scheduler=scheduler)
     ours = denoise(encoded([PROMPT], tiny_model), settings, cpu(tiny_model), init=init)
 
@@ -143,7 +144,7 @@ def test_staged_commands_equal_installed_generate(tiny_model, source_png, tmp_pa
     assert staged.shape == (296, 200, 3)  # the requested size restored from the 208x304 bin
     assert max_diff(staged, one) <= 1
     for name in ("staged.png", "one.png"):
-        metadata = artifacts.read_image_metadata(tmp_path / name)
+        metadata = image_io.read_image_metadata(tmp_path / name)
         settings = metadata["settings"]
         assert (settings["strength"], settings["steps"], settings["steps_run"]) == (0.5, 3, 1)
         assert settings["source_image"]["name"] == "source.png"
@@ -153,16 +154,16 @@ def test_staged_commands_equal_installed_generate(tiny_model, source_png, tmp_pa
 def test_bad_input_exits_2_before_models_load(tiny_model, tiny_unbinned_model, source_png, tmp_path):
     env_model = ["--model", str(tiny_model)]
     embeddings = tmp_path / "emb.pt"
-    artifacts.save(embeddings, encoded([PROMPT], tiny_model))
+    staged.save(embeddings, encoded([PROMPT], tiny_model))
     init = tmp_path / "init.pt"
-    artifacts.save(init, img2img.encode_image(artifacts.read_source_image(source_png), cpu(tiny_model)))
+    staged.save(init, img2img.encode_image(image_io.read_source_image(source_png), cpu(tiny_model)))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (tmp_path / "unknown.png").write_bytes(b"not an image at all")
     from PIL import Image
 
     Image.new("RGB", (4, 64)).save(tmp_path / "thin.png")
-    wide = artifacts.load_latents(init)
-    artifacts.save(tmp_path / "eight.pt", artifacts.Latents(wide.latents.repeat(1, 2, 1, 1), wide.meta))
+    wide = staged.load_latents(init)
+    staged.save(tmp_path / "eight.pt", staged.Latents(wide.latents.repeat(1, 2, 1, 1), wide.meta))
     (tmp_path / "out").mkdir()
     before = sorted(p.name for p in tmp_path.iterdir())
 

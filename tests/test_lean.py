@@ -1,5 +1,5 @@
 """Lean start-up (issue 10): each stage process imports only what it runs, and the compact pieces that make
-that possible (lean.py, sampling.py, prompts.py, t5.py, vae_decoder.py) compute what diffusers and
+that possible (facade.py, sampling.py, prompts.py, t5.py, vae.py) compute what diffusers and
 transformers compute. The import lists are checked in real processes, so the guard cannot flake on timing."""
 
 from __future__ import annotations
@@ -111,7 +111,7 @@ def test_denoise_imports_scipy_only_for_beta_sigmas(tiny_model, tmp_path):
     assert "scipy.stats" not in modules
     code = """
 import sys
-from pixart_cli.lean import scheduler_class
+from pixart_cli.models.facade import scheduler_class
 cls = scheduler_class("DPMSolverMultistepScheduler")
 from diffusers.utils import is_scipy_available
 assert is_scipy_available() and "scipy.stats" not in sys.modules  # diffusers sees the fake one, not imported
@@ -127,7 +127,7 @@ def test_lean_import_leaves_the_rest_of_diffusers_importable(tmp_path):
     """Shallow packages run their __init__ when asked for something else; hidden modules come back."""
     code = """
 import sys
-from pixart_cli.lean import import_diffusers, import_transformers
+from pixart_cli.models.facade import import_diffusers, import_transformers
 import_transformers("transformers.models.t5.tokenization_t5")
 import_diffusers("diffusers.models.transformers.pixart_transformer_2d")
 assert "diffusers.models.transformers.dit_transformer_2d" not in sys.modules
@@ -146,8 +146,8 @@ print(DiTTransformer2DModel.__name__, AutoencoderKL.__name__, PixArtAlphaPipelin
 def test_bin_tables_read_from_source_equal_the_pipelines():
     from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha, pipeline_pixart_sigma
 
-    from pixart_cli.lean import diffusers_constant
-    from pixart_cli.models import BIN_TABLES
+    from pixart_cli.models.facade import diffusers_constant
+    from pixart_cli.models.source import BIN_TABLES
 
     for name in BIN_TABLES.values():
         module = pipeline_pixart_sigma if name == "ASPECT_RATIO_2048_BIN" else pipeline_pixart_alpha
@@ -167,7 +167,7 @@ def test_bin_tables_read_from_source_equal_the_pipelines():
 def test_caption_cleaning_is_the_pipelines(caption):
     from diffusers import PixArtAlphaPipeline
 
-    from pixart_cli.prompts import preprocess
+    from pixart_cli.models.prompts import preprocess
 
     pipeline = PixArtAlphaPipeline.__new__(PixArtAlphaPipeline)  # its methods only, no components
     for clean in (True, False):
@@ -178,7 +178,7 @@ def test_caption_cleaning_is_the_pipelines(caption):
 def test_t5_equals_transformers_with_padding(tiny_model, dtype):
     from transformers import T5EncoderModel
 
-    from pixart_cli.streaming import StreamedT5
+    from pixart_cli.models.streaming import StreamedT5
 
     ids = torch.tensor([[5, 6, 7, 8, 1, 0, 0], [9, 1, 0, 0, 0, 0, 0]])
     mask = (ids != 0).long()
@@ -193,8 +193,8 @@ def test_t5_equals_transformers_with_padding(tiny_model, dtype):
 def test_vae_decoder_equals_autoencoder_kl(tiny_model):
     from diffusers import AutoencoderKL
 
-    from pixart_cli.models import Model
-    from pixart_cli.vae_decoder import load_vae_decoder
+    from pixart_cli.models.source import Model
+    from pixart_cli.models.vae import load_vae_decoder
 
     config = Model(str(tiny_model)).config("vae")
     ours = load_vae_decoder(tiny_model / "vae", config, torch.float32, torch.device("cpu"))

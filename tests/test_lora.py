@@ -11,8 +11,10 @@ import torch
 from safetensors.torch import save_file
 
 from helpers import denoised, encoded, max_diff, read_png, run_pixart
-from pixart_cli import artifacts, lora, memory, random_model
+from pixart_cli import random_model
 from pixart_cli.errors import PixartError
+from pixart_cli.files import image_io, staged
+from pixart_cli.models import lora, memory
 
 PROMPT = "a cute cat"
 # A few layers of each kind the tiny transformer has: self/cross attention, MLP, conditioning, output, patch conv.
@@ -221,7 +223,7 @@ def test_generate_with_two_loras_equals_diffusers_on_hand_merged_weights(tiny_mo
     )
     assert max_diff(without, reference) > 8  # the comparison can tell a LoRA from none
 
-    settings = artifacts.read_image_metadata(tmp_path / "out.png")["settings"]
+    settings = image_io.read_image_metadata(tmp_path / "out.png")["settings"]
     import hashlib
 
     assert settings["loras"] == [
@@ -312,7 +314,7 @@ def test_a_lora_that_does_not_fit_exits_2_and_writes_nothing(tiny_model, transfo
     from pixart_cli.cli import app
 
     path, fragment = _bad_files(transformer, tmp_path)["wrong-shape"]
-    artifacts.save(tmp_path / "emb.pt", encoded([PROMPT], tiny_model))
+    staged.save(tmp_path / "emb.pt", encoded([PROMPT], tiny_model))
     before = sorted(p.name for p in tmp_path.iterdir())
     result = run_pixart(
         "generate",

@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from helpers import SEED, decoded, denoised, encoded, generated, max_diff
-from pixart_cli import encode as encode_module
-from pixart_cli import memory, random_model
+from pixart_cli import random_model
 from pixart_cli.errors import PixartError
-from pixart_cli.models import Model
+from pixart_cli.models import memory
+from pixart_cli.models.source import Model
+from pixart_cli.stages import encode as encode_module
 
 GB = memory.GIB
 CONTEXT = memory.CONTEXT_ESTIMATE
@@ -140,7 +141,7 @@ def test_every_small_plan_matches_the_plain_plan(tiny_model, tiny_budget, monkey
 def test_streamed_t5_holds_blocks_only_while_they_run(tiny_model, resident):
     from transformers import T5EncoderModel
 
-    from pixart_cli.streaming import StreamedT5
+    from pixart_cli.models.streaming import StreamedT5
 
     streamed = StreamedT5(tiny_model / "text_encoder", torch.float32, torch.device("cpu"), resident=resident)
     block_devices = {p.device.type for p in streamed.model.encoder.block.parameters()}
@@ -180,7 +181,7 @@ def test_smallest_plans_run_in_a_fresh_process(tiny_model, tmp_path):
     import sys
 
     script = f"""
-from pixart_cli import memory
+from pixart_cli.models import memory
 memory.device_budget = lambda budget, device: (1024, 0)  # every stage its smallest plan, as on a tiny card
 from helpers import decoded, denoised, encoded
 logs = []

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import SEED, decoded, denoised, encoded, generated, max_diff, pipeline_images, read_png, run_pixart
-from pixart_cli import artifacts
+from pixart_cli.files import staged
 
 # Caption cleaning changes both: the HTML entity is unescaped and the URL removed.
 CLEANED_PROMPT = "a cute cat &amp; dog, see https://example.com/cat.png"
@@ -15,10 +15,10 @@ CLEANED_PROMPT = "a cute cat &amp; dog, see https://example.com/cat.png"
 def staged(model, prompt, tmp_path, **denoise_options):
     """encode -> file -> denoise -> file -> decode, in this process, through the stage functions."""
     embeddings = encoded([prompt], model)
-    artifacts.save(tmp_path / "emb.pt", embeddings)
-    latents = denoised(artifacts.load_embeddings(tmp_path / "emb.pt"), seed=SEED, **denoise_options)
-    artifacts.save(tmp_path / "lat.pt", latents)
-    images = decoded(artifacts.load_latents(tmp_path / "lat.pt"))
+    staged.save(tmp_path / "emb.pt", embeddings)
+    latents = denoised(staged.load_embeddings(tmp_path / "emb.pt"), seed=SEED, **denoise_options)
+    staged.save(tmp_path / "lat.pt", latents)
+    images = decoded(staged.load_latents(tmp_path / "lat.pt"))
     return np.stack([np.asarray(image) for image in images]), latents
 
 

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from helpers import SEED, assert_one_line_error, denoised, encoded, invoke, pixart_bin, run_pixart
-from pixart_cli import artifacts
 from pixart_cli.errors import PixartError
+from pixart_cli.files import atomic, image_io, staged
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def files(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("reliability")
     embeddings = encoded(["a cute cat"], tiny_model)
     latents = denoised(embeddings, steps=2, seed=SEED, num_images=3)
-    artifacts.save(folder / "emb.pt", embeddings)
-    artifacts.save(folder / "lat.pt", latents)
+    staged.save(folder / "emb.pt", embeddings)
+    staged.save(folder / "lat.pt", latents)
     load = lambda name: torch.load(folder / name, weights_only=True)  # noqa: E731
     return {
         "folder": folder,
@@ -149,8 +149,8 @@ def test_a_link_to_a_regular_file_is_written_through_as_cp_does(tiny_model, file
     assert run_pixart("encode", "a cat", "--model", tiny_model, "-o", "emb.pt", cwd=tmp_path).stdout == "emb.pt\n"
     assert run_pixart("decode", files["lat"], "-o", "lat.png", cwd=tmp_path).stdout.split()[1] == "lat-1.png"
     assert os.readlink(tmp_path / "emb.pt") == "real.pt" and os.readlink(tmp_path / "lat-1.png") == "real.png"
-    assert artifacts.load_embeddings(tmp_path / "real.pt").meta["prompts"] == ["a cat"]
-    assert artifacts.read_image_metadata(tmp_path / "real.png")["format"] == "PNG"
+    assert staged.load_embeddings(tmp_path / "real.pt").meta["prompts"] == ["a cat"]
+    assert image_io.read_image_metadata(tmp_path / "real.png")["format"] == "PNG"
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".pixart-")]  # no temp file left
 
 
@@ -193,7 +193,7 @@ def test_no_overwrite_holds_when_the_file_appears_during_the_run(files, tmp_path
 def test_no_overwrite_placement_is_a_no_clobber_link(tmp_path):
     target = tmp_path / "out.pt"
     with pytest.raises(PixartError, match="appeared while pixart worked"):
-        with artifacts.atomic_path(target, overwrite=False) as temp:
+        with atomic.atomic_path(target, overwrite=False) as temp:
             temp.write_bytes(b"new")
             target.write_bytes(b"other process")
     assert target.read_bytes() == b"other process" and sorted(tmp_path.iterdir()) == [target]
@@ -258,7 +258,7 @@ def test_a_signal_once_every_output_is_written_interrupts_nothing(tiny_model, tm
     ],
 )
 def test_a_failure_between_images_says_what_was_written(failure, code, fragment, files, tmp_path, monkeypatch):
-    real_save = artifacts.save_image
+    real_save = image_io.save_image
     calls = []
 
     def save_image(path, *args, **kwargs):
@@ -293,12 +293,12 @@ def test_two_processes_filling_one_cache(tiny_model, tmp_path):
     )
     for process in (first, second):
         assert process.wait(timeout=120) == 0, process.stderr.read()
-    a, b = artifacts.load_embeddings(tmp_path / "a.pt"), artifacts.load_embeddings(tmp_path / "b.pt")
+    a, b = staged.load_embeddings(tmp_path / "a.pt"), staged.load_embeddings(tmp_path / "b.pt")
     assert torch.equal(a.prompt_embeds, b.prompt_embeds.flip(0))
     entries = sorted((tmp_path / "cache").iterdir())
     assert len(entries) == 6 and all(p.suffix == ".pt" for p in entries)  # no temp file left
     for entry in entries:
-        loaded = artifacts.load_embeddings(entry)
+        loaded = staged.load_embeddings(entry)
         assert loaded.prompt_embeds.shape == (1, 120, 32)
         # its own row only: two [1, 120, 32] float32 tensors and two masks, not the batch's storage
         assert entry.stat().st_size < 2 * 120 * 32 * 4 + 2 * 120 * 8 + 8192
@@ -316,7 +316,7 @@ def test_a_tampered_cache_entry_is_encoded_again(tiny_model, tmp_path):
     again = encoded(["a cat"], tiny_model, cache=tmp_path / "cache", log=logs.append)
     assert torch.equal(again.prompt_embeds, fresh.prompt_embeds)
     assert any("ignoring entry" in line for line in logs)
-    assert artifacts.load_embeddings(entry).prompt_embeds.shape == (1, 120, 32)  # replaced by a good one
+    assert staged.load_embeddings(entry).prompt_embeds.shape == (1, 120, 32)  # replaced by a good one
 
 
 def test_a_link_planted_as_a_cache_entry_is_replaced_not_written_through(tiny_model, tmp_path):
@@ -335,7 +335,7 @@ def test_a_relative_model_is_recorded_as_an_absolute_folder(tiny_model, files, t
     (tmp_path / "b").mkdir()
     os.symlink(tiny_model, tmp_path / "a" / "model")
     run_pixart("encode", "a cat", "--model", "model", "-o", "emb.pt", cwd=tmp_path / "a")
-    assert artifacts.load_embeddings(tmp_path / "a" / "emb.pt").meta["model"] == str(tmp_path / "a" / "model")
+    assert staged.load_embeddings(tmp_path / "a" / "emb.pt").meta["model"] == str(tmp_path / "a" / "model")
     result = run_pixart("denoise", "../a/emb.pt", "--steps", "1", "--scheduler", "ddim", cwd=tmp_path / "b")
     assert result.stdout == "latents.pt\n"
 

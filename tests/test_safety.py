@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import SEED, assert_one_line_error, denoised, encoded, invoke, run_pixart
-from pixart_cli import artifacts
+from pixart_cli.files import staged
 
 MARKER = "PAYLOAD_RAN"
 
@@ -39,8 +39,8 @@ def good(tiny_model, tmp_path_factory):
     folder = tmp_path_factory.mktemp("good")
     embeddings = encoded(["a cute cat"], tiny_model)
     latents = denoised(embeddings, steps=2, seed=SEED)
-    artifacts.save(folder / "emb.pt", embeddings)
-    artifacts.save(folder / "lat.pt", latents)
+    staged.save(folder / "emb.pt", embeddings)
+    staged.save(folder / "lat.pt", latents)
     load = lambda name: torch.load(folder / name, weights_only=True)  # noqa: E731
     return {"emb": folder / "emb.pt", "lat": folder / "lat.pt", "emb_data": load("emb.pt"), "lat_data": load("lat.pt")}
 
@@ -253,7 +253,7 @@ def test_unwritable_output_folder(tmp_path, monkeypatch):
 def test_prompts_file_and_stdin(tiny_model, tmp_path):
     (tmp_path / "prompts.txt").write_text("a cute cat\n\na red chair\n")
     result = run_pixart("encode", "--prompts-file", "prompts.txt", "--model", tiny_model, cwd=tmp_path)
-    assert artifacts.load_embeddings(tmp_path / "embeddings.pt").meta["prompts"] == ["a cute cat", "a red chair"]
+    assert staged.load_embeddings(tmp_path / "embeddings.pt").meta["prompts"] == ["a cute cat", "a red chair"]
     piped = subprocess.run(
         [
             str(Path(sys.executable).parent / "pixart"),
@@ -271,7 +271,7 @@ def test_prompts_file_and_stdin(tiny_model, tmp_path):
         cwd=tmp_path,
     )
     assert piped.returncode == 0 and piped.stdout == "piped.pt\n", piped.stderr
-    assert artifacts.load_embeddings(tmp_path / "piped.pt").meta["prompts"] == ["a dog"]
+    assert staged.load_embeddings(tmp_path / "piped.pt").meta["prompts"] == ["a dog"]
     assert result.stdout == "embeddings.pt\n"
 
 
@@ -341,7 +341,7 @@ def test_out_of_memory_is_one_line_suggesting_vram(good, tmp_path, monkeypatch):
     def exhausted(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr("pixart_cli.sampling.sample_latents", exhausted)
+    monkeypatch.setattr("pixart_cli.models.sampling.sample_latents", exhausted)
     result = invoke("denoise", good["emb"], "--steps", "2", cwd=tmp_path)
     assert result.exit_code == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
@@ -353,7 +353,7 @@ def test_existing_output_is_replaced_atomically(good, tmp_path):
     (tmp_path / "lat.pt").write_bytes(b"old")
     result = invoke("denoise", good["emb"], "--steps", "2", "--seed", "1", "-o", "lat.pt", cwd=tmp_path)
     assert result.exit_code == 0
-    assert artifacts.load_latents(tmp_path / "lat.pt").meta["seeds"] == [1]
+    assert staged.load_latents(tmp_path / "lat.pt").meta["seeds"] == [1]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lat.pt"]  # no temp file left beside it
 
 
@@ -509,11 +509,11 @@ CACHE_SETTINGS = {
 }
 
 
-def _cache_entry(good, **changes) -> artifacts.Embeddings:
+def _cache_entry(good, **changes) -> staged.Embeddings:
     emb = good["emb_data"]
-    tensors = [emb[key][:1].clone() for key in artifacts.EMBEDDING_KEYS]
+    tensors = [emb[key][:1].clone() for key in staged.EMBEDDING_KEYS]
     meta = {
-        "format": artifacts.EMBEDDINGS_FORMAT,
+        "format": staged.EMBEDDINGS_FORMAT,
         "version": 1,
         "model": "/models/tiny",
         "revision": None,
@@ -526,11 +526,11 @@ def _cache_entry(good, **changes) -> artifacts.Embeddings:
         "text_encoder_precision": "full",
     }
     for key, value in changes.items():
-        if key in artifacts.EMBEDDING_KEYS:
-            tensors[artifacts.EMBEDDING_KEYS.index(key)] = value
+        if key in staged.EMBEDDING_KEYS:
+            tensors[staged.EMBEDDING_KEYS.index(key)] = value
         else:
             meta[key] = value
-    return artifacts.Embeddings(*tensors, meta=meta)
+    return staged.Embeddings(*tensors, meta=meta)
 
 
 @settings(
@@ -575,7 +575,7 @@ def test_tampered_cache_entries_are_misses(good, worker, tmp_path_factory, data)
 
 def test_a_matching_cache_entry_is_a_hit(good, worker, tmp_path):
     path = tmp_path / "entry.pt"
-    artifacts.save(path, _cache_entry(good))
+    staged.save(path, _cache_entry(good))
     answer = worker.read(
         path, "cache", folder=str(tmp_path / "cache"), settings=CACHE_SETTINGS, width=32, prompt="a cat"
     )

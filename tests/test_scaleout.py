@@ -14,9 +14,9 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import max_diff, read_png
-from pixart_cli import manifest
 from pixart_cli.cli import app
-from pixart_cli.scaleout import Ranks, passes
+from pixart_cli.scale import manifest
+from pixart_cli.scale.job import Ranks, passes
 
 PROMPTS = "a red cube\na blue sphere\n"
 COMMON = ["--seed", "7", "--steps", "2", "--device", "cpu"]  # 2 prompts x 2 images = 4 images, 256 px
@@ -305,8 +305,8 @@ def test_resume_no_overwrite_refuses_a_damaged_image_before_any_work(single, tin
 
 
 def test_the_manifest_records_a_step_cache_only_where_it_acts(tiny_model):
-    from pixart_cli.models import Model
-    from pixart_cli.scaleout import image_options
+    from pixart_cli.models.source import Model
+    from pixart_cli.scale.job import image_options
     from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
     def recorded(steps):
@@ -427,8 +427,8 @@ def test_shares_are_contiguous_cover_every_image_once_and_leave_extra_ranks_idle
 
 
 def test_ray_units_give_every_gpu_the_same_share():
-    from pixart_cli.ray_run import unit_size
-    from pixart_cli.scaleout import IMAGES_PER_PASS
+    from pixart_cli.scale.job import IMAGES_PER_PASS
+    from pixart_cli.scale.ray_run import unit_size
 
     for images in range(1, 400):
         for actors in (1, 2, 3, 8):

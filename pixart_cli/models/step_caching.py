@@ -60,9 +60,21 @@ def runs_anything(step_cache: str, steps: int) -> bool:
     return not step_cache.startswith("taylorseer:") or steps > TAYLORSEER_FULL_STEPS_FIRST + 1
 
 
+def acting(step_cache: str | None, steps: int, streamed: bool = False) -> tuple[str | None, str | None]:
+    """(the step cache a run uses and records, a note for the user): the one asked for, unless it cannot act
+    here (under the streamed plan, or when all ``steps`` would run in full anyway)."""
+    if step_cache is None:
+        return None, None
+    if streamed:
+        return None, f"--step-cache {step_cache}: ignored under the streamed plan (its blocks move between devices)"
+    if not runs_anything(step_cache, steps):
+        return None, f"--step-cache {step_cache}: ignored, {steps} steps are all run in full by it"
+    return step_cache, f"step cache: {step_cache} (approximate: images differ from the exact run's)"
+
+
 def transformer_class(cached: bool):
     """PixArtTransformer2DModel, or the same class with diffusers' CacheMixin when a step cache is asked for."""
-    from pixart_cli.lean import import_diffusers
+    from pixart_cli.models.facade import import_diffusers
 
     PixArtTransformer2DModel = import_diffusers(
         "diffusers.models.transformers.pixart_transformer_2d"
@@ -78,7 +90,7 @@ def enable(transformer, step_cache: str) -> None:
     ``transformer_class(True)``."""
     # The hooks register every diffusers transformer block type when first used: that imports them all, which
     # costs seconds and happens only on this opt-in path.
-    from pixart_cli.lean import import_diffusers
+    from pixart_cli.models.facade import import_diffusers
 
     method, _, value = step_cache.partition(":")
     if method == "fbc":
@@ -105,7 +117,7 @@ def step_context(transformer):
 def reset(transformer) -> None:
     """Forget the cached residuals: a new batch of images starts from its own first step."""
     if getattr(transformer, "is_cache_enabled", False):
-        from pixart_cli.lean import import_diffusers
+        from pixart_cli.models.facade import import_diffusers
 
         HookRegistry = import_diffusers("diffusers.hooks.hooks", hide_optional=False).HookRegistry
         HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()

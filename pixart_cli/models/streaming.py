@@ -129,7 +129,7 @@ class StreamedT5:
         import torch
         from accelerate.utils import set_module_tensor_to_device
 
-        from pixart_cli.t5 import t5_encoder
+        from pixart_cli.models.t5 import t5_encoder
 
         self.device = device
         self.files = _weight_files(folder)

@@ -10,8 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pixart_cli.memory import AUTO_MARGIN, GIB
-from pixart_cli.models import BASE_MODEL_ENV, DEFAULT_MODEL, FAMILIES, MODEL_ENV
+from pixart_cli.models.memory import AUTO_MARGIN, GIB
+from pixart_cli.models.source import BASE_MODEL_ENV, DEFAULT_MODEL, FAMILIES, MODEL_ENV
 from pixart_cli.settings import DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, PRECISIONS, SCHEDULERS
 
 

@@ -1,6 +1,6 @@
 """Compare two runs: two embeddings files, two latents files, or two images.
 
-Embeddings and latents are read only through artifacts.py's validated loaders; images through its image reader.
+Embeddings and latents are read only through files/kinds.py's validated loaders; images through its image reader.
 For each prompt (embeddings) or image (latents): cosine similarity, max and mean absolute difference, all in
 float64. For images: the same on pixel values 0-255, plus max and mean pixel difference and PSNR.
 """
@@ -11,8 +11,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pixart_cli import artifacts
 from pixart_cli.errors import PixartError
+from pixart_cli.files import image_io, staged
 
 STAT_KEYS = ("cosine", "max_abs_diff", "mean_abs_diff")
 IMAGE_KEYS = ("max_pixel_diff", "mean_pixel_diff", "psnr")
@@ -36,7 +36,7 @@ class Comparison:
 
 def compare_files(a: Path, b: Path) -> Comparison:
     """Compare two files of the same kind. Raises PixartError (exit 2) when they cannot be compared."""
-    kinds = artifacts.file_kind(a), artifacts.file_kind(b)
+    kinds = staged.file_kind(a), staged.file_kind(b)
     a, b = Path(a), Path(b)
     if "image" in kinds:
         if kinds[0] != kinds[1]:
@@ -46,8 +46,8 @@ def compare_files(a: Path, b: Path) -> Comparison:
                 "files or two latents files"
             )
         return _compare_images(a, b)
-    first, second = artifacts.load_any(a), artifacts.load_any(b)
-    kinds = [("embeddings" if isinstance(x, artifacts.Embeddings) else "latents") for x in (first, second)]
+    first, second = staged.load_any(a), staged.load_any(b)
+    kinds = [("embeddings" if isinstance(x, staged.Embeddings) else "latents") for x in (first, second)]
     if kinds[0] != kinds[1]:
         raise PixartError(f"{b}: holds {kinds[1]} but {a} holds {kinds[0]}; compare two files of the same kind")
     if kinds[0] == "embeddings":
@@ -137,7 +137,7 @@ def _compare_images(a: Path, b: Path) -> Comparison:
     import numpy as np
     import torch
 
-    first, second = artifacts.load_image_pixels(a), artifacts.load_image_pixels(b)
+    first, second = image_io.load_image_pixels(a), image_io.load_image_pixels(b)
     if first.shape != second.shape:
         raise PixartError(
             f"{b}: is {second.shape[1]}x{second.shape[0]} but {a} is {first.shape[1]}x{first.shape[0]};"

@@ -465,15 +465,18 @@ def records(loras: list[LoraWeights]) -> list[dict]:
 
 
 def check_loras_for_model(loras: list[LoraWeights], model) -> None:
-    """Check LoRAs against a Model's transformer config on the meta device (no weights read); for callers such as
-    generate that must fail before an earlier stage (T5) does any work."""
+    """Check LoRAs against a Model's transformer config on the meta device (no weights read), before any model
+    loads (the run plan: generate must fail before T5 does any work)."""
     if not loras:
         return
     import torch
-    from diffusers import PixArtTransformer2DModel
 
-    from pixart_cli.memory import meta_model
+    from pixart_cli.models.facade import import_diffusers
+    from pixart_cli.models.memory import meta_model
 
+    PixArtTransformer2DModel = import_diffusers(
+        "diffusers.models.transformers.pixart_transformer_2d"
+    ).PixArtTransformer2DModel
     skeleton = meta_model(PixArtTransformer2DModel.from_config, model.config("transformer"), torch.float32)
     for adapter in loras:
         check_lora(adapter, skeleton)

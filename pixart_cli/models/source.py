@@ -264,7 +264,7 @@ class Model:
         name = BIN_TABLES.get(self.sample_size)
         if name is None:
             return None
-        from pixart_cli.lean import diffusers_constant
+        from pixart_cli.models.facade import diffusers_constant
 
         # Read from the pipeline's source: importing the pipeline costs a denoise process seconds (issue 10)
         module = "pipeline_pixart_sigma" if name == "ASPECT_RATIO_2048_BIN" else "pipeline_pixart_alpha"
@@ -355,7 +355,7 @@ def _broken_weight_file(model: Model, component: str) -> str | None:
     model = model.owner(component)
     if not model.local:
         return None
-    from pixart_cli.streaming import TensorFile
+    from pixart_cli.models.streaming import TensorFile
 
     for path in sorted((model.root / component).glob("*.safetensors")):
         try:

@@ -113,7 +113,7 @@ class Output:
     @staticmethod
     def _print_document(document: dict) -> None:
         """One JSON document on stdout; NaN and inf as strings, so that every JSON parser reads it."""
-        from pixart_cli.artifacts import json_safe
+        from pixart_cli.files.atomic import json_safe
 
         print(json.dumps(json_safe(document), indent=2, default=str, allow_nan=False), flush=True)
 
@@ -131,3 +131,19 @@ def printable(text: str) -> str:
     """``text`` with control characters (ANSI escapes, newlines, ...) shown as ``\\x1b`` etc., so a prompt or a
     file name cannot restyle the terminal or break the one-line error into several."""
     return str(text).translate(_CONTROL)
+
+
+def info_table(described: dict) -> str:
+    """Aligned `key  value` lines for people."""
+    rows = [("file", described["file"]), ("kind", described["kind"])]
+    for key, tensor in described.get("tensors", {}).items():
+        rows.append((key, f"{tensor['dtype']} {tensor['shape']}"))
+    if described["kind"] == "image":
+        rows += [("format", described["format"]), ("size", "x".join(map(str, described["size"])))]
+        if described["parameters"]:
+            rows.append(("parameters", described["parameters"].replace("\n", " | ")))
+    settings = described.get("meta") or described.get("settings") or {}
+    rows += [(key, settings[key]) for key in sorted(settings)]
+    width = max(len(key) for key, _ in rows)
+    # printable: a prompt's ANSI escapes or newlines are shown escaped, never executed by the terminal
+    return "".join(f"{printable(key):<{width}}  {printable(value)}\n" for key, value in rows)

@@ -74,7 +74,7 @@ def start_new(folder: Path) -> None:
     """Begin a fresh manifest for a run without --resume (atomically: readers see the old file or an empty one).
     A folder that does not exist yet has no manifest to clear: the first line appended creates it, after the
     first image created the folder, so a run stopped before any image leaves no folder behind."""
-    from pixart_cli.artifacts import atomic_path
+    from pixart_cli.files.atomic import atomic_path
 
     if not folder.is_dir():
         return

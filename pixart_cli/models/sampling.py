@@ -10,7 +10,7 @@ schedule). tests/test_lean.py checks it against the pipelines, latent for latent
 Image to image starts the same loop part-way, as diffusers' img2img pipelines (StableDiffusionImg2ImgPipeline)
 do: the whole schedule is set, the loop runs ``scheduler.timesteps[begin_index:]`` with the scheduler's begin
 index set there, from ``start_latents`` that ``scheduler.add_noise`` already put at that timestep's noise level
-(so they are not multiplied by ``init_noise_sigma``). img2img.start computes both; tests/test_img2img.py checks
+(so they are not multiplied by ``init_noise_sigma``). start_from computes both; tests/test_img2img.py checks
 the result against diffusers' own img2img pieces.
 """
 
@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 SIGMA_PIPELINE = "PixArtSigmaPipeline"
 
@@ -51,9 +53,12 @@ def sample_latents(
     the whole schedule the loop starts at (``t_start * scheduler.order`` of diffusers' ``get_timesteps``).
     """
     import torch
-    from diffusers.utils.torch_utils import randn_tensor
 
-    from pixart_cli import step_caching
+    from pixart_cli.models.facade import import_diffusers
+
+    randn_tensor = import_diffusers("diffusers.utils.torch_utils").randn_tensor
+
+    from pixart_cli.models import step_caching
 
     step_caching.reset(transformer)  # an opt-in step cache starts each batch from its own first step
     sigma = pipeline == SIGMA_PIPELINE
@@ -143,3 +148,46 @@ def sample_latents(
             if callback is not None:
                 callback(i // getattr(scheduler, "order", 1), t, latents)
     return latents
+
+
+# --- image to image: the start of the loop --------------------------------------------------------------------------------------
+@dataclass
+class Start:
+    """Where the loop starts (sampling.sample_latents' ``start_latents`` and ``begin_index``): the init latents
+    noised to the first remaining timestep, and that timestep's index in the scheduler's whole schedule."""
+
+    latents: Any  # [B, C, h, w] on the device
+    begin_index: int
+
+
+def set_full_schedule(scheduler, steps: int, timesteps: list[int] | None, device) -> None:
+    """The whole schedule, as the pipeline's retrieve_timesteps sets it (a fixed schedule replaces ``steps``)."""
+    if timesteps:
+        scheduler.set_timesteps(timesteps=timesteps, device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
+
+
+def start_from(
+    scheduler, steps: int, timesteps: list[int] | None, strength: float, init, generators, device, dtype
+) -> Start:
+    """diffusers' get_timesteps then prepare_latents, on ``scheduler`` (left at the start's begin index).
+
+    init: [B, C, h, w] init latents, one row per image; generators: one CPU generator per row (the txt2img noise).
+    """
+    from pixart_cli.models.facade import import_diffusers
+
+    randn_tensor = import_diffusers("diffusers.utils.torch_utils").randn_tensor
+
+    set_full_schedule(scheduler, steps, timesteps, device)
+    total = len(timesteps) if timesteps else steps  # the num_inference_steps that get_timesteps is given
+    init_timestep = min(int(total * strength), total)
+    t_start = max(total - init_timestep, 0)
+    begin_index = t_start * scheduler.order
+    remaining = scheduler.timesteps[begin_index:]
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(begin_index)
+    init = init.to(device=device, dtype=dtype)
+    noise = randn_tensor(init.shape, generator=generators, device=device, dtype=dtype)
+    latents = scheduler.add_noise(init, noise, remaining[:1].repeat(init.shape[0]))
+    return Start(latents, begin_index)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pixart_cli import artifacts, memory
+from pixart_cli import record
 from pixart_cli.errors import PixartError
-from pixart_cli.models import Model, load_component
+from pixart_cli.files import staged
+from pixart_cli.models import memory
+from pixart_cli.models.source import Model, load_component
+from pixart_cli.plan import max_sequence_length
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import EncodeSettings, check_prompts
 
@@ -17,8 +20,8 @@ def plan(
     """Pick resident / streamed / quantized T5 from exact sizes counted on the meta device."""
     import torch
 
-    from pixart_cli.streaming import parameter_dtypes
-    from pixart_cli.t5 import t5_config, t5_encoder
+    from pixart_cli.models.streaming import parameter_dtypes
+    from pixart_cli.models.t5 import t5_config, t5_encoder
 
     config = t5_config(source.config("text_encoder"))
     skeleton = memory.meta_model(t5_encoder, source.config("text_encoder"), dtype)
@@ -49,19 +52,20 @@ def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
     if chosen.name in ("streamed", "resident"):
         # Our reader (parallel pread, no memory map) serves both plans: low RSS, and faster than transformers'
         # loader (README, benchmark).
-        from pixart_cli.streaming import StreamedT5
+        from pixart_cli.models.streaming import StreamedT5
 
         def read(**_):
             folder = source.folder("text_encoder")
             return StreamedT5(folder, dtype, device, resident=chosen.name == "resident").model
 
         return load_component(source, "text_encoder", read)
-    from transformers import T5EncoderModel
+    from pixart_cli.models.facade import plain
+
+    T5EncoderModel = plain("transformers").T5EncoderModel
 
     kwargs = {"dtype": dtype}
     if chosen.name.startswith("resident-"):
-        from transformers import BitsAndBytesConfig
-
+        BitsAndBytesConfig = plain("transformers").BitsAndBytesConfig
         bits = chosen.name.removeprefix("resident-")
         kwargs["quantization_config"] = (
             BitsAndBytesConfig(load_in_8bit=True)
@@ -76,7 +80,7 @@ def _load_text_encoder(source: Model, chosen: memory.Plan, dtype, device):
     return model.eval()
 
 
-def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) -> artifacts.Embeddings:
+def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) -> staged.Embeddings:
     """Encode prompts (and the negative prompt) with T5, as the pipeline's ``__call__`` does.
 
     Returns Embeddings: prompt_embeds / negative_prompt_embeds [B, L, C], masks [B, L], L = max_sequence_length.
@@ -85,7 +89,7 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
     import torch
 
     # 1. Check inputs and read the model's facts
-    prompts = check_prompts(prompts)
+    prompts = check_prompts(prompts)  # a no-op on a plan's prompts; the library's callers get the same check
     source = ctx.model
     max_length = max_sequence_length(settings, source)
     if settings.precision != "full" and ctx.device.type != "cuda":
@@ -94,23 +98,12 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
             "GPU; use full precision (--dtype bf16 halves T5's memory on CPU)"
         )
     meter = ctx.meter("encode")
-    cache_key = {
-        "model": source.recorded,
-        "revision": source.revision,
-        "text_encoder": source.config("text_encoder"),
-        "negative_prompt": settings.negative_prompt,
-        "max_sequence_length": max_length,
-        "clean_caption": settings.clean_caption,
-        "dtype": ctx.dtype_name,
-        "precision": settings.precision,
-    }
+    made = record.for_encode(source, ctx.dtype_name, prompts, settings, max_length)
     store = None
     if settings.cache is not None:
-        from pixart_cli.cache import EmbeddingCache
+        from pixart_cli.models.cache import EmbeddingCache
 
-        store = EmbeddingCache(
-            settings.cache, cache_key, source.config("text_encoder").get("d_model"), ctx.dtype, ctx.log
-        )
+        store = EmbeddingCache(settings.cache, made, source.config("text_encoder"), ctx.dtype, ctx.log)
     rows = {prompt: store.get(prompt) for prompt in prompts} if store else {}
     todo = [prompt for prompt in dict.fromkeys(prompts) if rows.get(prompt) is None]
 
@@ -130,34 +123,16 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
     tensors = [torch.cat([rows[prompt][i] for prompt in prompts]) for i in range(4)]
     meter.finish(plan_name, ctx.reports)
 
-    # 3. Record what the next stage needs
-    meta = {
-        "model": source.recorded,
-        "revision": source.revision,
-        "family": source.family.name,
-        "dtype": ctx.dtype_name,
-        "prompts": prompts,
-        "negative_prompt": settings.negative_prompt,
-        "max_sequence_length": max_length,
-        "clean_caption": settings.clean_caption,
-        "text_encoder_precision": settings.precision,
-    }
-    return artifacts.Embeddings(*tensors, meta=meta)
-
-
-def max_sequence_length(settings: EncodeSettings, source: Model) -> int:
-    """Tokens per prompt: the user's, else the model family's."""
-    if settings.max_sequence_length is None:
-        return source.family.max_sequence_length
-    return settings.max_sequence_length
+    # 3. The record of what made them: what the next stage needs
+    return staged.Embeddings(*tensors, meta=record.embeddings_meta(made))
 
 
 def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, ctx: RunContext, meter: memory.Meter):
     """Load T5 under a memory plan and encode ``texts``. Returns ((embeds [N, L, C], mask [N, L]), plan name)."""
     import torch
 
-    from pixart_cli.lean import import_transformers
-    from pixart_cli.prompts import encode_prompts
+    from pixart_cli.models.facade import import_transformers
+    from pixart_cli.models.prompts import encode_prompts
 
     T5Tokenizer = import_transformers("transformers.models.t5.tokenization_t5").T5Tokenizer
 

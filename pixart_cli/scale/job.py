@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
-from pixart_cli import manifest
 from pixart_cli.errors import PixartError
+from pixart_cli.scale import manifest
 from pixart_cli.settings import DenoiseSettings, EncodeSettings, check_prompts
 
 IMAGES_PER_PASS = 64  # images per encode -> denoise -> decode pass of one process: a SIGTERM loses at most one pass
@@ -36,7 +36,7 @@ def applies(output: Path, resume: bool, ray: bool, ray_address: str | None) -> b
     or --ray. A plain single-file run keeps the one-process path."""
     if ray_address is not None and not ray:
         raise PixartError(f"--ray-address {ray_address}: only used with --ray; add --ray")
-    from pixart_cli.artifacts import names_folder
+    from pixart_cli.files.output_paths import names_folder
 
     return names_folder(output) or resume or ray or Ranks.from_env().world_size > 1
 
@@ -127,37 +127,19 @@ class RunOptions:
 
 def image_options(model, dtype: str, encoding: EncodeSettings, denoising: DenoiseSettings, loras=()) -> dict:
     """The options that change an image, each default filled from the model's configs (``-g 4.5`` is the same run
-    as the default 4.5): a manifest line is reused by --resume only when they are the same now. --dtype stays as
-    given (``auto`` depends on each process's device)."""
-    from pixart_cli import step_caching
-    from pixart_cli.denoise import resolved
-    from pixart_cli.encode import max_sequence_length
-    from pixart_cli.lora import records
+    as the default 4.5): a manifest line is reused by --resume only when they are the same now. Derived from the
+    run's record (``record.IDENTITY``); --dtype stays as given (``auto`` depends on each process's device)."""
+    from pixart_cli import plan, record
+    from pixart_cli.models import step_caching
+    from pixart_cli.models.lora import records
 
-    filled = resolved(denoising, model)
-    return {
-        "model": model.recorded,  # a local folder as an absolute path: the same however it was typed
-        "revision": model.revision,
-        "loras": records(list(loras)),
-        "steps": filled["steps"],
-        "timesteps": filled["timesteps"],
-        "guidance_scale": filled["guidance_scale"],
-        "width": filled["requested_width"],
-        "height": filled["requested_height"],
-        "binning": denoising.binning,
-        "scheduler": filled["scheduler"],
-        "step_cache": (  # as the denoise stage records it: not when it would skip nothing
-            denoising.step_cache
-            if denoising.step_cache is None
-            or step_caching.runs_anything(denoising.step_cache, len(filled["timesteps"] or []) or filled["steps"])
-            else None
-        ),
-        "compile": denoising.compile,
-        "dtype": dtype,
-        "max_sequence_length": max_sequence_length(encoding, model),
-        "clean_caption": encoding.clean_caption,
-        "precision": encoding.precision,
-    }
+    filled = plan.resolved(denoising, model)
+    acting, _ = step_caching.acting(denoising.step_cache, len(filled["timesteps"] or []) or filled["steps"])
+    encoded = record.for_encode(model, dtype, [], encoding, plan.max_sequence_length(encoding, model))
+    made = record.for_denoise(
+        encoded, model, dtype, 1, filled, [], compiled=denoising.compile, step_cache=acting, loras=records(list(loras))
+    )
+    return record.identity(made, dtype)
 
 
 @dataclass
@@ -167,7 +149,7 @@ class Job:
     prompts: list[str]  # one per image: prompt k repeated num_images times
     paths: list[Path]
     negative_prompt: str
-    options: dict  # the image-changing options, defaults filled from the model (scaleout.image_options)
+    options: dict  # the image-changing options, defaults filled from the model (job.image_options)
     folder: Path | None  # where manifest.jsonl lives: -o DIR/; None when -o names image files
     overwrite: bool = True  # False: --no-overwrite, an existing image is never replaced (nor the manifest)
 
@@ -202,18 +184,18 @@ def make_job(
     resume: bool = False,
 ) -> Job:
     """The run's images; checks -o (and that --resume has a folder) before the model's configs are read."""
-    from pixart_cli import artifacts
+    from pixart_cli.files import atomic, output_paths
 
-    if artifacts.is_stdout(str(output)):
+    if atomic.is_stdout(str(output)):
         raise PixartError(
             "--output -: --ray, --resume and several processes write image files; give a folder (-o DIR/)"
         )
-    folder = Path(output) if artifacts.names_folder(output) else None
+    folder = Path(output) if output_paths.names_folder(output) else None
     if resume and folder is None:
         raise PixartError(f"--resume: needs -o DIR/ (the manifest lives in DIR), not -o {output}")
     options = image_options(model, run.dtype, encoding, denoising, run.loras)  # reads the model's configs
     image_prompts = [prompt for prompt in prompts for _ in range(denoising.num_images)]
-    paths = artifacts.output_targets(output, len(image_prompts), "image", allow_stdout=False)
+    paths = output_paths.output_targets(output, len(image_prompts), "image", allow_stdout=False)
     return Job(image_prompts, paths, encoding.negative_prompt, options, folder, overwrite)
 
 
@@ -311,7 +293,7 @@ def generate_images(
         seed = manifest.base_seed(job.folder, lines, len(job.prompts))  # the interrupted run's: found complete
 
     if ray:
-        from pixart_cli.ray_run import run_ray
+        from pixart_cli.scale.ray_run import run_ray
 
         seed = denoising.with_seed().seed if seed is None else seed
         todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
@@ -357,10 +339,11 @@ def generate_images(
 
         # 4. Make them, pass by pass
         if todo:
-            from pixart_cli.denoise import schedule
+            from pixart_cli.plan import plan_run
 
             ctx = run.context(model, callbacks, device=ranks.device(run.device))
-            schedule(denoising, ctx.model)  # what the configs can tell, before the first pass loads T5
+            # what the configs can tell (the LoRAs' fit included), before the first pass loads T5
+            plan_run(prompts[:1], encoding, replace(denoising, seed=seed, num_images=1), ctx.model, loras=run.loras)
             for start, stop in passes(todo, IMAGES_PER_PASS):
                 make_pass(job, start, stop, seed, encoding, denoising, ctx, callbacks)
 
@@ -409,14 +392,17 @@ def make_pass(
     """Images start..stop-1 through the one-process chain, then written, then recorded in the manifest
     (``append=False``: the manifest lines are returned for the caller to append, as Ray's driver does)."""
     from pixart_cli.generate import generate
+    from pixart_cli.plan import plan_run
 
-    images, meta = generate(
+    # one image per prompt row, seeds seed + start onwards; the LoRAs' fit was checked before the first pass
+    planned = plan_run(
         job.prompts[start:stop],
         encoding,
         replace(denoising, seed=seed + start, num_images=1),
-        ctx,
+        ctx.model,
         decode_batch_size=denoising.batch_size,
     )
+    images, meta = generate(planned, ctx)
     return write_images(job, start, images, meta, callbacks.wrote, append=append)
 
 
@@ -425,10 +411,11 @@ def write_images(
 ) -> list[dict]:
     """Write image start+j for each decoded image j, then (-o DIR/ only) its manifest line, and report the path.
     Returns the manifest lines; ``append=False`` leaves appending them to the caller (Ray's driver)."""
-    from pixart_cli import artifacts
+    from pixart_cli import record
+    from pixart_cli.files import image_io
 
     requests = [
-        (job.paths[start + offset], image, *artifacts.image_metadata(meta, offset))
+        (job.paths[start + offset], image, *record.image_metadata(record.RunRecord.from_meta(meta), offset))
         for offset, image in enumerate(images)
     ]
     lines = []
@@ -452,7 +439,7 @@ def write_images(
         if wrote is not None:
             wrote(path)
 
-    artifacts.save_images(requests, overwrite=job.overwrite, on_written=written)
+    image_io.save_images(requests, overwrite=job.overwrite, on_written=written)
     return lines
 
 

@@ -26,7 +26,7 @@ def _parts(config: dict, with_encoder: bool = False) -> dict:
     """AutoencoderKL's submodules for ``config`` (its constructor's defaults where the config is silent)."""
     import torch
 
-    from pixart_cli.lean import import_diffusers
+    from pixart_cli.models.facade import import_diffusers
 
     vae = import_diffusers("diffusers.models.autoencoders.vae")
     latent = config.get("latent_channels", 4)
@@ -104,8 +104,8 @@ def load_vae_half(source, config: dict, ctx, tile: int | None, half: str):
     Tiled (``tile`` pixels), or a checkpoint in another layout: diffusers' AutoencoderKL with its tiling, the
     other half dropped before it reaches the device.
     """
-    from pixart_cli.lean import import_diffusers
-    from pixart_cli.models import load_component
+    from pixart_cli.models.facade import import_diffusers
+    from pixart_cli.models.source import load_component
 
     compact = load_vae_decoder if half == "decoder" else load_vae_encoder
     if tile is None:
@@ -129,7 +129,7 @@ def load_vae_half(source, config: dict, ctx, tile: int | None, half: str):
 
 def _load_weights(module, folder: Path, dtype, device):
     """``module``'s tensors (built on the meta device) read from the folder's one safetensors file, or None."""
-    from pixart_cli.streaming import TensorFile
+    from pixart_cli.models.streaming import TensorFile
 
     path = Path(folder) / WEIGHTS
     if not path.is_file():
@@ -174,7 +174,7 @@ def _encoder_class():
     """Defined on first use: torch is imported only when a stage runs."""
     import torch
 
-    from pixart_cli.lean import import_diffusers
+    from pixart_cli.models.facade import import_diffusers
 
     DiagonalGaussianDistribution = import_diffusers("diffusers.models.autoencoders.vae").DiagonalGaussianDistribution
 

@@ -28,9 +28,9 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from pixart_cli import manifest
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
-from pixart_cli.scaleout import IMAGES_PER_PASS, Callbacks, Job, RunOptions, make_pass, passes
+from pixart_cli.scale import manifest
+from pixart_cli.scale.job import IMAGES_PER_PASS, Callbacks, Job, RunOptions, make_pass, passes
 from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
 INSTALL = 'pip install "pixart-cli[ray]"'
@@ -242,7 +242,7 @@ class GenerateActor:
         run: RunOptions,
     ):
         from pixart_cli import runtime
-        from pixart_cli.models import Model
+        from pixart_cli.models.source import Model
 
         runtime.quiet_libraries()
         runtime.lean_imports(encoding.precision != "full")

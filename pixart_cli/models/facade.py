@@ -16,14 +16,33 @@
 
 ``keep_out`` hides packages that a process does not use at all (bitsandbytes, peft) for its whole life.
 Nothing here changes a computation: the same classes run the same forward passes (tests/test_parity.py).
+
+This is the one module of pixart_cli that imports diffusers or transformers (ruff's TID251 refuses them
+elsewhere): everything else asks here. ``PIXART_LEAN=0`` turns every trick off (plain imports, nothing hidden),
+so that a library upgrade that breaks one can be told apart from one that breaks pixart.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 from contextlib import contextmanager
+
+LEAN_ENV = "PIXART_LEAN"
+
+
+def lean() -> bool:
+    """Whether the lean imports are on (``PIXART_LEAN=0`` turns them off)."""
+    return os.environ.get(LEAN_ENV) != "0"
+
+
+def plain(name: str):
+    """Import a module of diffusers or transformers the library's own way, whole (model builders, bitsandbytes
+    quantization, test oracles)."""
+    return importlib.import_module(name)
+
 
 # Packages whose __init__ imports every model of their kind; a stage needs one module from each.
 EAGER_PACKAGES = (
@@ -44,6 +63,8 @@ def keep_out(quantized: bool = False, lora: bool = False) -> None:
     A ``None`` entry in sys.modules reads as "not installed" to ``importlib.util.find_spec``. Call before
     importing either library.
     """
+    if not lean():
+        return
     for name, needed in (("bitsandbytes", quantized), ("peft", lora)):
         if not needed and name not in sys.modules and "diffusers" not in sys.modules:
             sys.modules[name] = None
@@ -57,6 +78,8 @@ def import_diffusers(name: str, hide_optional: bool = True):
     """
     if name in sys.modules:
         return sys.modules[name]
+    if not lean():
+        return importlib.import_module(name)
     import torch  # noqa: F401  (torch itself imports some of what is hidden below; it must come first)
 
     with _hidden(OPTIONAL_AT_IMPORT):
@@ -94,6 +117,9 @@ def _scipy_deferred():
     (2026-11-28). They import with diffusers told scipy is missing, then get a stand-in ``scipy`` that imports
     the real submodule on first use, so beta sigmas still work.
     """
+    if not lean():
+        yield
+        return
     import_utils = sys.modules["diffusers.utils.import_utils"]
     scipy_installed = import_utils.is_scipy_available()
     before = set(sys.modules)
@@ -125,7 +151,7 @@ def import_transformers(name: str):
     ``__init__`` in full, in place."""
     if name in sys.modules:
         return sys.modules[name]
-    if "transformers" not in sys.modules:
+    if lean() and "transformers" not in sys.modules:
         from importlib import metadata  # not `import importlib.metadata`: that would make `importlib` local
 
         _shallow_package("transformers", {"__version__": metadata.version("transformers")})

@@ -1,0 +1,180 @@
+"""The registry of staged .pt kinds (embeddings, latents, init latents): keys, loaders, the writer.
+
+A .pt file is ``torch.save`` of a plain dict: tensors at the top level under diffusers' keyword names, so
+``pipe(**{k: v for k, v in d.items() if k != "meta"})`` works, and a ``meta`` dict of plain values. Loading goes
+through ``untrusted`` (weights_only, bounded by the file size); then each kind checks its own keys and meta.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pixart_cli.errors import bad_file
+from pixart_cli.files.atomic import STDOUT, atomic_path, is_stdout, json_safe, plain, write_stdout
+from pixart_cli.files.formats import EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
+from pixart_cli.files.image_io import IMAGE_FORMATS, read_image_metadata
+from pixart_cli.files.untrusted import (
+    empty_path_error,
+    meta_field,
+    model_fields,
+    open_input,
+    read_pt,
+    tensor_field,
+    text_list,
+)
+
+
+@dataclass
+class Embeddings:
+    """T5 output for B prompts. embeds: [B, L, C] float; masks: [B, L] int64."""
+
+    prompt_embeds: Any
+    prompt_attention_mask: Any
+    negative_prompt_embeds: Any
+    negative_prompt_attention_mask: Any
+    meta: dict = field(default_factory=dict)
+    FORMAT = EMBEDDINGS_FORMAT
+
+    def tensors(self) -> dict:
+        return {key: getattr(self, key) for key in EMBEDDING_KEYS}
+
+
+@dataclass
+class Latents:
+    """Denoised latents for N images at the binned size. latents: [N, C, H/8, W/8]."""
+
+    latents: Any
+    meta: dict = field(default_factory=dict)
+    FORMAT = LATENTS_FORMAT
+
+    def tensors(self) -> dict:
+        return {"latents": self.latents}
+
+
+def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True, follow_link: bool = True) -> Path:
+    """Write an Embeddings or Latents file atomically (``-`` : to stdout), stamped with its format and version;
+    tensors go to the CPU first. ``follow_link``: as ``atomic_path`` (an output the user named).
+
+    Each tensor is saved with only its own elements: torch.save writes a view's whole storage, so a row sliced
+    from a batch would otherwise carry the batch with it.
+    """
+    import torch
+
+    payload = {key: compact(value.detach().cpu()) for key, value in artifact.tensors().items()}
+    payload["meta"] = plain({**artifact.meta, "format": artifact.FORMAT, "version": FORMAT_VERSION})
+    if is_stdout(path):
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        write_stdout(buffer.getvalue())
+        return Path(STDOUT)
+    with atomic_path(path, overwrite, follow_link) as temp:
+        torch.save(payload, temp)
+    return Path(path)
+
+
+def compact(tensor):
+    """The tensor alone: a contiguous copy unless its storage holds exactly its own elements already."""
+    import torch
+
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+def load_any(path) -> Embeddings | Latents:
+    """An embeddings or a latents file, whichever ``path`` is (validated as such)."""
+    data, size = read_pt(path, (EMBEDDINGS_FORMAT, LATENTS_FORMAT))
+    if data["meta"]["format"] == EMBEDDINGS_FORMAT:
+        return _embeddings(path, data, size)
+    return _latents(path, data, size)
+
+
+def file_kind(path) -> str:
+    """ "pt" or "image", for the commands that take either (info, compare): what the file holds decides (torch.save
+    writes a zip archive), then its name; a file that is neither is read as a .pt file, whose checks name it."""
+    if str(path) == "":
+        raise empty_path_error("FILE")
+    handle, _ = open_input(path, "FILE")
+    with handle:
+        if handle.read(4) == b"PK\x03\x04":
+            return "pt"
+    return "image" if Path(path).suffix.lower() in IMAGE_FORMATS else "pt"
+
+
+def describe(path) -> dict:
+    """What `pixart info` shows: a .pt file's tensors and meta, or an image's embedded settings.
+    Everything in it is bounded and JSON-safe (NaN and inf as strings)."""
+    if file_kind(path) == "image":
+        return json_safe({"file": str(path), "kind": "image", **read_image_metadata(path)})
+    artifact = load_any(path)
+    tensors = {
+        key: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+        for key, value in artifact.tensors().items()
+    }
+    kind = "embeddings" if isinstance(artifact, Embeddings) else "latents"
+    return json_safe({"file": str(path), "kind": kind, "tensors": tensors, "meta": artifact.meta})
+
+
+def load_embeddings(path) -> Embeddings:
+    """Read and validate an embeddings file (shapes agree with each other; not yet with a model)."""
+    return _embeddings(path, *read_pt(path, (EMBEDDINGS_FORMAT,)))
+
+
+def _embeddings(path, data: dict, size: int) -> Embeddings:
+    meta = data["meta"]
+    embeds = tensor_field(path, data, "prompt_embeds", 3, "f", size)
+    mask = tensor_field(path, data, "prompt_attention_mask", 2, "i", size)
+    negative = tensor_field(path, data, "negative_prompt_embeds", 3, "f", size)
+    negative_mask = tensor_field(path, data, "negative_prompt_attention_mask", 2, "i", size)
+    if tuple(mask.shape) != tuple(embeds.shape[:2]):
+        raise bad_file(
+            path, f"prompt_attention_mask shape {list(mask.shape)} does not match prompt_embeds {list(embeds.shape)}"
+        )
+    if negative.shape != embeds.shape or negative_mask.shape != mask.shape:
+        raise bad_file(
+            path, f"negative embeddings {list(negative.shape)} do not match prompt embeddings {list(embeds.shape)}"
+        )
+    text_list(path, meta, "prompts", embeds.shape[0], str)
+    model_fields(path, meta)
+    length = meta_field(path, meta, "max_sequence_length", int)
+    if embeds.shape[1] != length:
+        raise bad_file(path, f"embeddings hold {embeds.shape[1]} tokens but meta.max_sequence_length is {length}")
+    if not 1 <= length <= 4096:
+        raise bad_file(path, f"sequence length {length} is out of range (1 to 4096)")
+    return Embeddings(embeds, mask, negative, negative_mask, meta)
+
+
+def load_latents(path) -> Latents:
+    """Read and validate a latents file (internally consistent; not yet checked against a VAE)."""
+    return _latents(path, *read_pt(path, (LATENTS_FORMAT,)))
+
+
+def load_init_latents(path) -> Latents:
+    """Init latents for image to image (--init-latents): any latents file, validated as load_latents does
+    (`pixart encode-image` writes them from an image)."""
+    data, size = read_pt(
+        path, (LATENTS_FORMAT,), needed="init latents (from pixart encode-image)", argument="--init-latents"
+    )
+    return _latents(path, data, size)
+
+
+def _latents(path, data: dict, size: int) -> Latents:
+    meta = data["meta"]
+    latents = tensor_field(path, data, "latents", 4, "f", size)
+    for key in ("height", "width", "requested_height", "requested_width"):
+        value = meta_field(path, meta, key, int)
+        if value < 8 or value > 16384:
+            raise bad_file(path, f"meta.{key} is {value}; expected a size in pixels")
+    model_fields(path, meta)
+    text_list(path, meta, "seeds", latents.shape[0], int)
+    text_list(path, meta, "prompts", latents.shape[0], str)
+    scale = meta["height"] / latents.shape[2]
+    if scale != meta["width"] / latents.shape[3] or scale < 1 or math.log2(scale) % 1:
+        raise bad_file(
+            path, f"latents {list(latents.shape)} do not fit the recorded size {meta['width']}x{meta['height']}"
+        )
+    return Latents(latents, meta)

@@ -1,0 +1,340 @@
+"""Reading a file that may come from a stranger: regular files only, ``torch.load(weights_only=True)`` bounded by
+the size on disk, meta walked with a node budget, only dense tensors whose storage holds their elements."""
+
+from __future__ import annotations
+
+import math
+import os
+import stat
+
+from pixart_cli.errors import PixartError, bad_file
+from pixart_cli.files.atomic import FILE_KINDS
+from pixart_cli.files.formats import EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
+
+# A file is untrusted, whatever wrote it: the work of reading it is bounded by its size on disk and these caps.
+MAX_META_NODES = 1_000_000  # values and containers in meta (100k images need ~200k)
+
+
+MAX_META_TEXT = 64 * 2**20  # characters of text in meta, keys included
+
+
+MAX_META_DEPTH = 16  # pixart writes 3 levels
+
+
+MAX_ZIP_ENTRIES = 4096  # torch.save writes one entry per storage, plus 4
+
+
+MAX_INT = 2**63  # meta numbers beyond int64 are not ours (and str() of a huge int is slow or refused)
+
+
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+MASK_DTYPES = ("int64", "int32", "int16", "int8", "uint8", "bool")
+
+
+def empty_path_error(option: str) -> PixartError:
+    return PixartError(
+        f"{option}: the path is empty; if it came from $(pixart ...), that command failed: run it "
+        "on its own to see its error"
+    )
+
+
+def open_input(path, option: str | None = None):
+    """Open an input file for reading: (binary file object, size in bytes). Refuses, naming the file, an empty
+    path, a missing file, a folder, and anything that is not a regular file (a FIFO would block, a device
+    never ends)."""
+    text = str(path)
+    if text == "":
+        raise empty_path_error(option or "FILE")
+    try:
+        handle = os.open(text, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise bad_file(path, "no such file" + (" (a broken symbolic link)" if os.path.islink(text) else "")) from None
+    except PermissionError:
+        raise bad_file(path, "cannot read it (permission denied)") from None
+    except OSError as error:
+        raise bad_file(path, f"cannot open it ({error.strerror or type(error).__name__})") from None
+    info = os.fstat(handle)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(handle)
+        kind = next((name for test, name in FILE_KINDS if test(info.st_mode)), "not a regular file")
+        fix = "give a file" if kind == "a folder" else "pixart reads only regular files"
+        raise bad_file(path, f"is {kind}, not a file; {fix}")
+    os.set_blocking(handle, True)
+    return os.fdopen(handle, "rb"), info.st_size
+
+
+def read_pt(
+    path, expected_formats: tuple[str, ...], needed: str | None = None, argument: str | None = None
+) -> tuple[dict, int]:
+    """torch.load with weights_only=True, bounded by the file's size, then the checks common to every .pt file.
+    ``needed``: what the command needs, for the error on a file of another format (default: the file of the
+    first expected format); ``argument``: the argument that names the file."""
+    if argument is None:
+        argument = {(EMBEDDINGS_FORMAT,): "EMBEDDINGS", (LATENTS_FORMAT,): "LATENTS"}.get(expected_formats, "FILE")
+    handle, size = open_input(path, argument)
+    with handle:
+        if size == 0:
+            raise bad_file(path, "is empty (0 bytes); the command that wrote it may have failed: run it again")
+        check_archive(path, handle, size)
+        handle.seek(0)
+        import pickle
+
+        import torch
+
+        try:
+            data = torch.load(handle, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "GLOBAL" in str(error) or "Unsupported global" in str(error):  # a class or function reference
+                raise bad_file(
+                    path,
+                    "refused: it holds Python objects other than tensors, which could run code "
+                    "(only files written by pixart are read)",
+                ) from error
+            raise bad_file(path, "not a pixart .pt file (its contents are not plain tensors and values)") from error
+        except Exception as error:
+            # found struct.error, EOFError, RuntimeError ...): whatever goes wrong inside it, the file is the problem
+            raise bad_file(path, "is damaged: torch.load cannot read its contents; write it again") from error
+    if not isinstance(data, dict) or not isinstance(data.get("meta"), dict):
+        raise bad_file(path, "not a pixart .pt file (no meta dict)")
+    data = dict(data)
+    data["meta"] = plain_meta(path, data["meta"])
+    meta = data["meta"]
+    fmt, version = meta.get("format"), meta.get("version")
+    if fmt not in expected_formats:
+        kind = {
+            EMBEDDINGS_FORMAT: "an embeddings file (from pixart encode)",
+            LATENTS_FORMAT: "a latents file (from pixart denoise)",
+        }
+        if fmt in kind:
+            raise bad_file(path, f"is {kind[fmt]}, but this command needs {needed or kind[expected_formats[0]]}")
+        raise bad_file(path, f"unknown format {short(fmt)}; expected {' or '.join(expected_formats)}")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise bad_file(path, f"format version {short(version)} is not a number")
+    if version > FORMAT_VERSION:
+        raise bad_file(
+            path, f"format version {version} is newer than this pixart-cli reads ({FORMAT_VERSION}); upgrade pixart-cli"
+        )
+    if version < 1:
+        raise bad_file(path, f"format version {version} is not valid")
+    allowed = set(EMBEDDING_KEYS if fmt == EMBEDDINGS_FORMAT else ("latents",)) | {"meta"}
+    extra = sorted(str(key) for key in data if key not in allowed)
+    if extra:
+        raise bad_file(
+            path,
+            f"holds unexpected entries ({short(', '.join(extra))}); a {fmt} file holds only "
+            f"{', '.join(sorted(allowed))}",
+        )
+    return data, size
+
+
+def check_archive(path, handle, size: int) -> None:
+    """Before torch.load: the file must be the zip archive torch.save writes, with stored (uncompressed) entries
+    that together fit in the file. A deflated entry could expand a few KB into GBs; a legacy (non-zip) .pt
+    declares its storage sizes before their data, so a short file could ask for any amount of memory."""
+    import zipfile
+
+    head = handle.read(4)
+    if head != b"PK\x03\x04":
+        handle.seek(0)
+        if names_python_objects(handle.read(min(size, 1 << 20))):
+            raise bad_file(
+                path,
+                "refused: it is a raw pickle that names Python functions or classes, which could "
+                "run code (only files written by pixart are read)",
+            )
+        raise bad_file(
+            path, "not a pixart .pt file (pixart writes zip archives with torch.save; this is something else)"
+        )
+    handle.seek(0)
+    try:
+        with zipfile.ZipFile(handle) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, ValueError, EOFError, NotImplementedError) as error:
+        raise bad_file(path, "is damaged or truncated (its zip archive cannot be read); write it again") from error
+    if len(entries) > MAX_ZIP_ENTRIES:
+        raise bad_file(path, f"holds {len(entries)} archive entries; a pixart file holds a few")
+    if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries):
+        raise bad_file(path, "holds compressed entries; torch.save never compresses, so this is not a pixart file")
+    if sum(entry.file_size for entry in entries) > size:
+        raise bad_file(path, "is damaged: its archive entries claim more bytes than the file holds")
+
+
+def names_python_objects(blob: bytes) -> bool:
+    """Whether a raw pickle's opcodes name a global (the way pickles run code). Reading stops at the first error."""
+    import pickletools
+
+    try:
+        for opcode, _, _ in pickletools.genops(blob):
+            if opcode.name in ("GLOBAL", "STACK_GLOBAL", "INST", "OBJ", "REDUCE", "NEWOBJ", "NEWOBJ_EX"):
+                return True
+    except Exception:
+        return False
+    return False
+
+
+def plain_meta(path, meta) -> dict:
+    """Check that ``meta`` is a tree of plain values and return a copy, bounded in work whatever its shape.
+
+    Iterative (no recursion), at most MAX_META_NODES values, MAX_META_TEXT characters and MAX_META_DEPTH levels;
+    every container is visited once (tracked by identity): a container met twice is shared or cyclic, which
+    pixart never writes, and walking it as a tree could take 2**depth steps.
+    """
+    seen: set[int] = set()
+    nodes = text = 0
+    root: dict = {}
+    stack = [(meta, root, None, "meta", 0)]  # (value, parent copy, key in parent, where, depth)
+    while stack:
+        value, parent, key, where, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_META_NODES:
+            raise bad_file(path, f"meta holds more than {MAX_META_NODES:,} values; not a pixart file")
+        if isinstance(value, (dict, list, tuple)):
+            if id(value) in seen:
+                raise bad_file(
+                    path,
+                    f"{where} refers to a list or dict already used elsewhere (a shared or cyclic "
+                    "structure); pixart never writes that",
+                )
+            seen.add(id(value))
+            if depth >= MAX_META_DEPTH:
+                raise bad_file(path, f"meta is nested more than {MAX_META_DEPTH} levels deep; not a pixart file")
+            copy: dict | list = {} if isinstance(value, dict) else [None] * len(value)
+            if isinstance(value, dict):
+                items = []
+                for item_key, item in value.items():
+                    if not isinstance(item_key, str):
+                        raise bad_file(path, f"{where} has a key of type {type(item_key).__name__}; meta keys are text")
+                    text += len(item_key)
+                    items.append((item_key, item, f"{where}.{key_text(item_key)}"))
+            else:
+                items = [(index, item, where) for index, item in enumerate(value)]
+            for item_key, item, item_where in reversed(items):
+                stack.append((item, copy, item_key, item_where, depth + 1))
+        elif isinstance(value, str):
+            text += len(value)
+            copy = value
+        elif isinstance(value, bool) or value is None or isinstance(value, float):
+            copy = value
+        elif isinstance(value, int):
+            if not -MAX_INT <= value < MAX_INT:
+                raise bad_file(path, f"{where} holds a number beyond 64 bits; not a pixart file")
+            copy = value
+        else:
+            raise bad_file(path, f"{where} holds a {type(value).__name__}; meta may hold only plain values")
+        if text > MAX_META_TEXT:
+            raise bad_file(
+                path, f"meta holds more than {MAX_META_TEXT // 2**20} M characters of text; not a pixart file"
+            )
+        if parent is None:
+            continue
+        if key is None:
+            if not isinstance(copy, dict):
+                raise bad_file(path, "meta is not a dict")
+            root = copy
+        else:
+            parent[key] = copy
+    return root
+
+
+def short(value, limit: int = 80) -> str:
+    """A value for an error line: its repr (control characters escaped), cut to ``limit``."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def key_text(key: str) -> str:
+    return key if key.isidentifier() and len(key) <= 40 else short(key, 40)
+
+
+def tensor_field(path, data: dict, key: str, rank: int, kinds: str, file_size: int):
+    """One required tensor, checked from its metadata before anything is computed on it: a dense strided CPU
+    tensor of a plain dtype, of the given rank, whose storage holds all its elements and whose size fits in
+    the file; then non-empty and (floats) finite, or (masks) only 0 and 1. kinds: 'f' float, 'i' mask."""
+    import torch
+
+    value = data.get(key)
+    if value is None:
+        raise bad_file(path, f"missing tensor {key!r}")
+    if not isinstance(value, torch.Tensor):
+        raise bad_file(path, f"{key} is a {type(value).__name__}, not a tensor")
+    if value.layout != torch.strided:
+        raise bad_file(
+            path, f"{key} is a {str(value.layout).removeprefix('torch.')} tensor; pixart reads only dense tensors"
+        )
+    if value.is_quantized:
+        raise bad_file(
+            path,
+            f"{key} is a quantized tensor ({str(value.dtype).removeprefix('torch.')}); pixart "
+            "reads only plain float tensors",
+        )
+    if value.device.type != "cpu":
+        raise bad_file(path, f"{key} is a tensor on the {value.device.type} device, which holds no data")
+    dtype = str(value.dtype).removeprefix("torch.")
+    allowed = FLOAT_DTYPES if kinds == "f" else MASK_DTYPES
+    if dtype not in allowed:
+        expected = "a float tensor (float32, float16, bfloat16)" if kinds == "f" else "an integer mask"
+        raise bad_file(path, f"{key} has dtype {dtype}; expected {expected}")
+    if value.dim() != rank:
+        raise bad_file(path, f"{key} has shape {short(list(value.shape))}; expected {rank} dimensions")
+    shape, strides = list(value.shape), list(value.stride())
+    if 0 in shape:
+        raise bad_file(path, f"{key} is empty (shape {shape})")
+    if not is_dense(shape, strides):
+        raise bad_file(
+            path,
+            f"{key} is a strided view (shape {short(shape)}, strides {short(strides)}) whose "
+            "elements overlap or skip memory; pixart reads only dense tensors",
+        )
+    numel = math.prod(shape)
+    needed = (value.storage_offset() + numel) * value.element_size()
+    if needed > value.untyped_storage().nbytes():
+        raise bad_file(path, f"{key} claims {numel:,} elements but its storage holds fewer")
+    if numel * value.element_size() > file_size:
+        raise bad_file(path, f"{key} claims {numel:,} elements, more than the file holds")
+    if kinds == "f":
+        if not bool(torch.isfinite(value).all()):
+            raise bad_file(path, f"{key} contains NaN or inf values")
+    elif not bool(((value == 0) | (value == 1)).all()):
+        raise bad_file(path, f"{key} holds values other than 0 and 1; an attention mask is 0 or 1")
+    return value
+
+
+def is_dense(shape: list[int], strides: list[int]) -> bool:
+    """Whether sizes and strides describe every element exactly once, with no gaps (any dimension order)."""
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(shape, strides) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def meta_field(path, meta: dict, key: str, kind: type | tuple):
+    value = meta.get(key)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, (int, float))):
+        raise bad_file(path, f"meta.{key} is {short(value)}; expected {getattr(kind, '__name__', kind)}")
+    return value
+
+
+def model_fields(path, meta: dict) -> None:
+    """The model a file names (loaded from local disk only, see models.Model) and its recorded settings."""
+    for key in ("model", "family", "dtype"):
+        value = meta_field(path, meta, key, str)
+        if not value.strip() or len(value) > 4096:
+            raise bad_file(path, f"meta.{key} is {short(value)}; expected a name")
+    revision = meta.get("revision")
+    if revision is not None and (not isinstance(revision, str) or not revision.strip() or len(revision) > 256):
+        raise bad_file(path, f"meta.revision is {short(revision)}; expected a revision name or none")
+
+
+def text_list(path, meta: dict, key: str, count: int, what: str) -> list:
+    values = meta_field(path, meta, key, list)
+    if len(values) != count or not all(isinstance(value, what) for value in values):
+        raise bad_file(
+            path,
+            f"meta.{key} lists {len(values)} entries of the wrong kind for {count} "
+            f"{'prompts' if key == 'prompts' else 'images'}",
+        )
+    return values
