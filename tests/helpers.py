@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
-from pixart_cli.cli import app
+from pixart_cli.cli.commands import app
+from pixart_cli.plan import check_latents, fit_image, plan_denoise, plan_run
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
@@ -36,14 +37,26 @@ def denoised(embeddings, model=None, **settings):
     """denoise() with DenoiseSettings(**settings) on the CPU, with the model the embeddings name by default."""
     from pixart_cli.stages.denoise import denoise
 
+    init = settings.pop("init", None)
     callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports", "loras") if key in settings}
-    return denoise(embeddings, DenoiseSettings(**settings), cpu(model or embeddings.meta["model"], **callbacks))
+    ctx = cpu(model or embeddings.meta["model"], **callbacks)
+    plan = plan_denoise(
+        DenoiseSettings(**settings),
+        ctx.model,
+        embeddings.prompt_embeds.shape[0],
+        embedding_width=embeddings.prompt_embeds.shape[-1],
+        init=init,
+        loras=ctx.loras,
+    )
+    return denoise(embeddings, plan, ctx)
 
 
 def decoded(latents, model=None, batch_size=None, **callbacks):
     from pixart_cli.stages.decode import decode
 
-    return decode(latents, cpu(model or latents.meta["model"], **callbacks), batch_size=batch_size)
+    ctx = cpu(model or latents.meta["model"], **callbacks)
+    check_latents(latents, ctx.model, "latents", batch_size)
+    return decode(latents, ctx, batch_size=batch_size)
 
 
 def generated(prompts, model, **options):
@@ -56,7 +69,19 @@ def generated(prompts, model, **options):
     encode_names = {f.name for f in fields(EncodeSettings)}
     encoding = EncodeSettings(**{k: v for k, v in options.items() if k in encode_names})
     denoising = DenoiseSettings(**{k: v for k, v in options.items() if k not in encode_names})
-    return generate(prompts, encoding, denoising, cpu(model, **callbacks), decode_batch_size=denoising.batch_size)
+    ctx = cpu(model, **callbacks)
+    plan = plan_run(prompts, encoding, denoising, ctx.model, loras=ctx.loras, decode_batch_size=denoising.batch_size)
+    return generate(plan, ctx)
+
+
+def image_encoded(image_path, model, width=None, height=None, binning=True, option="IMAGE"):
+    """encode-image's stage on the CPU: the image read as the command reads it, sized by the plan."""
+    from pixart_cli.files.image_io import read_source_image
+    from pixart_cli.stages.encode_image import encode_image
+
+    ctx = cpu(model)
+    image = read_source_image(image_path, option)
+    return encode_image(image, fit_image(image, ctx.model, width, height, binning), ctx)
 
 
 def pipeline_images(model: Path, prompt, seed: int = SEED, **kwargs):

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import SEED, assert_one_line_error, encoded, invoke, run_pixart
-from pixart_cli.cli import app
+from pixart_cli.cli.commands import app
 from pixart_cli.files import staged
 
 runner = CliRunner()
@@ -26,7 +26,7 @@ def embeddings_file(tiny_model, tmp_path_factory):
 
 def test_help_does_not_import_torch_and_is_fast():
     code = (
-        "import sys, time; t = time.perf_counter(); from pixart_cli.cli import app; "
+        "import sys, time; t = time.perf_counter(); from pixart_cli.cli.commands import app; "
         "from typer.testing import CliRunner; r = CliRunner().invoke(app, ['--help']); "
         "assert r.exit_code == 0 and 'encode' in r.stdout; "
         "print('torch' in sys.modules, 'diffusers' in sys.modules)"

@@ -9,11 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import SEED, assert_one_line_error, cpu, encoded, invoke, max_diff, read_png, run_pixart
+from helpers import (
+    SEED,
+    assert_one_line_error,
+    denoised,
+    encoded,
+    image_encoded,
+    invoke,
+    max_diff,
+    read_png,
+    run_pixart,
+)
 from pixart_cli.files import image_io, staged
-from pixart_cli.settings import DenoiseSettings
-from pixart_cli.stages import encode_image
-from pixart_cli.stages.denoise import denoise
 
 PROMPT = "a cute cat"  # caption cleaning leaves it as it is, so diffusers' encode_prompt gives the same embeddings
 
@@ -82,9 +89,10 @@ def test_staged_img2img_equals_diffusers_recipe(tiny_model, source_png, schedule
     """DPM++ (the model's own) and Euler, whose init_noise_sigma is not 1: the noised start is not scaled again."""
     import diffusers
 
-    init = img2img.encode_image(image_io.read_source_image(source_png), cpu(tiny_model))
-    settings = DenoiseSettings(steps=4, seed=SEED, strength=0.6, scheduler=scheduler)
-    ours = denoise(encoded([PROMPT], tiny_model), settings, cpu(tiny_model), init=init)
+    init = image_encoded(source_png, tiny_model)
+    ours = denoised(
+        encoded([PROMPT], tiny_model), tiny_model, steps=4, seed=SEED, strength=0.6, scheduler=scheduler, init=init
+    )
 
     reference_init, reference, steps_run = diffusers_img2img(
         tiny_model, source_png, 0.6, 4, SEED, None if scheduler is None else diffusers.EulerDiscreteScheduler
@@ -156,7 +164,7 @@ def test_bad_input_exits_2_before_models_load(tiny_model, tiny_unbinned_model, s
     embeddings = tmp_path / "emb.pt"
     staged.save(embeddings, encoded([PROMPT], tiny_model))
     init = tmp_path / "init.pt"
-    staged.save(init, img2img.encode_image(image_io.read_source_image(source_png), cpu(tiny_model)))
+    staged.save(init, image_encoded(source_png, tiny_model))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (tmp_path / "unknown.png").write_bytes(b"not an image at all")
     from PIL import Image

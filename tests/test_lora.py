@@ -311,7 +311,7 @@ def test_a_lora_that_does_not_fit_exits_2_and_writes_nothing(tiny_model, transfo
     """generate (a real process) stops before T5 runs, denoise before the transformer loads: one line, no file."""
     from typer.testing import CliRunner
 
-    from pixart_cli.cli import app
+    from pixart_cli.cli.commands import app
 
     path, fragment = _bad_files(transformer, tmp_path)["wrong-shape"]
     staged.save(tmp_path / "emb.pt", encoded([PROMPT], tiny_model))

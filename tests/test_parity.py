@@ -12,7 +12,7 @@ from pixart_cli.files import staged
 CLEANED_PROMPT = "a cute cat &amp; dog, see https://example.com/cat.png"
 
 
-def staged(model, prompt, tmp_path, **denoise_options):
+def staged_run(model, prompt, tmp_path, **denoise_options):
     """encode -> file -> denoise -> file -> decode, in this process, through the stage functions."""
     embeddings = encoded([prompt], model)
     staged.save(tmp_path / "emb.pt", embeddings)
@@ -25,7 +25,7 @@ def staged(model, prompt, tmp_path, **denoise_options):
 @pytest.mark.parametrize("size", [None, (200, 144)], ids=["native", "binned-200x144"])
 def test_staged_equals_pipeline(tiny_model, tmp_path, size):
     options = {} if size is None else {"width": size[0], "height": size[1]}
-    ours, latents = staged(tiny_model, CLEANED_PROMPT, tmp_path, steps=3, **options)
+    ours, latents = staged_run(tiny_model, CLEANED_PROMPT, tmp_path, steps=3, **options)
     reference = pipeline_images(tiny_model, CLEANED_PROMPT, num_inference_steps=3, **options)
     assert max_diff(ours, reference) <= 1
     if size is not None:
@@ -36,7 +36,7 @@ def test_staged_equals_pipeline(tiny_model, tmp_path, size):
 
 
 def test_unbinned_model_and_guidance_off(tiny_unbinned_model, tmp_path):
-    ours, latents = staged(tiny_unbinned_model, "a red chair", tmp_path, steps=2, guidance_scale=1.0)
+    ours, latents = staged_run(tiny_unbinned_model, "a red chair", tmp_path, steps=2, guidance_scale=1.0)
     reference = pipeline_images(
         tiny_unbinned_model, "a red chair", num_inference_steps=2, guidance_scale=1.0, use_resolution_binning=False
     )

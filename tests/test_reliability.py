@@ -267,7 +267,7 @@ def test_a_failure_between_images_says_what_was_written(failure, code, fragment,
             raise failure
         return real_save(path, *args, **kwargs)
 
-    monkeypatch.setattr(artifacts, "save_image", save_image)
+    monkeypatch.setattr(image_io, "save_image", save_image)
     result = invoke("decode", files["lat"], "-o", "lat.png", cwd=tmp_path)
     assert result.exit_code == code
     written = result.stdout.splitlines()

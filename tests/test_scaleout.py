@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from helpers import max_diff, read_png
-from pixart_cli.cli import app
+from pixart_cli.cli.commands import app
 from pixart_cli.scale import manifest
 from pixart_cli.scale.job import Ranks, passes
 

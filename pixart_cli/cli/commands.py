@@ -204,7 +204,7 @@ def denoise(
             embedding_width=loaded.prompt_embeds.shape[-1],
             embeddings_name=str(embeddings),
             init=init,
-            init_name=str(init_latents),
+            init_name="--init-latents" if init_latents is None else str(init_latents),
             loras=loras,
         )
         # 2. Resolve once, run, write
