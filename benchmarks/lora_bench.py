@@ -117,6 +117,7 @@ def run(size: str, rank: int, repeat: int, device: str) -> dict:
 
     from safetensors.torch import load_file, save_file
 
+    from pixart_cli.files import lora_file
     from pixart_cli.models import lora
 
     base = build(size, device)
@@ -130,7 +131,7 @@ def run(size: str, rank: int, repeat: int, device: str) -> dict:
         # 1. Fused: read the file as pixart does (sha256 included), check it, W += scale * alpha/rank * B @ A once.
         fused_model = copy.deepcopy(base)
         started = clock()
-        weights = lora.read_lora(lora.LoraSpec(path, 1.0))
+        weights = lora_file.read_lora(lora_file.LoraSpec(path, 1.0))
         lora.check_lora(weights, fused_model)
         lora.apply_loras(fused_model, [weights])
         fused_load = clock() - started

@@ -1,12 +1,9 @@
-"""The run context (device, dtype, VRAM budget, model, callbacks) resolved once at the edge; quiet libraries;
-freeing a stage's model before the next one loads."""
+"""The run context (device, dtype, VRAM budget, model, callbacks) resolved once at the edge; freeing a stage's
+model before the next one loads. Nothing here changes process-wide state: that is the edge's (``process``)."""
 
 from __future__ import annotations
 
 import gc
-import logging
-import os
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -18,30 +15,6 @@ Progress = Callable[[str, int, int], None]
 Log = Callable[[str], None]
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-def quiet_libraries() -> None:
-    """Silence diffusers', transformers' and the hub's progress bars and advisory warnings (we show our own)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # Only the libraries' own advisory warnings; a warning from our code or the user's still shows.
-    for module in ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate", "bitsandbytes", "ray"):
-        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
-        warnings.filterwarnings("ignore", category=UserWarning, module=module)
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
-    logging.getLogger("torch").setLevel(logging.ERROR)
-    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; our own line says it all
-
-
-def lean_imports(quantized: bool = False) -> None:
-    """Keep bitsandbytes (unless a stage quantizes) and peft out of this process: see facade.keep_out.
-    Call before importing diffusers or transformers."""
-    from pixart_cli.models.facade import keep_out
-
-    keep_out(quantized=quantized)
 
 
 def check_device(device: str) -> str:
@@ -74,7 +47,8 @@ class RunContext:
     progress: Progress | None = None
     log: Log | None = None
     reports: list | None = field(default=None)
-    loras: tuple = ()  # lora.LoraWeights, read at the edge; fused into the transformer where it loads (denoise)
+    loras: tuple = ()  # lora_file.LoraWeights, read at the edge; fused into the transformer where it loads (denoise)
+    settle: Callable[[], None] | None = None  # after each stage's collection (the edge passes process.settle)
 
     @classmethod
     def resolve(
@@ -94,7 +68,6 @@ class RunContext:
         if vram is not None and torch_device.type != "cuda":
             # budgets are for CUDA memory; CPU and MPS share system RAM
             context.note(f"--vram {vram / 2**30:g}GB is ignored on {torch_device.type.upper()}")
-        gc.freeze()  # torch is imported now: its objects stay for the process's life (see free)
         return context
 
     def with_model(self, model: Model) -> RunContext:
@@ -124,7 +97,7 @@ class RunContext:
         return Meter(stage, self.device)
 
     def free(self) -> None:
-        free(self.device)
+        free(self.device, self.settle)
 
 
 def resolve_device(device: str):
@@ -164,13 +137,11 @@ def dtype_name(dtype) -> str:
     return {v: k for k, v in DTYPES.items()}[str(dtype).removeprefix("torch.")]
 
 
-def free(device) -> None:
+def free(device, settle: Callable[[], None] | None = None) -> None:
     """Return a dropped model's memory to the device, so the next stage starts from zero."""
     gc.collect()  # a model in reference cycles (diffusers' hook registries point back at their module)
-    # What survives is the process's lasting state (imported modules, settings): frozen, it is never scanned
-    # again, so the next stage's collection looks only at what that stage made. A full collection over
-    # torch's and diffusers' objects took 0.19 s each time (3 times in a CPU `generate` of the tiny model).
-    gc.freeze()
+    if settle is not None:
+        settle()
     if device.type == "cuda":
         import torch
 

@@ -31,3 +31,21 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_unbinned_model(tmp_path_factory) -> Path:
     """sample_size 8 (64 px): no bin table exists, so the pipeline must run without binning."""
     return random_model.build(tmp_path_factory.mktemp("tiny8") / "model", "tiny", sample_size=8)
+
+
+def pytest_collection_modifyitems(items):
+    """The slow classes, marked so that `python -m pytest -m "not slow"` runs the fast set while developing (make
+    test runs everything): Ray and torchrun start clusters and process groups, the fuzz runs many cases."""
+    for item in items:
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        kinds = []
+        if "torchrun" in name:
+            kinds.append("torchrun")
+        if "ray" in name.split("_"):
+            kinds.append("ray")
+        if getattr(getattr(item, "obj", None), "is_hypothesis_test", False):
+            kinds.append("fuzz")
+        for kind in kinds:
+            item.add_marker(getattr(pytest.mark, kind))
+        if kinds:
+            item.add_marker(pytest.mark.slow)

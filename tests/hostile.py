@@ -154,6 +154,7 @@ def _serve() -> None:
     from pixart_cli.errors import PixartError
     from pixart_cli.files import staged
     from pixart_cli.models.cache import EmbeddingCache
+    from pixart_cli.record import RunRecord
 
     with open("/proc/self/status") as status:
         size = int(status.read().split("VmSize:")[1].split()[0]) * 1024
@@ -171,8 +172,10 @@ def _serve() -> None:
         path = request["path"]
         try:
             if request["loader"] == "cache":
-                settings = request["settings"]
-                cache = EmbeddingCache(request["folder"], settings, request["width"], torch.float32)
+                settings = dict(request["settings"])
+                text_encoder = {**settings.pop("text_encoder"), "d_model": request["width"]}
+                made = RunRecord(text_encoder_precision=settings.pop("precision"), **settings)
+                cache = EmbeddingCache(request["folder"], made, text_encoder, torch.float32)
                 os.replace(path, cache.path(request["prompt"]))
                 answer = {"outcome": "miss" if cache.get(request["prompt"]) is None else "hit"}
             else:

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from helpers import SEED, assert_one_line_error, decoded, denoised, encoded, generated, invoke, max_diff
-from pixart_cli import random_model
-from pixart_cli.files import image_io, staged
+from pixart_cli import random_model, record
+from pixart_cli.files import staged
 from pixart_cli.models.source import Model
 
 PROMPT = "a small house by the lake"
@@ -202,7 +202,7 @@ def test_step_cache_is_opt_in_recorded_and_exact_when_it_skips_nothing(tiny_mode
     # each batch starts its own cache: image 2 alone equals image 2 of a batch of both
     both = denoised(embeddings, steps=8, seed=SEED, step_cache="taylorseer:2")
     assert torch.allclose(both.latents, forecast.latents, rtol=1e-4, atol=1e-3)  # batching: float order only
-    _, settings = image_io.image_metadata(forecast.meta, 0)
+    _, settings = record.image_metadata(record.RunRecord.from_meta(forecast.meta), 0)
     assert settings["step_cache"] == "taylorseer:2"
     # with 4 steps TaylorSeer runs every one in full: not applied, not recorded
     assert denoised(embeddings, steps=4, seed=SEED, step_cache="taylorseer:2").meta["step_cache"] is None

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from helpers import denoised, encoded, max_diff, read_png, run_pixart
 from pixart_cli import random_model
 from pixart_cli.errors import PixartError
-from pixart_cli.files import image_io, staged
+from pixart_cli.files import image_io, lora_file, staged
 from pixart_cli.models import lora, memory
 
 PROMPT = "a cute cat"
@@ -133,7 +133,7 @@ def assert_state_close(ours: dict, reference: dict):
 def test_each_naming_fuses_to_the_hand_merge(transformer, tmp_path, naming, alpha, metadata_alpha, expected_alpha):
     weights = random_lora(transformer, rank=4, seed=1)
     path = write_lora(tmp_path / "style.safetensors", weights, naming, alpha, metadata_alpha)
-    loaded = lora.read_lora(lora.parse_lora_spec(f"{path}:0.7"))
+    loaded = lora_file.read_lora(lora_file.parse_lora_spec(f"{path}:0.7"))
     assert loaded.scale == 0.7 and len(loaded.modules) == len(LAYERS)
     assert {m.alpha for m in loaded.modules.values()} == {expected_alpha}
     assert_state_close(fused(transformer, [loaded]), hand_merged(transformer, [(weights, expected_alpha, 0.7)]))
@@ -145,7 +145,7 @@ def test_peft_save_pretrained_alpha_comes_from_its_adapter_config(transformer, t
     weights = random_lora(transformer, rank=4, seed=8)
     path = write_lora(tmp_path / "adapter_model.safetensors", weights, "peft")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "peft_type": "LORA"}))
-    loaded = lora.read_lora(lora.LoraSpec(path))
+    loaded = lora_file.read_lora(lora_file.LoraSpec(path))
     assert loaded.alpha_source == "adapter_config.json" and {m.alpha for m in loaded.modules.values()} == {8.0}
     assert_state_close(fused(transformer, [loaded]), hand_merged(transformer, [(weights, 8.0, 1.0)]))
 
@@ -153,8 +153,10 @@ def test_peft_save_pretrained_alpha_comes_from_its_adapter_config(transformer, t
 def test_two_loras_at_different_scales_add_up(transformer, tmp_path):
     first, second = random_lora(transformer, 4, seed=2), random_lora(transformer, 8, seed=3, layers=LAYERS[2:])
     loras = [
-        lora.read_lora(lora.LoraSpec(write_lora(tmp_path / "a.safetensors", first, "diffusers", 4.0), 0.8)),
-        lora.read_lora(lora.LoraSpec(write_lora(tmp_path / "b.safetensors", second, "onetrainer", 2.0), -0.5)),
+        lora_file.read_lora(lora_file.LoraSpec(write_lora(tmp_path / "a.safetensors", first, "diffusers", 4.0), 0.8)),
+        lora_file.read_lora(
+            lora_file.LoraSpec(write_lora(tmp_path / "b.safetensors", second, "onetrainer", 2.0), -0.5)
+        ),
     ]
     reference = hand_merged(transformer, [(first, 4.0, 0.8), (second, 2.0, -0.5)])
     assert_state_close(fused(transformer, loras), reference)
@@ -163,8 +165,8 @@ def test_two_loras_at_different_scales_add_up(transformer, tmp_path):
 def test_streamed_plan_equals_resident_plan_with_loras(tiny_model, transformer, tmp_path, monkeypatch):
     """Fused before diffusers' group offloading: the streamed transformer gives the same latents."""
     loras = [
-        lora.read_lora(
-            lora.LoraSpec(write_lora(tmp_path / "a.safetensors", random_lora(transformer, 4, 4), "diffusers"), 0.6)
+        lora_file.read_lora(
+            lora_file.LoraSpec(write_lora(tmp_path / "a.safetensors", random_lora(transformer, 4, 4), "diffusers"), 0.6)
         )
     ]
     embeddings = encoded([PROMPT], tiny_model)
@@ -283,7 +285,7 @@ def test_bad_loras_are_refused_before_the_weights_load(tiny_model, transformer, 
     skeleton = memory.meta_model(type(transformer).from_config, transformer.config, torch.float32)
     for name, (path, fragment) in _bad_files(transformer, tmp_path).items():
         with pytest.raises(PixartError) as caught:
-            lora.check_lora(lora.read_lora(lora.LoraSpec(path)), skeleton)
+            lora.check_lora(lora_file.read_lora(lora_file.LoraSpec(path)), skeleton)
         assert fragment in str(caught.value), name
         assert caught.value.exit_code == 2 and "\n" not in str(caught.value)
 
@@ -298,13 +300,15 @@ def test_bad_loras_are_refused_before_the_weights_load(tiny_model, transformer, 
 def test_bad_lora_values(text, fragment, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(PixartError, match=fragment):
-        lora.read_lora(lora.parse_lora_spec(text))
+        lora_file.read_lora(lora_file.parse_lora_spec(text))
 
 
 def test_parse_lora_spec():
-    assert lora.parse_lora_spec("a.safetensors") == lora.LoraSpec(__import__("pathlib").Path("a.safetensors"), 1.0)
-    assert lora.parse_lora_spec("dir/a.safetensors:-0.25").scale == -0.25
-    assert str(lora.parse_lora_spec("C:\\loras\\a.safetensors").path) == "C:\\loras\\a.safetensors"
+    assert lora_file.parse_lora_spec("a.safetensors") == lora_file.LoraSpec(
+        __import__("pathlib").Path("a.safetensors"), 1.0
+    )
+    assert lora_file.parse_lora_spec("dir/a.safetensors:-0.25").scale == -0.25
+    assert str(lora_file.parse_lora_spec("C:\\loras\\a.safetensors").path) == "C:\\loras\\a.safetensors"
 
 
 def test_a_lora_that_does_not_fit_exits_2_and_writes_nothing(tiny_model, transformer, tmp_path, monkeypatch):
@@ -350,11 +354,11 @@ def test_the_memory_plan_counts_the_moment_of_fusing():
         "transformer_blocks.0.attn1.to_q": (torch.zeros(rank, 1152), torch.zeros(1152, rank)),
         "transformer_blocks.3.ff.net.0.proj": (torch.zeros(rank, 1152), torch.zeros(4608, rank)),
     }
-    adapter = lora.LoraWeights(
+    adapter = lora_file.LoraWeights(
         __import__("pathlib").Path("x.safetensors"),
         "0" * 64,
         1.0,
         "peft",
-        {f"transformer.{k}": lora.LoraModule(d, u, 4.0) for k, (d, u) in weights.items()},
+        {f"transformer.{k}": lora_file.LoraModule(d, u, 4.0) for k, (d, u) in weights.items()},
     )
     assert lora.fuse_peak_bytes(skeleton, [adapter]) == 2 * 4 * 4608 * 1152 + 4 * rank * (1152 + 4608)  # 42.5 MB

@@ -469,16 +469,15 @@ def test_output_folders_one_rule_for_every_command(tiny_model, files, tmp_path):
     assert failed.exit_code == 2 and not (tmp_path / "never").exists()
 
 
-def test_a_signal_while_an_output_is_placed_takes_effect_after_it_is_reported(monkeypatch):
-    """The race an outside try-out hit: SIGINT between a file's rename and its report made the line say that no
-    output was written. Inside signals_deferred the signal waits for the end of the block."""
-    from pixart_cli import errors
+def test_a_signal_while_an_output_is_placed_takes_effect_after_it_is_reported():
+    """A SIGINT between a file's rename and its report must not make the line say that no output was written:
+    inside GUARD.deferred() the signal waits for the end of the block."""
+    from pixart_cli.signals import SignalGuard
 
-    for name, value in (("_stopping", False), ("_last_raised", float("-inf")), ("_pending", None)):
-        monkeypatch.setattr(errors, name, value)  # restored after: errors.leave() reads _stopping
+    guard = SignalGuard()  # a fresh guard: the process's own stays as it is
     reported = []
     with pytest.raises(KeyboardInterrupt):
-        with errors.signals_deferred():
-            errors.on_signal(signal.SIGINT, None)
+        with guard.deferred():
+            guard.on_signal(signal.SIGINT, None)
             reported.append("out.png")  # still runs: the signal waits
-    assert reported == ["out.png"] and errors._pending is None
+    assert reported == ["out.png"] and guard.pending is None and guard.stopping

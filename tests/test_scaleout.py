@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 from helpers import max_diff, read_png
 from pixart_cli.cli.commands import app
 from pixart_cli.scale import manifest
-from pixart_cli.scale.job import Ranks, passes
+from pixart_cli.scale.job import passes
+from pixart_cli.scale.launch import Ranks
 
 PROMPTS = "a red cube\na blue sphere\n"
 COMMON = ["--seed", "7", "--steps", "2", "--device", "cpu"]  # 2 prompts x 2 images = 4 images, 256 px

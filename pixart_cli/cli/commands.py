@@ -1,97 +1,18 @@
-"""The `pixart` commands: parse options, call a stage function, print. No torch at import time."""
+"""The `pixart` commands: parse options, call a stage function, print. No torch at import time.
+
+Each command is the same recipe: 1. every option, path and input file checked, and the run planned, before a
+model loads; 2. the run context resolved once; 3. the stage run; 4. the outputs written and reported.
+"""
 
 from __future__ import annotations
 
-from typing import Optional
-
-from pixart_cli import record
-from pixart_cli.cli import options
+from pixart_cli.cli import options, shared
 from pixart_cli.cli.app import app
 from pixart_cli.cli.edge import run_command
 from pixart_cli.cli.output import Output, info_table
 from pixart_cli.cli.prompts_file import read_prompts
-from pixart_cli.errors import (
-    PixartError,
-    signals_deferred,
-)
-
-
-def _context(
-    out: Output, model, device: str, dtype: str, budget: Optional[int], report_memory: bool, loras: tuple = ()
-):
-    """The one run context of a command: device and dtype resolved once, the parsed --vram budget, the model, the
-    LoRAs, and the output sink's progress, notes and memory reports."""
-    from pixart_cli.runtime import RunContext
-
-    return RunContext.resolve(
-        model,
-        device,
-        dtype,
-        budget,
-        progress=out.progress,
-        log=out.note,
-        reports=[] if report_memory else None,
-        loras=loras,
-    )
-
-
-def _loras(values: Optional[list[str]]) -> tuple:
-    """--lora values, parsed and read (each checked on its own; against the model later, before weights load)."""
-    from pixart_cli.models.lora import parse_lora_spec, read_lora
-
-    return tuple(read_lora(parse_lora_spec(value)) for value in values or ())
-
-
-def _new_model(model: Optional[str], revision: Optional[str]):
-    """--model (default: $PIXART_MODEL, else the default checkpoint) at --revision."""
-    from pixart_cli.models.source import Model, default_model
-
-    return Model(default_model() if model is None else model, revision)
-
-
-def _check_common(device: str, dtype: str, vram: Optional[str]) -> Optional[int]:
-    """Device and dtype words checked before torch loads (resolved later, once, in the run context); returns the
-    parsed --vram budget in bytes (None: auto)."""
-    from pixart_cli.models.memory import parse_vram
-    from pixart_cli.runtime import check_device, check_dtype
-
-    check_device(device)
-    check_dtype(dtype)
-    return parse_vram(vram)
-
-
-def _targets(out: Output, output: str, count: int, kind: str, inputs: tuple = (), overwrite: bool = True) -> list:
-    """Where the outputs go (artifacts owns the rule), checked before any work; the count is recorded so that a
-    failure half-way can say how many were written."""
-    from pixart_cli.files import output_paths
-
-    targets = output_paths.output_targets(
-        output, count, kind, inputs=inputs, overwrite=overwrite, allow_stdout=not out.as_json
-    )
-    out.planned = len(targets)
-    return targets
-
-
-def _write_images(out: Output, images: list, meta: dict, targets: list, overwrite: bool) -> None:
-    from pixart_cli.files import image_io
-
-    requests = [
-        (path, image, *record.image_metadata(record.RunRecord.from_meta(meta), index))
-        for index, (image, path) in enumerate(zip(images, targets))
-    ]
-    image_io.save_images(requests, overwrite, lambda index, path: out.wrote(path))
-
-
-def _finish(out: Output, ctx) -> None:
-    """After the work: the memory reports asked for with --report-memory."""
-    _finish_reports(out, ctx.reports)
-
-
-def _finish_reports(out: Output, reports: Optional[list]) -> None:
-    if reports is not None:
-        for report in reports:
-            out.note(report.describe())
-        out.record["memory"] = [report.as_dict() for report in reports]
+from pixart_cli.errors import PixartError
+from pixart_cli.signals import GUARD
 
 
 @app.command(short_help="Prompts → embeddings.pt (loads only T5).")
@@ -123,16 +44,16 @@ def encode(
         from pixart_cli.stages.encode import encode
 
         # 1. Every option and path, before torch or a model loads
-        budget = _check_common(device, dtype, vram)
+        budget = shared.check_common(device, dtype, vram)
         texts = read_prompts(prompts, prompts_file)
         settings = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
-        (target,) = _targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
+        (target,) = shared.targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
         # 2. Resolve once, run, write
-        ctx = _context(out, _new_model(model, revision), device, dtype, budget, report_memory)
+        ctx = shared.context(out, shared.new_model(model, revision), device, dtype, budget, report_memory)
         embeddings = encode(texts, settings, ctx)
-        with signals_deferred():  # placed and reported together
+        with GUARD.deferred():  # placed and reported together
             out.wrote(staged.save(target, embeddings, overwrite=not no_overwrite))
-        _finish(out, ctx)
+        shared.finish(out, ctx)
 
     run_command(out, work, quantized=text_encoder_precision != "full")
 
@@ -176,7 +97,7 @@ def denoise(
         from pixart_cli.stages.denoise import denoise
 
         # 1. Every option and path, then the input files and the plan, before a model loads
-        budget = _check_common(device, dtype, vram)
+        budget = shared.check_common(device, dtype, vram)
         settings = DenoiseSettings(
             steps,
             guidance_scale,
@@ -192,10 +113,10 @@ def denoise(
             step_cache,
         )
         inputs = (embeddings,) if init_latents is None else (embeddings, init_latents)
-        (target,) = _targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
+        (target,) = shared.targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
         loaded = staged.load_embeddings(embeddings)
         init = None if init_latents is None else staged.load_init_latents(init_latents)
-        loras = _loras(lora)
+        loras = shared.loras(lora)
         source = model_for_file(model, revision, loaded.meta, embeddings)
         planned = plan_denoise(
             settings,
@@ -208,12 +129,12 @@ def denoise(
             loras=loras,
         )
         # 2. Resolve once, run, write
-        ctx = _context(out, source, device, dtype, budget, report_memory, loras)
+        ctx = shared.context(out, source, device, dtype, budget, report_memory, loras)
         latents = denoise(loaded, planned, ctx)
         out.record["seeds"] = latents.meta["seeds"]
-        with signals_deferred():  # placed and reported together
+        with GUARD.deferred():  # placed and reported together
             out.wrote(staged.save(target, latents, overwrite=not no_overwrite))
-        _finish(out, ctx)
+        shared.finish(out, ctx)
 
     run_command(out, work)
 
@@ -243,16 +164,16 @@ def decode(
         from pixart_cli.stages.decode import decode
 
         # 1. Every option and path, then the input file against the VAE's config, before a model loads
-        budget = _check_common(device, dtype, vram)
+        budget = shared.check_common(device, dtype, vram)
         loaded = staged.load_latents(latents)
-        targets = _targets(out, output, loaded.latents.shape[0], "image", (latents,), overwrite=not no_overwrite)
+        targets = shared.targets(out, output, loaded.latents.shape[0], "image", (latents,), overwrite=not no_overwrite)
         source = model_for_file(model, revision, loaded.meta, latents)
         check_latents(loaded, source, str(latents), batch_size)
         # 2. Resolve once, run, write
-        ctx = _context(out, source, device, dtype, budget, report_memory)
+        ctx = shared.context(out, source, device, dtype, budget, report_memory)
         images = decode(loaded, ctx, batch_size=batch_size)
-        _write_images(out, images, loaded.meta, targets, not no_overwrite)
-        _finish(out, ctx)
+        shared.write_images(out, images, loaded.meta, targets, not no_overwrite)
+        shared.finish(out, ctx)
 
     run_command(out, work)
 
@@ -284,18 +205,18 @@ def encode_image(
         from pixart_cli.stages.encode_image import encode_image
 
         # 1. Every option and path, the image itself, then the sizes on the model's configs, before a model loads
-        budget = _check_common(device, dtype, vram)
+        budget = shared.check_common(device, dtype, vram)
         check_size_options(width, height)
-        (target,) = _targets(out, output, 1, "init latents", (image,), overwrite=not no_overwrite)
+        (target,) = shared.targets(out, output, 1, "init latents", (image,), overwrite=not no_overwrite)
         source_image = image_io.read_source_image(image)
-        source = _new_model(model, revision)
+        source = shared.new_model(model, revision)
         sizes = fit_image(source_image, source, width, height, not no_binning)
         # 2. Resolve once, run, write
-        ctx = _context(out, source, device, dtype, budget, report_memory)
+        ctx = shared.context(out, source, device, dtype, budget, report_memory)
         init = encode_image(source_image, sizes, ctx)
-        with signals_deferred():  # placed and reported together
+        with GUARD.deferred():  # placed and reported together
             out.wrote(staged.save(target, init, overwrite=not no_overwrite))
-        _finish(out, ctx)
+        shared.finish(out, ctx)
 
     run_command(out, work)
 
@@ -341,14 +262,15 @@ def generate(
     out = Output("generate", quiet, json)
 
     def work():
+        from pixart_cli import process
         from pixart_cli.files import image_io
         from pixart_cli.generate import generate
         from pixart_cli.plan import plan_run, with_init_size
-        from pixart_cli.scale import job
+        from pixart_cli.scale import job, launch, run
         from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
         # 1. Every option and path, before torch or a model loads
-        budget = _check_common(device, dtype, vram)
+        budget = shared.check_common(device, dtype, vram)
         texts = read_prompts(prompts, prompts_file)
         encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         denoising = DenoiseSettings(
@@ -366,7 +288,7 @@ def generate(
             step_cache,
         )
         # --resume skips the complete images that are there; only those it makes again must be new
-        targets = _targets(
+        targets = shared.targets(
             out,
             output,
             len(texts) * num_images,
@@ -376,18 +298,18 @@ def generate(
         )
         if image is None:
             with_init_size(denoising, None, option="--image")  # --strength alone is refused here
-        elif job.applies(output, resume, ray, ray_address):
+        elif launch.applies(output, resume, ray, ray_address):
             raise PixartError(
                 "--image: image to image runs in one process only; write to a file, not -o DIR/, and "
                 "leave out --resume and --ray"
             )
         source_image = None if image is None else image_io.read_source_image(image, "--image")
-        source = _new_model(model, revision)
-        loras = _loras(lora)
-        if job.applies(output, resume, ray, ray_address):  # -o DIR/, several processes, --resume or --ray
+        source = shared.new_model(model, revision)
+        loras = shared.loras(lora)
+        if launch.applies(output, resume, ray, ray_address):  # -o DIR/, several processes, --resume or --ray
             # The seed is agreed between processes there; each process resolves its own device.
-            callbacks = job.Callbacks(out.wrote, out.note, out.progress, [] if report_memory else None)
-            summary = job.generate_images(
+            callbacks = job.Callbacks(out.wrote, out.note, out.progress, [] if report_memory else None, process.settle)
+            summary = run.generate_images(
                 texts,
                 output=output,
                 encoding=encoding,
@@ -402,17 +324,17 @@ def generate(
             )
             if summary is not None:
                 out.note(summary.describe(), summary=summary.as_dict())
-            _finish_reports(out, callbacks.reports)
+            shared.finish_reports(out, callbacks.reports)
             return
         # 2. Plan the whole run, resolve once, run the three stages, write
         planned = plan_run(
             texts, encoding, denoising, source, image=source_image, loras=loras, decode_batch_size=batch_size
         )
-        ctx = _context(out, source, device, dtype, budget, report_memory, loras)
+        ctx = shared.context(out, source, device, dtype, budget, report_memory, loras)
         images, meta = generate(planned, ctx)
         out.record["seeds"] = meta["seeds"]
-        _write_images(out, images, meta, targets, not no_overwrite)
-        _finish(out, ctx)
+        shared.write_images(out, images, meta, targets, not no_overwrite)
+        shared.finish(out, ctx)
 
     run_command(out, work, quantized=text_encoder_precision != "full")
 

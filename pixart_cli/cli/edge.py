@@ -32,10 +32,10 @@ class Outcome:
 def run_command(out: Output, work: Callable[[], None], quantized: bool = False) -> None:
     """Run one command's work; turn every failure into one line and an exit code (traceback: PIXART_DEBUG=1)."""
     debug = os.environ.get("PIXART_DEBUG") == "1"
-    from pixart_cli import runtime
+    from pixart_cli import process
 
-    runtime.quiet_libraries()
-    runtime.lean_imports(quantized)
+    process.quiet_libraries()
+    process.lean_imports(quantized)
     try:
         work()
         out.close()

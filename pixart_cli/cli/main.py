@@ -5,7 +5,6 @@ parser runs outside Typer's standalone mode, so that its errors end as ours do."
 
 from __future__ import annotations
 
-import signal
 import sys
 from typing import Optional
 
@@ -13,10 +12,10 @@ from typing import Optional
 def main(args: Optional[list[str]] = None) -> None:
     """Console-script entry point: a bad value, an unknown option, a missing argument end as our errors do (one
     line, exit 2, and with --json the JSON error document on stdout)."""
-    from pixart_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Terminated, leave, on_signal
+    from pixart_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, Terminated
+    from pixart_cli.signals import GUARD
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    GUARD.install()
     try:
         _parse_and_run(args)
     except (KeyboardInterrupt, Terminated) as error:  # while importing the commands
@@ -28,7 +27,7 @@ def main(args: Optional[list[str]] = None) -> None:
         Output("pixart", as_json="--json" in sys.argv[1:]).error(
             f"{'interrupted' if sigint else 'terminated'}; no output was written", code
         )
-        leave(code)
+        GUARD.leave(code)
 
 
 def _parse_and_run(args: Optional[list[str]]) -> None:
@@ -37,7 +36,8 @@ def _parse_and_run(args: Optional[list[str]]) -> None:
     from pixart_cli.cli.commands import app
     from pixart_cli.cli.edge import Outcome, asks_json, failure, parser_failure
     from pixart_cli.cli.output import Output
-    from pixart_cli.errors import EXIT_RUNTIME, Terminated, ignore_signals, leave, stopped
+    from pixart_cli.errors import EXIT_RUNTIME, Terminated
+    from pixart_cli.signals import GUARD
 
     Outcome.completed = Outcome.reported = False
     args = sys.argv[1:] if args is None else list(args)
@@ -66,12 +66,12 @@ def _parse_and_run(args: Optional[list[str]]) -> None:
             Outcome.reported = True
     if Outcome.completed:
         code = 0  # a signal after the work and its output completed interrupted nothing
-        ignore_signals()  # nor may one during the interpreter's exit
-    elif stopped() and not Outcome.reported:
+        GUARD.ignore()  # nor may one during the interpreter's exit
+    elif GUARD.stopping and not Outcome.reported:
         # Typer's own handler turned a SIGINT during start-up into exit 130 without a word
         code, message = failure(KeyboardInterrupt())
         Output("pixart", as_json=asks_json(args)).error(message, code)
-    leave(code)
+    GUARD.leave(code)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ def read_prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> l
     if prompts_file == "":
         raise PixartError("--prompts-file: the path is empty; give a file of prompts, one per line (- reads stdin)")
     if prompts_file == "-":
-        from pixart_cli.scale.job import Ranks
+        from pixart_cli.scale.launch import Ranks
 
         world_size = Ranks.from_env().world_size
         if world_size > 1:

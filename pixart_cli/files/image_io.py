@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pixart_cli.errors import PixartError, bad_file, detail, signals_deferred
+from pixart_cli.errors import PixartError, bad_file, detail
 from pixart_cli.files.atomic import STDOUT, atomic_path, is_stdout, json_safe, plain, write_stdout
 from pixart_cli.files.untrusted import empty_path_error, open_input, plain_meta
+from pixart_cli.signals import GUARD
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 
@@ -77,7 +78,7 @@ def save_images(images: list[tuple], overwrite: bool = True, on_written=None) ->
     if len(images) <= 1 or any(is_stdout(item[0]) for item in images):
         paths = []
         for index, item in enumerate(images):
-            with signals_deferred():  # placed and reported together
+            with GUARD.deferred():  # placed and reported together
                 paths.append(save_image(*item, overwrite=overwrite))
                 if on_written is not None:
                     on_written(index, paths[-1])

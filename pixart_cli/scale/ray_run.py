@@ -241,17 +241,17 @@ class GenerateActor:
         denoising: DenoiseSettings,
         run: RunOptions,
     ):
-        from pixart_cli import runtime
+        from pixart_cli import process
         from pixart_cli.models.source import Model
 
-        runtime.quiet_libraries()
-        runtime.lean_imports(encoding.precision != "full")
+        process.quiet_libraries()
+        process.lean_imports(encoding.precision != "full")
         self.job, self.seed, self.encoding, self.denoising = job, seed, encoding, denoising
         # pixart's own errors go back as data with the unit's results: raised, Ray Data would hand the driver only
         # its "UDF failed to process a data block", without the one-line message or the exit code.
         self.failure: PixartError | None = None
         try:
-            self.ctx = run.context(Model(*model), Callbacks(None, None, None, None))
+            self.ctx = run.context(Model(*model), Callbacks(None, None, None, None, process.settle))
         except PixartError as error:
             self.failure = error
 

@@ -1,0 +1,88 @@
+"""The steps every command shares: options into values, the run context, where outputs go, writing images."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pixart_cli import record
+from pixart_cli.cli.output import Output
+
+
+def context(out: Output, model, device: str, dtype: str, budget: Optional[int], report_memory: bool, loras: tuple = ()):
+    """The one run context of a command: device and dtype resolved once, the parsed --vram budget, the model, the
+    LoRAs, and the output sink's progress, notes and memory reports."""
+    from pixart_cli import process
+    from pixart_cli.runtime import RunContext
+
+    context = RunContext.resolve(
+        model,
+        device,
+        dtype,
+        budget,
+        progress=out.progress,
+        log=out.note,
+        reports=[] if report_memory else None,
+        loras=loras,
+        settle=process.settle,
+    )
+    process.settle()  # torch is imported now: its objects stay for the process's life
+    return context
+
+
+def loras(values: Optional[list[str]]) -> tuple:
+    """--lora values, parsed and read (each checked on its own; against the model later, before weights load)."""
+    from pixart_cli.files.lora_file import parse_lora_spec, read_lora
+
+    return tuple(read_lora(parse_lora_spec(value)) for value in values or ())
+
+
+def new_model(model: Optional[str], revision: Optional[str]):
+    """--model (default: $PIXART_MODEL, else the default checkpoint) at --revision."""
+    from pixart_cli.models.source import Model, default_model
+
+    return Model(default_model() if model is None else model, revision)
+
+
+def check_common(device: str, dtype: str, vram: Optional[str]) -> Optional[int]:
+    """Device and dtype words checked before torch loads (resolved later, once, in the run context); returns the
+    parsed --vram budget in bytes (None: auto)."""
+    from pixart_cli.models.memory import parse_vram
+    from pixart_cli.runtime import check_device, check_dtype
+
+    check_device(device)
+    check_dtype(dtype)
+    return parse_vram(vram)
+
+
+def targets(out: Output, output: str, count: int, kind: str, inputs: tuple = (), overwrite: bool = True) -> list:
+    """Where the outputs go (artifacts owns the rule), checked before any work; the count is recorded so that a
+    failure half-way can say how many were written."""
+    from pixart_cli.files import output_paths
+
+    targets = output_paths.output_targets(
+        output, count, kind, inputs=inputs, overwrite=overwrite, allow_stdout=not out.as_json
+    )
+    out.planned = len(targets)
+    return targets
+
+
+def write_images(out: Output, images: list, meta: dict, targets: list, overwrite: bool) -> None:
+    from pixart_cli.files import image_io
+
+    requests = [
+        (path, image, *record.image_metadata(record.RunRecord.from_meta(meta), index))
+        for index, (image, path) in enumerate(zip(images, targets))
+    ]
+    image_io.save_images(requests, overwrite, lambda index, path: out.wrote(path))
+
+
+def finish(out: Output, ctx) -> None:
+    """After the work: the memory reports asked for with --report-memory."""
+    finish_reports(out, ctx.reports)
+
+
+def finish_reports(out: Output, reports: Optional[list]) -> None:
+    if reports is not None:
+        for report in reports:
+            out.note(report.describe())
+        out.record["memory"] = [report.as_dict() for report in reports]

@@ -1,0 +1,41 @@
+"""Process-wide state, set only at a process's edge (``cli.edge`` for the `pixart` command, the Ray actor on a
+worker): the libraries' warning filters and environment, the lean-import switches, and gc freezing."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import warnings
+
+
+def quiet_libraries() -> None:
+    """Silence diffusers', transformers' and the hub's progress bars and advisory warnings (we show our own)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Only the libraries' own advisory warnings; a warning from our code or the user's still shows.
+    for module in ("diffusers", "transformers", "torch", "huggingface_hub", "accelerate", "bitsandbytes", "ray"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=module)
+        warnings.filterwarnings("ignore", category=UserWarning, module=module)
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
+    logging.getLogger("torch").setLevel(logging.ERROR)
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; our own line says it all
+
+
+def lean_imports(quantized: bool = False) -> None:
+    """Keep bitsandbytes (unless a stage quantizes) and peft out of this process: see facade.keep_out.
+    Call before importing diffusers or transformers."""
+    from pixart_cli.models.facade import keep_out
+
+    keep_out(quantized=quantized)
+
+
+def settle() -> None:
+    """Freeze what survives a stage's collection: the process's lasting state (imported modules, settings) is
+    then never scanned again, so the next stage's collection looks only at what that stage made. A full
+    collection over torch's and diffusers' objects took 0.19 s each time (3 times in a CPU `generate` of the tiny
+    model). Called once torch is imported (the run context is resolved) and after each stage (``RunContext.free``)."""
+    gc.freeze()

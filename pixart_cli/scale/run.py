@@ -1,0 +1,150 @@
+"""Many images over many processes: one process per GPU under torchrun / accelerate launch / srun+torchrun.
+
+Scale-out splits work above the stages. Image i of a run has one prompt, one seed (seed + i) and one file name,
+whatever the number of processes; a rank takes a contiguous block of the image indices and runs the same
+``generate`` chain (encode -> denoise -> decode) on it, in passes of ``IMAGES_PER_PASS`` images so that finished
+images reach the disk (and the manifest) while the rest are still being made. No stage learns about ranks.
+
+Launchers announce a process with RANK, WORLD_SIZE and LOCAL_RANK (torchrun sets them, and so does accelerate
+launch, which runs torchrun underneath; under Slurm, run torchrun with srun). With more than one process, a gloo
+process group (CPU only, so the same on GPU and CPU machines) agrees on the seed at the start and gathers the
+counts at the end: rank 0 prints the one summary after every rank has finished. Each rank prints only the paths
+it wrote.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from pixart_cli.errors import PixartError
+from pixart_cli.scale import manifest
+from pixart_cli.scale.job import IMAGES_PER_PASS, Callbacks, RunOptions, Summary, make_job, make_pass, passes
+from pixart_cli.scale.launch import ProcessGroup, Ranks
+from pixart_cli.settings import DenoiseSettings, EncodeSettings, check_prompts
+
+
+def generate_images(
+    prompts: Sequence[str],
+    *,
+    output: Path,
+    encoding: EncodeSettings,
+    denoising: DenoiseSettings,
+    model,
+    run: RunOptions,
+    resume: bool,
+    callbacks: Callbacks,
+    ray: bool = False,
+    ray_address: str | None = None,
+    ranks: Ranks | None = None,
+    overwrite: bool = True,
+) -> Summary | None:
+    """Make every image of the run that is this process's to make; return the summary on rank 0 (None elsewhere).
+    ``overwrite=False`` (--no-overwrite): no existing image is replaced, and a new run does not restart an
+    existing manifest.
+
+    ``denoising.seed`` None: rank 0 draws one and every process uses it (or, with --resume, the manifest's).
+    """
+    # 1. Check everything before any process waits on another or any model loads
+    started = time.perf_counter()
+    ranks = Ranks.from_env() if ranks is None else ranks
+    prompts = check_prompts(prompts)
+    seed = denoising.seed
+    denoising.check_total(len(prompts))
+    if ray and ranks.world_size > 1:
+        raise PixartError(
+            f"--ray: runs from one process, but WORLD_SIZE={ranks.world_size}; start it without "
+            "torchrun or accelerate launch"
+        )
+    job = make_job(prompts, output, encoding, denoising, model, run, overwrite, resume)
+    if not overwrite and not resume and job.folder is not None and manifest.manifest_path(job.folder).is_file():
+        raise PixartError(
+            f"--no-overwrite: {manifest.manifest_path(job.folder)} already exists and a new run would start it "
+            "again; add --resume to finish that run, or drop --no-overwrite"
+        )
+    lines = manifest.read(job.folder) if resume else {}
+    if seed is None and resume:
+        seed = manifest.base_seed(job.folder, lines, len(job.prompts))  # the interrupted run's: found complete
+
+    if ray:
+        from pixart_cli.scale.ray_run import run_ray
+
+        seed = denoising.with_seed().seed if seed is None else seed
+        todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
+        job.check_not_replacing(todo)
+        # run_ray starts a new manifest only once Ray is up: a missing Ray or a bad address leaves the old one
+        new_manifest = job.folder is not None and not resume
+        written = run_ray(job, todo, seed, model, encoding, denoising, run, ray_address, callbacks, new_manifest)
+        return Summary(
+            written,
+            len(job.prompts) - len(todo),
+            1,
+            time.perf_counter() - started,
+            seed,
+            len(job.prompts),
+            manifest.manifest_path(job.folder) if job.folder else None,
+            "Ray",
+        )
+
+    # 2. Agree on the seed, and start a new manifest before any rank appends to it
+    group = ProcessGroup(ranks) if ranks.world_size > 1 else None
+    try:
+        if ranks.rank == 0:
+            seed = denoising.with_seed().seed if seed is None else seed
+            if job.folder is not None and not resume:
+                manifest.start_new(job.folder)
+        if group is not None:
+            seed = group.broadcast(seed)  # also the barrier: no rank appends before rank 0 started the manifest
+
+        # 3. This rank's share, less what a previous run finished (each rank checks only its own images)
+        share = ranks.share(len(job.prompts))
+        todo = [index for index in share if not job.done(index, seed, lines)]
+        job.check_not_replacing(todo)
+        log = callbacks.log
+        if group is not None and log is not None:
+            log(f"rank {ranks.rank}/{ranks.world_size}: images {_ranges(share)}, {len(todo)} to make")
+            progress = callbacks.progress
+            callbacks = Callbacks(
+                callbacks.wrote,
+                _prefixed(log, f"rank {ranks.rank}: "),
+                progress and (lambda stage, done, total: progress(f"rank {ranks.rank} {stage}", done, total)),
+                callbacks.reports,
+            )
+
+        # 4. Make them, pass by pass
+        if todo:
+            from pixart_cli.plan import plan_run
+
+            ctx = run.context(model, callbacks, device=ranks.device(run.device))
+            # what the configs can tell (the LoRAs' fit included), before the first pass loads T5
+            plan_run(prompts[:1], encoding, replace(denoising, seed=seed, num_images=1), ctx.model, loras=run.loras)
+            for start, stop in passes(todo, IMAGES_PER_PASS):
+                make_pass(job, start, stop, seed, encoding, denoising, ctx, callbacks)
+
+        # 5. One summary, on rank 0, once every rank is done
+        counts = (len(todo), len(share) - len(todo))
+        gathered = group.gather(counts) if group is not None else [counts]
+    finally:
+        if group is not None:
+            group.close()
+    if ranks.rank != 0:
+        return None
+    return Summary(
+        sum(c[0] for c in gathered),
+        sum(c[1] for c in gathered),
+        ranks.world_size,
+        time.perf_counter() - started,
+        seed,
+        len(job.prompts),
+        manifest.manifest_path(job.folder) if job.folder else None,
+    )
+
+
+def _ranges(indices: range) -> str:
+    return "none" if not indices else f"{indices.start}..{indices.stop - 1}"
+
+
+def _prefixed(log: Callable[[str], None], prefix: str) -> Callable[[str], None]:
+    return lambda message: log(prefix + message)
