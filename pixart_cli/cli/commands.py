@@ -255,6 +255,7 @@ def generate(
     resume: options.Resume = False,
     ray: options.Ray = False,
     ray_address: options.RayAddress = None,
+    devices: options.Devices = None,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -267,10 +268,14 @@ def generate(
         from pixart_cli.generate import generate
         from pixart_cli.plan import plan_run, with_init_size
         from pixart_cli.scale import job, launch, run
+        from pixart_cli.scale.devices import parse_devices
         from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
         # 1. Every option and path, before torch or a model loads
         budget = shared.check_common(device, dtype, vram)
+        spread = parse_devices(devices)
+        if spread is not None and device != "auto":
+            raise PixartError(f"--device {device}: --devices names the devices already; give one of the two")
         texts = read_prompts(prompts, prompts_file)
         encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         denoising = DenoiseSettings(
@@ -298,7 +303,7 @@ def generate(
         )
         if image is None:
             with_init_size(denoising, None, option="--image")  # --strength alone is refused here
-        elif launch.applies(output, resume, ray, ray_address):
+        elif launch.applies(output, resume, ray, ray_address, spread is not None):
             raise PixartError(
                 "--image: image to image runs in one process only; write to a file, not -o DIR/, and "
                 "leave out --resume and --ray"
@@ -306,7 +311,9 @@ def generate(
         source_image = None if image is None else image_io.read_source_image(image, "--image")
         source = shared.new_model(model, revision)
         loras = shared.loras(lora)
-        if launch.applies(output, resume, ray, ray_address):  # -o DIR/, several processes, --resume or --ray
+        if launch.applies(
+            output, resume, ray, ray_address, spread is not None
+        ):  # -o DIR/, several processes, --resume or --ray
             # The seed is agreed between processes there; each process resolves its own device.
             callbacks = job.Callbacks(out.wrote, out.note, out.progress, [] if report_memory else None, process.settle)
             summary = run.generate_images(
@@ -321,6 +328,7 @@ def generate(
                 ray=ray,
                 ray_address=ray_address,
                 overwrite=not no_overwrite,
+                devices=spread,
             )
             if summary is not None:
                 out.note(summary.describe(), summary=summary.as_dict())

@@ -292,6 +292,16 @@ Resume = Annotated[
         "sha256); make the missing or damaged ones. Without --seed, the seed recorded there is used.",
     ),
 ]
+Devices = Annotated[
+    Optional[str],
+    typer.Option(
+        "--devices",
+        help="Spread the images over several devices of this machine from one process: all (every visible GPU), "
+        "0,1 or cuda:0,cuda:1. T5 runs once; each device runs denoise and decode on its share "
+        "[env: PIXART_DEVICES].",
+        show_default=False,
+    ),
+]
 Ray = Annotated[
     bool,
     typer.Option(

@@ -28,9 +28,14 @@ import importlib
 import importlib.util
 import os
 import sys
+import threading
 from contextlib import contextmanager
 
 LEAN_ENV = "PIXART_LEAN"
+# One thread at a time through what the libraries switch process-wide for a moment: sys.modules (the lean imports
+# here), the default dtype and the meta-device patches of model building (memory.meta_model, source.load_component).
+# --devices runs a worker thread per device; each builds its models under this lock and computes outside it.
+LOCK = threading.RLock()
 
 
 def lean() -> bool:
@@ -76,25 +81,26 @@ def import_diffusers(name: str, hide_optional: bool = True):
     ``hide_optional=False`` for a module that needs torch._dynamo at import (AutoencoderKL, through
     ``diffusers.loaders.peft`` and the group-offloading hooks): the heavy paths (tiled VAE) import it so.
     """
-    if name in sys.modules:
-        return sys.modules[name]
-    if not lean():
-        return importlib.import_module(name)
-    import torch  # noqa: F401  (torch itself imports some of what is hidden below; it must come first)
-
-    with _hidden(OPTIONAL_AT_IMPORT):
-        importlib.import_module("diffusers")
-        for package in EAGER_PACKAGES:
-            _shallow_package(package)
-        if hide_optional:
+    with LOCK:
+        if name in sys.modules:
+            return sys.modules[name]
+        if not lean():
             return importlib.import_module(name)
-    return importlib.import_module(name)
+        import torch  # noqa: F401  (torch itself imports some of what is hidden below; it must come first)
+
+        with _hidden(OPTIONAL_AT_IMPORT):
+            importlib.import_module("diffusers")
+            for package in EAGER_PACKAGES:
+                _shallow_package(package)
+            if hide_optional:
+                return importlib.import_module(name)
+        return importlib.import_module(name)
 
 
 def scheduler_class(name: str):
     """diffusers' scheduler class ``name`` (None if diffusers has no such class), imported without scipy."""
     diffusers = import_diffusers("diffusers")
-    with _scipy_deferred():
+    with LOCK, _scipy_deferred():
         found = getattr(diffusers, name, None)
     return found if isinstance(found, type) else None
 
@@ -104,7 +110,7 @@ def make_scheduler(name: str, config: dict, **overrides):
 
     ``from_config`` imports every scheduler class the config is compatible with (``_get_compatibles``)."""
     cls = scheduler_class(name)
-    with _scipy_deferred():
+    with LOCK, _scipy_deferred():
         return cls.from_config(config, **overrides)
 
 
@@ -149,14 +155,15 @@ def import_transformers(name: str):
     ``__init__``, which scans every model file of the library to build its lazy index (about a second).
     Submodules read only ``__version__`` from the package at import; anything else asked of it runs the
     ``__init__`` in full, in place."""
-    if name in sys.modules:
-        return sys.modules[name]
-    if lean() and "transformers" not in sys.modules:
-        from importlib import metadata  # not `import importlib.metadata`: that would make `importlib` local
+    with LOCK:
+        if name in sys.modules:
+            return sys.modules[name]
+        if lean() and "transformers" not in sys.modules:
+            from importlib import metadata  # not `import importlib.metadata`: that would make `importlib` local
 
-        _shallow_package("transformers", {"__version__": metadata.version("transformers")})
-        _shallow_package("transformers.models")
-    return importlib.import_module(name)
+            _shallow_package("transformers", {"__version__": metadata.version("transformers")})
+            _shallow_package("transformers.models")
+        return importlib.import_module(name)
 
 
 @contextmanager

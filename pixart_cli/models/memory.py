@@ -113,18 +113,21 @@ def meta_model(builder, config, dtype, cpu_buffers: bool = False):
     """
     import torch
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        if cpu_buffers:
-            from accelerate import init_empty_weights
+    from pixart_cli.models.facade import LOCK
 
-            with init_empty_weights(include_buffers=False):
+    with LOCK:
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)
+        try:
+            if cpu_buffers:
+                from accelerate import init_empty_weights
+
+                with init_empty_weights(include_buffers=False):
+                    return builder(config)
+            with torch.device("meta"):
                 return builder(config)
-        with torch.device("meta"):
-            return builder(config)
-    finally:
-        torch.set_default_dtype(previous)
+        finally:
+            torch.set_default_dtype(previous)
 
 
 def plan_encode(

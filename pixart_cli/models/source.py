@@ -325,9 +325,12 @@ def model_unavailable(
 
 def load_component(model: Model, component: str, load, **kwargs):
     """``load(**from_pretrained args)`` with a broken or missing model turned into one line."""
+    from pixart_cli.models.facade import LOCK
+
     model.check_weights(component)
     try:
-        return load(**model.load_args(component), **kwargs)
+        with LOCK:  # model building switches process-wide state for a moment (facade.LOCK)
+            return load(**model.load_args(component), **kwargs)
     except PixartError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as error:

@@ -15,14 +15,14 @@ from pixart_cli.errors import PixartError
 FINISH_TIMEOUT = timedelta(days=7)
 
 
-def applies(output: Path, resume: bool, ray: bool, ray_address: str | None) -> bool:
-    """Whether `generate` runs through this driver: -o DIR/ (it writes the manifest), several processes, --resume
-    or --ray. A plain single-file run keeps the one-process path."""
+def applies(output: Path, resume: bool, ray: bool, ray_address: str | None, devices: bool = False) -> bool:
+    """Whether `generate` runs through this driver: -o DIR/ (it writes the manifest), several processes, --resume,
+    --ray or --devices. A plain single-file run keeps the one-process path."""
     if ray_address is not None and not ray:
         raise PixartError(f"--ray-address {ray_address}: only used with --ray; add --ray")
     from pixart_cli.files.output_paths import names_folder
 
-    return names_folder(output) or resume or ray or Ranks.from_env().world_size > 1
+    return names_folder(output) or resume or ray or devices or Ranks.from_env().world_size > 1
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,7 @@ def generate_images(
     ray_address: str | None = None,
     ranks: Ranks | None = None,
     overwrite: bool = True,
+    devices: list[str] | None = None,
 ) -> Summary | None:
     """Make every image of the run that is this process's to make; return the summary on rank 0 (None elsewhere).
     ``overwrite=False`` (--no-overwrite): no existing image is replaced, and a new run does not restart an
@@ -53,6 +54,11 @@ def generate_images(
     prompts = check_prompts(prompts)
     seed = denoising.seed
     denoising.check_total(len(prompts))
+    if devices is not None and (ray or ranks.world_size > 1):
+        raise PixartError(
+            "--devices: spreads the images over this machine's devices from one process; leave out --ray, and "
+            "start it without torchrun or accelerate launch"
+        )
     if ray and ranks.world_size > 1:
         raise PixartError(
             f"--ray: runs from one process, but WORLD_SIZE={ranks.world_size}; start it without "
@@ -86,6 +92,26 @@ def generate_images(
             len(job.prompts),
             manifest.manifest_path(job.folder) if job.folder else None,
             "Ray",
+        )
+
+    if devices is not None:
+        from pixart_cli.scale.devices import run_devices
+
+        seed = denoising.with_seed().seed if seed is None else seed
+        todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
+        job.check_not_replacing(todo)
+        if job.folder is not None and not resume:
+            manifest.start_new(job.folder)
+        written = run_devices(job, todo, seed, model, encoding, denoising, run, devices, callbacks)
+        return Summary(
+            written,
+            len(job.prompts) - len(todo),
+            1,
+            time.perf_counter() - started,
+            seed,
+            len(job.prompts),
+            manifest.manifest_path(job.folder) if job.folder else None,
+            f"{len(devices)} devices",
         )
 
     # 2. Agree on the seed, and start a new manifest before any rank appends to it
