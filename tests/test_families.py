@@ -155,6 +155,14 @@ def test_images_carry_their_settings_and_info_reads_them(tiny_model, tmp_path, s
     described = json.loads(shown.stdout)
     assert described["settings"]["seed"] == 11 and described["settings"]["prompt"] == PROMPT
     assert "Steps: 2, Sampler: DPM++ 2M, CFG scale: 4.5, Seed: 11, Size: 256x256" in described["parameters"]
+    # every setting that changes an image is in it, the text encoder's precision and caption cleaning included
+    settings = described["settings"]
+    assert (settings["text_encoder_precision"], settings["clean_caption"], settings["max_sequence_length"]) == (
+        "full",
+        True,
+        120,
+    )
+    assert (settings["step_cache"], settings["compiled"], settings["loras"]) == (None, False, [])
     table = invoke("info", f"pic{suffix}", cwd=tmp_path).stdout
     assert "seed" in table and "11" in table
 
