@@ -7,10 +7,17 @@ EXIT_RUNTIME = 1  # the work failed: out of memory, model missing, broken model 
 EXIT_USAGE = 2  # bad input: an option, a prompt, a file; nothing was loaded or written
 EXIT_SIGINT = 130
 EXIT_SIGTERM = 143
+# stdout closed by its reader (`pixart info x.png | head -1`): no line, and the status a shell gives coreutils
+# killed by SIGPIPE (128 + 13), so `set -o pipefail` sees what it sees for `yes | head -1`
+EXIT_SIGPIPE = 141
 
 
 class Terminated(BaseException):
     """SIGTERM, raised inside the work (as KeyboardInterrupt is for SIGINT) so that temp files are cleaned up."""
+
+
+class StdoutClosed(Exception):
+    """Standard output's reader went away (a closed pipe): raised by the output sink, ended quietly at the edge."""
 
 
 class PixartError(Exception):
@@ -39,8 +46,8 @@ class PixartError(Exception):
 
 
 def bad_file(path, problem: str) -> PixartError:
-    """An input file that cannot be used: the line names the file first."""
-    return PixartError(f"{path}: {problem}")
+    """An input file that cannot be used: the line names the file first (``-``: standard input)."""
+    return PixartError(f"{'- (standard input)' if str(path) == '-' else path}: {problem}")
 
 
 def detail(error: BaseException) -> str:

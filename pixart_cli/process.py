@@ -9,8 +9,16 @@ import os
 import warnings
 
 
+def debugging() -> bool:
+    """PIXART_DEBUG=1: tracebacks, and the libraries' own warnings and progress bars left on."""
+    return os.environ.get("PIXART_DEBUG") == "1"
+
+
 def quiet_libraries() -> None:
-    """Silence diffusers', transformers' and the hub's progress bars and advisory warnings (we show our own)."""
+    """Silence diffusers', transformers' and the hub's progress bars and advisory warnings (we show our own),
+    unless PIXART_DEBUG=1."""
+    if debugging():
+        return
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

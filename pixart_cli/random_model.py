@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 from pathlib import Path
 
 from pixart_cli.models.facade import plain
@@ -290,7 +289,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="where to build the weights (full size: cuda is fast)")
     parser.add_argument("--family", choices=FAMILIES, default="alpha")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from pixart_cli import process
+
+    # the libraries' noise (bitsandbytes' kernel probe, save progress bars, "cannot be saved" for the absent
+    # components of a dmd model) stays off the terminal unless PIXART_DEBUG=1
+    process.quiet_libraries()
+    if not process.debugging():
+        process.lean_imports()
     print(build(args.out, args.size, args.sample_size, args.tokenizer, args.device, family=args.family))
 
 

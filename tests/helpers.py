@@ -111,12 +111,18 @@ def max_diff(a, b) -> int:
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
-def run_pixart(*args, cwd, env=None, check=True, timeout=300):
-    """The installed console script as a subprocess, as a shell user runs it."""
+def run_pixart(*args, cwd, env=None, check=True, timeout=300, stdin: bytes | None = None):
+    """The installed console script as a subprocess, as a shell user runs it; ``stdin``: bytes piped into it."""
     full_env = {**os.environ, **(env or {})}
-    result = subprocess.run(
-        [pixart_bin(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
-    )
+    if stdin is None:
+        result = subprocess.run(
+            [pixart_bin(), *map(str, args)], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+        )
+    else:
+        result = subprocess.run(
+            [pixart_bin(), *map(str, args)], cwd=cwd, env=full_env, input=stdin, capture_output=True, timeout=timeout
+        )
+        result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     if check and result.returncode != 0:
         raise AssertionError(f"pixart {' '.join(map(str, args))} exited {result.returncode}:\n{result.stderr}")
     return result
@@ -126,12 +132,12 @@ def pixart_bin() -> str:
     return str(Path(sys.executable).parent / "pixart")
 
 
-def invoke(*args, cwd):
-    """Run the CLI in this process (fast) from folder ``cwd``."""
+def invoke(*args, cwd, stdin: bytes | None = None):
+    """Run the CLI in this process (fast) from folder ``cwd``; ``stdin``: bytes its standard input holds."""
     previous = os.getcwd()
     os.chdir(cwd)
     try:
-        return runner.invoke(app, [str(a) for a in args])
+        return runner.invoke(app, [str(a) for a in args], input=stdin)
     finally:
         os.chdir(previous)
 

@@ -130,7 +130,8 @@ def test_bad_input_is_one_line_exit_2_nothing_written(args, fragments, embedding
         (["denoise", "x.pt", "--bogus"], "--bogus: no such option; see `pixart denoise --help`"),
         (["denoise"], "EMBEDDINGS: missing; this argument is required; see `pixart denoise --help`"),
         (["decode", "x.pt", "--device"], "--device: needs a value; see `pixart decode --help`"),
-        (["nosuch"], "no such command 'nosuch'; see `pixart --help`"),
+        (["nosuch"], "nosuch: no such command; see `pixart --help`"),
+        (["generat"], "generat: no such command (did you mean generate?); see `pixart --help`"),
     ],
 )
 def test_parser_errors_are_one_line_and_a_json_document(args, line, tmp_path):
@@ -141,7 +142,7 @@ def test_parser_errors_are_one_line_and_a_json_document(args, line, tmp_path):
         assert result.returncode == 2 and result.stderr == f"error: {line}\n", result.stderr
         if as_json:
             assert json.loads(result.stdout) == {
-                "command": args[0] if args[0] != "nosuch" else "pixart",
+                "command": args[0] if args[0] not in ("nosuch", "generat") else "pixart",
                 "outputs": [],
                 "error": line,
                 "exit_code": 2,

@@ -93,7 +93,7 @@ def _hostile_files(folder: Path, good: dict) -> dict[str, tuple[str, Path, str]]
     files["png-renamed"] = (
         "denoise",
         raw("picture.pt", (folder / "picture.png").read_bytes()),
-        "not a pixart .pt file",
+        "is an image, not a .pt file; image to image starts with `pixart encode-image",
     )
     files["latents-to-denoise"] = ("denoise", good["lat"], "is a latents file")
     files["embeddings-to-decode"] = ("decode", good["emb"], "is an embeddings file")
@@ -182,6 +182,19 @@ def test_hostile_file(name, hostile, tmp_path):
     assert_one_line_error(result, 2, str(path), fragment)
     assert list(tmp_path.iterdir()) == []  # nothing written
     assert not (folder / MARKER).exists()  # the payload never ran
+
+
+@pytest.mark.parametrize("name", HOSTILE)
+def test_hostile_file_through_stdin(name, hostile, tmp_path):
+    """`-` reads standard input: the same checks, the same refusals, the file named as standard input."""
+    folder, files = hostile
+    command, path, fragment = files[name]
+    result = invoke(
+        command, "-", "-o", "out.pt" if command == "denoise" else "out.png", cwd=tmp_path, stdin=path.read_bytes()
+    )
+    assert_one_line_error(result, 2, "- (standard input)", fragment)
+    assert list(tmp_path.iterdir()) == []
+    assert not (folder / MARKER).exists()
 
 
 def test_hostile_files_cover_the_issue_list(hostile):

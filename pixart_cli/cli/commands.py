@@ -46,6 +46,7 @@ def encode(
         # 1. Every option and path, before torch or a model loads
         budget = shared.check_common(device, dtype, vram)
         texts = read_prompts(prompts, prompts_file)
+        shared.note_unquoted(out, prompts)
         settings = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         (target,) = shared.targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
         # 2. Resolve once, run, write
@@ -91,6 +92,7 @@ def denoise(
 
     def work():
         from pixart_cli.files import staged
+        from pixart_cli.files.stdin import check_one_stdin
         from pixart_cli.models.source import model_for_file
         from pixart_cli.plan import plan_denoise
         from pixart_cli.settings import DenoiseSettings
@@ -112,6 +114,7 @@ def denoise(
             strength,
             step_cache,
         )
+        check_one_stdin(("EMBEDDINGS", embeddings), ("--init-latents", init_latents))
         inputs = (embeddings,) if init_latents is None else (embeddings, init_latents)
         (target,) = shared.targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
         loaded = staged.load_embeddings(embeddings)
@@ -265,6 +268,7 @@ def generate(
     def work():
         from pixart_cli import process
         from pixart_cli.files import image_io
+        from pixart_cli.files.stdin import check_one_stdin
         from pixart_cli.generate import generate
         from pixart_cli.plan import plan_run, with_init_size
         from pixart_cli.scale import job, launch, run
@@ -276,7 +280,9 @@ def generate(
         spread = parse_devices(devices)
         if spread is not None and device != "auto":
             raise PixartError(f"--device {device}: --devices names the devices already; give one of the two")
+        check_one_stdin(("--prompts-file", prompts_file), ("--image", image))
         texts = read_prompts(prompts, prompts_file)
+        shared.note_unquoted(out, prompts)
         encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
         denoising = DenoiseSettings(
             steps,
@@ -361,16 +367,16 @@ def info(
         described = staged.describe(file)
         out.record.update(described)
         if not json:
-            print(info_table(described), end="")
+            out.text(info_table(described))
 
     run_command(out, work)
 
 
 @app.command(short_help="Compare two embeddings, latents or image files.")
 def compare(
-    a: options.CompareFile,
-    b: options.CompareFile,
-    json: options.Json = False,
+    a: options.CompareA,
+    b: options.CompareB,
+    json: options.CompareJson = False,
 ) -> None:
     """Compare two embeddings files, two latents files or two images: per prompt or image, cosine similarity and
     max / mean absolute difference; images also max / mean pixel difference and PSNR."""
@@ -378,10 +384,12 @@ def compare(
 
     def work():
         from pixart_cli.files.compare import compare_files, format_table
+        from pixart_cli.files.stdin import check_one_stdin
 
+        check_one_stdin(("A", a), ("B", b))
         result = compare_files(a, b)
         out.record.update(result.as_dict())
         if not json:
-            print(format_table(result), end="")
+            out.text(format_table(result))
 
     run_command(out, work)

@@ -3,7 +3,9 @@ parser's errors are told in the same words."""
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
 import sys
 import traceback
 from collections.abc import Callable
@@ -14,8 +16,10 @@ from pixart_cli.cli.output import Output
 from pixart_cli.errors import (
     EXIT_RUNTIME,
     EXIT_SIGINT,
+    EXIT_SIGPIPE,
     EXIT_SIGTERM,
     PixartError,
+    StdoutClosed,
     Terminated,
     detail,
 )
@@ -42,6 +46,10 @@ def run_command(out: Output, work: Callable[[], None], quantized: bool = False) 
         Outcome.completed = True
     except (Exception, KeyboardInterrupt, Terminated) as error:  # the edge: one line, not a traceback
         planned, written = getattr(out, "planned", None), out.record["outputs"]
+        if isinstance(error, StdoutClosed) and (planned is None or all_written(written, planned)):
+            # the reader of stdout stopped early (`| head -1`) and no output file is missing: quiet, as coreutils
+            Outcome.reported = True
+            raise typer.Exit(EXIT_SIGPIPE) from None
         if isinstance(error, (KeyboardInterrupt, Terminated)) and all_written(written, planned):
             # every output is in place and reported: the signal came too late to interrupt anything
             out.note("interrupted after every output was written; nothing is missing")
@@ -68,6 +76,8 @@ def failure(error: BaseException, written: list[str] = (), planned: int | None =
         code, message = EXIT_SIGTERM, "terminated"
     elif isinstance(error, PixartError):
         code, message = error.exit_code, str(error)
+    elif isinstance(error, StdoutClosed):  # before every output file was written
+        code, message = EXIT_RUNTIME, "stdout was closed by its reader (Broken pipe)"
     elif isinstance(error, OSError) and error.strerror:  # a full disk, a vanished folder: the file is named
         code, message = EXIT_RUNTIME, f"cannot write {error.filename or 'an output'} ({error.strerror})"
     else:
@@ -131,6 +141,15 @@ def parser_failure(group, args: list[str], error: Exception) -> tuple[str, str]:
             return name or "pixart", f"{shown}{'' if value is None else f' {value!r}'}: {reason}; {see}"
         what = "option" if flag else "argument"
         return name or "pixart", f"{shown}: missing; this {what} is required; {see}"
+    message = error.format_message()
+    if context is not None and context.command is group and message.startswith("No such command"):
+        typed = next((arg for arg in args if not arg.startswith("-")), "")
+        close = difflib.get_close_matches(typed, list(group.commands))
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        return "pixart", f"{typed}: no such command{hint}; {see}"
+    extra = _EXTRA.match(message)
+    if extra and context is not None:
+        return name or "pixart", _extra_arguments(context.command, name, extra.group(1).split(), see)
     if option is not None:
         possible = [p for p in getattr(error, "possibilities", None) or () if p not in ("--help", "-h")]
         if error.format_message().startswith("No such option"):
@@ -142,6 +161,21 @@ def parser_failure(group, args: list[str], error: Exception) -> tuple[str, str]:
         if "does not take a value" in message:
             return name or "pixart", f"{option}: takes no value (it is a flag); {see}"
     return name or "pixart", f"{_sentence(error.format_message())}; {see}"
+
+
+_EXTRA = re.compile(r"Got unexpected extra arguments?(?:\(s\))? \((.*)\)$")
+
+
+def _extra_arguments(command, name: str | None, extra: list[str], see: str) -> str:
+    """`pixart denoise emb.pt latents.pt`: what the command takes, and -o where the extra word looks like the
+    output's name."""
+    takes = [param.metavar or param.name.upper() for param in command.params if param.param_type_name == "argument"]
+    shown = " ".join(extra)
+    count = {1: "one argument", 2: "two arguments"}.get(len(takes), f"{len(takes)} arguments")
+    line = f"{shown}: unexpected extra argument{'s' if len(extra) > 1 else ''}; {name} takes {count}, {' and '.join(takes)}"
+    if len(extra) == 1 and any("--output" in param.opts for param in command.params):
+        line += f"; to write the output to {extra[0]}, pass -o {extra[0]}"
+    return f"{line}; {see}"
 
 
 def _given_value(args: list[str], opts: list[str], error: Exception):

@@ -105,7 +105,8 @@ Seed = Annotated[
     Optional[int],
     typer.Option(
         metavar="N",
-        help=f"Seed of image 1, 0 to {MAX_SEED}; image i gets seed+i [default: random, shown on stderr and recorded].",
+        help=f"Seed of the first image (image-0), 0 to {MAX_SEED}; image i gets seed+i [default: random, shown on "
+        "stderr and recorded].",
         show_default=False,
     ),
 ]
@@ -128,15 +129,23 @@ NumImages = Annotated[
 ]
 # File arguments stay text (not Path): Path("") is ".", and an empty argument must be reported as empty.
 EmbeddingsFile = Annotated[
-    str, typer.Argument(metavar="EMBEDDINGS", help="Embeddings file written by `pixart encode`.", show_default=False)
+    str,
+    typer.Argument(
+        metavar="EMBEDDINGS", help="Embeddings file written by `pixart encode`; - reads stdin.", show_default=False
+    ),
 ]
 LatentsFile = Annotated[
-    str, typer.Argument(metavar="LATENTS", help="Latents file written by `pixart denoise`.", show_default=False)
+    str,
+    typer.Argument(
+        metavar="LATENTS", help="Latents file written by `pixart denoise`; - reads stdin.", show_default=False
+    ),
 ]
 InfoFile = Annotated[
     str,
     typer.Argument(
-        metavar="FILE", help="A .pt file (embeddings or latents) or an image pixart wrote.", show_default=False
+        metavar="FILE",
+        help="A .pt file (embeddings or latents) or an image pixart wrote; - reads stdin.",
+        show_default=False,
     ),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Only the written paths (or errors).")]
@@ -265,12 +274,26 @@ Lora = Annotated[
         show_default=False,
     ),
 ]
-CompareFile = Annotated[
+CompareA = Annotated[
     str,
     typer.Argument(
-        metavar="FILE",
-        help="An embeddings or latents .pt file, or an image (.png, .jpg, .webp); both must be of one kind.",
+        metavar="A",
+        help="The first file: an embeddings or latents .pt file, or an image (.png, .jpg, .webp); - reads stdin.",
         show_default=False,
+    ),
+]
+CompareB = Annotated[
+    str,
+    typer.Argument(
+        metavar="B",
+        help="The second file, of the same kind as A (the run to check against A); - reads stdin.",
+        show_default=False,
+    ),
+]
+CompareJson = Annotated[
+    bool,
+    typer.Option(
+        "--json", help='Print the comparison as one JSON document (errors too: {"error": ..., "exit_code": N}).'
     ),
 ]
 Cache = Annotated[
@@ -352,7 +375,7 @@ InitLatents = Annotated[
         metavar="FILE",
         help="Image to image: start from these latents (`pixart encode-image` writes "
         "them), noised as --strength says, instead of pure noise; the run takes "
-        "their size.",
+        "their size; - reads stdin.",
         show_default=False,
     ),
 ]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
+
+from pixart_cli.errors import StdoutClosed
 
 # What each stage's progress counts (encode also encodes the negative prompt, "" when none is given).
 UNITS = {
@@ -50,7 +53,13 @@ class Output:
         recorded only."""
         self.record["outputs"].append(str(path))
         if not self.as_json and str(path) != "-":
-            print(path, flush=True)
+            self.text(f"{path}\n")
+
+    def text(self, text: str) -> None:
+        """Text for stdout (a written path, `info`'s table, the JSON document). A reader that closed the pipe
+        early (``| head -1``) raises StdoutClosed once; the edge ends the command quietly."""
+        if not write_out(text):
+            raise StdoutClosed()
 
     def progress(self, stage: str, done: int, total: int) -> None:
         """Progress callback for the stage functions: a rich bar on a terminal, one line per stage otherwise.
@@ -97,7 +106,7 @@ class Output:
             self._progress.stop()
             self._progress = None
         if self.as_json:
-            self._print_document(self.record)
+            self.text(document_text(self.record))
 
     def error(self, message: str, exit_code: int) -> None:
         """The single red line of a failure, shown even with --quiet; with --json, stdout still gets one JSON
@@ -108,14 +117,40 @@ class Output:
         self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
         sys.stderr.flush()
         if self.as_json:
-            self._print_document({**self.record, "error": message, "exit_code": exit_code})
+            write_out(document_text({**self.record, "error": message, "exit_code": exit_code}))
 
-    @staticmethod
-    def _print_document(document: dict) -> None:
-        """One JSON document on stdout; NaN and inf as strings, so that every JSON parser reads it."""
-        from pixart_cli.files.atomic import json_safe
 
-        print(json.dumps(json_safe(document), indent=2, default=str, allow_nan=False), flush=True)
+def document_text(document: dict) -> str:
+    """One JSON document; NaN and inf as strings, so that every JSON parser reads it."""
+    from pixart_cli.files.atomic import json_safe
+
+    return json.dumps(json_safe(document), indent=2, default=str, allow_nan=False) + "\n"
+
+
+def write_out(text: str) -> bool:
+    """Write ``text`` to stdout and flush; False when its reader has closed the pipe (then, and for the rest of
+    the process, stdout goes to /dev/null, so that Python's own flush at exit does not report it again)."""
+    stream = sys.stdout
+    try:
+        binary = getattr(stream, "buffer", None)
+        if binary is None:
+            stream.write(text)
+        else:  # a large write into a closed pipe can end as a short write, without an error: write until all is out
+            stream.flush()
+            data = memoryview(text.encode(stream.encoding or "utf-8", stream.errors or "strict"))
+            while data:
+                written = binary.write(data)
+                if not written:  # nothing more can go out (a non-blocking stream would have raised)
+                    break
+                data = data[written:]
+        stream.flush()
+        return True
+    except BrokenPipeError:
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return False
 
 
 def _escape(text: str) -> str:

@@ -40,3 +40,15 @@ def read_prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> l
             raise PixartError(f"--prompts-file {prompts_file}: holds no prompts; write one prompt per line")
         collected += lines
     return check_prompts(collected)
+
+
+def unquoted_note(prompts: Optional[list[str]]) -> Optional[str]:
+    """The note for several PROMPT arguments of one word each (``pixart encode cute cat``: two prompts), or None."""
+    if not prompts or len(prompts) < 2 or not all(len(prompt.split()) == 1 for prompt in prompts):
+        return None
+    joined = " ".join(prompts)
+    shown = joined if len(joined) <= 60 else joined[:57] + "..."
+    return (
+        f"read {len(prompts)} prompts, one per PROMPT argument; a prompt with spaces needs quotes: "
+        f'"{shown}" is one prompt'
+    )

@@ -43,6 +43,16 @@ def new_model(model: Optional[str], revision: Optional[str]):
     return Model(default_model() if model is None else model, revision)
 
 
+def note_unquoted(out: Output, prompts: Optional[list[str]]) -> None:
+    """`pixart encode cute cat` reads two prompts: say so, as a note, when several PROMPT arguments are one word
+    each (the shell split an unquoted prompt, most likely)."""
+    from pixart_cli.cli.prompts_file import unquoted_note
+
+    note = unquoted_note(prompts)
+    if note is not None:
+        out.note(note)
+
+
 def check_common(device: str, dtype: str, vram: Optional[str]) -> Optional[int]:
     """Device and dtype words checked before torch loads (resolved later, once, in the run context); returns the
     parsed --vram budget in bytes (None: auto)."""

@@ -202,11 +202,9 @@ def load_image_pixels(path: Path):
     import numpy as np
     from PIL import Image
 
-    path = Path(path)
-    if not path.is_file():
-        raise bad_file(path, "no such file")
+    handle, _ = open_input(path)  # regular files and standard input only, as every input
     try:
-        with Image.open(path) as image:
+        with handle, Image.open(handle) as image:
             return np.asarray(image.convert("RGB"))
     except Exception as error:
         raise bad_file(path, image_problem(error)) from None

@@ -9,6 +9,7 @@ from pathlib import Path
 from pixart_cli.errors import PixartError
 from pixart_cli.files.atomic import STDOUT, existing_kind, is_stdout, written_path
 from pixart_cli.files.image_io import image_format
+from pixart_cli.files.stdin import is_stdin
 from pixart_cli.files.untrusted import empty_path_error, short
 
 
@@ -135,5 +136,5 @@ def _check_target(path: Path, option: str, inputs: tuple, overwrite: bool, creat
                 f"system allows ({name_max} bytes); choose a shorter name"
             )
     for source in inputs:
-        if found is not None and os.path.exists(source) and os.path.samefile(source, path):
+        if found is not None and not is_stdin(source) and os.path.exists(source) and os.path.samefile(source, path):
             raise PixartError(f"{option} {path}: is also the input file; choose another output path")

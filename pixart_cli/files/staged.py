@@ -17,8 +17,10 @@ from pixart_cli.errors import bad_file
 from pixart_cli.files.atomic import STDOUT, atomic_path, is_stdout, json_safe, plain, write_stdout
 from pixart_cli.files.formats import EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
 from pixart_cli.files.image_io import IMAGE_FORMATS, read_image_metadata
+from pixart_cli.files.stdin import is_stdin
 from pixart_cli.files.untrusted import (
     empty_path_error,
+    is_image_data,
     meta_field,
     model_fields,
     open_input,
@@ -95,13 +97,17 @@ def load_any(path) -> Embeddings | Latents:
 
 def file_kind(path) -> str:
     """ "pt" or "image", for the commands that take either (info, compare): what the file holds decides (torch.save
-    writes a zip archive), then its name; a file that is neither is read as a .pt file, whose checks name it."""
+    writes a zip archive), then its name (standard input has none: what it holds); a file that is neither is read as
+    a .pt file, whose checks name it."""
     if str(path) == "":
         raise empty_path_error("FILE")
     handle, _ = open_input(path, "FILE")
     with handle:
-        if handle.read(4) == b"PK\x03\x04":
-            return "pt"
+        head = handle.read(12)
+    if head[:4] == b"PK\x03\x04":
+        return "pt"
+    if is_stdin(path):
+        return "image" if is_image_data(head) else "pt"
     return "image" if Path(path).suffix.lower() in IMAGE_FORMATS else "pt"
 
 

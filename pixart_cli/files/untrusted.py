@@ -3,6 +3,7 @@ the size on disk, meta walked with a node budget, only dense tensors whose stora
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import stat
@@ -10,6 +11,7 @@ import stat
 from pixart_cli.errors import PixartError, bad_file
 from pixart_cli.files.atomic import FILE_KINDS
 from pixart_cli.files.formats import EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
+from pixart_cli.files.stdin import is_stdin, read_stdin
 
 # A file is untrusted, whatever wrote it: the work of reading it is bounded by its size on disk and these caps.
 MAX_META_NODES = 1_000_000  # values and containers in meta (100k images need ~200k)
@@ -47,6 +49,9 @@ def open_input(path, option: str | None = None):
     text = str(path)
     if text == "":
         raise empty_path_error(option or "FILE")
+    if is_stdin(text):
+        data = read_stdin(option or "FILE")
+        return io.BytesIO(data), len(data)
     try:
         handle = os.open(text, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
@@ -65,6 +70,16 @@ def open_input(path, option: str | None = None):
     return os.fdopen(handle, "rb"), info.st_size
 
 
+# What an image file starts with (PNG, JPEG, GIF; WebP is checked in its RIFF form): a .pt input that is an image
+# was most likely meant for image to image.
+_IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a")
+
+
+def is_image_data(head: bytes) -> bool:
+    """Whether the first 12 bytes of a file are an image's."""
+    return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
+
+
 def read_pt(
     path, expected_formats: tuple[str, ...], needed: str | None = None, argument: str | None = None
 ) -> tuple[dict, int]:
@@ -77,7 +92,7 @@ def read_pt(
     with handle:
         if size == 0:
             raise bad_file(path, "is empty (0 bytes); the command that wrote it may have failed: run it again")
-        check_archive(path, handle, size)
+        check_archive(path, handle, size, argument)
         handle.seek(0)
         import pickle
 
@@ -129,14 +144,25 @@ def read_pt(
     return data, size
 
 
-def check_archive(path, handle, size: int) -> None:
+_IMAGE_HINTS = {
+    "EMBEDDINGS": "image to image starts with `pixart encode-image IMAGE -o init.pt`, then "
+    "`pixart denoise EMBEDDINGS --init-latents init.pt`",
+    "--init-latents": "encode it first with `pixart encode-image IMAGE -o init.pt` and pass --init-latents init.pt",
+    "LATENTS": "decode reads the latents file from `pixart denoise` (this image is decoded already)",
+    None: "pixart reads images by their name (.png, .jpg, .webp)",
+}
+
+
+def check_archive(path, handle, size: int, argument: str | None = None) -> None:
     """Before torch.load: the file must be the zip archive torch.save writes, with stored (uncompressed) entries
     that together fit in the file. A deflated entry could expand a few KB into GBs; a legacy (non-zip) .pt
     declares its storage sizes before their data, so a short file could ask for any amount of memory."""
     import zipfile
 
-    head = handle.read(4)
-    if head != b"PK\x03\x04":
+    head = handle.read(12)
+    if head[:4] != b"PK\x03\x04":
+        if is_image_data(head):
+            raise bad_file(path, f"is an image, not a .pt file; {_IMAGE_HINTS.get(argument, _IMAGE_HINTS[None])}")
         handle.seek(0)
         if names_python_objects(handle.read(min(size, 1 << 20))):
             raise bad_file(

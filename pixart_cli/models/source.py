@@ -79,9 +79,12 @@ class Model:
 
     ``named_by``: the file whose meta names this model (no --model given). Such a model is trusted less: a hub
     id is loaded only from the local Hugging Face cache (never downloaded), and errors name the file.
+    ``base_of``: the model this one lends its T5, tokenizer or VAE to (this is the base model); errors say so.
     """
 
-    def __init__(self, model: str, revision: str | None = None, named_by: str | None = None):
+    def __init__(
+        self, model: str, revision: str | None = None, named_by: str | None = None, base_of: Model | None = None
+    ):
         if not model.strip():
             raise PixartError(
                 f"--model {model!r}: the name is empty; give a diffusers model folder or a Hugging Face id, or leave "
@@ -90,10 +93,17 @@ class Model:
         self.id = model
         self.revision = revision
         self.named_by = named_by
+        self.base_of = base_of
         self.local = _looks_local(model)
         if self.local:
             folder = Path(model).expanduser()
             if not folder.is_dir():
+                if base_of is not None:
+                    raise PixartError(
+                        f"{base_of.lends()} from the base model ${BASE_MODEL_ENV}={model}, which does not exist; "
+                        f"set {BASE_MODEL_ENV} to a model folder or Hugging Face id that has them",
+                        EXIT_RUNTIME,
+                    )
                 if named_by is not None:
                     raise PixartError(
                         f"{named_by}: names the model folder {model}, which does not exist here; pass "
@@ -119,8 +129,21 @@ class Model:
         """A hub model named by a file, not by the user: loaded from the local cache only."""
         return self.named_by is not None and not self.local
 
-    def unavailable(self, error: Exception) -> PixartError:
-        return model_unavailable(self.id, error, self.named_by)
+    def unavailable(self, error: Exception, reason: str | None = None) -> PixartError:
+        if self.base_of is not None:
+            return base_unavailable(self, error, reason)
+        return model_unavailable(self.id, error, self.named_by, reason)
+
+    def lends(self) -> str:
+        """'--model X: has no tokenizer, text_encoder or vae of its own and takes them': how a line about its base
+        model (the lender of those) starts."""
+        missing = [name for name in SHARED_COMPONENTS if not self._has(name)]
+        names = ", ".join(missing[:-1]) + (" or " if len(missing) > 1 else "") + missing[-1] if missing else "parts"
+        return f"--model {self.id}: has no {names} of its own and takes {'them' if len(missing) > 1 else 'it'}"
+
+    def _has(self, component: str) -> bool:
+        entry = self.config(None).get(component)
+        return entry not in (None, [None, None]) and (not self.local or (self.root / component).is_dir())
 
     def __repr__(self) -> str:
         return f"Model({self.id!r})"
@@ -130,14 +153,12 @@ class Model:
         tokenizer or the VAE (as PixArt-DMD does)."""
         if component not in SHARED_COMPONENTS:
             return self
-        entry = self.config(None).get(component)
-        present = entry not in (None, [None, None]) and (not self.local or (self.root / component).is_dir())
-        if present:
+        if self._has(component):
             return self
         if self._base is None:
             if base_model() == self.id:
                 raise PixartError(f"--model {self.id}: has no {component}/ and is itself the base model", EXIT_RUNTIME)
-            self._base = Model(base_model())
+            self._base = Model(base_model(), base_of=self)
         return self._base
 
     def file(self, relative: str) -> Path:
@@ -212,7 +233,7 @@ class Model:
             raise self.unavailable(cached_error) from cached_error
         unreachable = _hub_unreachable()
         if unreachable:
-            raise model_unavailable(self.id, cached_error, reason=unreachable) from cached_error
+            raise self.unavailable(cached_error, reason=unreachable) from cached_error
         try:
             return fetch(*args, **kwargs)
         except Exception as error:  # unknown repo, gated, network: one line either way
@@ -309,18 +330,45 @@ def model_unavailable(
     model: str, error: Exception, named_by: str | None = None, reason: str | None = None
 ) -> PixartError:
     """The line for a hub model that cannot be had (offline, unreachable, unknown, gated)."""
-    reason = type(error).__name__ if reason is None else reason
     if named_by is not None:
         return PixartError(
             f"{named_by}: names the hub model {model}, which is not in the local Hugging Face cache; a model named "
             f"by a file is never downloaded: pass --model {model} to download it, or --model with a local folder",
             EXIT_RUNTIME,
         )
+    if reason is None and _offline():
+        return PixartError(
+            f"--model {model}: not in the local Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE is set), "
+            f"so it was not downloaded; download it once with `hf download {model}` where HF_HUB_OFFLINE is unset, "
+            "or point --model at a local diffusers folder",
+            EXIT_RUNTIME,
+        )
+    reason = type(error).__name__ if reason is None else reason
     return PixartError(
         f"--model {model}: not in the local Hugging Face cache and could not be downloaded ({reason}); "
         f"download it once with `hf download {model}` while online, or point --model at a local diffusers folder",
         EXIT_RUNTIME,
     )
+
+
+def base_unavailable(base: Model, error: Exception, reason: str | None = None) -> PixartError:
+    """The line for a base model (the lender of T5, tokenizer, VAE) that is not here: the user named another model."""
+    if reason is None:
+        reason = "offline mode is on: HF_HUB_OFFLINE is set" if _offline() else type(error).__name__
+    chosen = f"${BASE_MODEL_ENV}" if os.environ.get(BASE_MODEL_ENV) else f"the default; ${BASE_MODEL_ENV} names another"
+    return PixartError(
+        f"{base.base_of.lends()} from the base model {base.id} ({chosen}), which is not in the local Hugging Face "
+        f"cache and was not downloaded ({reason}); download it once with `hf download {base.id}` while online, or "
+        f"set {BASE_MODEL_ENV} to a local diffusers folder that has them",
+        EXIT_RUNTIME,
+    )
+
+
+def _offline() -> bool:
+    """Whether the Hugging Face client is in offline mode (HF_HUB_OFFLINE)."""
+    import huggingface_hub
+
+    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def load_component(model: Model, component: str, load, **kwargs):
