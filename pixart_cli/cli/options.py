@@ -298,6 +298,7 @@ Devices = Annotated[
     Optional[str],
     typer.Option(
         "--devices",
+        metavar="DEVICES",
         help="Spread the images over several devices of this machine from one process: all (every visible GPU), "
         "0,1 or cuda:0,cuda:1. T5 runs once; each device runs denoise and decode on its share "
         "[env: PIXART_DEVICES].",
