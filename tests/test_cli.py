@@ -46,6 +46,7 @@ def test_help_does_not_import_torch_and_is_fast():
         ("decode", ["LATENTS", "--batch-size N", "Images per VAE call"]),
         ("generate", ["[PROMPT]...", "--steps N", "--vram SIZE", "--prompts-file FILE"]),
         ("info", ["FILE", "--json"]),
+        ("convert", ["MODEL", "--output DIR", "--dtype fp16|bf16", "--components NAMES", "--overwrite"]),
     ],
 )
 def test_help_names_each_option_with_a_plain_metavar(command, options):
@@ -79,6 +80,7 @@ def test_command_list_is_not_cut():
         "generate",
         "info",
         "compare",
+        "convert",
     ]
     assert not any(line.rstrip().endswith("...") for line in listed), listed
 

@@ -6,7 +6,7 @@ model loads; 2. the run context resolved once; 3. the stage run; 4. the outputs 
 
 from __future__ import annotations
 
-from pixart_cli.cli import options, shared
+from pixart_cli.cli import options, scale_options, shared
 from pixart_cli.cli.app import app
 from pixart_cli.cli.edge import run_command
 from pixart_cli.cli.output import Output, info_table
@@ -255,10 +255,10 @@ def generate(
     vram: options.Vram = None,
     report_memory: options.ReportMemory = False,
     no_overwrite: options.NoOverwrite = False,
-    resume: options.Resume = False,
-    ray: options.Ray = False,
-    ray_address: options.RayAddress = None,
-    devices: options.Devices = None,
+    resume: scale_options.Resume = False,
+    ray: scale_options.Ray = False,
+    ray_address: scale_options.RayAddress = None,
+    devices: scale_options.Devices = None,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:
@@ -391,5 +391,48 @@ def compare(
         out.record.update(result.as_dict())
         if not json:
             out.text(format_table(result))
+
+    run_command(out, work)
+
+
+@app.command(short_help="Model → a local fp16 (or bf16) copy of it, a diffusers folder.")
+def convert(
+    model: options.ConvertModel,
+    output: options.ConvertOutput,
+    dtype: options.ConvertDtype = "fp16",
+    components: options.Components = None,
+    revision: options.Revision = None,
+    overwrite: options.OverwriteFolder = False,
+    quiet: options.Quiet = False,
+    json: options.Json = False,
+) -> None:
+    """Copy MODEL to DIR with its text encoder, transformer and VAE in fp16 (or bf16), tensor by tensor (memory:
+    about one tensor). DIR is a diffusers folder that --model DIR and diffusers' from_pretrained load; the
+    tokenizer, scheduler and configs are copied as they are."""
+    out = Output("convert", quiet, json)
+
+    def work():
+        from pixart_cli.files import model_copy
+        from pixart_cli.models import convert as conversion
+        from pixart_cli.runtime import DTYPES
+
+        # 1. Every option and the target, before the model is read
+        if dtype not in conversion.DTYPE_WORDS:
+            raise PixartError(
+                f"--dtype {dtype!r}: a copy is written in {' or '.join(conversion.DTYPE_WORDS)}; use --dtype fp16 "
+                "(or bf16)"
+            )
+        chosen = shared.components(components)
+        target, shown = model_copy.check_target(output, overwrite)
+        source = shared.new_model(model, revision)
+        out.planned = 1
+        # 2. Every file of the copy decided from the model's file lists and headers, then written
+        import torch
+
+        plan = conversion.plan(source, target, shown, getattr(torch, DTYPES[dtype]), chosen, overwrite)
+        for line in plan.describe():
+            out.note(line)
+        model_copy.write(plan, progress=out.progress, placed=out.wrote)
+        out.record.update(plan.as_dict())
 
     run_command(out, work)

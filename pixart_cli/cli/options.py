@@ -10,6 +10,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from pixart_cli.models.convert import CONVERTIBLE
+from pixart_cli.models.convert import DTYPE_WORDS as CONVERT_DTYPES
 from pixart_cli.models.memory import AUTO_MARGIN, GIB
 from pixart_cli.models.source import BASE_MODEL_ENV, DEFAULT_MODEL, FAMILIES, MODEL_ENV
 from pixart_cli.settings import DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, PRECISIONS, SCHEDULERS
@@ -307,43 +309,6 @@ Cache = Annotated[
         show_default=False,
     ),
 ]
-Resume = Annotated[
-    bool,
-    typer.Option(
-        "--resume",
-        help="With -o DIR/: skip images that DIR/manifest.jsonl lists and whose file is complete (size and "
-        "sha256); make the missing or damaged ones. Without --seed, the seed recorded there is used.",
-    ),
-]
-Devices = Annotated[
-    Optional[str],
-    typer.Option(
-        "--devices",
-        metavar="DEVICES",
-        help="Spread the images over several devices of this machine from one process: all (every visible GPU), "
-        "0,1 or cuda:0,cuda:1. T5 runs once; each device runs denoise and decode on its share "
-        "[env: PIXART_DEVICES].",
-        show_default=False,
-    ),
-]
-Ray = Annotated[
-    bool,
-    typer.Option(
-        "--ray",
-        help="Spread the images over one Ray actor per GPU, each running the three stages (pip install "
-        '"pixart-cli[ray]"): a local Ray, or the cluster at --ray-address / RAY_ADDRESS.',
-    ),
-]
-RayAddress = Annotated[
-    Optional[str],
-    typer.Option(
-        "--ray-address",
-        metavar="ADDRESS",
-        help="Ray cluster to join with --ray, e.g. ray://head:10001 or auto [env: RAY_ADDRESS; "
-        "default: a local Ray on this machine].",
-        show_default=False,
-    ),
-]
 
 # Image to image
 ImageFile = Annotated[
@@ -397,5 +362,53 @@ Strength = Annotated[
         help=f"Image to image: how much of the schedule runs from the noised image, above 0 and up to 1 "
         f"(int(steps x S) steps run; 1 noises it fully) [default: {DEFAULT_STRENGTH:g}].",
         show_default=False,
+    ),
+]
+
+# convert
+ConvertModel = Annotated[
+    str,
+    typer.Argument(
+        metavar="MODEL",
+        help="The model to copy: a local diffusers folder or a Hugging Face id (downloaded once, as by every stage).",
+        show_default=False,
+    ),
+]
+ConvertOutput = Annotated[
+    str,
+    typer.Option(
+        "--output",
+        "-o",
+        metavar="DIR",
+        help="The folder to write: a new path, written beside it under a temp name and renamed into place when "
+        "complete (nothing is left if it fails).",
+        show_default=False,
+    ),
+]
+ConvertDtype = Annotated[
+    str,
+    typer.Option(
+        "--dtype",
+        metavar="|".join(CONVERT_DTYPES),
+        help="The copy's dtype. What transformers keeps in fp32 when it loads fp16 (T5's wo layers) stays fp32, so "
+        "the copy holds exactly the weights loading the original with this --dtype gives.",
+    ),
+]
+Components = Annotated[
+    Optional[str],
+    typer.Option(
+        "--components",
+        metavar="NAMES",
+        help=f"The components to convert, separated by commas: {', '.join(CONVERTIBLE)} [default: all of them "
+        "the model has]. The others are copied as they are.",
+        show_default=False,
+    ),
+]
+OverwriteFolder = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite/--no-overwrite",
+        help="Replace an existing DIR (a model folder), once the new copy is complete; without it an existing DIR "
+        "is refused.",
     ),
 ]

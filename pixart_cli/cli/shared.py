@@ -53,6 +53,24 @@ def note_unquoted(out: Output, prompts: Optional[list[str]]) -> None:
         out.note(note)
 
 
+def components(value: Optional[str]) -> Optional[tuple[str, ...]]:
+    """--components "text_encoder,vae" of `pixart convert` as names (None: not given, all of them)."""
+    from pixart_cli.errors import PixartError
+    from pixart_cli.models.convert import CONVERTIBLE
+
+    if value is None:
+        return None
+    names = [name.strip() for name in value.split(",")]
+    wrong = next((name for name in names if name not in CONVERTIBLE), None)
+    if wrong is not None:
+        what = "an empty name" if wrong == "" else f"unknown component {wrong!r}"
+        raise PixartError(
+            f"--components {value!r}: {what}; give {', '.join(CONVERTIBLE)} or some of them, separated by commas "
+            "(the others are copied as they are)"
+        )
+    return tuple(dict.fromkeys(names))
+
+
 def check_common(device: str, dtype: str, vram: Optional[str]) -> Optional[int]:
     """Device and dtype words checked before torch loads (resolved later, once, in the run context); returns the
     parsed --vram budget in bytes (None: auto)."""

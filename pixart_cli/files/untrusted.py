@@ -1,14 +1,16 @@
 """Reading a file that may come from a stranger: regular files only, ``torch.load(weights_only=True)`` bounded by
-the size on disk, meta walked with a node budget, only dense tensors whose storage holds their elements."""
+the size on disk, meta walked with a node budget, only dense tensors whose storage holds their elements; a model
+folder's JSON files below a size cap, and safetensors headers through safetensors' own checks."""
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import os
 import stat
 
-from pixart_cli.errors import PixartError, bad_file
+from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file, detail
 from pixart_cli.files.atomic import FILE_KINDS
 from pixart_cli.files.formats import EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
 from pixart_cli.files.stdin import is_stdin, read_stdin
@@ -35,6 +37,9 @@ FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float64")
 MASK_DTYPES = ("int64", "int32", "int16", "int8", "uint8", "bool")
 
 
+MAX_JSON_BYTES = 16 * 2**20  # a model folder's model_index.json, weights index or config (the real T5 index: 20 kB)
+
+
 def empty_path_error(option: str) -> PixartError:
     return PixartError(
         f"{option}: the path is empty; if it came from $(pixart ...), that command failed: run it "
@@ -42,30 +47,31 @@ def empty_path_error(option: str) -> PixartError:
     )
 
 
-def open_input(path, option: str | None = None):
-    """Open an input file for reading: (binary file object, size in bytes). Refuses, naming the file, an empty
-    path, a missing file, a folder, and anything that is not a regular file (a FIFO would block, a device
-    never ends)."""
+def open_input(path, option: str | None = None, name: str | None = None):
+    """Open an input file for reading: (binary file object, size in bytes). Refuses, naming the file (``name``,
+    else its path), an empty path, a missing file, a folder, and anything that is not a regular file (a FIFO
+    would block, a device never ends)."""
     text = str(path)
     if text == "":
         raise empty_path_error(option or "FILE")
     if is_stdin(text):
         data = read_stdin(option or "FILE")
         return io.BytesIO(data), len(data)
+    shown = path if name is None else name
     try:
         handle = os.open(text, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        raise bad_file(path, "no such file" + (" (a broken symbolic link)" if os.path.islink(text) else "")) from None
+        raise bad_file(shown, "no such file" + (" (a broken symbolic link)" if os.path.islink(text) else "")) from None
     except PermissionError:
-        raise bad_file(path, "cannot read it (permission denied)") from None
+        raise bad_file(shown, "cannot read it (permission denied)") from None
     except OSError as error:
-        raise bad_file(path, f"cannot open it ({error.strerror or type(error).__name__})") from None
+        raise bad_file(shown, f"cannot open it ({error.strerror or type(error).__name__})") from None
     info = os.fstat(handle)
     if not stat.S_ISREG(info.st_mode):
         os.close(handle)
-        kind = next((name for test, name in FILE_KINDS if test(info.st_mode)), "not a regular file")
+        kind = next((word for test, word in FILE_KINDS if test(info.st_mode)), "not a regular file")
         fix = "give a file" if kind == "a folder" else "pixart reads only regular files"
-        raise bad_file(path, f"is {kind}, not a file; {fix}")
+        raise bad_file(shown, f"is {kind}, not a file; {fix}")
     os.set_blocking(handle, True)
     return os.fdopen(handle, "rb"), info.st_size
 
@@ -364,3 +370,52 @@ def text_list(path, meta: dict, key: str, count: int, what: str) -> list:
             f"{'prompts' if key == 'prompts' else 'images'}",
         )
     return values
+
+
+# --- a model folder's files (pixart convert): bounded JSON, safetensors headers ------------------------------------
+def read_json(path, what: str, limit: int = MAX_JSON_BYTES):
+    """A JSON file of a model folder, opened as ``open_input`` opens (regular files only, a FIFO never blocks) and
+    parsed only below ``limit`` bytes; ``what`` names it in errors ("--model ID: vae/config.json")."""
+    handle, _ = open_input(path, name=what)
+    try:
+        with handle:
+            data = handle.read(limit + 1)
+    except OSError as error:
+        raise PixartError(f"{what} cannot be read ({error.strerror})", EXIT_RUNTIME) from None
+    if len(data) > limit:
+        raise PixartError(f"{what} is larger than {limit // 2**20} MiB; pixart refuses it")
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as error:
+        raise PixartError(f"{what} is broken ({detail(error)}); the model folder is damaged", EXIT_RUNTIME) from None
+
+
+def open_safetensors(path):
+    """``safetensors.safe_open`` through ``pread`` where this safetensors has it (0.8 on): a memory map would count
+    every page read in this process's RSS."""
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt", backend="pread")
+    except TypeError:  # an older safetensors: no backend argument
+        return safe_open(str(path), framework="pt")
+
+
+def safetensors_header(path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype code, shape) of one safetensors file, in the order of its data, from its header only
+    (safetensors bounds the header and checks that its offsets cover the file exactly); ``what`` names the file."""
+    from safetensors import SafetensorError
+
+    try:
+        with open_safetensors(path) as handle:
+            names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
+            entries = {}
+            for name in names:
+                view = handle.get_slice(name)
+                entries[name] = (view.get_dtype(), tuple(int(n) for n in view.get_shape()))
+            return entries
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PixartError(
+            f"{what} is damaged (truncated or not safetensors: {detail(error)}); download the model again",
+            EXIT_RUNTIME,
+        ) from error
