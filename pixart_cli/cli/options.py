@@ -365,3 +365,46 @@ Strength = Annotated[
         show_default=False,
     ),
 ]
+
+# ControlNet
+ControlOutput = _output("control latents", "control.pt")
+ControlImageFile = Annotated[
+    str,
+    typer.Argument(
+        metavar="IMAGE",
+        help="The control image: an edge map (white edges on black, as HED makes them), any size; it is scaled and "
+        "center-cropped to the generation size.",
+        show_default=False,
+    ),
+]
+Control = Annotated[
+    Optional[str],
+    typer.Option(
+        "--control",
+        metavar="FILE",
+        help="ControlNet: the control latents (`pixart encode-control` writes them) that steer the layout, with "
+        "--controlnet; the run takes their size.",
+        show_default=False,
+    ),
+]
+ControlImage = Annotated[
+    Optional[str],
+    typer.Option(
+        "--control-image",
+        metavar="FILE",
+        help="ControlNet: the edge map that steers the layout, with --controlnet, as encode-control + denoise "
+        "--control do; scaled to the generation size [default: its own size, or --image's].",
+        show_default=False,
+    ),
+]
+ControlNet = Annotated[
+    Optional[str],
+    typer.Option(
+        "--controlnet",
+        metavar="FILE|DIR[:SCALE]",
+        help="A PixArt-α ControlNet adapter: the published .pth (PixArt-XL-2-1024-ControlNet.pth; its copy of the "
+        "base model is not read) or a diffusers-layout .safetensors file or folder; SCALE multiplies its effect "
+        "(default 1.0). Recorded in the outputs.",
+        show_default=False,
+    ),
+]

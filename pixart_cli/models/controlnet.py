@@ -100,12 +100,12 @@ def block_shapes(config: Mapping) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of one BasicTransformerBlock built with the base's arguments (on the meta device)."""
     import torch
 
+    from pixart_cli.models import memory
     from pixart_cli.models.facade import import_diffusers
 
     BasicTransformerBlock = import_diffusers("diffusers.models.attention").BasicTransformerBlock
     hidden, arguments = block_arguments(config)
-    with torch.device("meta"):
-        block = BasicTransformerBlock(hidden, **arguments)
+    block = memory.meta_model(lambda _: BasicTransformerBlock(hidden, **arguments), config, torch.float32, True)
     return {name: tuple(tensor.shape) for name, tensor in block.state_dict().items()}
 
 
@@ -379,9 +379,13 @@ def build_adapter(weights, model, *, dtype=None, device=None):
     moved to ``device`` when given. In eval mode, without gradients."""
     import torch
 
+    from pixart_cli.models import memory
+
     config, _ = config_of(model)
-    with torch.device("meta"):
-        adapter = _classes()["ControlNetAdapter"](config, weights.num_blocks)
+    # parameters on the meta device, computed on the CPU (no reference decompositions: issue 10)
+    adapter = memory.meta_model(
+        lambda c: _classes()["ControlNetAdapter"](c, weights.num_blocks), config, torch.float32, True
+    )
     state = {key: tensor if dtype is None else tensor.to(dtype) for key, tensor in weights.tensors.items()}
     adapter.load_state_dict(state, strict=True, assign=True)
     if device is not None:
