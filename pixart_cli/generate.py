@@ -7,6 +7,7 @@ from pixart_cli.runtime import RunContext
 from pixart_cli.stages.decode import decode
 from pixart_cli.stages.denoise import denoise
 from pixart_cli.stages.encode import encode
+from pixart_cli.stages.encode_control import encode_control
 from pixart_cli.stages.encode_image import encode_image
 
 
@@ -14,11 +15,14 @@ def generate(plan: RunPlan, ctx: RunContext):
     """A checked run plan (``plan.plan_run``) -> (images, latents meta). Each stage's model is dropped when its
     function returns.
 
-    ``plan.image``: image to image, the staged ``encode-image`` + ``denoise --init-latents`` in one process.
+    ``plan.image``: image to image, the staged ``encode-image`` + ``denoise --init-latents`` in one process;
+    ``plan.control_image``: ControlNet, the staged ``encode-control`` + ``denoise --control`` in one process.
     """
     denoising = plan.denoise
     if plan.image is not None:
         denoising = denoising.with_init(encode_image(plan.image, plan.image_sizes, ctx))
+    if plan.control_image is not None:
+        denoising = denoising.with_control(encode_control(plan.control_image, plan.control_sizes, ctx))
     embeddings = encode(plan.prompts, plan.encoding, ctx)
     latents = denoise(embeddings, denoising, ctx)
     images = decode(latents, ctx, batch_size=plan.decode_batch_size)

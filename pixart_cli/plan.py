@@ -1,7 +1,7 @@
 """The run plan: every check the configs can answer, made once, before any model loads.
 
 ``plan_denoise`` turns the user's ``DenoiseSettings`` and the denoise stage's inputs (the embeddings' shape, and
-the conditioning inputs: init latents for image to image) into a ``DenoisePlan``: the concrete seeds, the
+the conditioning inputs: init latents for image to image, control latents and the ControlNet) into a ``DenoisePlan``: the concrete seeds, the
 ``Schedule`` (each default filled from the model's family and configs, the size binned as the pipeline bins it),
 and the checked inputs. The stage takes the plan as it is and checks nothing again. ``fit_image`` does the same for
 an image about to be encoded (encode-image, generate --image). Reads configs only: no weights load, and nothing
@@ -14,9 +14,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pixart_cli.conditioning import check_control, check_controlnet_pair, check_init, with_control_size, with_init_size
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models.source import Model
-from pixart_cli.settings import DEFAULT_STRENGTH, SCHEDULERS, DenoiseSettings
+from pixart_cli.settings import SCHEDULERS, DenoiseSettings
 
 # With one step the pipeline returns the scheduler's pred_original_sample (step(...)[1]); these don't give one.
 NO_SINGLE_STEP = {"DPMSolverMultistepScheduler", "SASolverScheduler"}
@@ -51,12 +52,16 @@ class Schedule:
 @dataclass(frozen=True)
 class DenoisePlan:
     """What the denoise stage runs, all checked: settings with a concrete seed, the schedule, one seed per image,
-    and the conditioning inputs as data (``init``: image to image's init latents, a ``staged.Latents``)."""
+    and the conditioning inputs as data (``init``: image to image's init latents, a ``staged.Latents``;
+    ``control``: a ControlNet's control latents, a ``staged.ControlLatents``, with ``controlnet``, the adapter file
+    checked against the model, a ``controlnet_file.ControlNetFile``)."""
 
     settings: DenoiseSettings
     schedule: Schedule
     seeds: list[int]
     init: Any = None
+    control: Any = None
+    controlnet: Any = None
 
     @property
     def images(self) -> int:
@@ -65,6 +70,10 @@ class DenoisePlan:
     def with_init(self, init) -> DenoisePlan:
         """This plan with the init latents made for it (generate --image encodes them after planning)."""
         return dataclasses.replace(self, init=init)
+
+    def with_control(self, control) -> DenoisePlan:
+        """This plan with the control latents made for it (generate --control-image encodes them after planning)."""
+        return dataclasses.replace(self, control=control)
 
 
 @dataclass(frozen=True)
@@ -78,6 +87,8 @@ class RunPlan:
     image: Any = None  # image_io.SourceImage
     image_sizes: Schedule | None = None
     decode_batch_size: int | None = None
+    control_image: Any = None  # image_io.SourceImage: the edge map of a ControlNet
+    control_sizes: Schedule | None = None
 
 
 def steps_to_run(steps: int, strength: float | None) -> int:
@@ -206,19 +217,36 @@ def plan_denoise(
     init_size: dict | None = None,
     init_name: str = "--init-latents",
     loras: tuple = (),
+    control=None,
+    control_size: dict | None = None,
+    control_name: str = "--control",
+    controlnet=None,
+    control_options: tuple[str, str] = ("--control", "--controlnet"),
 ) -> DenoisePlan:
     """Every check of a denoise run, once: the seed drawn (when not given), the image count, the embeddings' width
-    against the transformer, the schedule and sizes, the init latents (image to image) against all of them, and
-    each LoRA against the transformer's skeleton.
+    against the transformer, the schedule and sizes, the conditioning inputs (init latents, control latents)
+    against all of them, the ControlNet file and each LoRA against the transformer's skeleton.
 
     ``init``: a ``staged.Latents`` of init latents, or None; ``init_size``: instead of them, the sizes they will be
     encoded for (generate --image: a ``fit_image`` schedule as a dict; ``with_init`` attaches the latents later);
     ``init_name`` names them in errors (a path, or ``--image``); ``embedding_width``: the embeddings' last
-    dimension, checked against the transformer's caption_channels.
+    dimension, checked against the transformer's caption_channels. ``control``/``control_size``/``control_name``:
+    the same for a ControlNet's control latents (``with_control``); ``controlnet``: the --controlnet value, a
+    ``controlnet_file.ControlNetSpec``, checked here and kept in the plan; ``control_options``: the two flags'
+    names in errors.
     """
     if init is not None:
         init_size = init.meta
+    if control is not None:
+        control_size = control.meta
+    check_controlnet_pair(controlnet, control_size is not None, control_options, settings.step_cache)
+    checked = None
+    if controlnet is not None:  # the model's family, every key and shape, before any weights load
+        from pixart_cli.files.controlnet_file import check_controlnet
+
+        checked = check_controlnet(controlnet, source, control_options[1])
     settings = with_init_size(settings.with_seed(), init_size, init_name)
+    settings = with_control_size(settings, control_size, control_name, init_size, init_name)
     settings.check_total(prompts)
     if embedding_width is not None:
         caption_channels = source.config("transformer").get("caption_channels")
@@ -228,84 +256,20 @@ def plan_denoise(
                 f"embeddings are {embedding_width} wide but {source.id} takes {caption_channels}; "
                 "encode with the same model family",
             )
-    planned = schedule(settings, source, size_from=None if init is None else init_name)
+    size_from = init_name if init is not None else control_name if control is not None else None
+    planned = schedule(settings, source, size_from=size_from)
     images = prompts * settings.num_images
     if init is not None:
         check_init(init, planned, source, init_name, images)
+    if control is not None:
+        check_control(control, planned, source, control_name, images)
     check_steps(planned)
     if loras:  # a LoRA that does not fit stops here, before any weights load (and before T5 runs, in generate)
         from pixart_cli.models.lora import check_loras_for_model
 
         check_loras_for_model(list(loras), source)
-    return DenoisePlan(settings, planned, [settings.seed + index for index in range(images)], init)
-
-
-def with_init_size(
-    settings: DenoiseSettings, init_meta: dict | None, option: str = "--init-latents"
-) -> DenoiseSettings:
-    """The run's settings with the init latents' size (what they were encoded for) and the default strength.
-
-    Without init latents, ``--strength`` is an error. A --width/--height that differs from the init's is one too.
-    """
-    if init_meta is None:
-        if settings.strength is not None:
-            raise PixartError(f"--strength {settings.strength}: only for image to image; give {option} FILE too")
-        return settings
-    requested = (init_meta["requested_width"], init_meta["requested_height"])
-    differing = [
-        f"{flag} {value}"
-        for flag, value, encoded in (
-            ("--width", settings.width, requested[0]),
-            ("--height", settings.height, requested[1]),
-        )
-        if value is not None and value != encoded
-    ]
-    if differing:
-        raise PixartError(
-            f"{' '.join(differing)}: the image was encoded for {requested[0]}x{requested[1]}; leave "
-            f"{'it' if len(differing) == 1 else 'them'} out, or encode the image again at that size"
-        )
-    strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
-    return dataclasses.replace(
-        settings,
-        width=requested[0],
-        height=requested[1],
-        strength=strength,
-        binning=settings.binning and bool(init_meta.get("binned", True)),
-    )
-
-
-def check_init(init, plan: Schedule, source: Model, path: str, images: int) -> None:
-    """The init latents must suit this transformer and VAE, and this run's size and image count. Configs only."""
-    latents, meta = init.latents, init.meta
-    channels = source.config("transformer").get("in_channels", 4)
-    if latents.shape[1] != channels:
-        raise bad_file(
-            path,
-            f"init latents have {latents.shape[1]} channels but the transformer of {source.id} "
-            f"takes {channels}; encode the image with the same model family",
-        )
-    recorded, expected = meta.get("vae_scaling_factor"), source.config("vae").get("scaling_factor")
-    if isinstance(recorded, float) and isinstance(expected, float) and abs(recorded - expected) > 1e-6:
-        raise bad_file(
-            path,
-            f"init latents come from another VAE (scaling factor {recorded:g}; {source.id}'s is "
-            f"{expected:g}); encode the image with the same model family",
-        )
-    scale = source.vae_scale_factor
-    size = (latents.shape[3] * scale, latents.shape[2] * scale)
-    if size != (plan.width, plan.height):
-        raise bad_file(
-            path,
-            f"init latents are {size[0]}x{size[1]} but this run denoises at {plan.width}x"
-            f"{plan.height}; encode the image with the same model and --width/--height/--no-binning",
-        )
-    if latents.shape[0] not in (1, images):
-        raise bad_file(
-            path,
-            f"holds {latents.shape[0]} init latents for {images} images; give one (it starts every "
-            "image) or one per image",
-        )
+    seeds = [settings.seed + index for index in range(images)]
+    return DenoisePlan(settings, planned, seeds, init, control, checked)
 
 
 def check_steps(plan: Schedule) -> None:
@@ -410,13 +374,20 @@ def plan_run(
     image=None,
     loras: tuple = (),
     decode_batch_size: int | None = None,
+    control_image=None,
+    controlnet=None,
 ) -> RunPlan:
     """Every check of a generate run, before T5 loads: prompts, seeds and totals, the image's sizes (image to
-    image), the schedule, the text encoder's width against the transformer, and the LoRAs' fit."""
+    image), the control image's (ControlNet: the generation size, as the image's or else as asked), the schedule,
+    the text encoder's width against the transformer, the ControlNet's and the LoRAs' fit."""
     from pixart_cli.settings import check_prompts
 
     prompts = check_prompts(prompts)
-    sizes = None if image is None else fit_image(image, source, denoising.width, denoising.height, denoising.binning)
+    width, height, binning = denoising.width, denoising.height, denoising.binning
+    sizes = None if image is None else fit_image(image, source, width, height, binning)
+    if sizes is not None:  # the control image is sized as the start image is
+        width, height = sizes.requested_width, sizes.requested_height
+    control_sizes = None if control_image is None else fit_image(control_image, source, width, height, binning)
     denoise_plan = plan_denoise(
         denoising,
         source,
@@ -426,5 +397,9 @@ def plan_run(
         init_size=None if sizes is None else dataclasses.asdict(sizes),
         init_name="--image",
         loras=loras,
+        control_size=None if control_sizes is None else dataclasses.asdict(control_sizes),
+        control_name="--control-image",
+        controlnet=controlnet,
+        control_options=("--control-image", "--controlnet"),
     )
-    return RunPlan(prompts, encoding, denoise_plan, image, sizes, decode_batch_size)
+    return RunPlan(prompts, encoding, denoise_plan, image, sizes, decode_batch_size, control_image, control_sizes)

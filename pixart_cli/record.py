@@ -52,6 +52,10 @@ class RunRecord:
     strength: float | None = None
     steps_run: int | None = None
     source_image: dict | None = None  # {name, sha256} of the image the init latents came from
+    # ControlNet
+    control: dict | None = None  # {image: {name, sha256} of the edge map (or None), latents_sha256}
+    controlnet: dict | None = None  # {file, weights_sha256} of the adapter (controlnet_file's digest)
+    controlnet_scale: float | None = None  # the factor of the adapter's skips
 
     @classmethod
     def from_meta(cls, meta: dict) -> RunRecord:
@@ -65,6 +69,10 @@ class RunRecord:
     @property
     def image_to_image(self) -> bool:
         return self.strength is not None
+
+    @property
+    def controlled(self) -> bool:
+        return self.controlnet is not None
 
 
 def _pairs(*names) -> tuple:
@@ -108,6 +116,9 @@ LATENTS = _pairs(
     "loras",
 )
 IMAGE_TO_IMAGE = _pairs("strength", "steps_run", "source_image")  # in latents and images, for image to image only
+# In latents, images and the --resume identity, for ControlNet runs only (so that files and manifests of runs
+# without one stay as they were)
+CONTROLNET = _pairs("control", "controlnet", "controlnet_scale")
 IMAGE = _pairs(
     "model",
     "revision",
@@ -164,6 +175,9 @@ COMPARED = (
     "loras",
     "strength",
     "source_image",
+    "control",
+    "controlnet",
+    "controlnet_scale",
     "seeds",
 )
 # An embedding-cache entry: its key (with the text encoder's config beside it) and what an entry file must match
@@ -191,12 +205,20 @@ def embeddings_meta(record: RunRecord) -> dict:
 
 
 def latents_meta(record: RunRecord) -> dict:
-    return {**derive(record, LATENTS), **(derive(record, IMAGE_TO_IMAGE) if record.image_to_image else {})}
+    return {
+        **derive(record, LATENTS),
+        **(derive(record, IMAGE_TO_IMAGE) if record.image_to_image else {}),
+        **(derive(record, CONTROLNET) if record.controlled else {}),
+    }
 
 
 def identity(record: RunRecord, dtype_word: str) -> dict:
     """The manifest's ``options`` of an image: the settings --resume requires to be the same now."""
-    return {**derive(record, IDENTITY), "dtype": dtype_word}
+    return {
+        **derive(record, IDENTITY),
+        **(derive(record, CONTROLNET) if record.controlled else {}),
+        "dtype": dtype_word,
+    }
 
 
 def cache_key(record: RunRecord, text_encoder_config: dict) -> dict:
@@ -208,6 +230,8 @@ def image_metadata(record: RunRecord, index: int) -> tuple[str, dict]:
     settings = derive(record, IMAGE)
     if record.image_to_image:
         settings.update(derive(record, IMAGE_TO_IMAGE))
+    if record.controlled:
+        settings.update(derive(record, CONTROLNET))
     settings.update(
         prompt=record.prompts[index],
         seed=record.seeds[index],
@@ -226,6 +250,12 @@ def image_metadata(record: RunRecord, index: int) -> tuple[str, dict]:
     )
     if record.image_to_image:  # as A1111 writes it
         parameters += f", Denoising strength: {settings['strength']}"
+    if record.controlled:  # as A1111's ControlNet extension writes it
+        adapter = record.controlnet
+        parameters += (
+            f', ControlNet 0: "Model: {adapter.get("file")} [{str(adapter.get("weights_sha256"))[:10]}], '
+            f'Weight: {record.controlnet_scale}"'
+        )
     if record.step_cache is not None:  # approximate: a reader must know the image is not the exact one
         parameters += f", Step cache: {record.step_cache}"
     if record.text_encoder_precision not in (None, "full"):  # a quantized T5 gives other embeddings
@@ -233,10 +263,10 @@ def image_metadata(record: RunRecord, index: int) -> tuple[str, dict]:
     return parameters, settings
 
 
-def source_image_of(init_meta: dict) -> dict | None:
-    """What the outputs record of the image that init latents came from: its {name, sha256}, when the init file
-    (untrusted) holds exactly such a record of short strings; else None."""
-    recorded = init_meta.get("source_image")
+def source_image_of(init_meta: dict, key: str = "source_image") -> dict | None:
+    """What the outputs record of the image that init (or control, ``key`` "control_image") latents came from: its
+    {name, sha256}, when the file (untrusted) holds exactly such a record of short strings; else None."""
+    recorded = init_meta.get(key)
     fields = ("name", "sha256")
     if (
         isinstance(recorded, dict)
@@ -276,6 +306,9 @@ def for_denoise(
     loras: list[dict],
     memory_plan: str | None = None,
     source_image: dict | None = None,
+    control: dict | None = None,
+    controlnet: dict | None = None,
+    controlnet_scale: float | None = None,
 ) -> RunRecord:
     """The record of a denoise run from its embeddings' record. ``filled``: the schedule's values
     (``dataclasses.asdict(plan.Schedule)``, or ``plan.resolved`` where no size is binned yet); ``step_cache``: the
@@ -309,4 +342,7 @@ def for_denoise(
         strength=strength,
         steps_run=steps_run,
         source_image=source_image if strength is not None else None,
+        control=control,
+        controlnet=controlnet,
+        controlnet_scale=controlnet_scale,
     )

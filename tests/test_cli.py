@@ -77,6 +77,7 @@ def test_command_list_is_not_cut():
         "denoise",
         "decode",
         "encode-image",
+        "encode-control",
         "generate",
         "info",
         "compare",

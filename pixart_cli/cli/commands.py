@@ -6,7 +6,7 @@ model loads; 2. the run context resolved once; 3. the stage run; 4. the outputs 
 
 from __future__ import annotations
 
-from pixart_cli.cli import options, scale_options, shared
+from pixart_cli.cli import convert_options, image_commands, options, scale_options, shared
 from pixart_cli.cli.app import app
 from pixart_cli.cli.edge import run_command
 from pixart_cli.cli.output import Output, info_table
@@ -79,6 +79,8 @@ def denoise(
     lora: options.Lora = None,
     init_latents: options.InitLatents = None,
     strength: options.Strength = None,
+    control: options.Control = None,
+    controlnet: options.ControlNet = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -114,11 +116,14 @@ def denoise(
             strength,
             step_cache,
         )
-        check_one_stdin(("EMBEDDINGS", embeddings), ("--init-latents", init_latents))
-        inputs = (embeddings,) if init_latents is None else (embeddings, init_latents)
+        check_one_stdin(("EMBEDDINGS", embeddings), ("--init-latents", init_latents), ("--control", control))
+        spec = shared.controlnet(controlnet)
+        inputs = tuple(path for path in (embeddings, init_latents, control) if path is not None)
+        inputs += () if spec is None else (str(spec.path),)
         (target,) = shared.targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
         loaded = staged.load_embeddings(embeddings)
         init = None if init_latents is None else staged.load_init_latents(init_latents)
+        conditioning = None if control is None else staged.load_control(control)
         loras = shared.loras(lora)
         source = model_for_file(model, revision, loaded.meta, embeddings)
         planned = plan_denoise(
@@ -130,6 +135,9 @@ def denoise(
             init=init,
             init_name="--init-latents" if init_latents is None else str(init_latents),
             loras=loras,
+            control=conditioning,
+            control_name="--control" if control is None else str(control),
+            controlnet=spec,
         )
         # 2. Resolve once, run, write
         ctx = shared.context(out, source, device, dtype, budget, report_memory, loras)
@@ -181,47 +189,8 @@ def decode(
     run_command(out, work)
 
 
-@app.command(short_help="Image → init.pt for image to image (loads only the VAE).")
-def encode_image(
-    image: options.ImageFile,
-    output: options.InitLatentsOutput = "init.pt",
-    model: options.Model = None,
-    revision: options.Revision = None,
-    width: options.ImageWidth = None,
-    height: options.ImageHeight = None,
-    no_binning: options.NoBinning = False,
-    device: options.Device = "auto",
-    dtype: options.Dtype = "auto",
-    vram: options.Vram = None,
-    report_memory: options.ReportMemory = False,
-    no_overwrite: options.NoOverwrite = False,
-    quiet: options.Quiet = False,
-    json: options.Json = False,
-) -> None:
-    """Encode an image with the VAE encoder only → init.pt, for `pixart denoise --init-latents init.pt`. The image
-    is resized and center-cropped to the size the transformer will run at (its trained bin)."""
-    out = Output("encode-image", quiet, json)
-
-    def work():
-        from pixart_cli.files import image_io, staged
-        from pixart_cli.plan import check_size_options, fit_image
-        from pixart_cli.stages.encode_image import encode_image
-
-        # 1. Every option and path, the image itself, then the sizes on the model's configs, before a model loads
-        budget = shared.check_common(device, dtype, vram)
-        check_size_options(width, height)
-        (target,) = shared.targets(out, output, 1, "init latents", (image,), overwrite=not no_overwrite)
-        source_image = image_io.read_source_image(image)
-        source = shared.new_model(model, revision)
-        sizes = fit_image(source_image, source, width, height, not no_binning)
-        # 2. Resolve once, run, write
-        ctx = shared.context(out, source, device, dtype, budget, report_memory)
-        init = encode_image(source_image, sizes, ctx)
-        with GUARD.deferred():  # placed and reported together
-            out.wrote(staged.save(target, init, overwrite=not no_overwrite))
-        shared.finish(out, ctx)
-
-    run_command(out, work)
+app.command(short_help="Image → init.pt for image to image (loads only the VAE).")(image_commands.encode_image)
+app.command(short_help="Edge map → control.pt for a ControlNet (loads only the VAE).")(image_commands.encode_control)
 
 
 @app.command(short_help="Prompts → images: encode, denoise, decode in one process.")
@@ -249,6 +218,8 @@ def generate(
     lora: options.Lora = None,
     image: options.Image = None,
     strength: options.Strength = None,
+    control_image: options.ControlImage = None,
+    controlnet: options.ControlNet = None,
     cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -298,23 +269,25 @@ def generate(
             strength,
             step_cache,
         )
+        spec = shared.controlnet(controlnet)
+        inputs = tuple(path for path in (image, control_image) if path is not None)
+        inputs += () if spec is None else (str(spec.path),)
         # --resume skips the complete images that are there; only those it makes again must be new
         targets = shared.targets(
-            out,
-            output,
-            len(texts) * num_images,
-            "image",
-            () if image is None else (image,),
-            overwrite=not no_overwrite or resume,
+            out, output, len(texts) * num_images, "image", inputs, overwrite=not no_overwrite or resume
         )
         if image is None:
             with_init_size(denoising, None, option="--image")  # --strength alone is refused here
-        elif launch.applies(output, resume, ray, ray_address, spread is not None):
+        one_process = {"--image": image, "--control-image": control_image, "--controlnet": controlnet}
+        given = [flag for flag, value in one_process.items() if value is not None]
+        if given and launch.applies(output, resume, ray, ray_address, spread is not None):
+            what = "image to image runs" if given[0] == "--image" else "a ControlNet runs"
             raise PixartError(
-                "--image: image to image runs in one process only; write to a file, not -o DIR/, and "
-                "leave out --resume and --ray"
+                f"{given[0]}: {what} in one process only; write to a file, not -o DIR/, and leave out --resume "
+                "and --ray"
             )
         source_image = None if image is None else image_io.read_source_image(image, "--image")
+        edges = None if control_image is None else image_io.read_source_image(control_image, "--control-image")
         source = shared.new_model(model, revision)
         loras = shared.loras(lora)
         if launch.applies(
@@ -342,7 +315,15 @@ def generate(
             return
         # 2. Plan the whole run, resolve once, run the three stages, write
         planned = plan_run(
-            texts, encoding, denoising, source, image=source_image, loras=loras, decode_batch_size=batch_size
+            texts,
+            encoding,
+            denoising,
+            source,
+            image=source_image,
+            loras=loras,
+            decode_batch_size=batch_size,
+            control_image=edges,
+            controlnet=spec,
         )
         ctx = shared.context(out, source, device, dtype, budget, report_memory, loras)
         images, meta = generate(planned, ctx)
@@ -397,12 +378,12 @@ def compare(
 
 @app.command(short_help="Model → a local fp16 (or bf16) copy of it, a diffusers folder.")
 def convert(
-    model: options.ConvertModel,
-    output: options.ConvertOutput,
-    dtype: options.ConvertDtype = "fp16",
-    components: options.Components = None,
+    model: convert_options.ConvertModel,
+    output: convert_options.ConvertOutput,
+    dtype: convert_options.ConvertDtype = "fp16",
+    components: convert_options.Components = None,
     revision: options.Revision = None,
-    overwrite: options.OverwriteFolder = False,
+    overwrite: convert_options.OverwriteFolder = False,
     quiet: options.Quiet = False,
     json: options.Json = False,
 ) -> None:

@@ -10,8 +10,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from pixart_cli.models.convert import CONVERTIBLE
-from pixart_cli.models.convert import DTYPE_WORDS as CONVERT_DTYPES
 from pixart_cli.models.memory import AUTO_MARGIN, GIB
 from pixart_cli.models.source import BASE_MODEL_ENV, DEFAULT_MODEL, FAMILIES, MODEL_ENV
 from pixart_cli.settings import DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, PRECISIONS, SCHEDULERS
@@ -365,50 +363,45 @@ Strength = Annotated[
     ),
 ]
 
-# convert
-ConvertModel = Annotated[
+# ControlNet
+ControlOutput = _output("control latents", "control.pt")
+ControlImageFile = Annotated[
     str,
     typer.Argument(
-        metavar="MODEL",
-        help="The model to copy: a local diffusers folder or a Hugging Face id (downloaded once, as by every stage).",
+        metavar="IMAGE",
+        help="The control image: an edge map (white edges on black, as HED makes them), any size; it is scaled and "
+        "center-cropped to the generation size.",
         show_default=False,
     ),
 ]
-ConvertOutput = Annotated[
-    str,
-    typer.Option(
-        "--output",
-        "-o",
-        metavar="DIR",
-        help="The folder to write: a new path, written beside it under a temp name and renamed into place when "
-        "complete (nothing is left if it fails).",
-        show_default=False,
-    ),
-]
-ConvertDtype = Annotated[
-    str,
-    typer.Option(
-        "--dtype",
-        metavar="|".join(CONVERT_DTYPES),
-        help="The copy's dtype. What transformers keeps in fp32 when it loads fp16 (T5's wo layers) stays fp32, so "
-        "the copy holds exactly the weights loading the original with this --dtype gives.",
-    ),
-]
-Components = Annotated[
+Control = Annotated[
     Optional[str],
     typer.Option(
-        "--components",
-        metavar="NAMES",
-        help=f"The components to convert, separated by commas: {', '.join(CONVERTIBLE)} [default: all of them "
-        "the model has]. The others are copied as they are.",
+        "--control",
+        metavar="FILE",
+        help="ControlNet: the control latents (`pixart encode-control` writes them) that steer the layout, with "
+        "--controlnet; the run takes their size.",
         show_default=False,
     ),
 ]
-OverwriteFolder = Annotated[
-    bool,
+ControlImage = Annotated[
+    Optional[str],
     typer.Option(
-        "--overwrite/--no-overwrite",
-        help="Replace an existing DIR (a model folder), once the new copy is complete; without it an existing DIR "
-        "is refused.",
+        "--control-image",
+        metavar="FILE",
+        help="ControlNet: the edge map that steers the layout, with --controlnet, as encode-control + denoise "
+        "--control do; scaled to the generation size [default: its own size, or --image's].",
+        show_default=False,
+    ),
+]
+ControlNet = Annotated[
+    Optional[str],
+    typer.Option(
+        "--controlnet",
+        metavar="FILE|DIR[:SCALE]",
+        help="A PixArt-α ControlNet adapter: the published .pth (PixArt-XL-2-1024-ControlNet.pth; its copy of the "
+        "base model is not read) or a diffusers-layout .safetensors file or folder; SCALE multiplies its effect "
+        "(default 1.0). Recorded in the outputs.",
+        show_default=False,
     ),
 ]

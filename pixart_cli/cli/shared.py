@@ -36,6 +36,20 @@ def loras(values: Optional[list[str]]) -> tuple:
     return tuple(read_lora(parse_lora_spec(value)) for value in values or ())
 
 
+def controlnet(value: Optional[str]):
+    """--controlnet FILE|DIR[:SCALE], parsed (the file is checked against the model by the plan)."""
+    from pixart_cli.files.controlnet_file import parse_controlnet_spec
+
+    return None if value is None else parse_controlnet_spec(value)
+
+
+def check_controllable(source) -> None:
+    """encode-control: the PixArt ControlNet works on PixArt-α's latents only."""
+    from pixart_cli.files.controlnet_file import check_family
+
+    check_family(source, "encode-control")
+
+
 def new_model(model: Optional[str], revision: Optional[str]):
     """--model (default: $PIXART_MODEL, else the default checkpoint) at --revision."""
     from pixart_cli.models.source import Model, default_model

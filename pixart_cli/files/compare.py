@@ -11,13 +11,14 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pixart_cli import record
 from pixart_cli.errors import PixartError
 from pixart_cli.files import image_io, staged
 
 STAT_KEYS = ("cosine", "max_abs_diff", "mean_abs_diff")
 IMAGE_KEYS = ("max_pixel_diff", "mean_pixel_diff", "psnr")
 # Latents settings that change the result; compare names each that differs between the two files.
-SETTINGS_NOTED = ("steps", "guidance_scale", "scheduler", "dtype", "step_cache", "compiled", "loras", "seeds")
+SETTINGS_NOTED = record.COMPARED
 
 
 @dataclass

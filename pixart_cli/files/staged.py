@@ -1,4 +1,4 @@
-"""The registry of staged .pt kinds (embeddings, latents, init latents): keys, loaders, the writer.
+"""The registry of staged .pt kinds (embeddings, latents, init latents, control latents): keys, loaders, the writer.
 
 A .pt file is ``torch.save`` of a plain dict: tensors at the top level under diffusers' keyword names, so
 ``pipe(**{k: v for k, v in d.items() if k != "meta"})`` works, and a ``meta`` dict of plain values. Loading goes
@@ -15,7 +15,7 @@ from typing import Any
 
 from pixart_cli.errors import bad_file
 from pixart_cli.files.atomic import STDOUT, atomic_path, is_stdout, json_safe, plain, write_stdout
-from pixart_cli.files.formats import EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
+from pixart_cli.files.formats import CONTROL_FORMAT, EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
 from pixart_cli.files.image_io import IMAGE_FORMATS, read_image_metadata
 from pixart_cli.files.stdin import is_stdin
 from pixart_cli.files.untrusted import (
@@ -57,6 +57,45 @@ class Latents:
         return {"latents": self.latents}
 
 
+class ControlLatents(Latents):
+    """A ControlNet's condition (encode-control): VAE latents of an edge map [1, C, H/8, W/8] at the binned size,
+    with the sizes they were encoded for and the image's {name, sha256} (meta ``control_image``)."""
+
+    FORMAT = CONTROL_FORMAT
+
+
+def encoded_image_meta(source, dtype_name: str, sizes, scaling_factor: float, seed: int) -> dict:
+    """The meta of latents encoded from an image (init or control latents): the model (a ``models.source.Model``),
+    the sizes they were encoded for (a ``plan.Schedule``) and the VAE's scaling factor, which denoise checks."""
+    return {
+        "model": source.recorded,
+        "revision": source.revision,
+        "family": source.family.name,
+        "dtype": dtype_name,
+        "prompts": [""],  # decode can show the image; it has no prompt
+        "seeds": [seed],
+        "sample": "latent_dist.sample",
+        "vae_scaling_factor": scaling_factor,
+        "height": sizes.height,
+        "width": sizes.width,
+        "requested_height": sizes.requested_height,
+        "requested_width": sizes.requested_width,
+        "binned": sizes.binned,
+    }
+
+
+def tensor_sha256(tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (CPU, contiguous): what the outputs record of control latents."""
+    import hashlib
+
+    import torch
+
+    tensor = tensor.detach().cpu().contiguous()
+    hasher = hashlib.sha256(f"{str(tensor.dtype).removeprefix('torch.')}\0{list(tensor.shape)}\0".encode())
+    hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return hasher.hexdigest()
+
+
 def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True, follow_link: bool = True) -> Path:
     """Write an Embeddings or Latents file atomically (``-`` : to stdout), stamped with its format and version;
     tensors go to the CPU first. ``follow_link``: as ``atomic_path`` (an output the user named).
@@ -89,9 +128,11 @@ def compact(tensor):
 
 def load_any(path) -> Embeddings | Latents:
     """An embeddings or a latents file, whichever ``path`` is (validated as such)."""
-    data, size = read_pt(path, (EMBEDDINGS_FORMAT, LATENTS_FORMAT))
+    data, size = read_pt(path, (EMBEDDINGS_FORMAT, LATENTS_FORMAT, CONTROL_FORMAT))
     if data["meta"]["format"] == EMBEDDINGS_FORMAT:
         return _embeddings(path, data, size)
+    if data["meta"]["format"] == CONTROL_FORMAT:
+        return _latents(path, data, size, ControlLatents)
     return _latents(path, data, size)
 
 
@@ -121,7 +162,8 @@ def describe(path) -> dict:
         key: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
         for key, value in artifact.tensors().items()
     }
-    kind = "embeddings" if isinstance(artifact, Embeddings) else "latents"
+    kinds = {Embeddings: "embeddings", Latents: "latents", ControlLatents: "control latents"}
+    kind = kinds[type(artifact)]
     return json_safe({"file": str(path), "kind": kind, "tensors": tensors, "meta": artifact.meta})
 
 
@@ -168,7 +210,16 @@ def load_init_latents(path) -> Latents:
     return _latents(path, data, size)
 
 
-def _latents(path, data: dict, size: int) -> Latents:
+def load_control(path, argument: str = "--control") -> ControlLatents:
+    """Control latents for a ControlNet (--control), from `pixart encode-control`; validated as load_latents does
+    (their sizes and the model are checked against the run by the plan)."""
+    data, size = read_pt(
+        path, (CONTROL_FORMAT,), needed="control latents (from pixart encode-control)", argument=argument
+    )
+    return _latents(path, data, size, ControlLatents)
+
+
+def _latents(path, data: dict, size: int, kind: type = Latents) -> Latents:
     meta = data["meta"]
     latents = tensor_field(path, data, "latents", 4, "f", size)
     for key in ("height", "width", "requested_height", "requested_width"):
@@ -183,4 +234,4 @@ def _latents(path, data: dict, size: int) -> Latents:
         raise bad_file(
             path, f"latents {list(latents.shape)} do not fit the recorded size {meta['width']}x{meta['height']}"
         )
-    return Latents(latents, meta)
+    return kind(latents, meta)

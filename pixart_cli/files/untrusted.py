@@ -12,7 +12,7 @@ import stat
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file, detail
 from pixart_cli.files.atomic import FILE_KINDS
-from pixart_cli.files.formats import EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
+from pixart_cli.files.formats import CONTROL_FORMAT, EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
 from pixart_cli.files.stdin import is_stdin, read_stdin
 
 # A file is untrusted, whatever wrote it: the work of reading it is bounded by its size on disk and these caps.
@@ -127,6 +127,7 @@ def read_pt(
         kind = {
             EMBEDDINGS_FORMAT: "an embeddings file (from pixart encode)",
             LATENTS_FORMAT: "a latents file (from pixart denoise)",
+            CONTROL_FORMAT: "a control file (from pixart encode-control)",
         }
         if fmt in kind:
             raise bad_file(path, f"is {kind[fmt]}, but this command needs {needed or kind[expected_formats[0]]}")

@@ -25,6 +25,10 @@ CONTEXT_ESTIMATE = int(0.6 * GIB)  # CUDA context before we can measure it (0.61
 # Activation factors, measured on the full-size PixArt-XL-2-1024-MS (benchmarks/bench.py):
 T5_ACTIVATIONS_PER_TOKEN = 8  # encode activations ≈ 8 x tokens x d_ff x dtype size
 DIT_ACTIVATIONS_PER_TOKEN = 40  # activations of one sample ≈ 40 x tokens x hidden x dtype size
+# A ControlNet adds, beside the base's hidden states, the control stream, its skip and the embedded control latents
+# (three tokens x hidden tensors per sample, rounded up to 4); its copies' own activations are a base block's and
+# come one at a time. From the structure (models/controlnet.py), not measured.
+CONTROL_ACTIVATIONS_PER_TOKEN = 4
 VAE_ACTIVATIONS_PER_PIXEL = 18  # full decode ≈ 18 x block_out_channels[0] x H x W x dtype size
 VAE_TILES = (512, 256, 128)
 # Texts per T5 call: a resident T5 gains nothing from more; a streamed one reads its weights once per call.
@@ -186,17 +190,26 @@ def plan_denoise(
     dtype_size: int,
     images: int,
     cfg: bool,
+    adapter_bytes: int = 0,
+    adapter_blocks: int = 0,
 ) -> Plan:
-    """Resident transformer with the largest batch that fits; streamed (group offload) below its size."""
-    per_image = DIT_ACTIVATIONS_PER_TOKEN * tokens_per_sample * hidden * dtype_size * (2 if cfg else 1)
+    """Resident transformer with the largest batch that fits; streamed (group offload) below its size.
+
+    A ControlNet adapter of ``adapter_bytes`` in ``adapter_blocks`` copies is resident beside a resident
+    transformer, and streamed with a streamed one, one copy on the device at a time (``controlnet.stream_adapter``);
+    its activations are ``CONTROL_ACTIVATIONS_PER_TOKEN`` more per token."""
+    per_token = DIT_ACTIVATIONS_PER_TOKEN + (CONTROL_ACTIVATIONS_PER_TOKEN if adapter_blocks else 0)
+    per_image = per_token * tokens_per_sample * hidden * dtype_size * (2 if cfg else 1)
+    resident_weights = transformer_bytes + adapter_bytes
     if budget is None:  # CPU / MPS: batches bounded only so that a long list never allocates all at once
         batch = min(images, UNBUDGETED_BATCH)
-        return Plan("denoise", "resident", context + transformer_bytes + per_image * batch, budget, batch=batch)
-    room = budget - context - transformer_bytes
+        return Plan("denoise", "resident", context + resident_weights + per_image * batch, budget, batch=batch)
+    room = budget - context - resident_weights
     if room >= per_image:
         batch = max(1, min(images, room // per_image))
-        return Plan("denoise", "resident", context + transformer_bytes + per_image * batch, budget, batch=batch)
-    return Plan("denoise", "streamed", context + transformer_bytes // 8 + per_image, budget, batch=1)
+        return Plan("denoise", "resident", context + resident_weights + per_image * batch, budget, batch=batch)
+    streamed_weights = transformer_bytes // 8 + (adapter_bytes // adapter_blocks if adapter_blocks else 0)
+    return Plan("denoise", "streamed", context + streamed_weights + per_image, budget, batch=1)
 
 
 def plan_decode(

@@ -194,3 +194,54 @@ def _encoder_class():
             return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(moments))
 
     return VaeEncoder
+
+
+def encode_pixels(image, sizes, ctx, stage: str, seed: int):
+    """An image (PIL, RGB) -> VAE latents [1, C, H/8, W/8] at ``sizes`` (a ``plan.Schedule``: the size the
+    transformer runs at), as diffusers' img2img pipelines make them: resized and center-cropped by the image
+    processor (``resize_mode="crop"``, to [-1, 1]), ``latent_dist.sample`` from a CPU generator seeded ``seed``,
+    times the VAE's scaling factor. Loads only the VAE's encoder, full or tiled for the budget (the decoder's
+    estimate: the encoder's activations are no larger). Returns (latents on the CPU, scaling factor); the stage
+    ``stage`` is named in the plan's note and the memory report."""
+    import dataclasses
+
+    import torch
+
+    from pixart_cli.models import memory
+    from pixart_cli.models.facade import import_diffusers
+
+    PixArtImageProcessor = import_diffusers("diffusers.image_processor").PixArtImageProcessor
+    source = ctx.model
+    meter = ctx.meter(stage)
+    budget, context = ctx.budget()
+    config = source.config("vae")
+    skeleton = memory.meta_model(encoder_skeleton, config, ctx.dtype)
+    chosen = dataclasses.replace(
+        memory.plan_decode(
+            budget,
+            context,
+            memory.parameter_bytes(skeleton),
+            config["block_out_channels"][0],
+            sizes.height,
+            sizes.width,
+            ctx.dtype.itemsize,
+        ),
+        stage=stage,
+    )
+    del skeleton
+    ctx.note(chosen.describe())
+    with meter.phase("load"):
+        vae = load_vae_half(source, config, ctx, chosen.tile, "encoder")
+
+    processor = PixArtImageProcessor(vae_scale_factor=source.vae_scale_factor)
+    ctx.advance(stage, 0, 1)
+    with meter.phase("compute"), torch.inference_mode():
+        pixels = processor.preprocess(image, height=sizes.height, width=sizes.width, resize_mode="crop")
+        posterior = vae.encode(pixels.to(ctx.device, ctx.dtype)).latent_dist
+        latents = (posterior.sample(torch.Generator("cpu").manual_seed(seed)) * vae.config.scaling_factor).cpu()
+    ctx.advance(stage, 1, 1)
+    scaling_factor = float(vae.config.scaling_factor)
+    del vae, posterior
+    ctx.free()
+    meter.finish(chosen.name if not chosen.tile else f"tiled-{chosen.tile}", ctx.reports)
+    return latents, scaling_factor

@@ -28,12 +28,14 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
     Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
     ``ctx.loras`` are checked against the transformer before its weights load, then fused into them.
     ``plan.init``: image to image's init latents; ``plan.schedule.strength`` says how much of the schedule runs.
+    ``plan.control`` and ``plan.controlnet``: a ControlNet's control latents and its adapter file (checked against
+    the model by the plan), read here and run beside the transformer, under the same memory plan.
     """
     settings, schedule, seeds = plan.settings, plan.schedule, plan.seeds
 
     # 1. Pick a memory plan for the budget from the transformer's exact size, then load it and the scheduler only
     meter = ctx.meter("denoise")
-    chosen = _memory_plan(schedule, plan.images, ctx)
+    chosen = _memory_plan(schedule, plan.images, ctx, plan.controlnet)
     if settings.batch_size is not None:  # the user's flag wins over the plan's batch
         chosen = dataclasses.replace(chosen, batch=settings.batch_size)
     # Shown once everything is checked and before the work, so that an interrupted run can be repeated.
@@ -41,11 +43,17 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
     ctx.note(chosen.describe())
     for adapter in ctx.loras:
         ctx.note(adapter.describe())
+    if plan.controlnet is not None:
+        where = "streamed with the transformer" if chosen.name == "streamed" else "resident"
+        ctx.note(f"{plan.controlnet.describe()}, {where}")
     with meter.phase("load"):
         step_cache = _step_cache(settings.step_cache, chosen, schedule, ctx)
         transformer, noise_scheduler = _load(
             chosen, schedule.scheduler, ctx, compiled=settings.compile, step_cache=step_cache
         )
+        controlnet = None
+        if plan.controlnet is not None:
+            transformer, controlnet = _controlled(transformer, plan, chosen, ctx)
 
     # 2. Denoise in batches of the memory plan's size
     with meter.phase("compute"):
@@ -68,12 +76,42 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
         loras=lora.records(list(ctx.loras)),
         memory_plan=chosen.name,
         source_image=None if plan.init is None else record.source_image_of(plan.init.meta),
+        **_control_record(plan, controlnet),
     )
     return staged.Latents(latents, record.latents_meta(made))
 
 
-def _memory_plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
-    """Resident with the largest batch that fits, or streamed, from the transformer's size on the meta device."""
+def _control_record(plan: DenoisePlan, controlnet: dict | None) -> dict:
+    """What the outputs record of a ControlNet run: the control latents (their digest, and the edge map they came
+    from), the adapter (``controlnet_file.ControlNetWeights.record``) and the scale; nothing without one."""
+    if plan.controlnet is None:
+        return {}
+    control = {
+        "image": record.source_image_of(plan.control.meta, "control_image"),
+        "latents_sha256": staged.tensor_sha256(plan.control.latents),
+    }
+    return {"control": control, "controlnet": controlnet, "controlnet_scale": plan.controlnet.scale}
+
+
+def _controlled(transformer, plan: DenoisePlan, chosen: memory.Plan, ctx: RunContext):
+    """(the transformer with the ControlNet adapter, the adapter's record): the adapter read (checked again as it
+    is read), cast to the run's dtype, and resident on the device or streamed with the transformer."""
+    import torch
+
+    from pixart_cli.models import controlnet
+
+    weights = plan.controlnet.read(ctx.model)
+    adapter = controlnet.build_adapter(weights, ctx.model, dtype=ctx.dtype)
+    if chosen.name == "streamed":
+        controlnet.stream_adapter(adapter, ctx.device)
+    else:
+        torch.nn.Module.to(adapter, ctx.device)
+    return controlnet.controlled(transformer, adapter, None, plan.controlnet.scale), weights.record()
+
+
+def _memory_plan(plan: Schedule, images: int, ctx: RunContext, checked=None) -> memory.Plan:
+    """Resident with the largest batch that fits, or streamed, from the transformer's size on the meta device
+    (and a ControlNet adapter's, ``checked``: a ``controlnet_file.ControlNetFile``)."""
     from pixart_cli.models.facade import import_diffusers
 
     PixArtTransformer2DModel = import_diffusers(
@@ -95,6 +133,8 @@ def _memory_plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
         ctx.dtype.itemsize,
         images,
         plan.guidance_scale > 1,
+        adapter_bytes=0 if checked is None else checked.parameter_bytes(ctx.dtype.itemsize),
+        adapter_blocks=0 if checked is None else checked.num_blocks,
     )
 
 
@@ -162,7 +202,7 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: staged.Embeddings
 
     from pixart_cli.models.sampling import sample_latents, start_from
 
-    schedule, init, num_images = plan.schedule, plan.init, plan.settings.num_images
+    schedule, init, control, num_images = plan.schedule, plan.init, plan.control, plan.settings.num_images
     total = plan.images
     rows = [index // num_images for index in range(total)]
     batches = math.ceil(total / batch)
@@ -174,6 +214,9 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: staged.Embeddings
             picked = rows[start : start + batch]
             tensors = {key: value[picked].to(ctx.device) for key, value in embeddings.tensors().items()}
             generators = [torch.Generator("cpu").manual_seed(seed) for seed in plan.seeds[start : start + len(picked)]]
+            if control is not None:  # one row steers every image; else image i's own (doubled under guidance)
+                rows_picked = [0] * len(picked) if len(control.latents) == 1 else slice(start, start + len(picked))
+                transformer.set_control(control.latents[rows_picked].to(ctx.device))
 
             def on_step(step: int, timestep, latents, done=number * schedule.steps_per_image) -> None:
                 ctx.advance("denoise", done + step + 1, total_steps)
