@@ -216,11 +216,14 @@ def build(
     device: str = "cpu",
     seed: int = 0,
     family: str = "alpha",
+    dtype: str | None = None,
 ) -> Path:
     """Write a random PixArt pipeline folder of one family to ``out`` and return it.
 
     sigma: PixArtSigmaPipeline, no micro-conditions, SDXL-VAE scaling. lcm: LCMScheduler. dmd: DDPMScheduler and,
-    like the published DMD checkpoint, no tokenizer, T5 or VAE (they come from a base model).
+    like the published DMD checkpoint, no tokenizer, T5 or VAE (they come from a base model). ``dtype`` "fp32" or
+    "fp16" (default: fp32 tiny, fp16 full); a full-size fp32 build is stored as the published checkpoint is (every
+    component in fp32, T5 in shards of up to 10 GB).
     """
     import torch
 
@@ -237,7 +240,8 @@ def build(
     else:
         vocab = train_tiny_tokenizer(out / "tokenizer")
 
-    t5, dit, vae, dtype = _configs(size, vocab, sample_size)
+    t5, dit, vae, default_dtype = _configs(size, vocab, sample_size)
+    dtype = default_dtype if dtype is None else {"fp32": torch.float32, "fp16": torch.float16}[dtype]
     if family == "sigma":
         dit.update(use_additional_conditions=False, interpolation_scale=2 if dit["sample_size"] >= 128 else 1)
         vae["scaling_factor"] = 0.13025
@@ -264,7 +268,8 @@ def build(
         tokenizer=None, text_encoder=text_encoder, vae=autoencoder, transformer=transformer, scheduler=scheduler
     )
     # Shards like the real checkpoint's, so per-shard loading paths are exercised.
-    pipe.save_pretrained(out, max_shard_size="5GB" if size == "full" else "100MB")
+    shard = "100MB" if size == "tiny" else ("10GB" if dtype == torch.float32 else "5GB")
+    pipe.save_pretrained(out, max_shard_size=shard)
     index_path = out / "model_index.json"
     index = json.loads(index_path.read_text())
     if family != "dmd":
@@ -288,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="copy this T5 tokenizer folder instead")
     parser.add_argument("--device", default="cpu", help="where to build the weights (full size: cuda is fast)")
     parser.add_argument("--family", choices=FAMILIES, default="alpha")
+    parser.add_argument("--dtype", choices=("fp32", "fp16"), default=None, help="default: fp32 tiny, fp16 full")
     args = parser.parse_args(argv)
     from pixart_cli import process
 
@@ -296,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     process.quiet_libraries()
     if not process.debugging():
         process.lean_imports()
-    print(build(args.out, args.size, args.sample_size, args.tokenizer, args.device, family=args.family))
+    print(
+        build(args.out, args.size, args.sample_size, args.tokenizer, args.device, family=args.family, dtype=args.dtype)
+    )
 
 
 if __name__ == "__main__":
