@@ -1,7 +1,7 @@
 """The run plan: every check the configs can answer, made once, before any model loads.
 
 ``plan_denoise`` turns the user's ``DenoiseSettings`` and the denoise stage's inputs (the embeddings' shape, and
-the conditioning inputs: init latents for image to image) into a ``DenoisePlan``: the concrete seeds, the
+the conditioning inputs: init latents for image to image, a mask for inpainting) into a ``DenoisePlan``: the concrete seeds, the
 ``Schedule`` (each default filled from the model's family and configs, the size binned as the pipeline bins it),
 and the checked inputs. The stage takes the plan as it is and checks nothing again. ``fit_image`` does the same for
 an image about to be encoded (encode-image, generate --image). Reads configs only: no weights load, and nothing
@@ -14,9 +14,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from pixart_cli import conditioning
+from pixart_cli.conditioning import check_init, check_mask_options, with_init_size
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models.source import Model
-from pixart_cli.settings import DEFAULT_STRENGTH, SCHEDULERS, DenoiseSettings
+from pixart_cli.settings import SCHEDULERS, DenoiseSettings, MaskSettings
 
 # With one step the pipeline returns the scheduler's pred_original_sample (step(...)[1]); these don't give one.
 NO_SINGLE_STEP = {"DPMSolverMultistepScheduler", "SASolverScheduler"}
@@ -36,6 +38,8 @@ class Schedule:
     height: int
     binned: bool
     strength: float | None = None  # image to image: the share of the schedule that runs
+    pag_scale: float | None = None  # perturbed-attention guidance (None: off)
+    pag_layers: list | None = None  # its layers: the user's, else diffusers' default
 
     @property
     def total_steps(self) -> int:
@@ -51,12 +55,15 @@ class Schedule:
 @dataclass(frozen=True)
 class DenoisePlan:
     """What the denoise stage runs, all checked: settings with a concrete seed, the schedule, one seed per image,
-    and the conditioning inputs as data (``init``: image to image's init latents, a ``staged.Latents``)."""
+    and the conditioning inputs as data (``init``: image to image's init latents, a ``staged.Latents``; ``mask``:
+    inpainting's ``staged.Mask``, or until it is made from a mask image, the checked ``mask_request``)."""
 
     settings: DenoiseSettings
     schedule: Schedule
     seeds: list[int]
     init: Any = None
+    mask: Any = None
+    mask_request: conditioning.MaskRequest | None = None
 
     @property
     def images(self) -> int:
@@ -65,6 +72,10 @@ class DenoisePlan:
     def with_init(self, init) -> DenoisePlan:
         """This plan with the init latents made for it (generate --image encodes them after planning)."""
         return dataclasses.replace(self, init=init)
+
+    def with_mask(self, mask) -> DenoisePlan:
+        """This plan with the mask made from its ``mask_request`` (stages/encode_mask.py)."""
+        return dataclasses.replace(self, mask=mask, mask_request=None)
 
 
 @dataclass(frozen=True)
@@ -95,9 +106,15 @@ def chosen_scheduler(source: Model, choice: str | None) -> str:
 
 def resolved(settings: DenoiseSettings, source: Model) -> dict:
     """The settings that change an image with each default filled from the model's family and configs: steps,
-    timesteps, guidance_scale, scheduler (class name), requested_width, requested_height, binned. Reads configs
+    timesteps, guidance_scale, scheduler (class name), requested_width, requested_height, binned, pag_scale and
+    pag_layers (None without perturbed-attention guidance). Reads configs
     only and imports nothing heavy (scale-out's drivers compare these with a manifest before any model loads)."""
     family = source.family
+    pag_layers = None
+    if settings.pag:
+        from pixart_cli.models.pag import default_layers
+
+        pag_layers = list(default_layers() if settings.pag_layers is None else settings.pag_layers)
     return {
         "steps": family.steps if settings.steps is None else settings.steps,
         "timesteps": list(family.timesteps) if settings.steps is None and family.timesteps else None,
@@ -106,6 +123,8 @@ def resolved(settings: DenoiseSettings, source: Model) -> dict:
         "requested_width": source.native_size if settings.width is None else settings.width,
         "requested_height": source.native_size if settings.height is None else settings.height,
         "binned": settings.binning and source.bin_table is not None,
+        "pag_scale": float(settings.pag_scale) if settings.pag else None,
+        "pag_layers": pag_layers,
     }
 
 
@@ -146,6 +165,8 @@ def schedule(settings: DenoiseSettings, source: Model, size_from: str | None = N
         height,
         filled["binned"],
         settings.strength,
+        filled["pag_scale"],
+        filled["pag_layers"],
     )
 
 
@@ -206,6 +227,10 @@ def plan_denoise(
     init_size: dict | None = None,
     init_name: str = "--init-latents",
     loras: tuple = (),
+    mask=None,
+    mask_name: str | None = None,
+    masking: MaskSettings = MaskSettings(),
+    source_image=None,
 ) -> DenoisePlan:
     """Every check of a denoise run, once: the seed drawn (when not given), the image count, the embeddings' width
     against the transformer, the schedule and sizes, the init latents (image to image) against all of them, and
@@ -214,8 +239,11 @@ def plan_denoise(
     ``init``: a ``staged.Latents`` of init latents, or None; ``init_size``: instead of them, the sizes they will be
     encoded for (generate --image: a ``fit_image`` schedule as a dict; ``with_init`` attaches the latents later);
     ``init_name`` names them in errors (a path, or ``--image``); ``embedding_width``: the embeddings' last
-    dimension, checked against the transformer's caption_channels.
+    dimension, checked against the transformer's caption_channels. Inpainting: ``mask``, a ``staged.Mask`` (a mask
+    file) or an ``image_io.SourceImage`` (a mask image, made into the plan's ``mask_request``), named ``mask_name``;
+    ``source_image``: generate's --image, whose pixels --keep-unmasked pastes back.
     """
+    check_mask_options(mask, masking, init is not None or init_size is not None, init_name, mask_name)
     if init is not None:
         init_size = init.meta
     settings = with_init_size(settings.with_seed(), init_size, init_name)
@@ -237,75 +265,18 @@ def plan_denoise(
         from pixart_cli.models.lora import check_loras_for_model
 
         check_loras_for_model(list(loras), source)
-    return DenoisePlan(settings, planned, [settings.seed + index for index in range(images)], init)
-
-
-def with_init_size(
-    settings: DenoiseSettings, init_meta: dict | None, option: str = "--init-latents"
-) -> DenoiseSettings:
-    """The run's settings with the init latents' size (what they were encoded for) and the default strength.
-
-    Without init latents, ``--strength`` is an error. A --width/--height that differs from the init's is one too.
-    """
-    if init_meta is None:
-        if settings.strength is not None:
-            raise PixartError(f"--strength {settings.strength}: only for image to image; give {option} FILE too")
-        return settings
-    requested = (init_meta["requested_width"], init_meta["requested_height"])
-    differing = [
-        f"{flag} {value}"
-        for flag, value, encoded in (
-            ("--width", settings.width, requested[0]),
-            ("--height", settings.height, requested[1]),
-        )
-        if value is not None and value != encoded
-    ]
-    if differing:
-        raise PixartError(
-            f"{' '.join(differing)}: the image was encoded for {requested[0]}x{requested[1]}; leave "
-            f"{'it' if len(differing) == 1 else 'them'} out, or encode the image again at that size"
-        )
-    strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
-    return dataclasses.replace(
+    conditioning.check_pag(planned.pag_scale, planned.pag_layers, source)
+    seeds = [settings.seed + index for index in range(images)]
+    if mask is None:
+        return DenoisePlan(settings, planned, seeds, init)
+    target = dict(init_size) if source_image is None else {**init_size, "source_image": source_image.record()}
+    return DenoisePlan(
         settings,
-        width=requested[0],
-        height=requested[1],
-        strength=strength,
-        binning=settings.binning and bool(init_meta.get("binned", True)),
+        planned,
+        seeds,
+        init,
+        *conditioning.plan_mask(mask, mask_name, masking, planned, source, target, init_name, source_image),
     )
-
-
-def check_init(init, plan: Schedule, source: Model, path: str, images: int) -> None:
-    """The init latents must suit this transformer and VAE, and this run's size and image count. Configs only."""
-    latents, meta = init.latents, init.meta
-    channels = source.config("transformer").get("in_channels", 4)
-    if latents.shape[1] != channels:
-        raise bad_file(
-            path,
-            f"init latents have {latents.shape[1]} channels but the transformer of {source.id} "
-            f"takes {channels}; encode the image with the same model family",
-        )
-    recorded, expected = meta.get("vae_scaling_factor"), source.config("vae").get("scaling_factor")
-    if isinstance(recorded, float) and isinstance(expected, float) and abs(recorded - expected) > 1e-6:
-        raise bad_file(
-            path,
-            f"init latents come from another VAE (scaling factor {recorded:g}; {source.id}'s is "
-            f"{expected:g}); encode the image with the same model family",
-        )
-    scale = source.vae_scale_factor
-    size = (latents.shape[3] * scale, latents.shape[2] * scale)
-    if size != (plan.width, plan.height):
-        raise bad_file(
-            path,
-            f"init latents are {size[0]}x{size[1]} but this run denoises at {plan.width}x"
-            f"{plan.height}; encode the image with the same model and --width/--height/--no-binning",
-        )
-    if latents.shape[0] not in (1, images):
-        raise bad_file(
-            path,
-            f"holds {latents.shape[0]} init latents for {images} images; give one (it starts every "
-            "image) or one per image",
-        )
 
 
 def check_steps(plan: Schedule) -> None:
@@ -410,9 +381,13 @@ def plan_run(
     image=None,
     loras: tuple = (),
     decode_batch_size: int | None = None,
+    mask=None,
+    mask_name: str | None = None,
+    masking: MaskSettings = MaskSettings(),
 ) -> RunPlan:
     """Every check of a generate run, before T5 loads: prompts, seeds and totals, the image's sizes (image to
-    image), the schedule, the text encoder's width against the transformer, and the LoRAs' fit."""
+    image), the mask against the image (inpainting), the schedule, the text encoder's width against the
+    transformer, perturbed-attention guidance and the LoRAs' fit."""
     from pixart_cli.settings import check_prompts
 
     prompts = check_prompts(prompts)
@@ -426,5 +401,19 @@ def plan_run(
         init_size=None if sizes is None else dataclasses.asdict(sizes),
         init_name="--image",
         loras=loras,
+        mask=mask,
+        mask_name=mask_name,
+        masking=masking,
+        source_image=image,
     )
     return RunPlan(prompts, encoding, denoise_plan, image, sizes, decode_batch_size)
+
+
+def plan_encode_mask(mask, image, source: Model, width: int | None, height: int | None, binning: bool, blur: int):
+    """encode-mask: the sizes of the image's init latents (as ``fit_image``: the same --width/--height/--no-binning
+    as encode-image), the mask checked against the image and for a white area. Returns the ``Schedule`` of sizes."""
+    sizes = fit_image(image, source, width, height, binning)
+    conditioning.check_grid(mask, image.size, f"--image {image.path}")
+    latent = conditioning.mask_image_coverage(mask, image.size, sizes, blur, source.vae_scale_factor)
+    conditioning.check_coverage(latent, mask.option, str(mask.path), sizes, mask.pixels)
+    return sizes

@@ -7,7 +7,9 @@
 - the key of an embedding-cache entry and what an entry must match (``CACHE_KEY``, ``CACHE_CHECKED``).
 
 A new setting that changes an image is one field here and one line in each mapping it belongs to. Mappings are
-(name in the output, field of the record); their order is the order of the keys written.
+(name in the output, field of the record); their order is the order of the keys written. The settings of a
+conditioning input or an opt-in guidance join LATENTS, IMAGE and IDENTITY as a group only where they act
+(``IMAGE_TO_IMAGE``, ``INPAINTING``, ``PAG``), so that files and manifests without them read as before.
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ class RunRecord:
     strength: float | None = None
     steps_run: int | None = None
     source_image: dict | None = None  # {name, sha256} of the image the init latents came from
+    # inpainting
+    mask: dict | None = None  # {name, sha256} of the mask image
+    mask_blur: int | None = None  # pixels
+    keep_unmasked: bool | None = None  # decode pastes the source pixels back outside the mask
+    # perturbed-attention guidance
+    pag_scale: float | None = None
+    pag_layers: list | None = None
 
     @classmethod
     def from_meta(cls, meta: dict) -> RunRecord:
@@ -65,6 +74,19 @@ class RunRecord:
     @property
     def image_to_image(self) -> bool:
         return self.strength is not None
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def pag(self) -> bool:
+        return self.pag_scale is not None
+
+    def groups(self) -> dict:
+        """The groups that act in this record (their settings are written)."""
+        acting = {"image_to_image": IMAGE_TO_IMAGE, "inpainting": INPAINTING, "pag": PAG}
+        return {name: group for name, group in acting.items() if getattr(self, name)}
 
 
 def _pairs(*names) -> tuple:
@@ -108,6 +130,8 @@ LATENTS = _pairs(
     "loras",
 )
 IMAGE_TO_IMAGE = _pairs("strength", "steps_run", "source_image")  # in latents and images, for image to image only
+INPAINTING = _pairs("mask", "mask_blur", "keep_unmasked")  # image to image with a mask
+PAG = _pairs("pag_scale", "pag_layers")  # perturbed-attention guidance
 IMAGE = _pairs(
     "model",
     "revision",
@@ -164,6 +188,11 @@ COMPARED = (
     "loras",
     "strength",
     "source_image",
+    "mask",
+    "mask_blur",
+    "keep_unmasked",
+    "pag_scale",
+    "pag_layers",
     "seeds",
 )
 # An embedding-cache entry: its key (with the text encoder's config beside it) and what an entry file must match
@@ -190,13 +219,17 @@ def embeddings_meta(record: RunRecord) -> dict:
     return derive(record, EMBEDDINGS)
 
 
+def _acting(record: RunRecord) -> dict:
+    return {name: value for group in record.groups().values() for name, value in derive(record, group).items()}
+
+
 def latents_meta(record: RunRecord) -> dict:
-    return {**derive(record, LATENTS), **(derive(record, IMAGE_TO_IMAGE) if record.image_to_image else {})}
+    return {**derive(record, LATENTS), **_acting(record)}
 
 
 def identity(record: RunRecord, dtype_word: str) -> dict:
     """The manifest's ``options`` of an image: the settings --resume requires to be the same now."""
-    return {**derive(record, IDENTITY), "dtype": dtype_word}
+    return {**derive(record, IDENTITY), **_acting(record), "dtype": dtype_word}
 
 
 def cache_key(record: RunRecord, text_encoder_config: dict) -> dict:
@@ -205,9 +238,7 @@ def cache_key(record: RunRecord, text_encoder_config: dict) -> dict:
 
 def image_metadata(record: RunRecord, index: int) -> tuple[str, dict]:
     """(A1111 "parameters" text, JSON settings) for image ``index`` of a run."""
-    settings = derive(record, IMAGE)
-    if record.image_to_image:
-        settings.update(derive(record, IMAGE_TO_IMAGE))
+    settings = {**derive(record, IMAGE), **_acting(record)}
     settings.update(
         prompt=record.prompts[index],
         seed=record.seeds[index],
@@ -226,6 +257,10 @@ def image_metadata(record: RunRecord, index: int) -> tuple[str, dict]:
     )
     if record.image_to_image:  # as A1111 writes it
         parameters += f", Denoising strength: {settings['strength']}"
+    if record.inpainting:  # as A1111 writes it
+        parameters += f", Mask blur: {record.mask_blur}"
+    if record.pag:
+        parameters += f", PAG scale: {record.pag_scale:g}"
     if record.step_cache is not None:  # approximate: a reader must know the image is not the exact one
         parameters += f", Step cache: {record.step_cache}"
     if record.text_encoder_precision not in (None, "full"):  # a quantized T5 gives other embeddings
@@ -276,10 +311,11 @@ def for_denoise(
     loras: list[dict],
     memory_plan: str | None = None,
     source_image: dict | None = None,
+    inpainting: dict | None = None,
 ) -> RunRecord:
     """The record of a denoise run from its embeddings' record. ``filled``: the schedule's values
     (``dataclasses.asdict(plan.Schedule)``, or ``plan.resolved`` where no size is binned yet); ``step_cache``: the
-    one that acts (``step_cache.acting``)."""
+    one that acts (``step_cache.acting``); ``inpainting``: {mask, mask_blur, keep_unmasked} (``inpainting_of``)."""
     strength = filled.get("strength")
     steps_run = None
     if strength is not None:
@@ -309,4 +345,13 @@ def for_denoise(
         strength=strength,
         steps_run=steps_run,
         source_image=source_image if strength is not None else None,
+        pag_scale=filled.get("pag_scale"),
+        pag_layers=filled.get("pag_layers"),
+        **({} if inpainting is None else inpainting),
     )
+
+
+def inpainting_of(mask) -> dict:
+    """What the outputs record of an inpainting mask (a ``staged.Mask``): the mask image's {name, sha256}, the
+    blur and whether decode pastes the source back."""
+    return {"mask": mask.meta["mask"], "mask_blur": mask.meta["mask_blur"], "keep_unmasked": mask.keeps_unmasked}

@@ -76,6 +76,7 @@ def test_command_list_is_not_cut():
         "denoise",
         "decode",
         "encode-image",
+        "encode-mask",
         "generate",
         "info",
         "compare",

@@ -6,6 +6,7 @@ model loads; 2. the run context resolved once; 3. the stage run; 4. the outputs 
 
 from __future__ import annotations
 
+from pixart_cli.cli import conditioning_options as conditioning
 from pixart_cli.cli import options, shared
 from pixart_cli.cli.app import app
 from pixart_cli.cli.edge import run_command
@@ -76,8 +77,13 @@ def denoise(
     compile: options.Compile = False,
     step_cache: options.StepCache = None,
     lora: options.Lora = None,
-    init_latents: options.InitLatents = None,
-    strength: options.Strength = None,
+    init_latents: conditioning.InitLatents = None,
+    strength: conditioning.Strength = None,
+    mask: conditioning.Mask = None,
+    mask_blur: conditioning.MaskBlur = None,
+    keep_unmasked: conditioning.KeepUnmasked = None,
+    pag_scale: conditioning.PagScale = None,
+    pag_layers: conditioning.PagLayers = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -91,9 +97,10 @@ def denoise(
 
     def work():
         from pixart_cli.files import staged
+        from pixart_cli.generate import with_mask
         from pixart_cli.models.source import model_for_file
         from pixart_cli.plan import plan_denoise
-        from pixart_cli.settings import DenoiseSettings
+        from pixart_cli.settings import DenoiseSettings, MaskSettings
         from pixart_cli.stages.denoise import denoise
 
         # 1. Every option and path, then the input files and the plan, before a model loads
@@ -111,8 +118,11 @@ def denoise(
             compile,
             strength,
             step_cache,
+            pag_scale,
+            shared.pag_layers(pag_layers),
         )
-        inputs = (embeddings,) if init_latents is None else (embeddings, init_latents)
+        masking = MaskSettings(mask_blur, keep_unmasked)
+        inputs = tuple(path for path in (embeddings, init_latents, mask) if path is not None)
         (target,) = shared.targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
         loaded = staged.load_embeddings(embeddings)
         init = None if init_latents is None else staged.load_init_latents(init_latents)
@@ -127,10 +137,11 @@ def denoise(
             init=init,
             init_name="--init-latents" if init_latents is None else str(init_latents),
             loras=loras,
+            **shared.mask_args(mask, masking),
         )
         # 2. Resolve once, run, write
         ctx = shared.context(out, source, device, dtype, budget, report_memory, loras)
-        latents = denoise(loaded, planned, ctx)
+        latents = denoise(loaded, with_mask(planned, ctx), ctx)
         out.record["seeds"] = latents.meta["seeds"]
         with GUARD.deferred():  # placed and reported together
             out.wrote(staged.save(target, latents, overwrite=not no_overwrite))
@@ -180,12 +191,12 @@ def decode(
 
 @app.command(short_help="Image → init.pt for image to image (loads only the VAE).")
 def encode_image(
-    image: options.ImageFile,
-    output: options.InitLatentsOutput = "init.pt",
+    image: conditioning.ImageFile,
+    output: conditioning.InitLatentsOutput = "init.pt",
     model: options.Model = None,
     revision: options.Revision = None,
-    width: options.ImageWidth = None,
-    height: options.ImageHeight = None,
+    width: conditioning.ImageWidth = None,
+    height: conditioning.ImageHeight = None,
     no_binning: options.NoBinning = False,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -221,6 +232,49 @@ def encode_image(
     run_command(out, work)
 
 
+@app.command(short_help="Mask image → mask.pt for inpainting (loads no model).")
+def encode_mask(
+    mask: conditioning.MaskImageFile,
+    image: conditioning.MaskSourceImage,
+    output: conditioning.MaskOutput = "mask.pt",
+    model: options.Model = None,
+    revision: options.Revision = None,
+    width: conditioning.ImageWidth = None,
+    height: conditioning.ImageHeight = None,
+    no_binning: options.NoBinning = False,
+    mask_blur: conditioning.MaskBlur = None,
+    no_overwrite: options.NoOverwrite = False,
+    quiet: options.Quiet = False,
+    json: options.Json = False,
+) -> None:
+    """Make an inpainting mask for `pixart denoise --init-latents init.pt --mask mask.pt` → mask.pt: the mask at the
+    size the transformer runs at, and the image's pixels that decode pastes back outside it (--keep-unmasked).
+    Give the same --width/--height/--no-binning as to encode-image."""
+    out = Output("encode-mask", quiet, json)
+
+    def work():
+        from pixart_cli.files import image_io, staged
+        from pixart_cli.plan import check_size_options, plan_encode_mask
+        from pixart_cli.settings import MaskSettings
+        from pixart_cli.stages.encode_mask import encode_mask
+
+        # 1. Every option and path, both images, then the sizes and the mask's checks, before any work
+        check_size_options(width, height)
+        blur = MaskSettings(mask_blur).blur_px
+        (target,) = shared.targets(out, output, 1, "mask", (mask, image), overwrite=not no_overwrite)
+        mask_image = image_io.read_source_image(mask, "MASK", mode="L")
+        source_image = image_io.read_source_image(image, "--image")
+        source = shared.new_model(model, revision)
+        sizes = plan_encode_mask(mask_image, source_image, source, width, height, not no_binning, blur)
+        # 2. Resolve once (on the CPU: no model loads), run, write
+        ctx = shared.context(out, source, "cpu", "fp32", None, False)
+        made = encode_mask(mask_image, sizes, blur, ctx, source_image)
+        with GUARD.deferred():  # placed and reported together
+            out.wrote(staged.save(target, made, overwrite=not no_overwrite))
+
+    run_command(out, work)
+
+
 @app.command(short_help="Prompts → images: encode, denoise, decode in one process.")
 def generate(
     prompts: options.Prompts = None,
@@ -244,8 +298,13 @@ def generate(
     compile: options.Compile = False,
     step_cache: options.StepCache = None,
     lora: options.Lora = None,
-    image: options.Image = None,
-    strength: options.Strength = None,
+    image: conditioning.Image = None,
+    strength: conditioning.Strength = None,
+    mask: conditioning.Mask = None,
+    mask_blur: conditioning.MaskBlur = None,
+    keep_unmasked: conditioning.KeepUnmasked = None,
+    pag_scale: conditioning.PagScale = None,
+    pag_layers: conditioning.PagLayers = None,
     cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -265,9 +324,9 @@ def generate(
         from pixart_cli import process
         from pixart_cli.files import image_io
         from pixart_cli.generate import generate
-        from pixart_cli.plan import plan_run, with_init_size
+        from pixart_cli.plan import check_mask_options, plan_run, with_init_size
         from pixart_cli.scale import job, launch, run
-        from pixart_cli.settings import DenoiseSettings, EncodeSettings
+        from pixart_cli.settings import DenoiseSettings, EncodeSettings, MaskSettings
 
         # 1. Every option and path, before torch or a model loads
         budget = shared.check_common(device, dtype, vram)
@@ -286,18 +345,22 @@ def generate(
             compile,
             strength,
             step_cache,
+            pag_scale,
+            shared.pag_layers(pag_layers),
         )
+        masking = MaskSettings(mask_blur, keep_unmasked)
         # --resume skips the complete images that are there; only those it makes again must be new
         targets = shared.targets(
             out,
             output,
             len(texts) * num_images,
             "image",
-            () if image is None else (image,),
+            tuple(path for path in (image, mask) if path is not None),
             overwrite=not no_overwrite or resume,
         )
         if image is None:
             with_init_size(denoising, None, option="--image")  # --strength alone is refused here
+            check_mask_options(mask, masking, False, "--image", mask)  # and --mask, --mask-blur, --keep-unmasked
         elif launch.applies(output, resume, ray, ray_address):
             raise PixartError(
                 "--image: image to image runs in one process only; write to a file, not -o DIR/, and "
@@ -328,7 +391,14 @@ def generate(
             return
         # 2. Plan the whole run, resolve once, run the three stages, write
         planned = plan_run(
-            texts, encoding, denoising, source, image=source_image, loras=loras, decode_batch_size=batch_size
+            texts,
+            encoding,
+            denoising,
+            source,
+            image=source_image,
+            loras=loras,
+            decode_batch_size=batch_size,
+            **shared.mask_args(mask, masking),
         )
         ctx = shared.context(out, source, device, dtype, budget, report_memory, loras)
         images, meta = generate(planned, ctx)

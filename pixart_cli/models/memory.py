@@ -183,9 +183,12 @@ def plan_denoise(
     dtype_size: int,
     images: int,
     cfg: bool,
+    pag: bool = False,
 ) -> Plan:
-    """Resident transformer with the largest batch that fits; streamed (group offload) below its size."""
-    per_image = DIT_ACTIVATIONS_PER_TOKEN * tokens_per_sample * hidden * dtype_size * (2 if cfg else 1)
+    """Resident transformer with the largest batch that fits; streamed (group offload) below its size. Each image
+    is one transformer row, two with classifier-free guidance, one more with perturbed-attention guidance."""
+    rows = (2 if cfg else 1) + (1 if pag else 0)
+    per_image = DIT_ACTIVATIONS_PER_TOKEN * tokens_per_sample * hidden * dtype_size * rows
     if budget is None:  # CPU / MPS: batches bounded only so that a long list never allocates all at once
         batch = min(images, UNBUDGETED_BATCH)
         return Plan("denoise", "resident", context + transformer_bytes + per_image * batch, budget, batch=batch)

@@ -28,6 +28,8 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
     Image i gets seed + i, drawn from a CPU generator, so a seed means the same image on any device.
     ``ctx.loras`` are checked against the transformer before its weights load, then fused into them.
     ``plan.init``: image to image's init latents; ``plan.schedule.strength`` says how much of the schedule runs.
+    ``plan.mask``: inpainting's mask (the known region is kept after each step, and with --keep-unmasked the
+    latents carry what decode pastes back). ``plan.schedule.pag_scale``: perturbed-attention guidance.
     """
     settings, schedule, seeds = plan.settings, plan.schedule, plan.seeds
 
@@ -41,10 +43,16 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
     ctx.note(chosen.describe())
     for adapter in ctx.loras:
         ctx.note(adapter.describe())
+    if plan.mask is not None:
+        coverage = float(plan.mask.mask.mean())
+        ctx.note(
+            f"denoise: inpainting {coverage:.0%} of the image (mask {plan.mask.meta['mask']['name']})"
+            + (" (all white: the same as image to image)" if coverage == 1 else "")
+        )
     with meter.phase("load"):
         step_cache = _step_cache(settings.step_cache, chosen, schedule, ctx)
         transformer, noise_scheduler = _load(
-            chosen, schedule.scheduler, ctx, compiled=settings.compile, step_cache=step_cache
+            chosen, schedule.scheduler, ctx, compiled=settings.compile, step_cache=step_cache, schedule=schedule
         )
 
     # 2. Denoise in batches of the memory plan's size
@@ -68,8 +76,11 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
         loras=lora.records(list(ctx.loras)),
         memory_plan=chosen.name,
         source_image=None if plan.init is None else record.source_image_of(plan.init.meta),
+        inpainting=None if plan.mask is None else record.inpainting_of(plan.mask),
     )
-    return staged.Latents(latents, record.latents_meta(made))
+    mask = plan.mask
+    overlay = (None, None) if mask is None else (mask.overlay_image, mask.overlay_mask)
+    return staged.Latents(latents, record.latents_meta(made), *overlay)
 
 
 def _memory_plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
@@ -95,6 +106,7 @@ def _memory_plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
         ctx.dtype.itemsize,
         images,
         plan.guidance_scale > 1,
+        pag=plan.pag_scale is not None,
     )
 
 
@@ -109,10 +121,15 @@ def _step_cache(step_cache: str | None, chosen: memory.Plan, plan: Schedule, ctx
 
 
 def _load(
-    chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: bool = False, step_cache: str | None = None
+    chosen: memory.Plan,
+    scheduler_name: str,
+    ctx: RunContext,
+    compiled: bool = False,
+    step_cache: str | None = None,
+    schedule: Schedule | None = None,
 ):
-    """The transformer (resident or group-offloaded, LoRAs fused, an opt-in step cache hooked on) and the
-    scheduler; nothing else."""
+    """The transformer (resident or group-offloaded, LoRAs fused, PAG's attention processors set, an opt-in step
+    cache hooked on) and the scheduler; nothing else."""
     import torch
 
     from pixart_cli.models import step_caching
@@ -137,6 +154,11 @@ def _load(
         torch.nn.Module.to(transformer, device)
         lora.apply_loras(transformer, list(ctx.loras))
     transformer.eval()
+    if schedule is not None and schedule.pag_scale is not None:  # PixArtSigmaPAGPipeline's _set_pag_attn_processor
+        from pixart_cli.models import pag
+
+        names = pag.apply(transformer, schedule.pag_layers, cfg=schedule.guidance_scale > 1)
+        ctx.note(f"denoise: perturbed-attention guidance {schedule.pag_scale:g} on {pag.describe(names)}")
     if step_cache is not None:
         step_caching.enable(transformer, step_cache)
     if compiled:
@@ -160,9 +182,10 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: staged.Embeddings
     """
     import torch
 
-    from pixart_cli.models.sampling import sample_latents, start_from
+    from pixart_cli.models.sampling import Known, sample_latents, start_from
 
     schedule, init, num_images = plan.schedule, plan.init, plan.settings.num_images
+    mask = None if plan.mask is None else plan.mask.mask.to(ctx.device, ctx.dtype)
     total = plan.images
     rows = [index // num_images for index in range(total)]
     batches = math.ceil(total / batch)
@@ -179,21 +202,24 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: staged.Embeddings
                 ctx.advance("denoise", done + step + 1, total_steps)
 
             # Image to image: the init latents noised to where the strength starts; the loop then runs the rest of
-            # the schedule from them.
-            begin = (
-                None
-                if init is None
-                else start_from(
+            # the schedule from them. Inpainting keeps them, noised with the same noise, outside the mask.
+            begin = known = None
+            if init is not None:
+                rows_init = init.latents[
+                    [0] * len(picked) if len(init.latents) == 1 else slice(start, start + len(picked))
+                ]
+                begin = start_from(
                     noise_scheduler,
                     schedule.steps,
                     schedule.timesteps,
                     schedule.strength,
-                    init.latents[[0] * len(picked) if len(init.latents) == 1 else slice(start, start + len(picked))],
+                    rows_init,
                     generators,
                     ctx.device,
                     ctx.dtype,
                 )
-            )
+                if mask is not None:
+                    known = Known(rows_init.to(ctx.device, ctx.dtype), begin.noise, mask)
             # The pipeline's own loop (sampling.py), without importing the pipeline
             parts.append(
                 sample_latents(
@@ -212,6 +238,8 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: staged.Embeddings
                     callback=on_step,
                     start_latents=None if begin is None else begin.latents,
                     begin_index=0 if begin is None else begin.begin_index,
+                    known=known,
+                    pag_scale=0.0 if schedule.pag_scale is None else schedule.pag_scale,
                 ).cpu()
             )
     return torch.cat(parts)

@@ -93,5 +93,6 @@ def encode_image(image: image_io.SourceImage, sizes: Schedule, ctx: RunContext) 
         "requested_width": sizes.requested_width,
         "binned": sizes.binned,
         "source_image": image.record(),
+        "source_size": list(image.size),  # [width, height]: the grid an inpainting mask is scaled to (encode_mask)
     }
     return staged.Latents(latents, meta)
