@@ -1,7 +1,8 @@
 """The run plan: every check the configs can answer, made once, before any model loads.
 
 ``plan_denoise`` turns the user's ``DenoiseSettings`` and the denoise stage's inputs (the embeddings' shape, and
-the conditioning inputs: init latents for image to image, control latents and the ControlNet) into a ``DenoisePlan``: the concrete seeds, the
+the conditioning inputs: init latents for image to image, a mask for inpainting, control latents and the ControlNet) into a
+``DenoisePlan``: the concrete seeds, the
 ``Schedule`` (each default filled from the model's family and configs, the size binned as the pipeline bins it),
 and the checked inputs. The stage takes the plan as it is and checks nothing again. ``fit_image`` does the same for
 an image about to be encoded (encode-image, generate --image). Reads configs only: no weights load, and nothing
@@ -14,10 +15,18 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pixart_cli.conditioning import check_control, check_controlnet_pair, check_init, with_control_size, with_init_size
+from pixart_cli import conditioning
+from pixart_cli.conditioning import (
+    check_control,
+    check_controlnet_pair,
+    check_init,
+    check_mask_options,
+    with_control_size,
+    with_init_size,
+)
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file
 from pixart_cli.models.source import Model
-from pixart_cli.settings import SCHEDULERS, DenoiseSettings
+from pixart_cli.settings import SCHEDULERS, DenoiseSettings, MaskSettings
 
 # With one step the pipeline returns the scheduler's pred_original_sample (step(...)[1]); these don't give one.
 NO_SINGLE_STEP = {"DPMSolverMultistepScheduler", "SASolverScheduler"}
@@ -37,6 +46,8 @@ class Schedule:
     height: int
     binned: bool
     strength: float | None = None  # image to image: the share of the schedule that runs
+    pag_scale: float | None = None  # perturbed-attention guidance (None: off)
+    pag_layers: list | None = None  # its layers: the user's, else diffusers' default
 
     @property
     def total_steps(self) -> int:
@@ -52,9 +63,10 @@ class Schedule:
 @dataclass(frozen=True)
 class DenoisePlan:
     """What the denoise stage runs, all checked: settings with a concrete seed, the schedule, one seed per image,
-    and the conditioning inputs as data (``init``: image to image's init latents, a ``staged.Latents``;
-    ``control``: a ControlNet's control latents, a ``staged.ControlLatents``, with ``controlnet``, the adapter file
-    checked against the model, a ``controlnet_file.ControlNetFile``)."""
+    and the conditioning inputs as data (``init``: image to image's init latents, a ``staged.Latents``; ``mask``:
+    inpainting's ``staged.Mask``, or until it is made from a mask image, the checked ``mask_request``; ``control``:
+    a ControlNet's control latents, a ``staged.ControlLatents``, with ``controlnet``, the adapter file checked
+    against the model, a ``controlnet_file.ControlNetFile``)."""
 
     settings: DenoiseSettings
     schedule: Schedule
@@ -62,6 +74,8 @@ class DenoisePlan:
     init: Any = None
     control: Any = None
     controlnet: Any = None
+    mask: Any = None
+    mask_request: conditioning.MaskRequest | None = None
 
     @property
     def images(self) -> int:
@@ -74,6 +88,10 @@ class DenoisePlan:
     def with_control(self, control) -> DenoisePlan:
         """This plan with the control latents made for it (generate --control-image encodes them after planning)."""
         return dataclasses.replace(self, control=control)
+
+    def with_mask(self, mask) -> DenoisePlan:
+        """This plan with the mask made from its ``mask_request`` (stages/encode_mask.py)."""
+        return dataclasses.replace(self, mask=mask, mask_request=None)
 
 
 @dataclass(frozen=True)
@@ -106,9 +124,15 @@ def chosen_scheduler(source: Model, choice: str | None) -> str:
 
 def resolved(settings: DenoiseSettings, source: Model) -> dict:
     """The settings that change an image with each default filled from the model's family and configs: steps,
-    timesteps, guidance_scale, scheduler (class name), requested_width, requested_height, binned. Reads configs
+    timesteps, guidance_scale, scheduler (class name), requested_width, requested_height, binned, pag_scale and
+    pag_layers (None without perturbed-attention guidance). Reads configs
     only and imports nothing heavy (scale-out's drivers compare these with a manifest before any model loads)."""
     family = source.family
+    pag_layers = None
+    if settings.pag:
+        from pixart_cli.models.pag import default_layers
+
+        pag_layers = list(default_layers() if settings.pag_layers is None else settings.pag_layers)
     return {
         "steps": family.steps if settings.steps is None else settings.steps,
         "timesteps": list(family.timesteps) if settings.steps is None and family.timesteps else None,
@@ -117,6 +141,8 @@ def resolved(settings: DenoiseSettings, source: Model) -> dict:
         "requested_width": source.native_size if settings.width is None else settings.width,
         "requested_height": source.native_size if settings.height is None else settings.height,
         "binned": settings.binning and source.bin_table is not None,
+        "pag_scale": float(settings.pag_scale) if settings.pag else None,
+        "pag_layers": pag_layers,
     }
 
 
@@ -157,6 +183,8 @@ def schedule(settings: DenoiseSettings, source: Model, size_from: str | None = N
         height,
         filled["binned"],
         settings.strength,
+        filled["pag_scale"],
+        filled["pag_layers"],
     )
 
 
@@ -222,10 +250,15 @@ def plan_denoise(
     control_name: str = "--control",
     controlnet=None,
     control_options: tuple[str, str] = ("--control", "--controlnet"),
+    mask=None,
+    mask_name: str | None = None,
+    masking: MaskSettings = MaskSettings(),
+    source_image=None,
 ) -> DenoisePlan:
     """Every check of a denoise run, once: the seed drawn (when not given), the image count, the embeddings' width
-    against the transformer, the schedule and sizes, the conditioning inputs (init latents, control latents)
-    against all of them, the ControlNet file and each LoRA against the transformer's skeleton.
+    against the transformer, the schedule and sizes, the conditioning inputs (init latents, a mask, control
+    latents) against all of them, perturbed-attention guidance, the ControlNet file and each LoRA against the
+    transformer's skeleton.
 
     ``init``: a ``staged.Latents`` of init latents, or None; ``init_size``: instead of them, the sizes they will be
     encoded for (generate --image: a ``fit_image`` schedule as a dict; ``with_init`` attaches the latents later);
@@ -233,8 +266,11 @@ def plan_denoise(
     dimension, checked against the transformer's caption_channels. ``control``/``control_size``/``control_name``:
     the same for a ControlNet's control latents (``with_control``); ``controlnet``: the --controlnet value, a
     ``controlnet_file.ControlNetSpec``, checked here and kept in the plan; ``control_options``: the two flags'
-    names in errors.
+    names in errors. Inpainting: ``mask``, a ``staged.Mask`` (a mask file) or an ``image_io.SourceImage`` (a mask
+    image, made into the plan's ``mask_request``), named ``mask_name``; ``source_image``: generate's --image, whose
+    pixels --keep-unmasked pastes back.
     """
+    check_mask_options(mask, masking, init is not None or init_size is not None, init_name, mask_name)
     if init is not None:
         init_size = init.meta
     if control is not None:
@@ -268,8 +304,14 @@ def plan_denoise(
         from pixart_cli.models.lora import check_loras_for_model
 
         check_loras_for_model(list(loras), source)
+    conditioning.check_pag(planned.pag_scale, planned.pag_layers, source)
     seeds = [settings.seed + index for index in range(images)]
-    return DenoisePlan(settings, planned, seeds, init, control, checked)
+    planned_inputs = {"init": init, "control": control, "controlnet": checked}
+    if mask is None:
+        return DenoisePlan(settings, planned, seeds, **planned_inputs)
+    target = dict(init_size) if source_image is None else {**init_size, "source_image": source_image.record()}
+    made, request = conditioning.plan_mask(mask, mask_name, masking, planned, source, target, init_name, source_image)
+    return DenoisePlan(settings, planned, seeds, **planned_inputs, mask=made, mask_request=request)
 
 
 def check_steps(plan: Schedule) -> None:
@@ -279,36 +321,6 @@ def check_steps(plan: Schedule) -> None:
             f"--strength {plan.strength}: with {plan.total_steps} steps, "
             "int(steps x strength) = 0 steps would run; raise --strength or --steps"
         )
-
-
-# --- decode -------------------------------------------------------------------------------------------------------
-def check_latents(latents, source: Model, path: str, batch_size: int | None = None) -> None:
-    """Latents (a ``staged.Latents``) must match this VAE's channels and scale; checked on its config before the
-    weights load. ``batch_size``: decode's --batch-size."""
-    if batch_size is not None and batch_size < 1:
-        raise PixartError(f"--batch-size {batch_size}: must be at least 1")
-    channels = source.config("vae").get("latent_channels", 4)
-    found = latents.latents.shape[1]
-    if found != channels:
-        raise bad_file(path, f"latents have {found} channels but the VAE of {source.id} takes {channels}")
-    scale = source.vae_scale_factor
-    height, width = latents.meta["height"], latents.meta["width"]
-    decoded_size = (latents.latents.shape[2] * scale, latents.latents.shape[3] * scale)
-    if decoded_size != (height, width):
-        raise bad_file(
-            path,
-            f"latents {list(latents.latents.shape)} do not decode to the recorded "
-            f"{width}x{height} with this VAE (x{scale})",
-        )
-    # The size decode resizes to is bounded as --width/--height are in denoise: a file cannot ask for more.
-    limit = 4 * source.native_size
-    for key in ("requested_width", "requested_height", "width", "height"):
-        if latents.meta[key] > limit:
-            raise bad_file(
-                path,
-                f"meta.{key} is {latents.meta[key]}, beyond this model's maximum of {limit} "
-                f"(4x its native {source.native_size}); not a file pixart wrote for it",
-            )
 
 
 # --- encode-image -------------------------------------------------------------------------------------------------
@@ -376,10 +388,14 @@ def plan_run(
     decode_batch_size: int | None = None,
     control_image=None,
     controlnet=None,
+    mask=None,
+    mask_name: str | None = None,
+    masking: MaskSettings = MaskSettings(),
 ) -> RunPlan:
     """Every check of a generate run, before T5 loads: prompts, seeds and totals, the image's sizes (image to
-    image), the control image's (ControlNet: the generation size, as the image's or else as asked), the schedule,
-    the text encoder's width against the transformer, the ControlNet's and the LoRAs' fit."""
+    image), the mask against the image (inpainting), the control image's (ControlNet: the generation size, as the
+    image's or else as asked), the schedule, the text encoder's width against the transformer, perturbed-attention
+    guidance, the ControlNet's and the LoRAs' fit."""
     from pixart_cli.settings import check_prompts
 
     prompts = check_prompts(prompts)
@@ -401,5 +417,19 @@ def plan_run(
         control_name="--control-image",
         controlnet=controlnet,
         control_options=("--control-image", "--controlnet"),
+        mask=mask,
+        mask_name=mask_name,
+        masking=masking,
+        source_image=image,
     )
     return RunPlan(prompts, encoding, denoise_plan, image, sizes, decode_batch_size, control_image, control_sizes)
+
+
+def plan_encode_mask(mask, image, source: Model, width: int | None, height: int | None, binning: bool, blur: int):
+    """encode-mask: the sizes of the image's init latents (as ``fit_image``: the same --width/--height/--no-binning
+    as encode-image), the mask checked against the image and for a white area. Returns the ``Schedule`` of sizes."""
+    sizes = fit_image(image, source, width, height, binning)
+    conditioning.check_grid(mask, image.size, f"--image {image.path}")
+    latent = conditioning.mask_image_coverage(mask, image.size, sizes, blur, source.vae_scale_factor)
+    conditioning.check_coverage(latent, mask.option, str(mask.path), sizes, mask.pixels)
+    return sizes

@@ -7,7 +7,9 @@
 - the key of an embedding-cache entry and what an entry must match (``CACHE_KEY``, ``CACHE_CHECKED``).
 
 A new setting that changes an image is one field here and one line in each mapping it belongs to. Mappings are
-(name in the output, field of the record); their order is the order of the keys written.
+(name in the output, field of the record); their order is the order of the keys written. The settings of a
+conditioning input or an opt-in guidance join LATENTS, IMAGE and IDENTITY as a group only where they act
+(``IMAGE_TO_IMAGE``, ``INPAINTING``, ``PAG``), so that files and manifests without them read as before.
 """
 
 from __future__ import annotations
@@ -56,6 +58,13 @@ class RunRecord:
     control: dict | None = None  # {image: {name, sha256} of the edge map (or None), latents_sha256}
     controlnet: dict | None = None  # {file, weights_sha256} of the adapter (controlnet_file's digest)
     controlnet_scale: float | None = None  # the factor of the adapter's skips
+    # inpainting
+    mask: dict | None = None  # {name, sha256} of the mask image
+    mask_blur: int | None = None  # pixels
+    keep_unmasked: bool | None = None  # decode pastes the source pixels back outside the mask
+    # perturbed-attention guidance
+    pag_scale: float | None = None
+    pag_layers: list | None = None
 
     @classmethod
     def from_meta(cls, meta: dict) -> RunRecord:
@@ -73,6 +82,19 @@ class RunRecord:
     @property
     def controlled(self) -> bool:
         return self.controlnet is not None
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask is not None
+
+    @property
+    def pag(self) -> bool:
+        return self.pag_scale is not None
+
+    def groups(self) -> dict:
+        """The groups that act in this record (their settings are written)."""
+        acting = {"image_to_image": IMAGE_TO_IMAGE, "inpainting": INPAINTING, "pag": PAG, "controlled": CONTROLNET}
+        return {name: group for name, group in acting.items() if getattr(self, name)}
 
 
 def _pairs(*names) -> tuple:
@@ -119,6 +141,8 @@ IMAGE_TO_IMAGE = _pairs("strength", "steps_run", "source_image")  # in latents a
 # In latents, images and the --resume identity, for ControlNet runs only (so that files and manifests of runs
 # without one stay as they were)
 CONTROLNET = _pairs("control", "controlnet", "controlnet_scale")
+INPAINTING = _pairs("mask", "mask_blur", "keep_unmasked")  # image to image with a mask
+PAG = _pairs("pag_scale", "pag_layers")  # perturbed-attention guidance
 IMAGE = _pairs(
     "model",
     "revision",
@@ -178,6 +202,11 @@ COMPARED = (
     "control",
     "controlnet",
     "controlnet_scale",
+    "mask",
+    "mask_blur",
+    "keep_unmasked",
+    "pag_scale",
+    "pag_layers",
     "seeds",
 )
 # An embedding-cache entry: its key (with the text encoder's config beside it) and what an entry file must match
@@ -204,21 +233,17 @@ def embeddings_meta(record: RunRecord) -> dict:
     return derive(record, EMBEDDINGS)
 
 
+def _acting(record: RunRecord) -> dict:
+    return {name: value for group in record.groups().values() for name, value in derive(record, group).items()}
+
+
 def latents_meta(record: RunRecord) -> dict:
-    return {
-        **derive(record, LATENTS),
-        **(derive(record, IMAGE_TO_IMAGE) if record.image_to_image else {}),
-        **(derive(record, CONTROLNET) if record.controlled else {}),
-    }
+    return {**derive(record, LATENTS), **_acting(record)}
 
 
 def identity(record: RunRecord, dtype_word: str) -> dict:
     """The manifest's ``options`` of an image: the settings --resume requires to be the same now."""
-    return {
-        **derive(record, IDENTITY),
-        **(derive(record, CONTROLNET) if record.controlled else {}),
-        "dtype": dtype_word,
-    }
+    return {**derive(record, IDENTITY), **_acting(record), "dtype": dtype_word}
 
 
 def cache_key(record: RunRecord, text_encoder_config: dict) -> dict:
@@ -227,11 +252,7 @@ def cache_key(record: RunRecord, text_encoder_config: dict) -> dict:
 
 def image_metadata(record: RunRecord, index: int) -> tuple[str, dict]:
     """(A1111 "parameters" text, JSON settings) for image ``index`` of a run."""
-    settings = derive(record, IMAGE)
-    if record.image_to_image:
-        settings.update(derive(record, IMAGE_TO_IMAGE))
-    if record.controlled:
-        settings.update(derive(record, CONTROLNET))
+    settings = {**derive(record, IMAGE), **_acting(record)}
     settings.update(
         prompt=record.prompts[index],
         seed=record.seeds[index],
@@ -256,6 +277,10 @@ def image_metadata(record: RunRecord, index: int) -> tuple[str, dict]:
             f', ControlNet 0: "Model: {adapter.get("file")} [{str(adapter.get("weights_sha256"))[:10]}], '
             f'Weight: {record.controlnet_scale}"'
         )
+    if record.inpainting:  # as A1111 writes it
+        parameters += f", Mask blur: {record.mask_blur}"
+    if record.pag:
+        parameters += f", PAG scale: {record.pag_scale:g}"
     if record.step_cache is not None:  # approximate: a reader must know the image is not the exact one
         parameters += f", Step cache: {record.step_cache}"
     if record.text_encoder_precision not in (None, "full"):  # a quantized T5 gives other embeddings
@@ -309,10 +334,11 @@ def for_denoise(
     control: dict | None = None,
     controlnet: dict | None = None,
     controlnet_scale: float | None = None,
+    inpainting: dict | None = None,
 ) -> RunRecord:
     """The record of a denoise run from its embeddings' record. ``filled``: the schedule's values
     (``dataclasses.asdict(plan.Schedule)``, or ``plan.resolved`` where no size is binned yet); ``step_cache``: the
-    one that acts (``step_cache.acting``)."""
+    one that acts (``step_cache.acting``); ``inpainting``: {mask, mask_blur, keep_unmasked} (``inpainting_of``)."""
     strength = filled.get("strength")
     steps_run = None
     if strength is not None:
@@ -345,4 +371,13 @@ def for_denoise(
         control=control,
         controlnet=controlnet,
         controlnet_scale=controlnet_scale,
+        pag_scale=filled.get("pag_scale"),
+        pag_layers=filled.get("pag_layers"),
+        **({} if inpainting is None else inpainting),
     )
+
+
+def inpainting_of(mask) -> dict:
+    """What the outputs record of an inpainting mask (a ``staged.Mask``): the mask image's {name, sha256}, the
+    blur and whether decode pastes the source back."""
+    return {"mask": mask.meta["mask"], "mask_blur": mask.meta["mask_blur"], "keep_unmasked": mask.keeps_unmasked}

@@ -28,6 +28,15 @@ PRECISIONS = ("full", "8bit", "4bit")
 # Image to image: how much of the schedule runs from the init latents (1: all of it, from the first timestep).
 # diffusers' img2img pipelines default to 0.8.
 DEFAULT_STRENGTH = 0.8
+# Inpainting: the mask's edge softened by a Gaussian blur of this radius in pixels before it is downsampled (0: a
+# hard edge, diffusers' default; A1111 defaults to 4). The latent mask is binarized as diffusers' mask processor
+# does, so the blur mostly softens the seam where --keep-unmasked pastes the source pixels back.
+DEFAULT_MASK_BLUR = 0
+MAX_MASK_BLUR = 256
+# Perturbed-attention guidance (PixArtSigmaPAGPipeline): 0 is off. diffusers' docs use 3.0.
+DEFAULT_PAG_SCALE = 0.0
+MAX_PAG_SCALE = 100.0
+MAX_PAG_LAYERS = 64
 
 
 @dataclass(frozen=True)
@@ -122,8 +131,11 @@ class DenoiseSettings:
     compile: bool = False  # torch.compile the transformer (opt-in: not bit-identical to eager)
     strength: float | None = None  # image to image only (init latents given): None is DEFAULT_STRENGTH there
     step_cache: str | None = None  # opt-in, approximate: "fbc:THRESHOLD" or "taylorseer:INTERVAL" (step_cache.py)
+    pag_scale: float | None = None  # perturbed-attention guidance: None is DEFAULT_PAG_SCALE (off)
+    pag_layers: tuple[str, ...] | None = None  # None: diffusers' default for PixArt-Σ (models/pag.py)
 
     def __post_init__(self):
+        self._check_pag()
         if self.step_cache is not None:
             from pixart_cli.models import step_caching
 
@@ -154,6 +166,42 @@ class DenoiseSettings:
                 raise PixartError(f"{flag} {value}: must be a positive multiple of 8")
         _check_int("--num-images", self.num_images, 1, MAX_IMAGES)
 
+    def _check_pag(self) -> None:
+        if self.pag_scale is not None and not (math.isfinite(self.pag_scale) and 0 <= self.pag_scale <= MAX_PAG_SCALE):
+            raise PixartError(
+                f"--pag-scale {self.pag_scale}: must be a number from 0 to {MAX_PAG_SCALE:g} (0 turns perturbed-"
+                "attention guidance off; diffusers' docs use 3)"
+            )
+        if self.pag_layers is None:
+            return
+        import re
+
+        layers = tuple(self.pag_layers)
+        if not layers or len(layers) > MAX_PAG_LAYERS:
+            raise PixartError(f"--pag-layers: give 1 to {MAX_PAG_LAYERS} layer names, e.g. blocks.1,blocks.14")
+        for layer in layers:
+            if not isinstance(layer, str) or not layer.strip() or len(layer) > 200:
+                raise PixartError(
+                    f"--pag-layers {','.join(map(str, layers))!r}: each layer is a name such as blocks.14 "
+                    "(comma-separated, no empty entries)"
+                )
+            try:
+                re.compile(layer)
+            except re.error as error:
+                raise PixartError(
+                    f"--pag-layers {layer!r}: not a layer name or pattern ({error}); use names such as blocks.14"
+                ) from None
+        if not self.pag:
+            raise PixartError(
+                f"--pag-layers {','.join(layers)}: only with perturbed-attention guidance; give --pag-scale above 0"
+            )
+        object.__setattr__(self, "pag_layers", layers)
+
+    @property
+    def pag(self) -> bool:
+        """Whether perturbed-attention guidance is on (as PAGMixin.do_perturbed_attention_guidance: scale > 0)."""
+        return (DEFAULT_PAG_SCALE if self.pag_scale is None else self.pag_scale) > 0
+
     def with_seed(self) -> DenoiseSettings:
         """These settings with a concrete seed: the given one, else a random one (shown and recorded), low enough
         that every image of a run (seed + i) has a valid seed too."""
@@ -175,3 +223,35 @@ class DenoiseSettings:
                 f"--seed {self.seed}: image {total} would get seed {self.seed + total - 1}, above {MAX_SEED}; "
                 f"use a seed of at most {MAX_SEED - total + 1}"
             )
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    """How a mask image becomes a mask (inpainting): its edge blur, and whether decode pastes the source image's
+    pixels back outside it. ``None``: not given (``blur`` is DEFAULT_MASK_BLUR, ``keep_unmasked`` is on)."""
+
+    blur: int | None = None
+    keep_unmasked: bool | None = None
+
+    def __post_init__(self):
+        _check_int("--mask-blur", self.blur, 0, MAX_MASK_BLUR, " pixels (0: a hard edge)")
+
+    @property
+    def given(self) -> list[str]:
+        """The flags given, as the user wrote them (for the error when there is no mask)."""
+        return [
+            flag
+            for flag, given in (
+                (f"--mask-blur {self.blur}", self.blur is not None),
+                ("--keep-unmasked" if self.keep_unmasked else "--no-keep-unmasked", self.keep_unmasked is not None),
+            )
+            if given
+        ]
+
+    @property
+    def blur_px(self) -> int:
+        return DEFAULT_MASK_BLUR if self.blur is None else self.blur
+
+    @property
+    def keep(self) -> bool:
+        return True if self.keep_unmasked is None else self.keep_unmasked

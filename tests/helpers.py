@@ -11,8 +11,10 @@ from pathlib import Path
 import torch
 from typer.testing import CliRunner
 
+from pixart_cli.cli import shared
 from pixart_cli.cli.commands import app
-from pixart_cli.plan import check_latents, fit_image, plan_denoise, plan_run
+from pixart_cli.conditioning import check_latents
+from pixart_cli.plan import fit_image, plan_denoise, plan_run
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import DenoiseSettings, EncodeSettings
 
@@ -35,9 +37,11 @@ def encoded(prompts, model, **settings):
 
 def denoised(embeddings, model=None, **settings):
     """denoise() with DenoiseSettings(**settings) on the CPU, with the model the embeddings name by default."""
+    from pixart_cli.generate import with_mask
     from pixart_cli.stages.denoise import denoise
 
     init = settings.pop("init", None)
+    mask, masking = _mask_options(settings)
     callbacks = {key: settings.pop(key) for key in ("log", "progress", "reports", "loras") if key in settings}
     ctx = cpu(model or embeddings.meta["model"], **callbacks)
     plan = plan_denoise(
@@ -47,8 +51,19 @@ def denoised(embeddings, model=None, **settings):
         embedding_width=embeddings.prompt_embeds.shape[-1],
         init=init,
         loras=ctx.loras,
+        **shared.mask_args(mask, masking),
     )
-    return denoise(embeddings, plan, ctx)
+    return denoise(embeddings, with_mask(plan, ctx), ctx)
+
+
+def _mask_options(options: dict):
+    """(--mask path or None, MaskSettings) from a test's keywords mask, mask_blur and keep_unmasked."""
+    from pixart_cli.settings import MaskSettings
+
+    mask = options.pop("mask", None)
+    return None if mask is None else str(mask), MaskSettings(
+        options.pop("mask_blur", None), options.pop("keep_unmasked", None)
+    )
 
 
 def decoded(latents, model=None, batch_size=None, **callbacks):
@@ -63,14 +78,26 @@ def generated(prompts, model, **options):
     """generate() on the CPU: encode options and denoise options in one keyword list, as on the command line."""
     from dataclasses import fields
 
+    from pixart_cli.files.image_io import read_source_image
     from pixart_cli.generate import generate
 
     callbacks = {key: options.pop(key) for key in ("log", "progress", "reports", "loras") if key in options}
+    image = options.pop("image", None)
+    mask, masking = _mask_options(options)
     encode_names = {f.name for f in fields(EncodeSettings)}
     encoding = EncodeSettings(**{k: v for k, v in options.items() if k in encode_names})
     denoising = DenoiseSettings(**{k: v for k, v in options.items() if k not in encode_names})
     ctx = cpu(model, **callbacks)
-    plan = plan_run(prompts, encoding, denoising, ctx.model, loras=ctx.loras, decode_batch_size=denoising.batch_size)
+    plan = plan_run(
+        prompts,
+        encoding,
+        denoising,
+        ctx.model,
+        image=None if image is None else read_source_image(image, "--image"),
+        loras=ctx.loras,
+        decode_batch_size=denoising.batch_size,
+        **shared.mask_args(mask, masking),
+    )
     return generate(plan, ctx)
 
 

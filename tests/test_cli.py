@@ -78,6 +78,7 @@ def test_command_list_is_not_cut():
         "decode",
         "encode-image",
         "encode-control",
+        "encode-mask",
         "generate",
         "info",
         "compare",

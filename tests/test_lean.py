@@ -39,6 +39,8 @@ NOT_IMPORTED = {
     "denoise": NEVER + ["transformers"],
     "decode": NEVER + ["transformers"],
     "encode-image": NEVER + ["transformers"],
+    "encode-mask": NEVER
+    + ["transformers", "diffusers.models.transformers.pixart_transformer_2d", "diffusers.models.autoencoders.vae"],
     "generate": NEVER,
 }
 # Runs the installed CLI in a process and writes the modules it imported (those not hidden) when it exits.
@@ -72,6 +74,7 @@ def test_each_stage_process_imports_only_what_it_runs(tiny_model, tmp_path):
         "denoise": ["denoise", "emb.pt", "--steps", "2", "-o", "lat.pt", *common],
         "decode": ["decode", "lat.pt", "-o", "image.png", *common],
         "encode-image": ["encode-image", "image.png", "-o", "init.pt", *common],
+        "encode-mask": ["encode-mask", "image.png", "--image", "image.png", "-o", "mask.pt", *common[:2], "--quiet"],
         "generate": ["generate", "a cute cat", "--steps", "2", "-o", "gen.png", *common],
     }
     for stage, args in runs.items():

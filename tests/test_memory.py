@@ -177,8 +177,10 @@ def test_report_memory_names_each_stage(tiny_model):
 def test_smallest_plans_run_in_a_fresh_process(tiny_model, tmp_path):
     """Tiled decode and the streamed transformer take the heavy library paths (AutoencoderKL, group offloading),
     which lean imports must not break. Other tests have imported those modules already; a fresh process has not."""
+    import os
     import subprocess
     import sys
+    from pathlib import Path
 
     script = f"""
 from pixart_cli.models import memory
@@ -195,7 +197,10 @@ print(len(images), [line.split(" (")[0] for line in logs if ": plan " in line])
         text=True,
         timeout=600,
         cwd=tmp_path,
-        env={**__import__("os").environ, "PYTHONPATH": str(__import__("pathlib").Path(__file__).parent)},
+        env={
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]),
+        },
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "1 ['denoise: plan streamed, batch 1', 'decode: plan tiled, tile 128px']"

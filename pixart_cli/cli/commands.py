@@ -6,6 +6,7 @@ model loads; 2. the run context resolved once; 3. the stage run; 4. the outputs 
 
 from __future__ import annotations
 
+from pixart_cli.cli import conditioning_options as conditioning
 from pixart_cli.cli import convert_options, image_commands, options, scale_options, shared
 from pixart_cli.cli.app import app
 from pixart_cli.cli.edge import run_command
@@ -77,10 +78,15 @@ def denoise(
     compile: options.Compile = False,
     step_cache: options.StepCache = None,
     lora: options.Lora = None,
-    init_latents: options.InitLatents = None,
-    strength: options.Strength = None,
-    control: options.Control = None,
-    controlnet: options.ControlNet = None,
+    init_latents: conditioning.InitLatents = None,
+    strength: conditioning.Strength = None,
+    mask: conditioning.Mask = None,
+    mask_blur: conditioning.MaskBlur = None,
+    keep_unmasked: conditioning.KeepUnmasked = None,
+    pag_scale: conditioning.PagScale = None,
+    pag_layers: conditioning.PagLayers = None,
+    control: conditioning.Control = None,
+    controlnet: conditioning.ControlNet = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
     vram: options.Vram = None,
@@ -95,9 +101,10 @@ def denoise(
     def work():
         from pixart_cli.files import staged
         from pixart_cli.files.stdin import check_one_stdin
+        from pixart_cli.generate import with_mask
         from pixart_cli.models.source import model_for_file
         from pixart_cli.plan import plan_denoise
-        from pixart_cli.settings import DenoiseSettings
+        from pixart_cli.settings import DenoiseSettings, MaskSettings
         from pixart_cli.stages.denoise import denoise
 
         # 1. Every option and path, then the input files and the plan, before a model loads
@@ -115,10 +122,15 @@ def denoise(
             compile,
             strength,
             step_cache,
+            pag_scale,
+            shared.pag_layers(pag_layers),
         )
-        check_one_stdin(("EMBEDDINGS", embeddings), ("--init-latents", init_latents), ("--control", control))
+        check_one_stdin(
+            ("EMBEDDINGS", embeddings), ("--init-latents", init_latents), ("--control", control), ("--mask", mask)
+        )
+        masking = MaskSettings(mask_blur, keep_unmasked)
         spec = shared.controlnet(controlnet)
-        inputs = tuple(path for path in (embeddings, init_latents, control) if path is not None)
+        inputs = tuple(path for path in (embeddings, init_latents, control, mask) if path is not None)
         inputs += () if spec is None else (str(spec.path),)
         (target,) = shared.targets(out, output, 1, "latents", inputs, overwrite=not no_overwrite)
         loaded = staged.load_embeddings(embeddings)
@@ -138,10 +150,11 @@ def denoise(
             control=conditioning,
             control_name="--control" if control is None else str(control),
             controlnet=spec,
+            **shared.mask_args(mask, masking),
         )
         # 2. Resolve once, run, write
         ctx = shared.context(out, source, device, dtype, budget, report_memory, loras)
-        latents = denoise(loaded, planned, ctx)
+        latents = denoise(loaded, with_mask(planned, ctx), ctx)
         out.record["seeds"] = latents.meta["seeds"]
         with GUARD.deferred():  # placed and reported together
             out.wrote(staged.save(target, latents, overwrite=not no_overwrite))
@@ -169,9 +182,9 @@ def decode(
     out = Output("decode", quiet, json)
 
     def work():
+        from pixart_cli.conditioning import check_latents
         from pixart_cli.files import staged
         from pixart_cli.models.source import model_for_file
-        from pixart_cli.plan import check_latents
         from pixart_cli.stages.decode import decode
 
         # 1. Every option and path, then the input file against the VAE's config, before a model loads
@@ -191,6 +204,9 @@ def decode(
 
 app.command(short_help="Image → init.pt for image to image (loads only the VAE).")(image_commands.encode_image)
 app.command(short_help="Edge map → control.pt for a ControlNet (loads only the VAE).")(image_commands.encode_control)
+
+
+app.command(short_help="Mask image → mask.pt for inpainting (loads no model).")(image_commands.encode_mask)
 
 
 @app.command(short_help="Prompts → images: encode, denoise, decode in one process.")
@@ -216,10 +232,15 @@ def generate(
     compile: options.Compile = False,
     step_cache: options.StepCache = None,
     lora: options.Lora = None,
-    image: options.Image = None,
-    strength: options.Strength = None,
-    control_image: options.ControlImage = None,
-    controlnet: options.ControlNet = None,
+    image: conditioning.Image = None,
+    strength: conditioning.Strength = None,
+    mask: conditioning.Mask = None,
+    mask_blur: conditioning.MaskBlur = None,
+    keep_unmasked: conditioning.KeepUnmasked = None,
+    pag_scale: conditioning.PagScale = None,
+    pag_layers: conditioning.PagLayers = None,
+    control_image: conditioning.ControlImage = None,
+    controlnet: conditioning.ControlNet = None,
     cache: options.Cache = None,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -241,10 +262,10 @@ def generate(
         from pixart_cli.files import image_io
         from pixart_cli.files.stdin import check_one_stdin
         from pixart_cli.generate import generate
-        from pixart_cli.plan import plan_run, with_init_size
+        from pixart_cli.plan import check_mask_options, plan_run, with_init_size
         from pixart_cli.scale import job, launch, run
         from pixart_cli.scale.devices import parse_devices
-        from pixart_cli.settings import DenoiseSettings, EncodeSettings
+        from pixart_cli.settings import DenoiseSettings, EncodeSettings, MaskSettings
 
         # 1. Every option and path, before torch or a model loads
         budget = shared.check_common(device, dtype, vram)
@@ -268,9 +289,12 @@ def generate(
             compile,
             strength,
             step_cache,
+            pag_scale,
+            shared.pag_layers(pag_layers),
         )
+        masking = MaskSettings(mask_blur, keep_unmasked)
         spec = shared.controlnet(controlnet)
-        inputs = tuple(path for path in (image, control_image) if path is not None)
+        inputs = tuple(path for path in (image, mask, control_image) if path is not None)
         inputs += () if spec is None else (str(spec.path),)
         # --resume skips the complete images that are there; only those it makes again must be new
         targets = shared.targets(
@@ -278,6 +302,7 @@ def generate(
         )
         if image is None:
             with_init_size(denoising, None, option="--image")  # --strength alone is refused here
+            check_mask_options(mask, masking, False, "--image", mask)  # and --mask, --mask-blur, --keep-unmasked
         one_process = {"--image": image, "--control-image": control_image, "--controlnet": controlnet}
         given = [flag for flag, value in one_process.items() if value is not None]
         if given and launch.applies(output, resume, ray, ray_address, spread is not None):
@@ -324,6 +349,7 @@ def generate(
             decode_batch_size=batch_size,
             control_image=edges,
             controlnet=spec,
+            **shared.mask_args(mask, masking),
         )
         ctx = shared.context(out, source, device, dtype, budget, report_memory, loras)
         images, meta = generate(planned, ctx)

@@ -3,6 +3,7 @@ encode-control (a ControlNet's edge map). Registered on the app by commands.py, 
 
 from __future__ import annotations
 
+from pixart_cli.cli import conditioning_options as conditioning
 from pixart_cli.cli import options, shared
 from pixart_cli.cli.edge import run_command
 from pixart_cli.cli.output import Output
@@ -10,12 +11,12 @@ from pixart_cli.signals import GUARD
 
 
 def encode_image(
-    image: options.ImageFile,
-    output: options.InitLatentsOutput = "init.pt",
+    image: conditioning.ImageFile,
+    output: conditioning.InitLatentsOutput = "init.pt",
     model: options.Model = None,
     revision: options.Revision = None,
-    width: options.ImageWidth = None,
-    height: options.ImageHeight = None,
+    width: conditioning.ImageWidth = None,
+    height: conditioning.ImageHeight = None,
     no_binning: options.NoBinning = False,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -52,12 +53,12 @@ def encode_image(
 
 
 def encode_control(
-    image: options.ControlImageFile,
-    output: options.ControlOutput = "control.pt",
+    image: conditioning.ControlImageFile,
+    output: conditioning.ControlOutput = "control.pt",
     model: options.Model = None,
     revision: options.Revision = None,
-    width: options.ImageWidth = None,
-    height: options.ImageHeight = None,
+    width: conditioning.ImageWidth = None,
+    height: conditioning.ImageHeight = None,
     no_binning: options.NoBinning = False,
     device: options.Device = "auto",
     dtype: options.Dtype = "auto",
@@ -91,5 +92,47 @@ def encode_control(
         with GUARD.deferred():  # placed and reported together
             out.wrote(staged.save(target, control, overwrite=not no_overwrite))
         shared.finish(out, ctx)
+
+    run_command(out, work)
+
+
+def encode_mask(
+    mask: conditioning.MaskImageFile,
+    image: conditioning.MaskSourceImage,
+    output: conditioning.MaskOutput = "mask.pt",
+    model: options.Model = None,
+    revision: options.Revision = None,
+    width: conditioning.ImageWidth = None,
+    height: conditioning.ImageHeight = None,
+    no_binning: options.NoBinning = False,
+    mask_blur: conditioning.MaskBlur = None,
+    no_overwrite: options.NoOverwrite = False,
+    quiet: options.Quiet = False,
+    json: options.Json = False,
+) -> None:
+    """Make an inpainting mask for `pixart denoise --init-latents init.pt --mask mask.pt` → mask.pt: the mask at the
+    size the transformer runs at, and the image's pixels that decode pastes back outside it (--keep-unmasked).
+    Give the same --width/--height/--no-binning as to encode-image."""
+    out = Output("encode-mask", quiet, json)
+
+    def work():
+        from pixart_cli.files import image_io, staged
+        from pixart_cli.plan import check_size_options, plan_encode_mask
+        from pixart_cli.settings import MaskSettings
+        from pixart_cli.stages.encode_mask import encode_mask
+
+        # 1. Every option and path, both images, then the sizes and the mask's checks, before any work
+        check_size_options(width, height)
+        blur = MaskSettings(mask_blur).blur_px
+        (target,) = shared.targets(out, output, 1, "mask", (mask, image), overwrite=not no_overwrite)
+        mask_image = image_io.read_source_image(mask, "MASK", mode="L")
+        source_image = image_io.read_source_image(image, "--image")
+        source = shared.new_model(model, revision)
+        sizes = plan_encode_mask(mask_image, source_image, source, width, height, not no_binning, blur)
+        # 2. Resolve once (on the CPU: no model loads), run, write
+        ctx = shared.context(out, source, "cpu", "fp32", None, False)
+        made = encode_mask(mask_image, sizes, blur, ctx, source_image)
+        with GUARD.deferred():  # placed and reported together
+            out.wrote(staged.save(target, made, overwrite=not no_overwrite))
 
     run_command(out, work)

@@ -12,7 +12,7 @@ import typer
 
 from pixart_cli.models.memory import AUTO_MARGIN, GIB
 from pixart_cli.models.source import BASE_MODEL_ENV, DEFAULT_MODEL, FAMILIES, MODEL_ENV
-from pixart_cli.settings import DEFAULT_STRENGTH, MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, PRECISIONS, SCHEDULERS
+from pixart_cli.settings import MAX_GUIDANCE, MAX_IMAGES, MAX_SEED, MAX_STEPS, PRECISIONS, SCHEDULERS
 
 
 def _by_family(attribute: str) -> str:
@@ -158,7 +158,7 @@ Json = Annotated[
 InfoJson = Annotated[bool, typer.Option("--json", help="Print the description as one JSON document.")]
 
 
-def _output(what: str, name: str):
+def output_option(what: str, name: str):
     return Annotated[
         str,
         typer.Option(
@@ -173,9 +173,9 @@ def _output(what: str, name: str):
     ]
 
 
-EmbeddingsOutput = _output("embeddings", "embeddings.pt")
-LatentsOutput = _output("latents", "latents.pt")
-ImageOutput = _output(
+EmbeddingsOutput = output_option("embeddings", "embeddings.pt")
+LatentsOutput = output_option("latents", "latents.pt")
+ImageOutput = output_option(
     "image; several images become out-0.png, out-1.png, ... (.jpg and .webp work too)", "image.png (image-0.png, ...)"
 )
 Vram = Annotated[
@@ -304,104 +304,6 @@ Cache = Annotated[
         metavar="DIR",
         help="Embedding cache folder: encode skips T5 for a model + "
         "prompt + settings it has already encoded [default: off].",
-        show_default=False,
-    ),
-]
-
-# Image to image
-ImageFile = Annotated[
-    str, typer.Argument(metavar="IMAGE", help="The image to start from (.png, .jpg, .webp, ...).", show_default=False)
-]
-InitLatentsOutput = _output("init latents", "init.pt")
-ImageWidth = Annotated[
-    Optional[int],
-    typer.Option(
-        "--width",
-        metavar="PX",
-        help="Width to scale the image to [default: the image's own, rounded down to a "
-        "multiple of 8]; the transformer runs at its nearest trained bin.",
-        show_default=False,
-    ),
-]
-ImageHeight = Annotated[
-    Optional[int],
-    typer.Option(
-        "--height",
-        metavar="PX",
-        help="Height to scale the image to [default: the image's own, rounded down to a multiple of 8].",
-        show_default=False,
-    ),
-]
-InitLatents = Annotated[
-    Optional[str],
-    typer.Option(
-        "--init-latents",
-        metavar="FILE",
-        help="Image to image: start from these latents (`pixart encode-image` writes "
-        "them), noised as --strength says, instead of pure noise; the run takes "
-        "their size; - reads stdin.",
-        show_default=False,
-    ),
-]
-Image = Annotated[
-    Optional[str],
-    typer.Option(
-        "--image",
-        metavar="FILE",
-        help="Image to image: start from this image, as encode-image + denoise "
-        "--init-latents do; --width/--height scale it [default: its own size].",
-        show_default=False,
-    ),
-]
-Strength = Annotated[
-    Optional[float],
-    typer.Option(
-        metavar="S",
-        help=f"Image to image: how much of the schedule runs from the noised image, above 0 and up to 1 "
-        f"(int(steps x S) steps run; 1 noises it fully) [default: {DEFAULT_STRENGTH:g}].",
-        show_default=False,
-    ),
-]
-
-# ControlNet
-ControlOutput = _output("control latents", "control.pt")
-ControlImageFile = Annotated[
-    str,
-    typer.Argument(
-        metavar="IMAGE",
-        help="The control image: an edge map (white edges on black, as HED makes them), any size; it is scaled and "
-        "center-cropped to the generation size.",
-        show_default=False,
-    ),
-]
-Control = Annotated[
-    Optional[str],
-    typer.Option(
-        "--control",
-        metavar="FILE",
-        help="ControlNet: the control latents (`pixart encode-control` writes them) that steer the layout, with "
-        "--controlnet; the run takes their size.",
-        show_default=False,
-    ),
-]
-ControlImage = Annotated[
-    Optional[str],
-    typer.Option(
-        "--control-image",
-        metavar="FILE",
-        help="ControlNet: the edge map that steers the layout, with --controlnet, as encode-control + denoise "
-        "--control do; scaled to the generation size [default: its own size, or --image's].",
-        show_default=False,
-    ),
-]
-ControlNet = Annotated[
-    Optional[str],
-    typer.Option(
-        "--controlnet",
-        metavar="FILE|DIR[:SCALE]",
-        help="A PixArt-α ControlNet adapter: the published .pth (PixArt-XL-2-1024-ControlNet.pth; its copy of the "
-        "base model is not read) or a diffusers-layout .safetensors file or folder; SCALE multiplies its effect "
-        "(default 1.0). Recorded in the outputs.",
         show_default=False,
     ),
 ]

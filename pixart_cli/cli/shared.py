@@ -128,3 +128,28 @@ def finish_reports(out: Output, reports: Optional[list]) -> None:
         for report in reports:
             out.note(report.describe())
         out.record["memory"] = [report.as_dict() for report in reports]
+
+
+def pag_layers(value: Optional[str]) -> Optional[tuple]:
+    """--pag-layers A,B -> ("A", "B") (checked in DenoiseSettings); None: not given."""
+    return None if value is None else tuple(part.strip() for part in value.split(","))
+
+
+def mask_args(path: Optional[str], masking) -> dict:
+    """The plan's inpainting keywords for --mask PATH (``MaskSettings`` from --mask-blur and --keep-unmasked): the
+    mask file (`pixart encode-mask`, read as every .pt file is) or the mask image (read as a source image, in
+    grayscale), told apart by what the file holds."""
+    from pixart_cli.errors import PixartError
+    from pixart_cli.files import image_io, staged
+    from pixart_cli.files.untrusted import empty_path_error
+
+    mask = None
+    if path == "":
+        raise empty_path_error("--mask")
+    if path is not None:
+        try:
+            kind = staged.file_kind(path)
+        except PixartError as error:  # a missing or unreadable file: the line names the option too
+            raise PixartError(f"--mask {error}", error.exit_code) from None
+        mask = staged.load_mask(path) if kind == "pt" else image_io.read_source_image(path, "--mask", mode="L")
+    return {"mask": mask, "mask_name": path, "masking": masking}

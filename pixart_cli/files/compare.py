@@ -17,8 +17,6 @@ from pixart_cli.files import image_io, staged
 
 STAT_KEYS = ("cosine", "max_abs_diff", "mean_abs_diff")
 IMAGE_KEYS = ("max_pixel_diff", "mean_pixel_diff", "psnr")
-# Latents settings that change the result; compare names each that differs between the two files.
-SETTINGS_NOTED = record.COMPARED
 
 
 @dataclass
@@ -120,7 +118,7 @@ def _compare_latents(a: Path, b: Path, first, second) -> Comparison:
     result = Comparison("latents", str(a), str(b))
     if first.meta.get("model") != second.meta.get("model"):
         result.notes.append(f"different models: {first.meta.get('model')} and {second.meta.get('model')}")
-    for key in SETTINGS_NOTED:  # a difference these explain is not a reproducibility problem
+    for key in record.COMPARED:  # settings that change the result: a difference they explain is not a problem
         if first.meta.get(key) != second.meta.get(key):
             result.notes.append(f"different {key}: {first.meta.get(key)} and {second.meta.get(key)}")
     for index in range(first.latents.shape[0]):

@@ -146,8 +146,8 @@ class SourceImage:
 
     path: Path
     sha256: str
-    pixels: Any  # PIL.Image.Image, mode RGB
-    option: str = "IMAGE"  # the argument that named it (IMAGE, --image): errors about the image name it
+    pixels: Any  # PIL.Image.Image, mode RGB (a mask: L)
+    option: str = "IMAGE"  # the argument that named it (IMAGE, --image, --mask): errors about the image name it
 
     @property
     def name(self) -> str:
@@ -166,9 +166,10 @@ class SourceImage:
 MAX_SOURCE_IMAGE_BYTES = 256 * 2**20
 
 
-def read_source_image(path, option: str = "IMAGE") -> SourceImage:
+def read_source_image(path, option: str = "IMAGE", mode: str = "RGB") -> SourceImage:
     """Read and decode an image file whole (a damaged or truncated one fails here, before any model loads).
-    Untrusted like any input: only a regular file, bounded in size, decoded by PIL within its pixel limit."""
+    Untrusted like any input: only a regular file, bounded in size, decoded by PIL within its pixel limit.
+    ``mode``: the PIL mode it is converted to (an inpainting mask: "L", from any mode)."""
     import hashlib
 
     from PIL import Image, ImageOps
@@ -191,7 +192,7 @@ def read_source_image(path, option: str = "IMAGE") -> SourceImage:
     try:
         with Image.open(io.BytesIO(data)) as image:
             # as diffusers.utils.load_image: upright per EXIF, then RGB (alpha dropped, palettes expanded)
-            pixels = ImageOps.exif_transpose(image).convert("RGB")
+            pixels = ImageOps.exif_transpose(image).convert(mode)
     except Exception as error:
         raise PixartError(f"{option} {path}: {image_problem(error)}; give a .png, .jpg or .webp file") from None
     return SourceImage(Path(path), hashlib.sha256(data).hexdigest(), pixels, option)

@@ -1,4 +1,5 @@
-"""The registry of staged .pt kinds (embeddings, latents, init latents, control latents): keys, loaders, the writer.
+"""The registry of staged .pt kinds (embeddings, latents, init latents, control latents, masks): keys, loaders, the
+writer.
 
 A .pt file is ``torch.save`` of a plain dict: tensors at the top level under diffusers' keyword names, so
 ``pipe(**{k: v for k, v in d.items() if k != "meta"})`` works, and a ``meta`` dict of plain values. Loading goes
@@ -15,7 +16,15 @@ from typing import Any
 
 from pixart_cli.errors import bad_file
 from pixart_cli.files.atomic import STDOUT, atomic_path, is_stdout, json_safe, plain, write_stdout
-from pixart_cli.files.formats import CONTROL_FORMAT, EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
+from pixart_cli.files.formats import (
+    CONTROL_FORMAT,
+    EMBEDDING_KEYS,
+    EMBEDDINGS_FORMAT,
+    FORMAT_VERSION,
+    LATENTS_FORMAT,
+    MASK_FORMAT,
+    OVERLAY_KEYS,
+)
 from pixart_cli.files.image_io import IMAGE_FORMATS, read_image_metadata
 from pixart_cli.files.stdin import is_stdin
 from pixart_cli.files.untrusted import (
@@ -25,6 +34,7 @@ from pixart_cli.files.untrusted import (
     model_fields,
     open_input,
     read_pt,
+    short,
     tensor_field,
     text_list,
 )
@@ -47,14 +57,19 @@ class Embeddings:
 
 @dataclass
 class Latents:
-    """Denoised latents for N images at the binned size. latents: [N, C, H/8, W/8]."""
+    """Denoised latents for N images at the binned size. latents: [N, C, H/8, W/8].
+
+    Inpainted with --keep-unmasked, also what decode pastes back outside the mask, at the requested size H' x W'
+    (one for every image): ``overlay_image`` [1, 3, H', W'] and ``overlay_mask`` [1, 1, H', W'], uint8."""
 
     latents: Any
     meta: dict = field(default_factory=dict)
+    overlay_image: Any = None
+    overlay_mask: Any = None
     FORMAT = LATENTS_FORMAT
 
     def tensors(self) -> dict:
-        return {"latents": self.latents}
+        return {"latents": self.latents, **_overlay(self)}
 
 
 class ControlLatents(Latents):
@@ -96,7 +111,37 @@ def tensor_sha256(tensor) -> str:
     return hasher.hexdigest()
 
 
-def save(path: Path, artifact: Embeddings | Latents, overwrite: bool = True, follow_link: bool = True) -> Path:
+@dataclass
+class Mask:
+    """An inpainting mask for init latents [*, C, h, w]: ``mask`` [1, 1, h, w] float32 (1 repaints, 0 keeps), and for
+    --keep-unmasked the source image and the blurred mask at the requested size (``overlay_*``, uint8), which
+    denoise carries into its latents for decode. Made by ``stages/encode_mask.py``."""
+
+    mask: Any
+    meta: dict = field(default_factory=dict)
+    overlay_image: Any = None
+    overlay_mask: Any = None
+    FORMAT = MASK_FORMAT
+
+    def tensors(self) -> dict:
+        return {"mask": self.mask, **_overlay(self)}
+
+    @property
+    def keeps_unmasked(self) -> bool:
+        return self.overlay_image is not None
+
+    def without_overlay(self) -> Mask:
+        """--no-keep-unmasked: decode pastes nothing back."""
+        return Mask(self.mask, self.meta)
+
+
+def _overlay(artifact) -> dict:
+    if artifact.overlay_image is None:
+        return {}
+    return {"overlay_image": artifact.overlay_image, "overlay_mask": artifact.overlay_mask}
+
+
+def save(path: Path, artifact: Embeddings | Latents | Mask, overwrite: bool = True, follow_link: bool = True) -> Path:
     """Write an Embeddings or Latents file atomically (``-`` : to stdout), stamped with its format and version;
     tensors go to the CPU first. ``follow_link``: as ``atomic_path`` (an output the user named).
 
@@ -126,14 +171,17 @@ def compact(tensor):
     return tensor.clone(memory_format=torch.contiguous_format)
 
 
-def load_any(path) -> Embeddings | Latents:
-    """An embeddings or a latents file, whichever ``path`` is (validated as such)."""
-    data, size = read_pt(path, (EMBEDDINGS_FORMAT, LATENTS_FORMAT, CONTROL_FORMAT))
-    if data["meta"]["format"] == EMBEDDINGS_FORMAT:
-        return _embeddings(path, data, size)
-    if data["meta"]["format"] == CONTROL_FORMAT:
-        return _latents(path, data, size, ControlLatents)
-    return _latents(path, data, size)
+def load_any(path, formats: tuple = (EMBEDDINGS_FORMAT, LATENTS_FORMAT, CONTROL_FORMAT)) -> Embeddings | Latents | Mask:
+    """An embeddings, latents or control-latents file (or another of ``formats``), whichever ``path`` is (validated
+    as such)."""
+    data, size = read_pt(path, formats)
+    loader = {
+        EMBEDDINGS_FORMAT: _embeddings,
+        LATENTS_FORMAT: _latents,
+        MASK_FORMAT: _mask,
+        CONTROL_FORMAT: lambda *args: _latents(*args, ControlLatents),
+    }
+    return loader[data["meta"]["format"]](path, data, size)
 
 
 def file_kind(path) -> str:
@@ -157,13 +205,14 @@ def describe(path) -> dict:
     Everything in it is bounded and JSON-safe (NaN and inf as strings)."""
     if file_kind(path) == "image":
         return json_safe({"file": str(path), "kind": "image", **read_image_metadata(path)})
-    artifact = load_any(path)
+    artifact = load_any(path, (EMBEDDINGS_FORMAT, LATENTS_FORMAT, MASK_FORMAT))
     tensors = {
         key: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
         for key, value in artifact.tensors().items()
     }
-    kinds = {Embeddings: "embeddings", Latents: "latents", ControlLatents: "control latents"}
-    kind = kinds[type(artifact)]
+    kind = {Embeddings: "embeddings", Latents: "latents", ControlLatents: "control latents", Mask: "mask"}[
+        type(artifact)
+    ]
     return json_safe({"file": str(path), "kind": kind, "tensors": tensors, "meta": artifact.meta})
 
 
@@ -222,10 +271,7 @@ def load_control(path, argument: str = "--control") -> ControlLatents:
 def _latents(path, data: dict, size: int, kind: type = Latents) -> Latents:
     meta = data["meta"]
     latents = tensor_field(path, data, "latents", 4, "f", size)
-    for key in ("height", "width", "requested_height", "requested_width"):
-        value = meta_field(path, meta, key, int)
-        if value < 8 or value > 16384:
-            raise bad_file(path, f"meta.{key} is {value}; expected a size in pixels")
+    _sizes(path, meta)
     model_fields(path, meta)
     text_list(path, meta, "seeds", latents.shape[0], int)
     text_list(path, meta, "prompts", latents.shape[0], str)
@@ -234,4 +280,60 @@ def _latents(path, data: dict, size: int, kind: type = Latents) -> Latents:
         raise bad_file(
             path, f"latents {list(latents.shape)} do not fit the recorded size {meta['width']}x{meta['height']}"
         )
-    return kind(latents, meta)
+    return kind(latents, meta, *_overlay_fields(path, data, size, meta))
+
+
+def _sizes(path, meta: dict) -> None:
+    for key in ("height", "width", "requested_height", "requested_width"):
+        value = meta_field(path, meta, key, int)
+        if value < 8 or value > 16384:
+            raise bad_file(path, f"meta.{key} is {value}; expected a size in pixels")
+
+
+def _overlay_fields(path, data: dict, size: int, meta: dict) -> tuple:
+    """(overlay_image, overlay_mask), both or neither, at the requested size the file records."""
+    present = [key for key in OVERLAY_KEYS if key in data]
+    if not present:
+        return None, None
+    if len(present) == 1:
+        raise bad_file(path, f"holds {present[0]} without {[k for k in OVERLAY_KEYS if k not in present][0]}")
+    image = tensor_field(path, data, "overlay_image", 4, "p", size)
+    mask = tensor_field(path, data, "overlay_mask", 4, "p", size)
+    requested = [1, 3, meta["requested_height"], meta["requested_width"]]
+    if list(image.shape) != requested or list(mask.shape) != [1, 1, *requested[2:]]:
+        raise bad_file(
+            path,
+            f"overlay_image {list(image.shape)} and overlay_mask {list(mask.shape)} do not fit the recorded size "
+            f"{meta['requested_width']}x{meta['requested_height']}",
+        )
+    return image, mask
+
+
+def load_mask(path, argument: str = "--mask") -> Mask:
+    """An inpainting mask file (`pixart encode-mask`), validated on its own (not yet against init latents)."""
+    data, size = read_pt(path, (MASK_FORMAT,), needed="a mask file (from pixart encode-mask)", argument=argument)
+    return _mask(path, data, size)
+
+
+def _mask(path, data: dict, size: int) -> Mask:
+    meta = data["meta"]
+    mask = tensor_field(path, data, "mask", 4, "f", size)
+    _sizes(path, meta)
+    model_fields(path, meta)
+    if mask.shape[:2] != (1, 1) or not bool(((mask == 0) | (mask == 1)).all()):
+        raise bad_file(path, f"mask {list(mask.shape)} is not one mask of 0s and 1s ([1, 1, h, w])")
+    scale = meta["height"] / mask.shape[2]
+    if scale != meta["width"] / mask.shape[3] or scale < 1 or math.log2(scale) % 1:
+        raise bad_file(path, f"mask {list(mask.shape)} does not fit the recorded size {meta['width']}x{meta['height']}")
+    blur = meta_field(path, meta, "mask_blur", int)
+    if not 0 <= blur <= 16384:
+        raise bad_file(path, f"meta.mask_blur is {blur}; expected pixels")
+    for key in ("mask", "source_image"):  # recorded in the outputs: {name, sha256} of short strings
+        value = meta.get(key)
+        if (key == "mask" or value is not None) and not (
+            isinstance(value, dict)
+            and set(value) == {"name", "sha256"}
+            and all(isinstance(text, str) and len(text) <= 1024 for text in value.values())
+        ):
+            raise bad_file(path, f"meta.{key} is {short(value)}; expected the image's name and sha256")
+    return Mask(mask, meta, *_overlay_fields(path, data, size, meta))

@@ -12,7 +12,14 @@ import stat
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, bad_file, detail
 from pixart_cli.files.atomic import FILE_KINDS
-from pixart_cli.files.formats import CONTROL_FORMAT, EMBEDDING_KEYS, EMBEDDINGS_FORMAT, FORMAT_VERSION, LATENTS_FORMAT
+from pixart_cli.files.formats import (
+    CONTROL_FORMAT,
+    EMBEDDINGS_FORMAT,
+    FORMAT_KEYS,
+    FORMAT_VERSION,
+    LATENTS_FORMAT,
+    MASK_FORMAT,
+)
 from pixart_cli.files.stdin import is_stdin, read_stdin
 
 # A file is untrusted, whatever wrote it: the work of reading it is bounded by its size on disk and these caps.
@@ -128,6 +135,7 @@ def read_pt(
             EMBEDDINGS_FORMAT: "an embeddings file (from pixart encode)",
             LATENTS_FORMAT: "a latents file (from pixart denoise)",
             CONTROL_FORMAT: "a control file (from pixart encode-control)",
+            MASK_FORMAT: "a mask file (from pixart encode-mask)",
         }
         if fmt in kind:
             raise bad_file(path, f"is {kind[fmt]}, but this command needs {needed or kind[expected_formats[0]]}")
@@ -140,7 +148,7 @@ def read_pt(
         )
     if version < 1:
         raise bad_file(path, f"format version {version} is not valid")
-    allowed = set(EMBEDDING_KEYS if fmt == EMBEDDINGS_FORMAT else ("latents",)) | {"meta"}
+    allowed = set(FORMAT_KEYS[fmt]) | {"meta"}
     extra = sorted(str(key) for key in data if key not in allowed)
     if extra:
         raise bad_file(
@@ -284,7 +292,8 @@ def key_text(key: str) -> str:
 def tensor_field(path, data: dict, key: str, rank: int, kinds: str, file_size: int):
     """One required tensor, checked from its metadata before anything is computed on it: a dense strided CPU
     tensor of a plain dtype, of the given rank, whose storage holds all its elements and whose size fits in
-    the file; then non-empty and (floats) finite, or (masks) only 0 and 1. kinds: 'f' float, 'i' mask."""
+    the file; then non-empty and (floats) finite, or (masks) only 0 and 1. kinds: 'f' float, 'i' mask, 'p' pixels
+    (uint8, any value)."""
     import torch
 
     value = data.get(key)
@@ -305,9 +314,10 @@ def tensor_field(path, data: dict, key: str, rank: int, kinds: str, file_size: i
     if value.device.type != "cpu":
         raise bad_file(path, f"{key} is a tensor on the {value.device.type} device, which holds no data")
     dtype = str(value.dtype).removeprefix("torch.")
-    allowed = FLOAT_DTYPES if kinds == "f" else MASK_DTYPES
+    allowed = {"f": FLOAT_DTYPES, "i": MASK_DTYPES, "p": ("uint8",)}[kinds]
     if dtype not in allowed:
-        expected = "a float tensor (float32, float16, bfloat16)" if kinds == "f" else "an integer mask"
+        expected = {"f": "a float tensor (float32, float16, bfloat16)", "i": "an integer mask", "p": "uint8 pixels"}
+        expected = expected[kinds]
         raise bad_file(path, f"{key} has dtype {dtype}; expected {expected}")
     if value.dim() != rank:
         raise bad_file(path, f"{key} has shape {short(list(value.shape))}; expected {rank} dimensions")
@@ -329,7 +339,7 @@ def tensor_field(path, data: dict, key: str, rank: int, kinds: str, file_size: i
     if kinds == "f":
         if not bool(torch.isfinite(value).all()):
             raise bad_file(path, f"{key} contains NaN or inf values")
-    elif not bool(((value == 0) | (value == 1)).all()):
+    elif kinds == "i" and not bool(((value == 0) | (value == 1)).all()):
         raise bad_file(path, f"{key} holds values other than 0 and 1; an attention mask is 0 or 1")
     return value
 

@@ -226,3 +226,25 @@ def diffusers_constant(relative_path: str, name: str):
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
             return ast.literal_eval(node.value)
     raise LookupError(f"{name} not found in diffusers/{relative_path}")
+
+
+def diffusers_default(relative_path: str, class_name: str, function: str, parameter: str):
+    """The literal default of a parameter of a diffusers class's method, read from its source without importing it
+    (PixArtSigmaPAGPipeline's ``pag_applied_layers``: importing the pipeline loads transformers' T5)."""
+    import ast
+    from pathlib import Path
+
+    source = Path(importlib.util.find_spec("diffusers").origin).parent / relative_path
+    for node in ast.parse(source.read_text(encoding="utf-8")).body:
+        if not (isinstance(node, ast.ClassDef) and node.name == class_name):
+            continue
+        for method in node.body:
+            if isinstance(method, ast.FunctionDef) and method.name == function:
+                arguments = method.args
+                positional = arguments.posonlyargs + arguments.args
+                pairs = list(zip(positional[len(positional) - len(arguments.defaults) :], arguments.defaults))
+                pairs += [(arg, value) for arg, value in zip(arguments.kwonlyargs, arguments.kw_defaults) if value]
+                for arg, value in pairs:
+                    if arg.arg == parameter:
+                        return ast.literal_eval(value)
+    raise LookupError(f"{class_name}.{function}({parameter}=...) not found in diffusers/{relative_path}")

@@ -192,14 +192,17 @@ def plan_denoise(
     cfg: bool,
     adapter_bytes: int = 0,
     adapter_blocks: int = 0,
+    pag: bool = False,
 ) -> Plan:
-    """Resident transformer with the largest batch that fits; streamed (group offload) below its size.
+    """Resident transformer with the largest batch that fits; streamed (group offload) below its size. Each image
+    is one transformer row, two with classifier-free guidance, one more with perturbed-attention guidance.
 
     A ControlNet adapter of ``adapter_bytes`` in ``adapter_blocks`` copies is resident beside a resident
     transformer, and streamed with a streamed one, one copy on the device at a time (``controlnet.stream_adapter``);
     its activations are ``CONTROL_ACTIVATIONS_PER_TOKEN`` more per token."""
+    rows = (2 if cfg else 1) + (1 if pag else 0)
     per_token = DIT_ACTIVATIONS_PER_TOKEN + (CONTROL_ACTIVATIONS_PER_TOKEN if adapter_blocks else 0)
-    per_image = per_token * tokens_per_sample * hidden * dtype_size * (2 if cfg else 1)
+    per_image = per_token * tokens_per_sample * hidden * dtype_size * rows
     resident_weights = transformer_bytes + adapter_bytes
     if budget is None:  # CPU / MPS: batches bounded only so that a long list never allocates all at once
         batch = min(images, UNBUDGETED_BATCH)

@@ -12,6 +12,15 @@ do: the whole schedule is set, the loop runs ``scheduler.timesteps[begin_index:]
 index set there, from ``start_latents`` that ``scheduler.add_noise`` already put at that timestep's noise level
 (so they are not multiplied by ``init_noise_sigma``). start_from computes both; tests/test_img2img.py checks
 the result against diffusers' own img2img pieces.
+
+Inpainting (PixArt has no inpainting checkpoint) is the 4-channel path of diffusers' StableDiffusionInpaintPipeline
+(``num_channels_unet == 4``) on that start: after each step the known region is put back, the init latents noised
+to the next timestep with the start's own noise, outside the mask (``Known.blend``). tests/test_inpaint.py checks
+it step by step against diffusers' scheduler and VAE pieces.
+
+Perturbed-attention guidance (``pag_scale`` > 0) is PixArtSigmaPAGPipeline's loop: one more batch row, the
+prompt's again, whose selected self-attention layers take diffusers' identity-attention processors
+(``models/pag.py``), and PAGMixin's guidance formula. tests/test_pag.py checks it against the pipeline.
 """
 
 from __future__ import annotations
@@ -44,6 +53,8 @@ def sample_latents(
     callback: Callable | None = None,
     start_latents=None,
     begin_index: int = 0,
+    known: Known | None = None,
+    pag_scale: float = 0.0,
 ):
     """Latents [B, C, height / vae_scale_factor, width / vae_scale_factor] for embeddings [B, L, C_text], as the
     named diffusers ``pipeline`` returns them with ``output_type="latent"`` and ``use_resolution_binning=False``.
@@ -51,6 +62,8 @@ def sample_latents(
 
     Image to image: ``start_latents`` [B, C, h, w], noised to ``scheduler.timesteps[begin_index]``, and the index in
     the whole schedule the loop starts at (``t_start * scheduler.order`` of diffusers' ``get_timesteps``).
+    Inpainting: ``known``, the region kept after each step. PAG: ``pag_scale`` > 0, with the transformer's PAG
+    processors set (``pag.apply``).
     """
     import torch
 
@@ -64,8 +77,18 @@ def sample_latents(
     sigma = pipeline == SIGMA_PIPELINE
     batch_size = prompt_embeds.shape[0]
     do_classifier_free_guidance = guidance_scale > 1.0
+    perturbed = pag_scale > 0
     prompt_embeds = prompt_embeds.to(dtype=transformer.dtype, device=device)
-    if do_classifier_free_guidance:
+    if perturbed:  # PixArtSigmaPAGPipeline: [negative,] prompt, prompt
+        from pixart_cli.models import pag
+
+        if do_classifier_free_guidance:
+            negative_prompt_embeds = negative_prompt_embeds.to(dtype=transformer.dtype, device=device)
+        prompt_embeds = pag.rows(prompt_embeds, negative_prompt_embeds, do_classifier_free_guidance)
+        prompt_attention_mask = pag.rows(
+            prompt_attention_mask, negative_prompt_attention_mask, do_classifier_free_guidance
+        )
+    elif do_classifier_free_guidance:
         negative_prompt_embeds = negative_prompt_embeds.to(dtype=transformer.dtype, device=device)
         prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
         prompt_attention_mask = torch.cat([negative_prompt_attention_mask, prompt_attention_mask], dim=0)
@@ -114,7 +137,10 @@ def sample_latents(
         # Alpha resets it to 0; image to image starts at its index (get_timesteps sets it, for both families)
         scheduler.set_begin_index(begin_index)
     for i, t in enumerate(timesteps):
-        latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
+        if perturbed:
+            latent_model_input = torch.cat([latents] * (prompt_embeds.shape[0] // latents.shape[0]))
+        else:
+            latent_model_input = torch.cat([latents] * 2) if do_classifier_free_guidance else latents
         latent_model_input = scheduler.scale_model_input(latent_model_input, t)
         current_timestep = t
         if not torch.is_tensor(current_timestep):
@@ -135,7 +161,9 @@ def sample_latents(
                 added_cond_kwargs=added_cond_kwargs,
                 return_dict=False,
             )[0]
-        if do_classifier_free_guidance:
+        if perturbed:
+            noise_pred = pag.guide(noise_pred, do_classifier_free_guidance, guidance_scale, pag_scale)
+        elif do_classifier_free_guidance:
             noise_pred_uncond, noise_pred_text = noise_pred.chunk(2)
             noise_pred = noise_pred_uncond + guidance_scale * (noise_pred_text - noise_pred_uncond)
         if transformer.config.out_channels // 2 == latent_channels:  # learned sigma
@@ -143,6 +171,8 @@ def sample_latents(
 
         output = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)
         latents = output[1] if not sigma and num_inference_steps == 1 else output[0]
+        if known is not None:
+            latents = known.blend(scheduler, timesteps, i, latents)
 
         if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % scheduler.order == 0):
             if callback is not None:
@@ -158,6 +188,27 @@ class Start:
 
     latents: Any  # [B, C, h, w] on the device
     begin_index: int
+    noise: Any = None  # [B, C, h, w]: the noise added (inpainting noises the known region with it at each step)
+
+
+@dataclass
+class Known:
+    """Inpainting's known region: the init latents (not noised), the start's noise, and the mask (1: repaint)."""
+
+    init: Any  # [B, C, h, w] on the device, in the loop's dtype
+    noise: Any  # [B, C, h, w]
+    mask: Any  # [1 or B, 1, h, w], 0 or 1
+
+    def blend(self, scheduler, timesteps, i: int, latents):
+        """StableDiffusionInpaintPipeline's 4-channel step: the init latents noised to the next timestep (clean
+        after the last), kept where the mask is 0."""
+        import torch
+
+        init_latents_proper = self.init
+        if i < len(timesteps) - 1:
+            noise_timestep = timesteps[i + 1]
+            init_latents_proper = scheduler.add_noise(init_latents_proper, self.noise, torch.tensor([noise_timestep]))
+        return (1 - self.mask) * init_latents_proper + self.mask * latents
 
 
 def set_full_schedule(scheduler, steps: int, timesteps: list[int] | None, device) -> None:
@@ -190,4 +241,4 @@ def start_from(
     init = init.to(device=device, dtype=dtype)
     noise = randn_tensor(init.shape, generator=generators, device=device, dtype=dtype)
     latents = scheduler.add_noise(init, noise, remaining[:1].repeat(init.shape[0]))
-    return Start(latents, begin_index)
+    return Start(latents, begin_index, noise)

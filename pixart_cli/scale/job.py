@@ -114,6 +114,9 @@ def make_job(
     if resume and folder is None:
         raise PixartError(f"--resume: needs -o DIR/ (the manifest lives in DIR), not -o {output}")
     options = image_options(model, run.dtype, encoding, denoising, run.loras)  # reads the model's configs
+    from pixart_cli.conditioning import check_pag
+
+    check_pag(options.get("pag_scale"), options.get("pag_layers"), model)  # before any process waits on another
     image_prompts = [prompt for prompt in prompts for _ in range(denoising.num_images)]
     paths = output_paths.output_targets(output, len(image_prompts), "image", allow_stdout=False)
     return Job(image_prompts, paths, encoding.negative_prompt, options, folder, overwrite)

@@ -1,4 +1,5 @@
-"""Stage 3: latents -> images. Loads only the VAE."""
+"""Stage 3: latents -> images. Loads only the VAE. Latents inpainted with --keep-unmasked carry the source image and
+the mask, and get the source's pixels pasted back outside the mask (``models.masking.paste``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pixart_cli.runtime import RunContext, check_finite
 
 def decode(latents: staged.Latents, ctx: RunContext, batch_size: int | None = None) -> list:
     """Decode latents [N, 4, h, w] to N PIL images at the requested size (binning undone, as the pipeline does).
-    The latents were checked against the VAE (``plan.check_latents``) or made by this run's denoise."""
+    The latents were checked against the VAE (``conditioning.check_latents``) or made by this run's denoise."""
     import torch
 
     from pixart_cli.models.facade import import_diffusers
@@ -53,7 +54,12 @@ def decode(latents: staged.Latents, ctx: RunContext, batch_size: int | None = No
             image = vae.decode(sample, return_dict=False)[0]
             if resize:
                 image = processor.resize_and_crop_tensor(image, meta["requested_width"], meta["requested_height"])
-            images.extend(processor.postprocess(image.float(), output_type="pil"))
+            decoded = processor.postprocess(image.float(), output_type="pil")
+            if latents.overlay_image is not None:  # VaeImageProcessor.apply_overlay, as A1111 pastes them back
+                from pixart_cli.models.masking import paste
+
+                decoded = paste(decoded, latents.overlay_mask, latents.overlay_image)
+            images.extend(decoded)
             ctx.advance("decode", len(images), total)
     del vae
     ctx.free()

@@ -30,6 +30,8 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
     ``plan.init``: image to image's init latents; ``plan.schedule.strength`` says how much of the schedule runs.
     ``plan.control`` and ``plan.controlnet``: a ControlNet's control latents and its adapter file (checked against
     the model by the plan), read here and run beside the transformer, under the same memory plan.
+    ``plan.mask``: inpainting's mask (the known region is kept after each step, and with --keep-unmasked the
+    latents carry what decode pastes back). ``plan.schedule.pag_scale``: perturbed-attention guidance.
     """
     settings, schedule, seeds = plan.settings, plan.schedule, plan.seeds
 
@@ -46,10 +48,16 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
     if plan.controlnet is not None:
         where = "streamed with the transformer" if chosen.name == "streamed" else "resident"
         ctx.note(f"{plan.controlnet.describe()}, {where}")
+    if plan.mask is not None:
+        coverage = float(plan.mask.mask.mean())
+        ctx.note(
+            f"denoise: inpainting {coverage:.0%} of the image (mask {plan.mask.meta['mask']['name']})"
+            + (" (all white: the same as image to image)" if coverage == 1 else "")
+        )
     with meter.phase("load"):
         step_cache = _step_cache(settings.step_cache, chosen, schedule, ctx)
         transformer, noise_scheduler = _load(
-            chosen, schedule.scheduler, ctx, compiled=settings.compile, step_cache=step_cache
+            chosen, schedule.scheduler, ctx, compiled=settings.compile, step_cache=step_cache, schedule=schedule
         )
         controlnet = None
         if plan.controlnet is not None:
@@ -77,8 +85,11 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
         memory_plan=chosen.name,
         source_image=None if plan.init is None else record.source_image_of(plan.init.meta),
         **_control_record(plan, controlnet),
+        inpainting=None if plan.mask is None else record.inpainting_of(plan.mask),
     )
-    return staged.Latents(latents, record.latents_meta(made))
+    mask = plan.mask
+    overlay = (None, None) if mask is None else (mask.overlay_image, mask.overlay_mask)
+    return staged.Latents(latents, record.latents_meta(made), *overlay)
 
 
 def _control_record(plan: DenoisePlan, controlnet: dict | None) -> dict:
@@ -135,6 +146,7 @@ def _memory_plan(plan: Schedule, images: int, ctx: RunContext, checked=None) -> 
         plan.guidance_scale > 1,
         adapter_bytes=0 if checked is None else checked.parameter_bytes(ctx.dtype.itemsize),
         adapter_blocks=0 if checked is None else checked.num_blocks,
+        pag=plan.pag_scale is not None,
     )
 
 
@@ -149,10 +161,15 @@ def _step_cache(step_cache: str | None, chosen: memory.Plan, plan: Schedule, ctx
 
 
 def _load(
-    chosen: memory.Plan, scheduler_name: str, ctx: RunContext, compiled: bool = False, step_cache: str | None = None
+    chosen: memory.Plan,
+    scheduler_name: str,
+    ctx: RunContext,
+    compiled: bool = False,
+    step_cache: str | None = None,
+    schedule: Schedule | None = None,
 ):
-    """The transformer (resident or group-offloaded, LoRAs fused, an opt-in step cache hooked on) and the
-    scheduler; nothing else."""
+    """The transformer (resident or group-offloaded, LoRAs fused, PAG's attention processors set, an opt-in step
+    cache hooked on) and the scheduler; nothing else."""
     import torch
 
     from pixart_cli.models import step_caching
@@ -177,6 +194,11 @@ def _load(
         torch.nn.Module.to(transformer, device)
         lora.apply_loras(transformer, list(ctx.loras))
     transformer.eval()
+    if schedule is not None and schedule.pag_scale is not None:  # PixArtSigmaPAGPipeline's _set_pag_attn_processor
+        from pixart_cli.models import pag
+
+        names = pag.apply(transformer, schedule.pag_layers, cfg=schedule.guidance_scale > 1)
+        ctx.note(f"denoise: perturbed-attention guidance {schedule.pag_scale:g} on {pag.describe(names)}")
     if step_cache is not None:
         step_caching.enable(transformer, step_cache)
     if compiled:
@@ -200,9 +222,10 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: staged.Embeddings
     """
     import torch
 
-    from pixart_cli.models.sampling import sample_latents, start_from
+    from pixart_cli.models.sampling import Known, sample_latents, start_from
 
     schedule, init, control, num_images = plan.schedule, plan.init, plan.control, plan.settings.num_images
+    mask = None if plan.mask is None else plan.mask.mask.to(ctx.device, ctx.dtype)
     total = plan.images
     rows = [index // num_images for index in range(total)]
     batches = math.ceil(total / batch)
@@ -222,21 +245,24 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: staged.Embeddings
                 ctx.advance("denoise", done + step + 1, total_steps)
 
             # Image to image: the init latents noised to where the strength starts; the loop then runs the rest of
-            # the schedule from them.
-            begin = (
-                None
-                if init is None
-                else start_from(
+            # the schedule from them. Inpainting keeps them, noised with the same noise, outside the mask.
+            begin = known = None
+            if init is not None:
+                rows_init = init.latents[
+                    [0] * len(picked) if len(init.latents) == 1 else slice(start, start + len(picked))
+                ]
+                begin = start_from(
                     noise_scheduler,
                     schedule.steps,
                     schedule.timesteps,
                     schedule.strength,
-                    init.latents[[0] * len(picked) if len(init.latents) == 1 else slice(start, start + len(picked))],
+                    rows_init,
                     generators,
                     ctx.device,
                     ctx.dtype,
                 )
-            )
+                if mask is not None:
+                    known = Known(rows_init.to(ctx.device, ctx.dtype), begin.noise, mask)
             # The pipeline's own loop (sampling.py), without importing the pipeline
             parts.append(
                 sample_latents(
@@ -255,6 +281,8 @@ def _denoise_batches(transformer, noise_scheduler, embeddings: staged.Embeddings
                     callback=on_step,
                     start_latents=None if begin is None else begin.latents,
                     begin_index=0 if begin is None else begin.begin_index,
+                    known=known,
+                    pag_scale=0.0 if schedule.pag_scale is None else schedule.pag_scale,
                 ).cpu()
             )
     return torch.cat(parts)

@@ -37,4 +37,5 @@ def encode_image(image: image_io.SourceImage, sizes: Schedule, ctx: RunContext) 
 
     # 3. What denoise checks the latents against, and what the outputs record about their source
     meta = staged.encoded_image_meta(ctx.model, ctx.dtype_name, sizes, scaling_factor, SAMPLE_SEED)
-    return staged.Latents(latents, {**meta, "source_image": image.record()})
+    # source_size [width, height]: the grid an inpainting mask is scaled to (encode_mask)
+    return staged.Latents(latents, {**meta, "source_image": image.record(), "source_size": list(image.size)})
