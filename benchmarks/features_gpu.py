@@ -26,6 +26,7 @@ from pathlib import Path
 
 PROMPT = "a small house by a lake with mountains behind it, watercolor"
 CONTEXT_GB = 0.7  # the CUDA context a card's budget also holds
+LOG: Path | None = None  # every record is appended here as it is made (a run cut short keeps what it measured)
 CAPPED = """
 import runpy, sys, torch
 budget = float(sys.argv[1])
@@ -70,7 +71,11 @@ class GpuPeak:
 
 def run(label: str, args: list[str], cwd: Path, budget_gb: float | None, records: list) -> dict:
     """One whole pixart process (capped at ``budget_gb`` when given); its wall time, GPU peak and --json report."""
-    command = [sys.executable, "-c", CAPPED, str(budget_gb), *args] if budget_gb else ["pixart", *args]
+    command = (
+        [sys.executable, "-c", CAPPED, str(budget_gb), *args]
+        if budget_gb
+        else [sys.executable, "-m", "pixart_cli", *args]
+    )
     started = time.perf_counter()
     with GpuPeak() as peak:
         result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
@@ -92,6 +97,9 @@ def run(label: str, args: list[str], cwd: Path, budget_gb: float | None, records
         record["stderr"] = result.stderr[-2000:]
     records.append(record)
     print(json.dumps(record), flush=True)
+    if LOG is not None:
+        with open(LOG, "a") as handle:
+            handle.write(json.dumps(record) + "\n")
     return record
 
 
@@ -166,9 +174,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("steps", nargs="+", choices=("convert", "alpha", "sigma"))
     args = parser.parse_args()
+    global LOG
+    args.out.mkdir(parents=True, exist_ok=True)
+    LOG = args.out / "records.jsonl"
     work, records = args.work, []
     work.mkdir(parents=True, exist_ok=True)
-    args.out.mkdir(parents=True, exist_ok=True)
     common = ["--seed", "0", "--json", "--report-memory"]
     alpha16 = work / "alpha16"
     for step in args.steps:
@@ -176,8 +186,11 @@ def main() -> None:
             alpha32 = build(work / "alpha32", args.tokenizer, "alpha", "fp32")
             shutil.rmtree(alpha16, ignore_errors=True)
             run("convert fp32 -> fp16", ["convert", str(alpha32), "-o", str(alpha16), "--json"], work, None, records)
-            records.append({"label": "size on disk GB", "fp32": du_gb(alpha32), "fp16": du_gb(alpha16)})
-            print(json.dumps(records[-1]), flush=True)
+            sizes = {"label": "size on disk GB", "fp32": du_gb(alpha32), "fp16": du_gb(alpha16)}
+            records.append(sizes)
+            print(json.dumps(sizes), flush=True)
+            with open(LOG, "a") as handle:
+                handle.write(json.dumps(sizes) + "\n")
             for name, folder in (("fp32", alpha32), ("fp16 copy", alpha16)):
                 drop_cache(folder)
                 run(
