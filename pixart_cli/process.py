@@ -33,6 +33,15 @@ def quiet_libraries() -> None:
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; our own line says it all
 
 
+def compile_cache() -> None:
+    """Keep torch.compile's caches (Inductor's compiled graphs and autotuning results, Triton's kernels) under the
+    user's cache folder, ``$XDG_CACHE_HOME/pixart/compile`` (``~/.cache``), not /tmp: a later process with
+    --compile and the same model config, shapes, dtype, torch version and GPU (Inductor's own cache keys) loads
+    them instead of compiling again. A TORCHINDUCTOR_CACHE_DIR already set wins. Nothing is imported here."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(base, "pixart", "compile"))
+
+
 def lean_imports(quantized: bool = False) -> None:
     """Keep bitsandbytes (unless a stage quantizes) and peft out of this process: see facade.keep_out.
     Call before importing diffusers or transformers."""

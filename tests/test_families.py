@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -183,16 +184,30 @@ def test_info_on_pt_files_and_bad_extension(tiny_model, tmp_path):
 
 
 def test_compile_is_opt_in_and_recorded(tiny_model, monkeypatch):
-    """--compile hands the resident transformer to torch.compile (numerics are checked on the GPU bench: compiling
-    takes minutes on a 2-core CPU) and says so in the file; the default never compiles."""
+    """--compile hands the resident transformer's blocks to torch.compile, one by one (regional compilation: one
+    code, compiled once; numerics are checked on the GPU bench: compiling takes minutes on a 2-core CPU) and says so
+    in the file; the default never compiles."""
     compiled = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *a, **k: compiled.append(type(module).__name__))
     embeddings = encoded([PROMPT], tiny_model)
     eager = denoised(embeddings, steps=2, seed=SEED)
     assert compiled == [] and eager.meta["compiled"] is False
     marked = denoised(embeddings, steps=2, seed=SEED, compile=True)
-    assert compiled == ["PixArtTransformer2DModel"] and marked.meta["compiled"] is True
+    layers = Model(str(tiny_model)).config("transformer")["num_layers"]
+    assert compiled == ["BasicTransformerBlock"] * layers and marked.meta["compiled"] is True
     assert torch.equal(marked.latents, eager.latents)  # compile was stubbed: everything else is the same run
+
+
+def test_compile_cache_is_kept_under_the_users_cache_folder(monkeypatch, tmp_path):
+    from pixart_cli import process
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    process.compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "cache" / "pixart" / "compile")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    process.compile_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")  # the user's own setting wins
 
 
 def test_step_cache_is_opt_in_recorded_and_exact_when_it_skips_nothing(tiny_model):
@@ -214,6 +229,56 @@ def test_step_cache_is_opt_in_recorded_and_exact_when_it_skips_nothing(tiny_mode
     assert settings["step_cache"] == "taylorseer:2"
     # with 4 steps TaylorSeer runs every one in full: not applied, not recorded
     assert denoised(embeddings, steps=4, seed=SEED, step_cache="taylorseer:2").meta["step_cache"] is None
+
+
+@pytest.mark.parametrize("step_cache", ["taylorseer:2", "fbc:0.3"])
+def test_step_caches_hook_on_as_diffusers_enable_cache_does(tiny_model, step_cache):
+    """The step caches go on without CacheMixin.enable_cache (whose imports pull in every hook module and
+    torch._dynamo): the same hooks, so the same latents as enable_cache's, step for step."""
+    from diffusers.hooks import FirstBlockCacheConfig, TaylorSeerCacheConfig
+
+    from pixart_cli.models import sampling, step_caching
+    from pixart_cli.models.facade import make_scheduler
+
+    embeddings = encoded([PROMPT, "a dog"], tiny_model)
+    source = Model(str(tiny_model))
+    cls = step_caching.transformer_class(True)
+    ours, theirs = (cls.from_pretrained(source.folder("transformer")).eval() for _ in range(2))
+    step_caching.enable(ours, step_cache)
+    method, _, value = step_cache.partition(":")
+    if method == "fbc":
+        theirs.enable_cache(FirstBlockCacheConfig(threshold=float(value)))
+    else:
+        theirs.enable_cache(
+            TaylorSeerCacheConfig(
+                cache_interval=int(value),
+                disable_cache_before_step=3,
+                use_lite_mode=True,
+                taylor_factors_dtype=theirs.dtype,
+            )
+        )
+    assert ours.is_cache_enabled and type(ours._cache_config) is type(theirs._cache_config)
+    results = []
+    for transformer in (ours, theirs):
+        scheduler = make_scheduler(source.config("scheduler")["_class_name"], source.config("scheduler"))
+        with torch.no_grad():
+            results.append(
+                sampling.sample_latents(
+                    transformer,
+                    scheduler,
+                    source.family.pipeline,
+                    **embeddings.tensors(),
+                    num_inference_steps=8,
+                    timesteps=None,
+                    guidance_scale=4.5,
+                    height=256,
+                    width=256,
+                    vae_scale_factor=source.vae_scale_factor,
+                    generator=[torch.Generator().manual_seed(SEED + i) for i in range(2)],
+                    device=torch.device("cpu"),
+                )
+            )
+    assert torch.equal(results[0], results[1])
 
 
 @pytest.mark.parametrize(

@@ -43,10 +43,21 @@ NOT_IMPORTED = {
     + ["transformers", "diffusers.models.transformers.pixart_transformer_2d", "diffusers.models.autoencoders.vae"],
     "generate": NEVER,
 }
+# What torch.compile may add (and only --compile): the compiler stack itself.
+COMPILER = {"torch._dynamo", "torch._inductor", "sympy", "torch.distributed.tensor"}
 # Runs the installed CLI in a process and writes the modules it imported (those not hidden) when it exits.
+# TINY_BUDGET=1: every stage takes its smallest plan, as on a tiny card (tests/test_memory.py's tiny_budget).
+# EAGER_COMPILE=1: torch.compile traces and runs as on the GPU, less Inductor's code generation (minutes on a CPU).
 RECORD_MODULES = """
-import atexit, json, runpy, sys
+import atexit, json, os, runpy, sys
 out = sys.argv[1]
+if os.environ.get("TINY_BUDGET") == "1":
+    from pixart_cli.models import memory
+    memory.device_budget = lambda budget, device: (1024, 0)
+if os.environ.get("EAGER_COMPILE") == "1":
+    import torch
+    compile_module = torch.nn.Module.compile
+    torch.nn.Module.compile = lambda self, *args, **kwargs: compile_module(self, backend="eager")
 atexit.register(lambda: open(out, "w").write(json.dumps(sorted(k for k, v in sys.modules.items() if v is not None))))
 sys.argv = ["pixart", *sys.argv[2:]]
 runpy.run_module("pixart_cli", run_name="__main__")
@@ -82,6 +93,82 @@ def test_each_stage_process_imports_only_what_it_runs(tiny_model, tmp_path):
         assert "torch" in modules  # the recording works
         loaded = [name for name in NOT_IMPORTED[stage] if name in modules]
         assert not loaded, f"{stage} imported {loaded}"
+
+
+@pytest.fixture(scope="module")
+def staged_files(tiny_model, tmp_path_factory):
+    """emb.pt, lat.pt, image.png and a LoRA for the tiny model's transformer, in one folder."""
+    from safetensors.torch import save_file
+
+    from pixart_cli.models.source import Model
+    from pixart_cli.models.transformer import skeleton
+
+    folder = tmp_path_factory.mktemp("lean-plans")
+    common = ["--model", str(tiny_model), "--device", "cpu", "--quiet"]
+    for args in (
+        ["encode", "a cute cat", "-o", "emb.pt"],
+        ["denoise", "emb.pt", "--steps", "2", "-o", "lat.pt"],
+        ["decode", "lat.pt", "-o", "image.png"],
+    ):
+        subprocess.run([sys.executable, "-m", "pixart_cli", *args, *common], cwd=folder, check=True, timeout=300)
+    generator = torch.Generator().manual_seed(SEED)
+    tensors = {}
+    for name, layer in skeleton(Model(str(tiny_model)).config("transformer"), torch.float32).named_modules():
+        if isinstance(layer, torch.nn.Linear) and name.startswith("transformer_blocks"):
+            tensors[f"transformer.{name}.lora_A.weight"] = torch.randn(4, layer.in_features, generator=generator)
+            tensors[f"transformer.{name}.lora_B.weight"] = torch.randn(layer.out_features, 4, generator=generator)
+    save_file({k: v * 0.01 for k, v in tensors.items()}, str(folder / "style.safetensors"))
+    return folder
+
+
+# The plans small cards get and the opt-in paths import no more than the plain stage does (issue 19: the tiled VAE
+# imported AutoencoderKL and torch._dynamo, the streamed transformer diffusers' group offloading, --step-cache
+# torch._dynamo and every transformer model's block, --lora's check torch._dynamo).
+PLAN_RUNS = {
+    "denoise --lora": (["denoise", "emb.pt", "--steps", "2", "--lora", "style.safetensors"], {}, "denoise"),
+    "generate --lora": (["generate", "a cat", "--steps", "2", "--lora", "style.safetensors:0.5"], {}, "generate"),
+    "denoise, streamed": (["denoise", "emb.pt", "--steps", "2"], {"TINY_BUDGET": "1"}, "denoise"),
+    "denoise --lora, streamed": (
+        ["denoise", "emb.pt", "--steps", "2", "--lora", "style.safetensors"],
+        {"TINY_BUDGET": "1"},
+        "denoise",
+    ),
+    "decode, tiled": (["decode", "lat.pt"], {"TINY_BUDGET": "1"}, "decode"),
+    "encode-image, tiled": (["encode-image", "image.png"], {"TINY_BUDGET": "1"}, "encode-image"),
+    "generate, smallest plans": (["generate", "a cat", "--steps", "2"], {"TINY_BUDGET": "1"}, "generate"),
+    "denoise --step-cache taylorseer": (
+        ["denoise", "emb.pt", "--steps", "6", "--step-cache", "taylorseer:2"],
+        {},
+        "denoise",
+    ),
+    "denoise --step-cache fbc": (["denoise", "emb.pt", "--steps", "4", "--step-cache", "fbc:0.1"], {}, "denoise"),
+    "denoise --compile": (["denoise", "emb.pt", "--steps", "2", "--compile"], {"EAGER_COMPILE": "1"}, "compile"),
+}
+
+
+@pytest.mark.parametrize("case", PLAN_RUNS)
+def test_small_card_plans_and_opt_in_paths_import_only_what_they_run(tiny_model, staged_files, case):
+    args, env, stage = PLAN_RUNS[case]
+    output = "out.png" if args[0] in ("generate", "decode") else "out.pt"
+    modules = imported_by(
+        staged_files,
+        *args,
+        "-o",
+        output,
+        "--model",
+        tiny_model,
+        "--device",
+        "cpu",
+        "--quiet",
+        env={**os.environ, **env},
+    )
+    if stage == "compile":  # what compiling needs, and nothing else of the list
+        assert "torch._dynamo" in modules  # it did compile
+        forbidden = [name for name in NOT_IMPORTED["denoise"] if name not in COMPILER]
+    else:
+        forbidden = NOT_IMPORTED[stage]
+    loaded = [name for name in forbidden if name in modules]
+    assert not loaded, f"{case} imported {loaded}"
 
 
 def fake_scipy(folder):

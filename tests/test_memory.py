@@ -101,6 +101,81 @@ def test_denoise_batch_grows_with_the_budget():
     assert 1 <= small.batch < large.batch == 16
 
 
+def test_streamed_denoise_takes_as_many_images_per_pass_as_fit():
+    """The streamed plan holds two blocks, not the transformer: the rest of the budget takes images (each pass reads
+    every block once, whatever the batch)."""
+    args = (CONTEXT, int(1.2 * GB), 64 * 64, 1152, 2)
+    small = memory.plan_denoise(int(1.5 * GB), *args, images=8, cfg=True, streamed_bytes=int(0.1 * GB))
+    large = memory.plan_denoise(int(2.5 * GB), *args, images=8, cfg=True, streamed_bytes=int(0.1 * GB))
+    assert small.name == large.name == "streamed" and small.fits and large.fits
+    assert small.batch == 1 < large.batch == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tiled_vae_halves_equal_diffusers_tiling(tiny_model, dtype):
+    """The compact decoder and encoder tile as AutoencoderKL.tiled_decode and _tiled_encode do (overlap, blend,
+    crop), without AutoencoderKL: bit for bit, on sizes that leave ragged edge tiles."""
+    from diffusers import AutoencoderKL
+
+    from pixart_cli.models.vae import load_vae_decoder, load_vae_encoder
+
+    config = Model(str(tiny_model)).config("vae")
+    reference = AutoencoderKL.from_pretrained(tiny_model, subfolder="vae", dtype=dtype).eval()
+    reference.enable_tiling()
+    reference.tile_sample_min_size, reference.tile_latent_min_size = 64, 8
+    decoder = load_vae_decoder(tiny_model / "vae", config, dtype, torch.device("cpu"))
+    encoder = load_vae_encoder(tiny_model / "vae", config, dtype, torch.device("cpu"))
+    decoder.tile = encoder.tile = 64
+    generator = torch.Generator().manual_seed(SEED)
+    latents = torch.randn(2, 4, 25, 17, generator=generator).to(dtype)
+    pixels = torch.rand(1, 3, 200, 136, generator=generator).to(dtype) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(decoder.decode(latents)[0], reference.decode(latents, return_dict=False)[0])
+        ours, theirs = encoder.encode(pixels).latent_dist, reference.encode(pixels).latent_dist
+        assert torch.equal(ours.mean, theirs.mean) and torch.equal(ours.logvar, theirs.logvar)
+        small = latents[:, :, :8, :8]  # not larger than a tile: not tiled, as in diffusers
+        assert torch.equal(decoder.decode(small)[0], reference.decode(small, return_dict=False)[0])
+
+
+def test_block_streamer_equals_the_resident_transformer():
+    """Blocks stream through two slots in turn, the next one copied while this one runs; with an odd number of
+    blocks the first block of the next call lands in the other slot. Every call equals the resident model's."""
+    import copy
+
+    from diffusers import PixArtTransformer2DModel
+
+    from pixart_cli.models.transformer import SLOTS, BlockStreamer
+
+    torch.manual_seed(SEED)
+    resident = PixArtTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=3,
+        caption_channels=16,
+        cross_attention_dim=16,
+        sample_size=8,
+        norm_num_groups=1,
+    ).eval()
+    streamed = copy.deepcopy(resident)
+    streamer = BlockStreamer(streamed, torch.device("cpu"))
+    slots = {slot.untyped_storage().data_ptr() for slot in streamer.slots}
+    assert len(slots) == SLOTS
+    inputs = dict(
+        encoder_hidden_states=torch.randn(2, 5, 16),
+        encoder_attention_mask=torch.ones(2, 5),
+        added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+        return_dict=False,
+    )
+    with torch.inference_mode():
+        for call in range(3):
+            hidden = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(call))
+            timestep = torch.tensor([10 * call + 1] * 2)
+            expected = resident(hidden, timestep=timestep, **inputs)[0]
+            assert torch.equal(streamed(hidden, timestep=timestep, **inputs)[0], expected), call
+    for block in streamed.transformer_blocks:  # every block's weights live in one of the two slots
+        assert {p.untyped_storage().data_ptr() for p in block.parameters()} <= slots
+
+
 @pytest.fixture
 def tiny_budget(monkeypatch):
     """Pretend the CPU is a device with a 1 KB budget, so every stage takes its smallest plan."""

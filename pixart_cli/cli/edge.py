@@ -40,6 +40,7 @@ def run_command(out: Output, work: Callable[[], None], quantized: bool = False) 
 
     process.quiet_libraries()
     process.lean_imports(quantized)
+    process.compile_cache()
     try:
         work()
         out.close()

@@ -188,8 +188,6 @@ def _split_key(key: str) -> tuple[str, str, str]:
 
 def _group_modules(tensors: dict, config: dict, where: str) -> tuple[str, dict[str, LoraModule], bool]:
     """(naming, modules, whether alphas came from .alpha keys) of a file's tensors."""
-    import torch
-
     parts: dict[str, dict[str, Any]] = {}
     namings: set[str] = set()
     for key, tensor in tensors.items():
@@ -210,7 +208,7 @@ def _group_modules(tensors: dict, config: dict, where: str) -> tuple[str, dict[s
                 f"{where}: unrecognised key {key!r}; pixart reads LoRA files named as diffusers/PEFT "
                 "(lora_A/lora_B) or kohya (lora_down/lora_up) write them"
             )
-        if not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+        if not tensor.is_floating_point() or not _finite(tensor):
             raise PixartError(f"{where}: {key} is not a finite float tensor (dtype {tensor.dtype})")
         if naming:
             namings.add(naming)
@@ -247,6 +245,16 @@ def _group_modules(tensors: dict, config: dict, where: str) -> tuple[str, dict[s
     if naming == "kohya" and any("." in name for name in modules):
         naming = "omi"  # lora_down/lora_up on dotted, original PixArt module names (OneTrainer's OMI format)
     return naming, modules, any("alpha" in found for found in parts.values())
+
+
+def _finite(tensor) -> bool:
+    """Whether every element is finite. A NaN or an infinity makes the sum NaN or infinite, so one reduction
+    answers for most tensors (``isfinite`` per element took 0.5 s of a 280-layer file on a CPU); only a sum that
+    overflows (huge finite values) is checked element by element."""
+    import torch
+
+    total = tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32)
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(tensor).all())
 
 
 def _adapter_config(metadata: dict, where: str) -> dict:

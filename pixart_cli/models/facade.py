@@ -97,6 +97,68 @@ def import_diffusers(name: str, hide_optional: bool = True):
         return importlib.import_module(name)
 
 
+def import_eager(name: str):
+    """Import a diffusers module whose classes mark methods ``@torch.compiler.disable`` where they are defined
+    (the step caches' hooks), with that decorator standing for the identity while it imports.
+
+    ``torch.compiler.disable`` imports torch._dynamo (sympy, torch.fx: a second or more of a denoise process) to
+    wrap a method so that torch.compile leaves it alone; outside torch.compile the wrapper only calls the method.
+    So this is for processes that do not compile (``--compile`` imports the module plainly, ``import_diffusers``).
+    """
+    if name in sys.modules or not lean():
+        return import_diffusers(name)
+    import torch
+
+    _compiled_check_without_dynamo()
+    real = torch.compiler.disable
+
+    def identity(fn=None, recursive=True, **_):
+        return fn if fn is not None else (lambda function: function)
+
+    torch.compiler.disable = identity
+    try:
+        return import_diffusers(name)
+    finally:
+        torch.compiler.disable = real
+
+
+def _compiled_check_without_dynamo() -> None:
+    """diffusers' ``is_compiled_module`` (which ``unwrap_module``, called by every hook, asks) tests
+    ``hasattr(torch, "_dynamo")``, and that attribute imports torch._dynamo. A module can be compiled only once
+    torch._dynamo is imported, so the same answer comes from sys.modules."""
+    torch_utils = import_diffusers("diffusers.utils.torch_utils")
+    if getattr(torch_utils.is_compiled_module, "_pixart", False):
+        return
+
+    def is_compiled_module(module) -> bool:
+        dynamo = sys.modules.get("torch._dynamo")
+        return dynamo is not None and isinstance(module, dynamo.eval_frame.OptimizedModule)
+
+    is_compiled_module._pixart = True
+    torch_utils.is_compiled_module = is_compiled_module
+
+
+def register_block(block_class, **metadata) -> None:
+    """Tell diffusers' TransformerBlockRegistry (First Block Cache asks it where a block returns its hidden states)
+    about ``block_class``, as diffusers' own registration does, without that registration, which imports every
+    transformer model of diffusers (seconds). Asked for a class it does not hold, the registry then runs diffusers'
+    registration, so nothing is lost."""
+    helpers = import_eager("diffusers.hooks._helpers")
+    registry = helpers.TransformerBlockRegistry
+    if registry._is_registered or not lean():
+        return
+    registry._is_registered = True
+    registry._registry[block_class] = helpers.TransformerBlockMetadata(_cls=block_class, **metadata)
+    get = registry.get.__func__
+
+    def get_or_register_all(cls, model_class):
+        if model_class not in cls._registry:
+            helpers._register_transformer_blocks_metadata()
+        return get(cls, model_class)
+
+    registry.get = classmethod(get_or_register_all)
+
+
 def scheduler_class(name: str):
     """diffusers' scheduler class ``name`` (None if diffusers has no such class), imported without scipy."""
     diffusers = import_diffusers("diffusers")

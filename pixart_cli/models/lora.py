@@ -17,7 +17,7 @@ so pixart reads the files itself. Three namings are accepted, each found in the 
 
 The LoRA is fused into the weights when the transformer loads: W' = W + scale * alpha / rank * up @ down, computed
 in fp32 and rounded once to the model's dtype. That costs nothing per step and works with every denoise plan (the
-streamed plan fuses before diffusers' group offloading takes the weights). ``benchmarks/lora_bench.py`` measures
+streamed plan fuses on the CPU, before its blocks go to their pinned buffers). ``benchmarks/lora_bench.py`` measures
 it against peft's unfused adapters.
 """
 
@@ -144,8 +144,8 @@ def apply_loras(transformer, loras: list[LoraWeights]) -> None:
     """Fuse each LoRA into the transformer's weights, in place, where the weights are (CPU or device).
 
     Per layer: W' = W + sum_i scale_i * alpha_i / rank_i * up_i @ down_i, accumulated in fp32 in the given order
-    (one addmm per LoRA, no full-size temporaries) and rounded once to W's dtype. Call before diffusers' group
-    offloading takes over the weights.
+    (one addmm per LoRA, no full-size temporaries) and rounded once to W's dtype. Call before the streamed plan's
+    block streamer takes over the weights.
     """
     import torch
 
@@ -178,17 +178,14 @@ def records(loras: list[LoraWeights]) -> list[dict]:
 
 def check_loras_for_model(loras: list[LoraWeights], model) -> None:
     """Check LoRAs against a Model's transformer config on the meta device (no weights read), before any model
-    loads (the run plan: generate must fail before T5 does any work)."""
+    loads (the run plan: generate must fail before T5 does any work). The skeleton is fp16 whatever the run's dtype
+    (only names and shapes are read), the one a CUDA run's denoise plans with, so one process builds it once."""
     if not loras:
         return
     import torch
 
-    from pixart_cli.models.facade import import_diffusers
-    from pixart_cli.models.memory import meta_model
+    from pixart_cli.models.transformer import skeleton
 
-    PixArtTransformer2DModel = import_diffusers(
-        "diffusers.models.transformers.pixart_transformer_2d"
-    ).PixArtTransformer2DModel
-    skeleton = meta_model(PixArtTransformer2DModel.from_config, model.config("transformer"), torch.float32)
+    transformer = skeleton(model.config("transformer"), torch.float16)
     for adapter in loras:
-        check_lora(adapter, skeleton)
+        check_lora(adapter, transformer)

@@ -193,9 +193,12 @@ def plan_denoise(
     adapter_bytes: int = 0,
     adapter_blocks: int = 0,
     pag: bool = False,
+    streamed_bytes: int | None = None,
 ) -> Plan:
-    """Resident transformer with the largest batch that fits; streamed (group offload) below its size. Each image
-    is one transformer row, two with classifier-free guidance, one more with perturbed-attention guidance.
+    """Resident transformer with the largest batch that fits; streamed below its size, with the largest batch that
+    fits beside the streamed plan's weights (``streamed_bytes``: all but the blocks, and two blocks; an eighth of
+    the transformer when not given): the blocks are read once per pass, whatever the batch. Each image is one
+    transformer row, two with classifier-free guidance, one more with perturbed-attention guidance.
 
     A ControlNet adapter of ``adapter_bytes`` in ``adapter_blocks`` copies is resident beside a resident
     transformer, and streamed with a streamed one, one copy on the device at a time (``controlnet.stream_adapter``);
@@ -211,8 +214,12 @@ def plan_denoise(
     if room >= per_image:
         batch = max(1, min(images, room // per_image))
         return Plan("denoise", "resident", context + resident_weights + per_image * batch, budget, batch=batch)
-    streamed_weights = transformer_bytes // 8 + (adapter_bytes // adapter_blocks if adapter_blocks else 0)
-    return Plan("denoise", "streamed", context + streamed_weights + per_image, budget, batch=1)
+    weights = (transformer_bytes // 8 if streamed_bytes is None else streamed_bytes) + (
+        adapter_bytes // adapter_blocks if adapter_blocks else 0
+    )
+    room = budget - context - weights
+    batch = max(1, min(images, room // per_image if room > 0 else 1))
+    return Plan("denoise", "streamed", context + weights + per_image * batch, budget, batch=batch)
 
 
 def plan_decode(

@@ -11,7 +11,11 @@
 
 Both change the output, so neither is the default, and a file made with one records it (``step_cache``).
 diffusers hooks its caches onto models that carry its CacheMixin; PixArt's transformer class does not, so the
-class is extended with it here (public API: ``enable_cache`` and ``cache_context``).
+class is extended with it here (``cache_context``, ``is_cache_enabled``). The hooks go on as
+``CacheMixin.enable_cache`` puts them on (its ``apply_*`` call, then the registry's cache invalidated), without its
+``from diffusers.hooks import ...``, which imports every hook module (group offloading, context parallelism), and
+without torch._dynamo, which the hooks' ``@torch.compiler.disable`` marks import (facade.import_eager) unless the
+run compiles. tests/test_families.py checks the result against ``enable_cache``.
 """
 
 from __future__ import annotations
@@ -85,26 +89,33 @@ def transformer_class(cached: bool):
     return type("PixArtTransformer2DModelWithCache", (PixArtTransformer2DModel, CacheMixin), {})
 
 
-def enable(transformer, step_cache: str) -> None:
+def enable(transformer, step_cache: str, compiled: bool = False) -> None:
     """Hook the cache ``step_cache`` (as ``check`` returns it) onto a transformer built by
-    ``transformer_class(True)``."""
-    # The hooks register every diffusers transformer block type when first used: that imports them all, which
-    # costs seconds and happens only on this opt-in path.
-    from pixart_cli.models.facade import import_diffusers
+    ``transformer_class(True)``, as ``CacheMixin.enable_cache`` does. ``compiled``: the run compiles the
+    transformer, so the hooks' compiler marks must be the real ones."""
+    from pixart_cli.models import facade
 
+    load = facade.import_diffusers if compiled else facade.import_eager
     method, _, value = step_cache.partition(":")
     if method == "fbc":
-        hooks = import_diffusers("diffusers.hooks.first_block_cache", hide_optional=False)
+        hooks = load("diffusers.hooks.first_block_cache")
+        # PixArt's blocks are diffusers' BasicTransformerBlock, registered as diffusers registers it
+        block = facade.import_diffusers("diffusers.models.attention").BasicTransformerBlock
+        facade.register_block(block, return_hidden_states_index=0, return_encoder_hidden_states_index=None)
         config = hooks.FirstBlockCacheConfig(threshold=float(value))
+        hooks.apply_first_block_cache(transformer, config)
     else:
-        hooks = import_diffusers("diffusers.hooks.taylorseer_cache", hide_optional=False)
+        hooks = load("diffusers.hooks.taylorseer_cache")
         config = hooks.TaylorSeerCacheConfig(
             cache_interval=int(value),
             disable_cache_before_step=TAYLORSEER_FULL_STEPS_FIRST,
             use_lite_mode=True,
             taylor_factors_dtype=transformer.dtype,
         )
-    transformer.enable_cache(config)
+        hooks.apply_taylorseer_cache(transformer, config)
+    registry = load("diffusers.hooks.hooks").HookRegistry
+    registry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    transformer._cache_config = config
 
 
 def step_context(transformer):
@@ -119,5 +130,5 @@ def reset(transformer) -> None:
     if getattr(transformer, "is_cache_enabled", False):
         from pixart_cli.models.facade import import_diffusers
 
-        HookRegistry = import_diffusers("diffusers.hooks.hooks", hide_optional=False).HookRegistry
+        HookRegistry = import_diffusers("diffusers.hooks.hooks").HookRegistry
         HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()

@@ -1,16 +1,22 @@
-"""The decoding half of diffusers' AutoencoderKL, built from diffusers' own ``Decoder`` without importing
-``AutoencoderKL``.
+"""The two halves of diffusers' AutoencoderKL, built from diffusers' own ``Decoder`` and ``Encoder`` without
+importing ``AutoencoderKL``, with its tiling.
 
 ``diffusers.models.autoencoders.autoencoder_kl`` imports diffusers' LoRA loaders, which import all of
-transformers' modeling code and torch's compiler stack: seconds of a decode process (issue 10). Decoding
-needs only ``post_quant_conv`` and ``decoder`` (``AutoencoderKL._decode`` without tiling), so this module builds
-those two from the same classes and reads their tensors from the same safetensors file. The forward pass is
-the same code, so images are identical (tests/test_lean.py, tests/test_parity.py).
+transformers' modeling code and torch's compiler stack: seconds of a decode process (issue 10), and 2.5-8.6 s of
+the tiled plans' load on an H200 (issue 19). Decoding needs only ``post_quant_conv`` and ``decoder``
+(``AutoencoderKL._decode``), so this module builds those two from the same classes and reads their tensors from
+the same safetensors file. The forward pass is the same code, so images are identical (tests/test_lean.py,
+tests/test_parity.py).
 
 Encoding an image (``pixart encode-image``) is the other half, built the same way: ``encoder`` and
-``quant_conv``, then diffusers' ``DiagonalGaussianDistribution`` (``AutoencoderKL.encode`` without tiling).
+``quant_conv``, then diffusers' ``DiagonalGaussianDistribution`` (``AutoencoderKL.encode``).
 
-Anything else (tiled decode or encode, a checkpoint in another layout or with renamed keys) uses ``AutoencoderKL``.
+Tiling (the plans of small cards) is ``AutoencoderKL.tiled_decode`` / ``_tiled_encode``, step for step: tiles of
+``tile`` pixels (``tile / 8`` latents) every 3/4 of a tile, blended over the overlap with diffusers' linear ramp
+(``blend_v`` then ``blend_h``, in the same order, rounded as they round), and cropped (tests/test_memory.py checks
+it against diffusers' tiled decode and encode).
+
+Only a checkpoint in another layout (renamed keys, several files) still loads ``AutoencoderKL``.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+TILE_OVERLAP = 0.25  # AutoencoderKL.tile_overlap_factor
 
 
 def _parts(config: dict, with_encoder: bool = False) -> dict:
@@ -60,12 +67,12 @@ def _parts(config: dict, with_encoder: bool = False) -> dict:
     return parts
 
 
-def vae_skeleton(config: dict):
-    """All of AutoencoderKL's parameters as a module (for sizes, on the meta device): the memory plan counts
-    the whole VAE, as the tiled plan loads it."""
+def decoder_skeleton(config: dict):
+    """The decoding half's parameters as a module (for sizes, on the meta device): what decode loads."""
     import torch
 
-    return torch.nn.ModuleDict(_parts(config, with_encoder=True))
+    parts = _parts(config)
+    return torch.nn.ModuleDict({name: parts[name] for name in ("decoder", "post_quant_conv") if name in parts})
 
 
 def load_vae_decoder(folder: Path, config: dict, dtype, device):
@@ -98,20 +105,21 @@ def load_vae_encoder(folder: Path, config: dict, dtype, device):
 
 
 def load_vae_half(source, config: dict, ctx, tile: int | None, half: str):
-    """The VAE half a stage runs (``half`` "decoder" or "encoder") on ``ctx.device``, in eval mode.
+    """The VAE half a stage runs (``half`` "decoder" or "encoder") on ``ctx.device``, in eval mode, tiled when
+    ``tile`` (pixels) is given.
 
-    Untiled: the compact module above, read from the same safetensors file, without importing AutoencoderKL.
-    Tiled (``tile`` pixels), or a checkpoint in another layout: diffusers' AutoencoderKL with its tiling, the
-    other half dropped before it reaches the device.
+    The compact module above, read from the same safetensors file, without importing AutoencoderKL. A checkpoint
+    in another layout: diffusers' AutoencoderKL with its own tiling, the other half dropped before it reaches the
+    device.
     """
     from pixart_cli.models.facade import import_diffusers
     from pixart_cli.models.source import load_component
 
     compact = load_vae_decoder if half == "decoder" else load_vae_encoder
-    if tile is None:
-        vae = load_component(source, "vae", lambda **_: compact(source.folder("vae"), config, ctx.dtype, ctx.device))
-        if vae is not None:  # None: a checkpoint in another layout, which AutoencoderKL reads below
-            return vae.to(ctx.device).eval()
+    vae = load_component(source, "vae", lambda **_: compact(source.folder("vae"), config, ctx.dtype, ctx.device))
+    if vae is not None:  # None: a checkpoint in another layout, which AutoencoderKL reads below
+        vae.tile = tile
+        return vae.to(ctx.device).eval()
     # AutoencoderKL needs torch._dynamo at import (through diffusers.loaders.peft): not hidden here.
     AutoencoderKL = import_diffusers("diffusers.models.autoencoders.autoencoder_kl", hide_optional=False).AutoencoderKL
     vae = load_component(source, "vae", AutoencoderKL.from_pretrained, dtype=ctx.dtype)
@@ -125,6 +133,56 @@ def load_vae_half(source, config: dict, ctx, tile: int | None, half: str):
         vae.tile_sample_min_size = tile
         vae.tile_latent_min_size = tile // source.vae_scale_factor
     return vae
+
+
+def tiled(x, run, tile_in: int, tile_out: int):
+    """``run`` over overlapping tiles of ``x`` [B, C, H, W], blended: AutoencoderKL.tiled_decode (``tile_in``
+    latents in, ``tile_out`` pixels out) and ``_tiled_encode`` (pixels in, latents out), step for step."""
+    import torch
+
+    stride = int(tile_in * (1 - TILE_OVERLAP))
+    extent = int(tile_out * TILE_OVERLAP)
+    limit = tile_out - extent
+    rows = [
+        [run(x[:, :, i : i + tile_in, j : j + tile_in]) for j in range(0, x.shape[3], stride)]
+        for i in range(0, x.shape[2], stride)
+    ]
+    result_rows = []
+    for i, row in enumerate(rows):
+        result_row = []
+        for j, tile in enumerate(row):
+            # the tile above, then the tile to the left, blended into this one (in place, as diffusers does)
+            if i > 0:
+                tile = _blend(rows[i - 1][j], tile, extent, dim=2)
+            if j > 0:
+                tile = _blend(row[j - 1], tile, extent, dim=3)
+            result_row.append(tile[:, :, :limit, :limit])
+        result_rows.append(torch.cat(result_row, dim=3))
+    return torch.cat(result_rows, dim=2)
+
+
+def _blend(a, b, extent: int, dim: int):
+    """AutoencoderKL.blend_v (``dim`` 2) / blend_h (3) in one step: the first ``extent`` rows (columns) of ``b``
+    become ``a``'s last ones x (1 - k / extent) + ``b``'s x k / extent.
+
+    Rounded as diffusers' row-by-row loop rounds: each product of a tensor and a Python float is computed in fp32
+    (the weight rounded from double to fp32) and rounded to the tensor's dtype, then the two are added in it.
+    """
+    import torch
+
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return b
+    ramp = torch.arange(extent, dtype=torch.float64) / extent  # y / blend_extent, in double as Python computes it
+    shape = [1] * b.dim()
+    shape[dim] = extent
+    keep = (1 - ramp).to(torch.float32).reshape(shape).to(b.device)
+    take = ramp.to(torch.float32).reshape(shape).to(b.device)
+    opmath = torch.float64 if b.dtype == torch.float64 else torch.float32
+    ours = b.narrow(dim, 0, extent)
+    theirs = a.narrow(dim, a.shape[dim] - extent, extent)
+    ours.copy_((theirs.to(opmath) * keep).to(b.dtype) + (ours.to(opmath) * take).to(b.dtype))
+    return b
 
 
 def _load_weights(module, folder: Path, dtype, device):
@@ -153,18 +211,27 @@ def _decoder_class():
     import torch
 
     class VaeDecoder(torch.nn.Module):
-        """``post_quant_conv`` then ``decoder``: AutoencoderKL._decode without tiling."""
+        """``post_quant_conv`` then ``decoder``: AutoencoderKL._decode, tiled as diffusers tiles when ``tile``
+        (pixels) is set and the latents are larger than a tile."""
 
         def __init__(self, parts: dict, config: dict):
             super().__init__()
             self.decoder = parts["decoder"]
             self.post_quant_conv = parts.get("post_quant_conv")
             self.config = SimpleNamespace(scaling_factor=config.get("scaling_factor", 0.18215))
+            self.scale = 2 ** (len(config.get("block_out_channels", (64,))) - 1)
+            self.tile: int | None = None
 
-        def decode(self, z, return_dict: bool = False):
+        def _run(self, z):
             if self.post_quant_conv is not None:
                 z = self.post_quant_conv(z)
-            return (self.decoder(z),)
+            return self.decoder(z)
+
+        def decode(self, z, return_dict: bool = False):
+            latent_tile = None if self.tile is None else self.tile // self.scale
+            if latent_tile is not None and (z.shape[-1] > latent_tile or z.shape[-2] > latent_tile):
+                return (tiled(z, self._run, latent_tile, self.tile),)
+            return (self._run(z),)
 
     return VaeDecoder
 
@@ -179,18 +246,28 @@ def _encoder_class():
     DiagonalGaussianDistribution = import_diffusers("diffusers.models.autoencoders.vae").DiagonalGaussianDistribution
 
     class VaeEncoder(torch.nn.Module):
-        """``encoder`` then ``quant_conv``, as a posterior: AutoencoderKL.encode without tiling or slicing."""
+        """``encoder`` then ``quant_conv``, as a posterior: AutoencoderKL.encode without slicing, tiled as
+        diffusers tiles when ``tile`` (pixels) is set and the image is larger than a tile."""
 
         def __init__(self, parts: dict, config: dict):
             super().__init__()
             self.encoder = parts["encoder"]
             self.quant_conv = parts.get("quant_conv")
             self.config = SimpleNamespace(scaling_factor=config.get("scaling_factor", 0.18215))
+            self.scale = 2 ** (len(config.get("block_out_channels", (64,))) - 1)
+            self.tile: int | None = None
 
-        def encode(self, x):
+        def _run(self, x):
             moments = self.encoder(x)
             if self.quant_conv is not None:
                 moments = self.quant_conv(moments)
+            return moments
+
+        def encode(self, x):
+            if self.tile is not None and (x.shape[-1] > self.tile or x.shape[-2] > self.tile):
+                moments = tiled(x, self._run, self.tile, self.tile // self.scale)
+            else:
+                moments = self._run(x)
             return SimpleNamespace(latent_dist=DiagonalGaussianDistribution(moments))
 
     return VaeEncoder

@@ -246,6 +246,7 @@ class GenerateActor:
 
         process.quiet_libraries()
         process.lean_imports(encoding.precision != "full")
+        process.compile_cache()
         self.job, self.seed, self.encoding, self.denoising = job, seed, encoding, denoising
         # pixart's own errors go back as data with the unit's results: raised, Ray Data would hand the driver only
         # its "UDF failed to process a data block", without the one-line message or the exit code.

@@ -14,7 +14,7 @@ def decode(latents: staged.Latents, ctx: RunContext, batch_size: int | None = No
     import torch
 
     from pixart_cli.models.facade import import_diffusers
-    from pixart_cli.models.vae import load_vae_half, vae_skeleton
+    from pixart_cli.models.vae import decoder_skeleton, load_vae_half
 
     PixArtImageProcessor = import_diffusers("diffusers.image_processor").PixArtImageProcessor
 
@@ -26,7 +26,7 @@ def decode(latents: staged.Latents, ctx: RunContext, batch_size: int | None = No
     meter = ctx.meter("decode")
     budget, context = ctx.budget()
     config = source.config("vae")
-    skeleton = memory.meta_model(vae_skeleton, config, ctx.dtype)
+    skeleton = memory.meta_model(decoder_skeleton, config, ctx.dtype)  # the half that loads
     chosen = memory.plan_decode(
         budget,
         context,

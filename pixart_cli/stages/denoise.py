@@ -59,6 +59,7 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
         transformer, noise_scheduler = _load(
             chosen, schedule.scheduler, ctx, compiled=settings.compile, step_cache=step_cache, schedule=schedule
         )
+        streamer = getattr(transformer, "_pixart_streamer", None)  # the streamed plan's block streamer
         controlnet = None
         if plan.controlnet is not None:
             transformer, controlnet = _controlled(transformer, plan, chosen, ctx)
@@ -66,7 +67,9 @@ def denoise(embeddings: staged.Embeddings, plan: DenoisePlan, ctx: RunContext) -
     # 2. Denoise in batches of the memory plan's size
     with meter.phase("compute"):
         latents = _denoise_batches(transformer, noise_scheduler, embeddings, plan, chosen.batch, ctx)
-    del transformer
+    if streamer is not None:
+        streamer.close()  # the prefetch of the next step's first block is still in flight
+    del transformer, streamer
     ctx.free()
     meter.finish(chosen.name, ctx.reports)
     check_finite(latents, ctx.dtype_name)
@@ -121,16 +124,14 @@ def _controlled(transformer, plan: DenoisePlan, chosen: memory.Plan, ctx: RunCon
 
 
 def _memory_plan(plan: Schedule, images: int, ctx: RunContext, checked=None) -> memory.Plan:
-    """Resident with the largest batch that fits, or streamed, from the transformer's size on the meta device
-    (and a ControlNet adapter's, ``checked``: a ``controlnet_file.ControlNetFile``)."""
-    from pixart_cli.models.facade import import_diffusers
+    """Resident with the largest batch that fits, or streamed with the largest batch that fits beside two blocks,
+    from the transformer's size on the meta device (and a ControlNet adapter's, ``checked``: a
+    ``controlnet_file.ControlNetFile``)."""
+    from pixart_cli.models import transformer as dit
 
-    PixArtTransformer2DModel = import_diffusers(
-        "diffusers.models.transformers.pixart_transformer_2d"
-    ).PixArtTransformer2DModel
     source = ctx.model
     config = source.config("transformer")
-    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, ctx.dtype, cpu_buffers=True)
+    skeleton = dit.skeleton(config, ctx.dtype)
     scale = source.vae_scale_factor * config.get("patch_size", 2)
     # Fusing a LoRA briefly needs an fp32 copy of one layer on the device; nothing stays after it.
     transformer_bytes = memory.parameter_bytes(skeleton) + lora.fuse_peak_bytes(skeleton, list(ctx.loras))
@@ -147,6 +148,7 @@ def _memory_plan(plan: Schedule, images: int, ctx: RunContext, checked=None) -> 
         adapter_bytes=0 if checked is None else checked.parameter_bytes(ctx.dtype.itemsize),
         adapter_blocks=0 if checked is None else checked.num_blocks,
         pag=plan.pag_scale is not None,
+        streamed_bytes=dit.streamed_bytes(skeleton),  # the streamed plan fuses LoRAs on the CPU
     )
 
 
@@ -168,8 +170,8 @@ def _load(
     step_cache: str | None = None,
     schedule: Schedule | None = None,
 ):
-    """The transformer (resident or group-offloaded, LoRAs fused, PAG's attention processors set, an opt-in step
-    cache hooked on) and the scheduler; nothing else."""
+    """The transformer (resident or streamed block by block, LoRAs fused, PAG's attention processors set, an opt-in
+    step cache hooked on) and the scheduler; nothing else."""
     import torch
 
     from pixart_cli.models import step_caching
@@ -178,19 +180,19 @@ def _load(
     PixArtTransformer2DModel = step_caching.transformer_class(step_cache is not None)
 
     source, device = ctx.model, ctx.device
+    transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained, dtype=ctx.dtype)
     if chosen.name == "streamed":
-        # Below the transformer's own size: diffusers' group offloading streams its blocks from CPU RAM.
-        transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained, dtype=ctx.dtype)
-        lora.apply_loras(transformer, list(ctx.loras))  # into the CPU weights, before offloading takes them
-        transformer.enable_group_offload(
-            onload_device=device, offload_type="block_level", num_blocks_per_group=1, use_stream=device.type == "cuda"
-        )
+        # Below the transformer's own size: its blocks stay in pinned CPU memory and stream to the device as they
+        # run, the next one's copy beside this one's compute (models/transformer.py); LoRAs fused on the CPU first.
+        from pixart_cli.models.transformer import BlockStreamer
+
+        lora.apply_loras(transformer, list(ctx.loras))
+        transformer._pixart_streamer = BlockStreamer(transformer, device)
     else:
         # Read on the CPU, then moved: diffusers' device_map path goes through accelerate's dispatch, which imports
         # torch._dynamo, sympy and scipy (4.4 s of a 19 s denoise process on an H200, 2026-11-28), for a 1.2 GB
         # copy that takes a fraction of a second. torch's own .to: diffusers' override only adds checks for group
         # offloading (not used here) and imports the offloading hooks to make them, which import torch._dynamo.
-        transformer = load_component(source, "transformer", PixArtTransformer2DModel.from_pretrained, dtype=ctx.dtype)
         torch.nn.Module.to(transformer, device)
         lora.apply_loras(transformer, list(ctx.loras))
     transformer.eval()
@@ -200,14 +202,17 @@ def _load(
         names = pag.apply(transformer, schedule.pag_layers, cfg=schedule.guidance_scale > 1)
         ctx.note(f"denoise: perturbed-attention guidance {schedule.pag_scale:g} on {pag.describe(names)}")
     if step_cache is not None:
-        step_caching.enable(transformer, step_cache)
+        step_caching.enable(transformer, step_cache, compiled=compiled and chosen.name != "streamed")
     if compiled:
         if chosen.name == "streamed":
             ctx.note("--compile: ignored under the streamed plan (its blocks move between devices each step)")
         else:
-            # Inductor keeps compiled kernels in its cache folder (TORCHINDUCTOR_CACHE_DIR, by default under
-            # /tmp), so a later run with the same shapes reuses them instead of compiling again.
-            transformer.compile()
+            # Regional: the 28 blocks run one code, traced and compiled once and reused by each block (diffusers'
+            # compile_repeated_blocks; PixArt's class names no repeated blocks), not the whole model. Inductor
+            # keeps what it compiles under the user's cache folder (process.compile_cache), so a later process
+            # with the same model config, shapes, dtype, torch and GPU loads it instead of compiling again.
+            for block in transformer.transformer_blocks:
+                block.compile()
     # The model's own scheduler config, as the class the user picked (default: the model's own class).
     noise_scheduler = make_scheduler(
         scheduler_name, source.config("scheduler"), **SCHEDULER_OVERRIDES.get(scheduler_name, {})
