@@ -11,7 +11,12 @@ Cases: pixart-8GB, pixart-3GB (staged: three processes, then generate), generate
 at --vram 8GB), generate-32-taylorseer (the same with --step-cache taylorseer:2), encode-group-offload (T5 under diffusers' group offloading, to compare with pixart's streaming),
 the diffusers baselines all-gpu, model-cpu-offload, group-offload, staged-8bit, loop-32 (all on the GPU, 32
 prompts one by one, each image saved as a PNG), and startup (each stage process against `import torch`, with
-its import time split by package: benchmarks/startup.py).
+its import time split by package: benchmarks/startup.py), and issue 19's (benchmarks/plans.py): plans (generate under
+every --vram plan, each stage's load time), lora-8GB, compile-32, gpu-parity, importtime-small, help (`pixart --help`).
+
+``--capped``: every pixart process that takes a --vram budget runs with its CUDA caching allocator capped at that
+budget less 0.7 GB (benchmarks/capped.py), so it behaves like a card of that size. ``--tag main``: a prefix for the
+labels, to run another checkout's pixart (PYTHONPATH) through the same cases.
 """
 
 from __future__ import annotations
@@ -93,14 +98,28 @@ class GpuPeak:
         return round((self.peak - self.idle) / 1024, 2)
 
 
-def run(label: str, command: list[str], cwd: Path, log: list) -> dict:
+OPTIONS = {"capped": False, "tag": ""}
+
+
+def capped(command: list[str]) -> list[str]:
+    """A pixart process with a --vram budget, run under benchmarks/capped.py at that budget (with --capped)."""
+    if not OPTIONS["capped"] or command[1:3] != ["-m", "pixart_cli"] or "--vram" not in command:
+        return command
+    budget = command[command.index("--vram") + 1]
+    return [command[0], str(HERE / "capped.py"), budget, *command[1:]]
+
+
+def run(label: str, command: list[str], cwd: Path, log: list, env: dict | None = None) -> dict:
     """One process: wall time, nvidia-smi peak above idle, and its stdout parsed as JSON when it is JSON."""
+    command = capped(command)
+    label = f"{OPTIONS['tag']}: {label}" if OPTIONS["tag"] else label
     started = time.perf_counter()
     with GpuPeak() as gpu:
-        proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+        proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     wall = round(time.perf_counter() - started, 2)
     entry = {
         "label": label,
+        "capped": command[1:2] == [str(HERE / "capped.py")],
         "wall_s": wall,
         "smi_peak_gb": gpu.peak_gb,
         "rc": proc.returncode,
@@ -166,9 +185,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--repeat", type=int, default=1, help="run the whole list N times, interleaved")
     parser.add_argument("--startup-repeat", type=int, default=3, help="rounds of the startup case")
+    parser.add_argument("--capped", action="store_true", help="cap each pixart process's allocator at its --vram")
+    parser.add_argument("--tag", default="", help="a prefix for the labels (another checkout's pixart)")
     parser.add_argument("cases", nargs="+")
     args = parser.parse_args()
-    args.model, args.tokenizer = args.model.resolve(), args.tokenizer.resolve()
+    OPTIONS.update(capped=args.capped, tag=args.tag)
+    extra: dict = {}
+    args.model, args.tokenizer, args.out = args.model.resolve(), args.tokenizer.resolve(), args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     log: list = []
     build_model(args.model, args.tokenizer)
@@ -220,6 +243,25 @@ def main() -> None:
             (args.out / "startup.json").write_text(json.dumps(results, indent=1))
             (args.out / "startup.md").write_text(startup.table(results))
             print(startup.table(results), flush=True)
+        elif case in ("plans", "lora-8GB", "gpu-parity", "importtime-small", "compile-32", "help"):
+            import plans
+
+            bench = sys.modules[__name__]
+            if case == "plans":
+                plans.plans(bench, args.model, args.out, log, PROMPT)
+            elif case == "lora-8GB":
+                plans.lora(bench, args.model, args.out, log, PROMPT)
+            elif case == "gpu-parity":
+                extra["gpu_parity"] = plans.gpu_parity(bench, args.model, args.out, log, PROMPT)
+            elif case == "importtime-small":
+                extra[f"{args.tag or 'this'}_importtime"] = plans.importtime_small(bench, args.model, args.out, PROMPT)
+            elif case == "compile-32":
+                prompts = args.out / "prompts-32.txt"
+                prompts.write_text("\n".join(many_prompts(32)) + "\n")
+                plans.compile_32(bench, args.model, args.out, log, prompts)
+            else:
+                for _ in range(3):
+                    run("pixart --help", pixart("--help"), args.out, log)
         elif case == "encode-group-offload":
             run(
                 "T5 group offload (diffusers)",
@@ -235,10 +277,17 @@ def main() -> None:
         "runs": log,
         "medians": medians(log),
         "parity": parity(args.out),
+        "capped": args.capped,
+        **extra,
     }
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(table(results))
-    print(table(results))
+    import plans
+
+    text = table(results) + "\nEach stage's plan and load seconds:\n\n" + plans.load_table(log)
+    for key in [k for k in extra if k.endswith("importtime") or k == "gpu_parity"]:
+        text += f"\n{key}: {json.dumps(extra[key])}\n"
+    (args.out / "results.md").write_text(text)
+    print(text)
 
 
 def build_model(model: Path, tokenizer: Path) -> None:
