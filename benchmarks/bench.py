@@ -99,6 +99,7 @@ class GpuPeak:
 
 
 OPTIONS = {"capped": False, "tag": ""}
+TIMEOUT_S = 400  # one process; a hung case must not eat a GPU lease
 
 
 def capped(command: list[str]) -> list[str]:
@@ -115,7 +116,14 @@ def run(label: str, command: list[str], cwd: Path, log: list, env: dict | None =
     label = f"{OPTIONS['tag']}: {label}" if OPTIONS["tag"] else label
     started = time.perf_counter()
     with GpuPeak() as gpu:
-        proc = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+        try:
+            proc = subprocess.run(
+                command, cwd=cwd, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=TIMEOUT_S
+            )
+        except subprocess.TimeoutExpired as expired:
+            out = expired.stdout.decode() if isinstance(expired.stdout, bytes) else expired.stdout or ""
+            err = expired.stderr.decode() if isinstance(expired.stderr, bytes) else expired.stderr or ""
+            proc = subprocess.CompletedProcess(command, 124, out, err + f"\ntimed out after {TIMEOUT_S} s")
     wall = round(time.perf_counter() - started, 2)
     entry = {
         "label": label,

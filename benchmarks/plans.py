@@ -45,9 +45,14 @@ LORA_TARGETS = (
 
 
 def plans(bench, model: Path, out: Path, log: list, prompt: str) -> None:
+    """PIXART_BENCH_PLANS="4GB:1024,2GB:1024" runs a subset."""
+    import os
+
     work = out / "plans"
     work.mkdir(parents=True, exist_ok=True)
-    for budget, side in PLAN_BUDGETS:
+    chosen = os.environ.get("PIXART_BENCH_PLANS")
+    budgets = [(b, int(s)) for b, s in (item.split(":") for item in chosen.split(","))] if chosen else PLAN_BUDGETS
+    for budget, side in budgets:
         size = [] if side == 1024 else ["--width", str(side), "--height", str(side), "--no-binning"]
         bench.run(
             f"plans: generate {budget} {side}²",
