@@ -217,7 +217,7 @@ def main() -> None:
         elif case in GENERATE_32:  # many prompts within 8 GB, beside diffusers' loop (case loop-32)
             prompts = args.out / "prompts-32.txt"
             prompts.write_text("\n".join(many_prompts(32)) + "\n")
-            label, folder, extra = GENERATE_32[case]
+            label, folder, options = GENERATE_32[case]
             run(
                 label,
                 pixart(
@@ -229,7 +229,7 @@ def main() -> None:
                     "--seed",
                     "0",
                     *measured(args.model, "8GB"),
-                    *extra,
+                    *options,
                 ),
                 args.out,
                 log,

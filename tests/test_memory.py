@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -174,6 +177,19 @@ def test_block_streamer_equals_the_resident_transformer():
             assert torch.equal(streamed(hidden, timestep=timestep, **inputs)[0], expected), call
     for block in streamed.transformer_blocks:  # every block's weights live in one of the two slots
         assert {p.untyped_storage().data_ptr() for p in block.parameters()} <= slots
+
+
+def test_block_buffers_share_power_of_two_chunks(monkeypatch):
+    """Pinned memory is allocated in powers of two: blocks are packed into chunks of that size, not one buffer that
+    the allocator would round up to twice the blocks' size."""
+    from pixart_cli.models import transformer
+
+    monkeypatch.setattr(transformer, "CHUNK", 1024)
+    buffers = transformer._host_buffers([512, 512, 512, 2048], pin=False)
+    assert [b.numel() for b in buffers] == [512, 512, 512, 2048]
+    chunks = [(b.untyped_storage().data_ptr(), b.untyped_storage().nbytes()) for b in buffers]
+    assert chunks[0] == chunks[1] != chunks[2] != chunks[3]
+    assert [size for _, size in chunks] == [1024, 1024, 1024, 2048]
 
 
 @pytest.fixture
