@@ -149,7 +149,7 @@ def cn_weights(files, model):
 
 def test_every_plan_gives_the_same_latents_with_lora_and_image_to_image(deep, files, monkeypatch):
     """Init latents, control latents, a LoRA on the base and the adapter at 0.7: the resident plan and the
-    smallest plans (a 1 KB budget: the transformer group-offloaded, the adapter streamed copy by copy) give the
+    smallest plans (a 1 KB budget: the transformer's blocks streamed, the adapter streamed copy by copy) give the
     same latents; the LoRA and the adapter each changed them."""
     embeddings = encoded([PROMPT], deep)
     init = image_encoded(files["photo"], deep)

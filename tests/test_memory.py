@@ -268,10 +268,8 @@ def test_report_memory_names_each_stage(tiny_model):
 def test_smallest_plans_run_in_a_fresh_process(tiny_model, tmp_path):
     """Tiled decode and the streamed transformer take the heavy library paths (AutoencoderKL, group offloading),
     which lean imports must not break. Other tests have imported those modules already; a fresh process has not."""
-    import os
     import subprocess
     import sys
-    from pathlib import Path
 
     script = f"""
 from pixart_cli.models import memory

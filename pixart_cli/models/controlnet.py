@@ -39,9 +39,9 @@ The structure, as the public sources define it (read for structure and key names
   ``controlnet_blocks.{i}.transformer_block.*``, number of blocks inferred from the ``controlnet.{i}.`` keys) maps
   the blocks as the convert script above does.
 
-Under the streamed memory plan (the base group-offloaded block by block) the adapter streams too
-(``stream_adapter``): the device holds one copy's weights at a time. The control latents are embedded inside the
-base's forward (the first adapter hook), where group offloading has put the patch embedding on the device.
+Under the streamed memory plan (the base's blocks streamed through two device slots, models/transformer.py) the
+adapter streams too (``stream_adapter``): the device holds one copy's weights at a time. The control latents are
+embedded inside the base's forward (the first adapter hook), with the patch embedding on the device.
 """
 
 from __future__ import annotations
@@ -317,7 +317,7 @@ def _classes() -> dict:
             )
             if self.control_latents is None or self.conditioning_scale == 0:
                 return self.transformer(hidden_states, **call)
-            # embedded in the first hook, inside the base's forward (group offloading's patch embedding is there)
+            # embedded in the first hook, inside the base's forward (the patch embedding is on the device there)
             state = {"latents": self._control_for(hidden_states), "control": None}
             scale = self.conditioning_scale
             base_blocks = self.transformer.transformer_blocks

@@ -79,7 +79,7 @@ def import_diffusers(name: str, hide_optional: bool = True):
     """Import one diffusers module (``diffusers.models.autoencoders.vae``, ...) without the rest of diffusers.
 
     ``hide_optional=False`` for a module that needs torch._dynamo at import (AutoencoderKL, through
-    ``diffusers.loaders.peft`` and the group-offloading hooks): the heavy paths (tiled VAE) import it so.
+    ``diffusers.loaders.peft`` and the group-offloading hooks): only a VAE checkpoint in another layout imports it.
     """
     with LOCK:
         if name in sys.modules:
