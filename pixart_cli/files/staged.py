@@ -205,7 +205,7 @@ def describe(path) -> dict:
     Everything in it is bounded and JSON-safe (NaN and inf as strings)."""
     if file_kind(path) == "image":
         return json_safe({"file": str(path), "kind": "image", **read_image_metadata(path)})
-    artifact = load_any(path, (EMBEDDINGS_FORMAT, LATENTS_FORMAT, MASK_FORMAT))
+    artifact = load_any(path, (EMBEDDINGS_FORMAT, LATENTS_FORMAT, MASK_FORMAT, CONTROL_FORMAT))
     tensors = {
         key: {"shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
         for key, value in artifact.tensors().items()
