@@ -39,8 +39,8 @@ class PixartError(Exception):
 
 
 def bad_file(path, problem: str) -> PixartError:
-    """An input file that cannot be used: the line names the file first."""
-    return PixartError(f"{path}: {problem}")
+    """An input file that cannot be used: the line names the file first (``reason`` holds the problem alone)."""
+    return PixartError(option=str(path), reason=problem)
 
 
 def detail(error: BaseException) -> str:

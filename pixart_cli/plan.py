@@ -216,6 +216,7 @@ def plan_denoise(
     ``init_name`` names them in errors (a path, or ``--image``); ``embedding_width``: the embeddings' last
     dimension, checked against the transformer's caption_channels.
     """
+    source.check_fit("transformer")  # its config against its weights, before any skeleton of it is built
     if init is not None:
         init_size = init.meta
     settings = with_init_size(settings.with_seed(), init_size, init_name)
@@ -323,6 +324,7 @@ def check_latents(latents, source: Model, path: str, batch_size: int | None = No
     weights load. ``batch_size``: decode's --batch-size."""
     if batch_size is not None and batch_size < 1:
         raise PixartError(f"--batch-size {batch_size}: must be at least 1")
+    source.check_fit("vae")
     channels = source.config("vae").get("latent_channels", 4)
     found = latents.latents.shape[1]
     if found != channels:
@@ -362,6 +364,7 @@ def fit_image(image, source: Model, width: int | None = None, height: int | None
     ``width/height`` binned, ``binned``).
     """
     check_size_options(width, height)
+    source.check_fit("vae")
     own = dict(zip(("--width", "--height"), image.size))
     given = {"--width": width, "--height": height}
     # A side not given is the image's own, rounded down to a multiple of 8: when that is out of bounds, the image
@@ -416,6 +419,8 @@ def plan_run(
     from pixart_cli.settings import check_prompts
 
     prompts = check_prompts(prompts)
+    for component in ("text_encoder", "vae"):  # the transformer's in plan_denoise: all three before T5 loads
+        source.check_fit(component)
     sizes = None if image is None else fit_image(image, source, denoising.width, denoising.height, denoising.binning)
     denoise_plan = plan_denoise(
         denoising,

@@ -185,10 +185,17 @@ def check_loras_for_model(loras: list[LoraWeights], model) -> None:
 
     from pixart_cli.models.facade import import_diffusers
     from pixart_cli.models.memory import meta_model
+    from pixart_cli.models.source import config_where
 
     PixArtTransformer2DModel = import_diffusers(
         "diffusers.models.transformers.pixart_transformer_2d"
     ).PixArtTransformer2DModel
-    skeleton = meta_model(PixArtTransformer2DModel.from_config, model.config("transformer"), torch.float32)
+    model.check_fit("transformer")  # the config within bounds and agreeing with the weights: a bounded skeleton
+    skeleton = meta_model(
+        PixArtTransformer2DModel.from_config,
+        model.config("transformer"),
+        torch.float32,
+        where=config_where(model, "transformer"),
+    )
     for adapter in loras:
         check_lora(adapter, skeleton)

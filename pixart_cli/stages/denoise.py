@@ -13,7 +13,7 @@ import math
 from pixart_cli import record
 from pixart_cli.files import staged
 from pixart_cli.models import lora, memory
-from pixart_cli.models.source import load_component
+from pixart_cli.models.source import config_where, load_component
 from pixart_cli.plan import DenoisePlan, Schedule
 from pixart_cli.runtime import RunContext, check_finite
 
@@ -80,8 +80,15 @@ def _memory_plan(plan: Schedule, images: int, ctx: RunContext) -> memory.Plan:
         "diffusers.models.transformers.pixart_transformer_2d"
     ).PixArtTransformer2DModel
     source = ctx.model
+    source.check_fit("transformer")
     config = source.config("transformer")
-    skeleton = memory.meta_model(PixArtTransformer2DModel.from_config, config, ctx.dtype, cpu_buffers=True)
+    skeleton = memory.meta_model(
+        PixArtTransformer2DModel.from_config,
+        config,
+        ctx.dtype,
+        cpu_buffers=True,
+        where=config_where(source, "transformer"),
+    )
     scale = source.vae_scale_factor * config.get("patch_size", 2)
     # Fusing a LoRA briefly needs an fp32 copy of one layer on the device; nothing stays after it.
     transformer_bytes = memory.parameter_bytes(skeleton) + lora.fuse_peak_bytes(skeleton, list(ctx.loras))

@@ -22,6 +22,7 @@ import dataclasses
 
 from pixart_cli.files import image_io, staged
 from pixart_cli.models import memory
+from pixart_cli.models.source import config_where
 from pixart_cli.plan import Schedule
 from pixart_cli.runtime import RunContext, check_finite
 
@@ -44,8 +45,9 @@ def encode_image(image: image_io.SourceImage, sizes: Schedule, ctx: RunContext) 
     #    VAE's encoder only
     meter = ctx.meter("encode-image")
     budget, context = ctx.budget()
+    source.check_fit("vae")  # the config agrees with the weights before a skeleton of it is built
     config = source.config("vae")
-    skeleton = memory.meta_model(encoder_skeleton, config, ctx.dtype)
+    skeleton = memory.meta_model(encoder_skeleton, config, ctx.dtype, where=config_where(source, "vae"))
     chosen = dataclasses.replace(
         memory.plan_decode(
             budget,
