@@ -46,8 +46,9 @@ class PixartError(Exception):
 
 
 def bad_file(path, problem: str) -> PixartError:
-    """An input file that cannot be used: the line names the file first (``-``: standard input)."""
-    return PixartError(f"{'- (standard input)' if str(path) == '-' else path}: {problem}")
+    """An input file that cannot be used: the line names the file first (``-``: standard input; ``reason`` holds
+    the problem alone)."""
+    return PixartError(option="- (standard input)" if str(path) == "-" else str(path), reason=problem)
 
 
 def detail(error: BaseException) -> str:

@@ -270,6 +270,7 @@ def plan_denoise(
     image, made into the plan's ``mask_request``), named ``mask_name``; ``source_image``: generate's --image, whose
     pixels --keep-unmasked pastes back.
     """
+    source.check_fit("transformer")  # its config against its weights, before any skeleton of it is built
     check_mask_options(mask, masking, init is not None or init_size is not None, init_name, mask_name)
     if init is not None:
         init_size = init.meta
@@ -338,6 +339,7 @@ def fit_image(image, source: Model, width: int | None = None, height: int | None
     ``width/height`` binned, ``binned``).
     """
     check_size_options(width, height)
+    source.check_fit("vae")
     own = dict(zip(("--width", "--height"), image.size))
     given = {"--width": width, "--height": height}
     # A side not given is the image's own, rounded down to a multiple of 8: when that is out of bounds, the image
@@ -399,6 +401,8 @@ def plan_run(
     from pixart_cli.settings import check_prompts
 
     prompts = check_prompts(prompts)
+    for component in ("text_encoder", "vae"):  # the transformer's in plan_denoise: all three before T5 loads
+        source.check_fit(component)
     width, height, binning = denoising.width, denoising.height, denoising.binning
     sizes = None if image is None else fit_image(image, source, width, height, binning)
     if sizes is not None:  # the control image is sized as the start image is

@@ -170,7 +170,10 @@ def invoke(*args, cwd, stdin: bytes | None = None):
 
 
 def assert_one_line_error(result, code, *fragments):
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    """One line on stderr naming what is wrong, the exit code, nothing on stdout: for an in-process result
+    (``invoke``) or a real process's (``run_pixart``)."""
+    exit_code = result.exit_code if hasattr(result, "exit_code") else result.returncode
+    assert exit_code == code, (exit_code, result.stdout, result.stderr)
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]

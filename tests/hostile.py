@@ -106,6 +106,53 @@ def strided_trick(kind: str, shape: tuple, huge: int, dtype=torch.float32):
     raise ValueError(kind)
 
 
+# --- LoRA files, model folders, manifests ----------------------------------------------------------------------
+LORA_MODULE = "transformer.proj_out"  # a layer of the tiny transformer: weight [32, 16]
+
+
+def lora_bytes(tensors: dict | None = None, metadata: dict | None = None, rank: int = 4, dtype=torch.float32) -> bytes:
+    """A LoRA .safetensors file's bytes (by default one module of the tiny transformer, ``rank``, ``dtype``)."""
+    from safetensors.torch import save
+
+    if tensors is None:
+        tensors = {
+            f"{LORA_MODULE}.lora_A.weight": torch.zeros(rank, 16, dtype=dtype),
+            f"{LORA_MODULE}.lora_B.weight": torch.zeros(32, rank, dtype=dtype),
+        }
+    return save({key: value.contiguous() for key, value in tensors.items()}, metadata=metadata)
+
+
+def adapter_metadata(**fields) -> dict:
+    """diffusers' lora_adapter_metadata with the transformer's LoraConfig ``fields`` (values as JSON text)."""
+    return {"lora_adapter_metadata": "{" + ", ".join(f'"transformer.{k}": {v}' for k, v in fields.items()) + "}"}
+
+
+def raw_safetensors(header: dict | bytes, data: bytes = b"") -> bytes:
+    """A safetensors file from a hand-written header (a dict, or its raw bytes) and data."""
+    blob = header if isinstance(header, bytes) else json.dumps(header).encode()
+    return len(blob).to_bytes(8, "little") + blob + data
+
+
+def model_copy(source: Path, target: Path) -> Path:
+    """A copy of a model folder whose configs a case may change (weights hard-linked: never written)."""
+    import shutil
+
+    shutil.copytree(source, target, copy_function=os.link)
+    for config in [*target.glob("*.json"), *target.glob("*/*.json")]:  # own copies, never written through a link
+        data = config.read_bytes()
+        config.unlink()
+        config.write_bytes(data)
+    return target
+
+
+def set_config(folder: Path, component: str, **fields) -> None:
+    """Change fields of a component's config in a model_copy."""
+    path = folder / component / ("scheduler_config.json" if component == "scheduler" else "config.json")
+    config = json.loads(path.read_text())
+    config.update(fields)
+    path.write_text(json.dumps(config))
+
+
 # --- reading under limits --------------------------------------------------------------------------------
 class Worker:
     """A long-lived python process that reads files with pixart's loaders under RLIMIT_AS; restarted after a

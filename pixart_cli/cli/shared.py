@@ -51,10 +51,11 @@ def check_controllable(source) -> None:
 
 
 def new_model(model: Optional[str], revision: Optional[str]):
-    """--model (default: $PIXART_MODEL, else the default checkpoint) at --revision."""
-    from pixart_cli.models.source import Model, default_model
+    """--model (default: $PIXART_MODEL, else the default checkpoint) at --revision; its errors name the option or
+    the environment variable the name came from."""
+    from pixart_cli.models.source import Model, default_model, model_option
 
-    return Model(default_model() if model is None else model, revision)
+    return Model(default_model() if model is None else model, revision, option=model_option(model))
 
 
 def note_unquoted(out: Output, prompts: Optional[list[str]]) -> None:

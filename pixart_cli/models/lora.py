@@ -186,6 +186,7 @@ def check_loras_for_model(loras: list[LoraWeights], model) -> None:
 
     from pixart_cli.models.transformer import skeleton
 
+    model.check_fit("transformer")  # the config within bounds and agreeing with the weights: a bounded skeleton
     transformer = skeleton(model.config("transformer"), torch.float16)
     for adapter in loras:
         check_lora(adapter, transformer)

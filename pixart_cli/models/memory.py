@@ -14,7 +14,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from pixart_cli.errors import PixartError
+from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
 
 GIB = 2**30
 MIN_VRAM = 256 * 2**20
@@ -107,13 +107,15 @@ def parameter_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def meta_model(builder, config, dtype, cpu_buffers: bool = False):
+def meta_model(builder, config, dtype, cpu_buffers: bool = False, where: str = "the model"):
     """Instantiate ``builder(config)`` on the meta device in ``dtype``: exact sizes, no weights, no memory.
 
     ``cpu_buffers``: compute buffers on the CPU (parameters still go to meta, as diffusers' own loading does).
     For models that compute buffers at construction (PixArt's sin-cos position table): factory functions such
     as ``arange`` on the meta device run through torch's reference decompositions, which import
     torch._dynamo, seconds of a stage process (issue 10).
+    ``where`` names the config in the one line a config that cannot be built gives (its fields are within bounds
+    already, models/configs.py, but a value of the wrong kind still fails inside the library).
     """
     import torch
 
@@ -130,6 +132,14 @@ def meta_model(builder, config, dtype, cpu_buffers: bool = False):
                     return builder(config)
             with torch.device("meta"):
                 return builder(config)
+        except PixartError:
+            raise
+        except Exception as error:
+            raise PixartError(
+                f"{where}: cannot build the model from it ({type(error).__name__}: {detail(error)}); the model "
+                "folder is damaged or not a PixArt model",
+                EXIT_RUNTIME,
+            ) from error
         finally:
             torch.set_default_dtype(previous)
 

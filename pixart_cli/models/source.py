@@ -6,26 +6,20 @@ constants, so tiny test models and the real checkpoints go through the same code
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
+from pixart_cli.models import configs
+from pixart_cli.models.configs import WEIGHTS_FILES
+from pixart_cli.models.hub import BASE_MODEL_ENV, base_unavailable, hub_unreachable, model_unavailable, naming
 
 DEFAULT_MODEL = "PixArt-alpha/PixArt-XL-2-1024-MS"
 MODEL_ENV = "PIXART_MODEL"
 # Where components missing from a model folder come from (PixArt-DMD ships only its transformer and scheduler).
-BASE_MODEL_ENV = "PIXART_BASE_MODEL"
 SHARED_COMPONENTS = ("tokenizer", "text_encoder", "vae")
-# The weights file each component with weights is saved as (diffusers' and transformers' save_pretrained names);
-# a sharded (.index.json), variant (.fp16.safetensors) or .bin file counts too.
-WEIGHTS_FILES = {
-    "transformer": "diffusion_pytorch_model.safetensors",
-    "vae": "diffusion_pytorch_model.safetensors",
-    "text_encoder": "model.safetensors",
-}
 
 
 @dataclass(frozen=True)
@@ -56,14 +50,22 @@ BIN_TABLES = {
 }
 
 
-def base_model() -> str:
-    """The model lending T5, tokenizer and VAE to one without them: $PIXART_BASE_MODEL, else PixArt-α 1024."""
-    return os.environ.get(BASE_MODEL_ENV) or DEFAULT_MODEL
+def base_model(base_of: Model | None = None) -> Model:
+    """The model lending T5, tokenizer and VAE to ``base_of``, which has none: $PIXART_BASE_MODEL, else PixArt-α
+    1024; its errors name where it came from."""
+    named = os.environ.get(BASE_MODEL_ENV)
+    option = BASE_MODEL_ENV if named else "the base model"
+    return Model(named or DEFAULT_MODEL, option=option, base_of=base_of)
 
 
 def default_model() -> str:
     """The model used when --model is not given: $PIXART_MODEL, else the PixArt-α 1024 checkpoint."""
     return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def model_option(flag: str | None) -> str:
+    """What names the model of a command, for its errors: --model when given, else $PIXART_MODEL when set."""
+    return "--model" if flag is not None or not os.environ.get(MODEL_ENV) else MODEL_ENV
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -80,15 +82,22 @@ class Model:
     ``named_by``: the file whose meta names this model (no --model given). Such a model is trusted less: a hub
     id is loaded only from the local Hugging Face cache (never downloaded), and errors name the file.
     ``base_of``: the model this one lends its T5, tokenizer or VAE to (this is the base model); errors say so.
+    ``option``: what named it otherwise (--model, $PIXART_MODEL, $PIXART_BASE_MODEL), which its errors name.
     """
 
     def __init__(
-        self, model: str, revision: str | None = None, named_by: str | None = None, base_of: Model | None = None
+        self,
+        model: str,
+        revision: str | None = None,
+        named_by: str | None = None,
+        option: str = "--model",
+        base_of: Model | None = None,
     ):
+        self.option = option
         if not model.strip():
             raise PixartError(
-                f"--model {model!r}: the name is empty; give a diffusers model folder or a Hugging Face id, or leave "
-                f"--model out (default: ${MODEL_ENV}, else {DEFAULT_MODEL})"
+                f"{naming(option, repr(model))}: the name is empty; give a diffusers model folder or a Hugging Face "
+                f"id, or leave --model out (default: ${MODEL_ENV}, else {DEFAULT_MODEL})"
             )
         self.id = model
         self.revision = revision
@@ -109,15 +118,19 @@ class Model:
                         f"{named_by}: names the model folder {model}, which does not exist here; pass "
                         "--model with the model's folder or id"
                     )
-                raise PixartError(
-                    f"--model {model}: no such folder; give a diffusers model folder or a Hugging Face id"
-                )
+                raise PixartError(f"{self.where}: no such folder; give a diffusers model folder or a Hugging Face id")
             if not (folder / "model_index.json").is_file():
-                where = f"{named_by}: names the model folder {model}, which" if named_by else f"--model {model}:"
+                where = f"{named_by}: names the model folder {model}, which" if named_by else f"{self.where}:"
                 raise PixartError(f"{where} is not a diffusers model folder (no model_index.json)")
             self.root = folder
         self._configs: dict[str, dict] = {}
+        self._fitted: set[str] = set()
         self._base: Model | None = None
+
+    @property
+    def where(self) -> str:
+        """How errors name this model: ``--model X``, ``PIXART_MODEL=X``, ``PIXART_BASE_MODEL=X``."""
+        return naming(self.option, self.id)
 
     @property
     def recorded(self) -> str:
@@ -132,7 +145,7 @@ class Model:
     def unavailable(self, error: Exception, reason: str | None = None) -> PixartError:
         if self.base_of is not None:
             return base_unavailable(self, error, reason)
-        return model_unavailable(self.id, error, self.named_by, reason)
+        return model_unavailable(self.id, error, self.named_by, reason, option=self.option)
 
     def lends(self) -> str:
         """'--model X: has no tokenizer, text_encoder or vae of its own and takes them': how a line about its base
@@ -156,9 +169,10 @@ class Model:
         if self._has(component):
             return self
         if self._base is None:
-            if base_model() == self.id:
-                raise PixartError(f"--model {self.id}: has no {component}/ and is itself the base model", EXIT_RUNTIME)
-            self._base = Model(base_model(), base_of=self)
+            base = base_model(base_of=self)
+            if base.id == self.id:
+                raise PixartError(f"{self.where}: has no {component}/ and is itself the base model", EXIT_RUNTIME)
+            self._base = base
         return self._base
 
     def file(self, relative: str) -> Path:
@@ -166,9 +180,7 @@ class Model:
         if self.local:
             path = self.root / relative
             if not path.is_file():
-                raise PixartError(
-                    f"--model {self.id}: {relative} is missing; the model folder is incomplete", EXIT_RUNTIME
-                )
+                raise PixartError(f"{self.where}: {relative} is missing; the model folder is incomplete", EXIT_RUNTIME)
             return path
         from huggingface_hub import hf_hub_download
 
@@ -186,13 +198,33 @@ class Model:
         try:
             names = [entry.name for entry in os.scandir(folder) if entry.is_file()]
         except OSError as error:
-            raise PixartError(f"--model {self.id}: cannot read {component}/ ({error.strerror})", EXIT_RUNTIME) from None
+            raise PixartError(f"{self.where}: cannot read {component}/ ({error.strerror})", EXIT_RUNTIME) from None
         if not any(name.endswith((".safetensors", ".bin", ".index.json")) for name in names):
             raise PixartError(
-                f"--model {self.id}: {component}/ has no weights file ({WEIGHTS_FILES[component]} is missing); "
+                f"{self.where}: {component}/ has no weights file ({WEIGHTS_FILES[component]} is missing); "
                 "the model folder is incomplete: download it again",
                 EXIT_RUNTIME,
             )
+        for name in names:  # a sharded checkpoint's shards lie beside their index, never elsewhere
+            if name.endswith(".index.json"):
+                index = configs.read_json(folder / name, f"{component}/{name}", self.where)
+                configs.shard_names(index, f"{component}/{name}", self.where)
+
+    def check_fit(self, component: str) -> None:
+        """A local component's config agrees with its safetensors headers (block counts, key shapes; an index's
+        shards beside it), checked once, before a skeleton of it is built (configs.check_against_weights). Weights
+        that are missing are refused where they load (check_weights); a hub model's are checked by its loader, its
+        config being within bounds already."""
+        holder = self.owner(component)
+        if holder is not self:
+            return holder.check_fit(component)
+        if not self.local or component in self._fitted:
+            return
+        config = self.config(component)
+        configs.check_against_weights(
+            self.root / component, component, config, f"{component}/{_config_name(component)}", self.where
+        )
+        self._fitted.add(component)
 
     def config(self, component: str | None) -> dict:
         """A component's config.json (``None``: model_index.json), parsed."""
@@ -201,11 +233,9 @@ class Model:
             return holder.config(component)
         name = "model_index.json" if component is None else f"{component}/{_config_name(component)}"
         if name not in self._configs:
-            path = self.file(name)
-            try:
-                self._configs[name] = json.loads(path.read_text())
-            except (OSError, ValueError) as error:
-                raise PixartError(f"--model {self.id}: {name} is broken ({error})", EXIT_RUNTIME) from error
+            # bounded in size and depth, and each field that sizes a skeleton within its bound (models/configs.py)
+            config = configs.read_json(self.file(name), name, self.where)
+            self._configs[name] = configs.check_config(component, config, name, self.where)
         return self._configs[name]
 
     def folder(self, component: str) -> Path:
@@ -231,7 +261,7 @@ class Model:
             cached_error = error
         if self.offline_only or huggingface_hub.constants.HF_HUB_OFFLINE:
             raise self.unavailable(cached_error) from cached_error
-        unreachable = _hub_unreachable()
+        unreachable = hub_unreachable()
         if unreachable:
             raise self.unavailable(cached_error, reason=unreachable) from cached_error
         try:
@@ -292,6 +322,11 @@ class Model:
         return diffusers_constant(f"pipelines/pixart_alpha/{module}.py", name)
 
 
+def config_where(model: Model, component: str) -> str:
+    """How a line names a component's config: ``--model X: transformer/config.json``."""
+    return f"{model.owner(component).where}: {component}/{_config_name(component)}"
+
+
 def model_for_file(flag: str | None, revision: str | None, meta: dict, path) -> Model:
     """The model a stage runs with: --model (and --revision) when given, else the one the input file ``path``
     names (trusted less: a hub id named by a file loads only from the local cache)."""
@@ -302,73 +337,6 @@ def model_for_file(flag: str | None, revision: str | None, meta: dict, path) -> 
 
 def _config_name(component: str) -> str:
     return {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(component, "config.json")
-
-
-HUB_PROBE_TIMEOUT = 5.0  # seconds to open a connection to the Hub before calling it unreachable
-
-
-def _hub_unreachable() -> str | None:
-    """Why the Hub cannot be reached (a short reason), or None when a connection opens. Behind a proxy the
-    client's own attempt decides, so no probe is made there."""
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return None
-    import huggingface_hub
-
-    endpoint = urlparse(huggingface_hub.constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname, port), timeout=HUB_PROBE_TIMEOUT).close()
-    except OSError as error:
-        return f"{endpoint.hostname} unreachable: {getattr(error, 'strerror', None) or type(error).__name__}"
-    return None
-
-
-def model_unavailable(
-    model: str, error: Exception, named_by: str | None = None, reason: str | None = None
-) -> PixartError:
-    """The line for a hub model that cannot be had (offline, unreachable, unknown, gated)."""
-    if named_by is not None:
-        return PixartError(
-            f"{named_by}: names the hub model {model}, which is not in the local Hugging Face cache; a model named "
-            f"by a file is never downloaded: pass --model {model} to download it, or --model with a local folder",
-            EXIT_RUNTIME,
-        )
-    if reason is None and _offline():
-        return PixartError(
-            f"--model {model}: not in the local Hugging Face cache, and offline mode is on (HF_HUB_OFFLINE is set), "
-            f"so it was not downloaded; download it once with `hf download {model}` where HF_HUB_OFFLINE is unset, "
-            "or point --model at a local diffusers folder",
-            EXIT_RUNTIME,
-        )
-    reason = type(error).__name__ if reason is None else reason
-    return PixartError(
-        f"--model {model}: not in the local Hugging Face cache and could not be downloaded ({reason}); "
-        f"download it once with `hf download {model}` while online, or point --model at a local diffusers folder",
-        EXIT_RUNTIME,
-    )
-
-
-def base_unavailable(base: Model, error: Exception, reason: str | None = None) -> PixartError:
-    """The line for a base model (the lender of T5, tokenizer, VAE) that is not here: the user named another model."""
-    if reason is None:
-        reason = "offline mode is on: HF_HUB_OFFLINE is set" if _offline() else type(error).__name__
-    chosen = f"${BASE_MODEL_ENV}" if os.environ.get(BASE_MODEL_ENV) else f"the default; ${BASE_MODEL_ENV} names another"
-    return PixartError(
-        f"{base.base_of.lends()} from the base model {base.id} ({chosen}), which is not in the local Hugging Face "
-        f"cache and was not downloaded ({reason}); download it once with `hf download {base.id}` while online, or "
-        f"set {BASE_MODEL_ENV} to a local diffusers folder that has them",
-        EXIT_RUNTIME,
-    )
-
-
-def _offline() -> bool:
-    """Whether the Hugging Face client is in offline mode (HF_HUB_OFFLINE)."""
-    import huggingface_hub
-
-    return bool(huggingface_hub.constants.HF_HUB_OFFLINE)
 
 
 def load_component(model: Model, component: str, load, **kwargs):
@@ -391,11 +359,11 @@ def load_component(model: Model, component: str, load, **kwargs):
         broken = _broken_weight_file(model, component)
         if broken is not None:
             raise PixartError(
-                f"--model {model.id}: {broken} is damaged (truncated or not safetensors); download the model again",
+                f"{holder.where}: {broken} is damaged (truncated or not safetensors); download the model again",
                 EXIT_RUNTIME,
             ) from error
         raise PixartError(
-            f"--model {model.id}: cannot load {component}/ ({detail(error)}); the model folder may be "
+            f"{holder.where}: cannot load {component}/ ({detail(error)}); the model folder may be "
             "damaged: download it again",
             EXIT_RUNTIME,
         ) from error
@@ -406,15 +374,9 @@ def _broken_weight_file(model: Model, component: str) -> str | None:
     model = model.owner(component)
     if not model.local:
         return None
-    from pixart_cli.models.streaming import TensorFile
-
     for path in sorted((model.root / component).glob("*.safetensors")):
         try:
-            tensor_file = TensorFile(path)
-            tensor_file.close()
-            end = max((e["data_offsets"][1] for e in tensor_file.entries.values()), default=0)
-            if tensor_file.data_start + end > tensor_file.size:
-                return f"{component}/{path.name}"
-        except (OSError, ValueError, KeyError, TypeError, IndexError):
+            configs.read_header(path)  # every entry inside the file, of the bytes its shape needs
+        except (OSError, ValueError):
             return f"{component}/{path.name}"
     return None

@@ -16,13 +16,13 @@ of the buffers in flight.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import struct
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from pixart_cli.models.configs import read_header, read_json, shard_names
 
 _BLOCK = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
 _TIED_EMBEDDING = ("shared.weight", "encoder.embed_tokens.weight")
@@ -46,25 +46,25 @@ _SAFETENSORS_DTYPES = {
 
 
 class TensorFile:
-    """Random access to the tensors of one .safetensors file with pread (no memory map)."""
+    """Random access to the tensors of one .safetensors file with pread (no memory map). Its header is checked when
+    it opens (configs.read_header): a tensor is read only into a buffer of the bytes the file holds for it."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        with open(path, "rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise ValueError(f"{path}: not a safetensors file (too short)")
-            (length,) = struct.unpack("<Q", prefix)
-            if not 0 < length < 100_000_000:
-                raise ValueError(f"{path}: not a safetensors file (header length {length})")
-            header = json.loads(handle.read(length))
-        self.data_start = 8 + length
-        self.entries = {name: entry for name, entry in header.items() if name != "__metadata__"}
-        self.size = os.path.getsize(path)
+        self.data_start, self.entries, self.size = read_header(self.path)
         self.fd = os.open(path, os.O_RDONLY)
 
     def keys(self):
         return self.entries.keys()
+
+    def check_shapes(self, shapes: dict) -> None:
+        """ValueError naming the first tensor whose shape in the file is not the one the model expects."""
+        for name, shape in shapes.items():
+            entry = self.entries.get(name)
+            if entry is not None and list(entry["shape"]) != list(shape):
+                raise ValueError(
+                    f"{self.path}: tensor {name} has shape {entry['shape']}, but the config gives {list(shape)}"
+                )
 
     def read(self, name: str, device):
         """One tensor, read into a (pinned, for CUDA) buffer and copied to ``device``."""
@@ -72,8 +72,8 @@ class TensorFile:
 
         entry = self.entries[name]
         start, end = entry["data_offsets"]
-        if not 0 <= start <= end <= self.size - self.data_start or entry["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"{self.path}: tensor {name} has a broken header entry")
+        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which pixart does not read")
         buffer = torch.empty(end - start, dtype=torch.uint8, pin_memory=device.type == "cuda")
         view, offset = memoryview(buffer.numpy()), 0
         while offset < len(view):
@@ -89,11 +89,14 @@ class TensorFile:
 
 
 def _weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file holding it (sharded or single-file checkpoints)."""
+    """Tensor name -> safetensors file holding it (sharded or single-file checkpoints); an index's shards must be
+    files beside it (configs.shard_names)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: folder / file for name, file in weight_map.items()}
+        where = str(folder)
+        weight_map = read_json(index, index.name, where)
+        shard_names(weight_map, index.name, where)
+        return {name: folder / file for name, file in weight_map["weight_map"].items()}
     single = folder / "model.safetensors"
     if not single.is_file():
         raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
@@ -135,11 +138,16 @@ class StreamedT5:
         self.files = _weight_files(folder)
         self.handles = {file: TensorFile(file) for file in set(self.files.values())}
         self.pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="t5-read")
-        config = json.loads((Path(folder) / "config.json").read_text())
+        config = read_json(Path(folder) / "config.json", "text_encoder/config.json", str(folder))
         with torch.device("meta"):
             # transformers' T5EncoderModel, less the import of transformers' models (t5.py)
             self.model = t5_encoder(config).eval()
         self.dtypes = parameter_dtypes(self.model, dtype)
+        # every tensor's shape in the files is the skeleton's before anything is read (a file cannot ask for more)
+        expected = {name: tuple(p.shape) for name, p in self.model.named_parameters(remove_duplicate=False)}
+        expected["encoder.embed_tokens.weight"] = expected["shared.weight"]
+        for handle in self.handles.values():
+            handle.check_shapes({name: expected[name] for name in handle.keys() if name in expected})
         self._set = set_module_tensor_to_device
         self.blocks: dict[int, list[str]] = defaultdict(list)
         always_loaded = []

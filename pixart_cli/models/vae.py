@@ -192,11 +192,13 @@ def _load_weights(module, folder: Path, dtype, device):
     path = Path(folder) / WEIGHTS
     if not path.is_file():
         return None
-    wanted = set(module.state_dict())
+    shapes = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
+    wanted = set(shapes)
     tensor_file = TensorFile(path)
     try:
         if not wanted <= set(tensor_file.keys()):
             return None  # renamed (older) attention keys, and the like: AutoencoderKL converts those
+        tensor_file.check_shapes(shapes)  # before anything is read: a file cannot ask for more than the config
         # dtype at load, as from_pretrained(dtype=...) casts every AutoencoderKL tensor
         state = {name: tensor_file.read(name, device).to(dtype) for name in sorted(wanted)}
     finally:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pixart_cli.files import staged
 from pixart_cli.models import memory
+from pixart_cli.models.source import config_where
 from pixart_cli.runtime import RunContext, check_finite
 
 
@@ -25,8 +26,9 @@ def decode(latents: staged.Latents, ctx: RunContext, batch_size: int | None = No
     # 1. Pick full or tiled decode for the budget, then load the VAE only
     meter = ctx.meter("decode")
     budget, context = ctx.budget()
+    source.check_fit("vae")  # the config agrees with the weights before a skeleton of it is built
     config = source.config("vae")
-    skeleton = memory.meta_model(decoder_skeleton, config, ctx.dtype)  # the half that loads
+    skeleton = memory.meta_model(decoder_skeleton, config, ctx.dtype, where=config_where(source, "vae"))  # the half
     chosen = memory.plan_decode(
         budget,
         context,

@@ -130,6 +130,7 @@ def _memory_plan(plan: Schedule, images: int, ctx: RunContext, checked=None) -> 
     from pixart_cli.models import transformer as dit
 
     source = ctx.model
+    source.check_fit("transformer")
     config = source.config("transformer")
     skeleton = dit.skeleton(config, ctx.dtype)
     scale = source.vae_scale_factor * config.get("patch_size", 2)

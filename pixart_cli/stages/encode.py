@@ -8,7 +8,7 @@ from pixart_cli import record
 from pixart_cli.errors import PixartError
 from pixart_cli.files import staged
 from pixart_cli.models import memory
-from pixart_cli.models.source import Model, load_component
+from pixart_cli.models.source import Model, config_where, load_component
 from pixart_cli.plan import max_sequence_length
 from pixart_cli.runtime import RunContext
 from pixart_cli.settings import EncodeSettings, check_prompts
@@ -23,8 +23,11 @@ def plan(
     from pixart_cli.models.streaming import parameter_dtypes
     from pixart_cli.models.t5 import t5_config, t5_encoder
 
+    source.check_fit("text_encoder")  # the config agrees with the weights before a skeleton of it is built
     config = t5_config(source.config("text_encoder"))
-    skeleton = memory.meta_model(t5_encoder, source.config("text_encoder"), dtype)
+    skeleton = memory.meta_model(
+        t5_encoder, source.config("text_encoder"), dtype, where=config_where(source, "text_encoder")
+    )
     dtypes = parameter_dtypes(skeleton, dtype)
     sizes = {name: p.numel() * dtypes[name].itemsize for name, p in skeleton.named_parameters()}
     block = sum(size for name, size in sizes.items() if name.startswith("encoder.block.0."))
