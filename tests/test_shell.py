@@ -204,7 +204,7 @@ def test_messages_name_the_fix(files, dmd_model, tmp_path):
     assert "offline mode is on" in lines["base"]
     assert "set PIXART_BASE_MODEL to a local diffusers folder" in lines["base"]
     missing = run_pixart("encode", "cat", "-m", dmd_model, cwd=tmp_path, check=False, env={"PIXART_BASE_MODEL": "nope"})
-    one_line_error(missing, 1, "$PIXART_BASE_MODEL=nope, which does not exist", "set PIXART_BASE_MODEL")
+    one_line_error(missing, 2, "from the base model: PIXART_BASE_MODEL=nope: no such folder", "set PIXART_BASE_MODEL")
     assert list(tmp_path.iterdir()) == []
 
 

@@ -109,9 +109,8 @@ class Model:
             if not folder.is_dir():
                 if base_of is not None:
                     raise PixartError(
-                        f"{base_of.lends()} from the base model ${BASE_MODEL_ENV}={model}, which does not exist; "
-                        f"set {BASE_MODEL_ENV} to a model folder or Hugging Face id that has them",
-                        EXIT_RUNTIME,
+                        f"{base_of.lends()} from the base model: {BASE_MODEL_ENV}={model}: no such folder; "
+                        f"set {BASE_MODEL_ENV} to a model folder or Hugging Face id that has them"
                     )
                 if named_by is not None:
                     raise PixartError(
