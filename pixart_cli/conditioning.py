@@ -28,27 +28,32 @@ def with_init_size(
         if settings.strength is not None:
             raise PixartError(f"--strength {settings.strength}: only for image to image; give {option} FILE too")
         return settings
-    requested = (init_meta["requested_width"], init_meta["requested_height"])
+    settings = _take_size(settings, init_meta, "the image", "the image")
+    return dataclasses.replace(settings, strength=DEFAULT_STRENGTH if settings.strength is None else settings.strength)
+
+
+def _take_size(settings: DenoiseSettings, meta: dict, encoded: str, again: str) -> DenoiseSettings:
+    """The settings with the size latents were encoded for (``meta``'s requested size and binning); a
+    --width/--height that differs is an error naming what was ``encoded`` and what to encode ``again``."""
+    requested = (meta["requested_width"], meta["requested_height"])
     differing = [
         f"{flag} {value}"
-        for flag, value, encoded in (
+        for flag, value, size in (
             ("--width", settings.width, requested[0]),
             ("--height", settings.height, requested[1]),
         )
-        if value is not None and value != encoded
+        if value is not None and value != size
     ]
     if differing:
         raise PixartError(
-            f"{' '.join(differing)}: the image was encoded for {requested[0]}x{requested[1]}; leave "
-            f"{'it' if len(differing) == 1 else 'them'} out, or encode the image again at that size"
+            f"{' '.join(differing)}: {encoded} was encoded for {requested[0]}x{requested[1]}; leave "
+            f"{'it' if len(differing) == 1 else 'them'} out, or encode {again} again at that size"
         )
-    strength = DEFAULT_STRENGTH if settings.strength is None else settings.strength
     return dataclasses.replace(
         settings,
         width=requested[0],
         height=requested[1],
-        strength=strength,
-        binning=settings.binning and bool(init_meta.get("binned", True)),
+        binning=settings.binning and bool(meta.get("binned", True)),
     )
 
 
@@ -107,25 +112,7 @@ def with_control_size(
                 f"for {init_requested[0]}x{init_requested[1]}; encode the control image again with --width "
                 f"{init_requested[0]} --height {init_requested[1]}",
             )
-    differing = [
-        f"{flag} {value}"
-        for flag, value, encoded in (
-            ("--width", settings.width, requested[0]),
-            ("--height", settings.height, requested[1]),
-        )
-        if value is not None and value != encoded
-    ]
-    if differing:
-        raise PixartError(
-            f"{' '.join(differing)}: the control image ({name}) was encoded for {requested[0]}x{requested[1]}; "
-            f"leave {'it' if len(differing) == 1 else 'them'} out, or encode the control image again at that size"
-        )
-    return dataclasses.replace(
-        settings,
-        width=requested[0],
-        height=requested[1],
-        binning=settings.binning and bool(control_meta.get("binned", True)),
-    )
+    return _take_size(settings, control_meta, f"the control image ({name})", "the control image")
 
 
 def check_control(control, plan, source, path: str, images: int) -> None:

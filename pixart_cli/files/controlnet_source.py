@@ -15,21 +15,10 @@ from pathlib import Path
 
 from pixart_cli.errors import PixartError, detail
 from pixart_cli.files.controlnet_keys import short
+from pixart_cli.files.formats import SAFETENSORS_DTYPES
 
 MAX_ZIP_ENTRIES = 100_000
 GIB = 2**30
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
 _KINDS = (
     (stat.S_ISFIFO, "a FIFO (named pipe)"),
     (stat.S_ISCHR, "a character device"),
@@ -208,7 +197,7 @@ class SafetensorsSource:
         import torch
 
         stored = self.handle.get_slice(key).get_dtype()
-        return getattr(torch, _SAFETENSORS_DTYPES.get(stored, ""), None) or stored
+        return getattr(torch, SAFETENSORS_DTYPES.get(stored, ""), None) or stored
 
     def take(self, key: str):
         try:

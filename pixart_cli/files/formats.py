@@ -18,3 +18,16 @@ FORMAT_KEYS = {
     MASK_FORMAT: MASK_KEYS,
     CONTROL_FORMAT: ("latents",),
 }
+# safetensors' dtype codes and torch's names for them (the ones pixart reads)
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}

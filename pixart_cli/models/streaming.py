@@ -22,6 +22,7 @@ from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from pixart_cli.files.formats import SAFETENSORS_DTYPES
 from pixart_cli.models.configs import read_header, read_json, shard_names
 
 _BLOCK = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
@@ -29,20 +30,6 @@ _TIED_EMBEDDING = ("shared.weight", "encoder.embed_tokens.weight")
 # A block's tensors are read in parallel: one reader moved ~4.8 GB/s from the page cache to an H200,
 # eight ~17 GB/s (benchmarks/, probe of 2026-11-26).
 READ_THREADS = 8
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
 
 
 class TensorFile:
@@ -72,7 +59,7 @@ class TensorFile:
 
         entry = self.entries[name]
         start, end = entry["data_offsets"]
-        if entry["dtype"] not in _SAFETENSORS_DTYPES:
+        if entry["dtype"] not in SAFETENSORS_DTYPES:
             raise ValueError(f"{self.path}: tensor {name} has dtype {entry['dtype']}, which pixart does not read")
         buffer = torch.empty(end - start, dtype=torch.uint8, pin_memory=device.type == "cuda")
         view, offset = memoryview(buffer.numpy()), 0
@@ -81,7 +68,7 @@ class TensorFile:
             if got <= 0:
                 raise ValueError(f"{self.path}: truncated while reading {name}")
             offset += got
-        tensor = buffer.view(getattr(torch, _SAFETENSORS_DTYPES[entry["dtype"]])).reshape(entry["shape"])
+        tensor = buffer.view(getattr(torch, SAFETENSORS_DTYPES[entry["dtype"]])).reshape(entry["shape"])
         return tensor if device.type == "cpu" else tensor.to(device)  # the buffer is this tensor's alone
 
     def close(self) -> None:
