@@ -231,3 +231,30 @@ def test_random_model_keeps_library_noise_off_the_terminal(tmp_path):
         timeout=300,
     )
     assert result.returncode == 0 and result.stdout == f"{tmp_path / 'dmd'}\n" and result.stderr == "", result.stderr
+
+
+def test_a_closed_stdout_or_stderr_changes_nothing_but_what_is_shown(files, tmp_path):
+    """`>&-` and `2>&-` start pixart without that stream: the command runs as it would, with the same exit code."""
+    lat = files / "lat.pt"
+    done = shell(f"{shlex.quote(pixart_bin())} decode {shlex.quote(str(lat))} -o out.png >&-", tmp_path)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and (tmp_path / "out.png").exists(), done.stderr
+    bad = shell(f"{shlex.quote(pixart_bin())} info missing.pt --json >&-", tmp_path)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr, bad.stderr
+    quiet = shell(f"{shlex.quote(pixart_bin())} decode missing.pt 2>&-", tmp_path)
+    assert quiet.returncode == 2 and quiet.stdout == ""
+
+
+def test_prompts_files_that_are_not_text_get_one_line(tmp_path):
+    (tmp_path / "folder").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "picture.png")
+    for path, fragment in (("folder", "is a folder"), ("missing.txt", "no such file"), ("picture.png", "not UTF-8")):
+        result = run_pixart("encode", "--prompts-file", path, cwd=tmp_path, check=False)
+        one_line_error(result, 2, fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder", "picture.png"]
+
+
+def test_convert_refuses_dash_as_its_folder(tiny_model, tmp_path):
+    one_line_error(run_pixart("convert", tiny_model, "-o", "-", cwd=tmp_path, check=False), 2, "not a stream")
+    assert list(tmp_path.iterdir()) == []

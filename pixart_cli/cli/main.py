@@ -16,6 +16,7 @@ def main(args: Optional[list[str]] = None) -> None:
     from pixart_cli.signals import GUARD
 
     GUARD.install()
+    _closed_streams_to_devnull()
     try:
         _parse_and_run(args)
     except (KeyboardInterrupt, Terminated) as error:  # while importing the commands
@@ -28,6 +29,17 @@ def main(args: Optional[list[str]] = None) -> None:
             f"{'interrupted' if sigint else 'terminated'}; no output was written", code
         )
         GUARD.leave(code)
+
+
+def _closed_streams_to_devnull() -> None:
+    """A shell's `>&-` or `2>&-` starts the process without that stream (Python sets it to None): what would go
+    there is dropped, as it would be into /dev/null, and the command runs as it would otherwise (the same exit code;
+    the written files are the account)."""
+    import os
+
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
 
 
 def _parse_and_run(args: Optional[list[str]]) -> None:

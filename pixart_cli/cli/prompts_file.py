@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Optional
 
 from pixart_cli.errors import (
@@ -28,13 +27,7 @@ def read_prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> l
                 "save the prompts to a file and give its path"
             )
     if prompts_file is not None:
-        try:
-            text = sys.stdin.read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as error:
-            raise PixartError(
-                f"--prompts-file {prompts_file}: cannot read it ({error.__class__.__name__}: "
-                f"{getattr(error, 'strerror', None) or error})"
-            ) from None
+        text = _read_text(prompts_file)
         lines = [line.strip() for line in text.splitlines() if line.strip()]
         if not lines:
             raise PixartError(f"--prompts-file {prompts_file}: holds no prompts; write one prompt per line")
@@ -52,3 +45,32 @@ def unquoted_note(prompts: Optional[list[str]]) -> Optional[str]:
         f"read {len(prompts)} prompts, one per PROMPT argument; a prompt with spaces needs quotes: "
         f'"{shown}" is one prompt'
     )
+
+
+MAX_PROMPTS_BYTES = 64 * 2**20  # a run holds at most settings.MAX_IMAGES images; 64 MiB of prompts is far beyond it
+
+
+def _read_text(path: str) -> str:
+    """The --prompts-file's text: a regular file (or ``-``, stdin) of at most MAX_PROMPTS_BYTES of UTF-8, read once."""
+    from pixart_cli.files.untrusted import open_input
+
+    if path == "-":
+        data = sys.stdin.buffer.read(MAX_PROMPTS_BYTES + 1)
+    else:
+        handle, size = open_input(path, "--prompts-file")
+        with handle:
+            if size > MAX_PROMPTS_BYTES:
+                raise PixartError(
+                    f"--prompts-file {path}: is {size} bytes, over the {MAX_PROMPTS_BYTES // 2**20} MiB a prompts file "
+                    "may hold; split it into several runs"
+                )
+            data = handle.read(MAX_PROMPTS_BYTES + 1)
+    if len(data) > MAX_PROMPTS_BYTES:
+        raise PixartError(f"--prompts-file {path}: over {MAX_PROMPTS_BYTES // 2**20} MiB; split it into several runs")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PixartError(
+            f"--prompts-file {path}: is not UTF-8 text (an image or a binary file?); give a text file of prompts, "
+            "one per line"
+        ) from None

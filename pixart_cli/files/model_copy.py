@@ -79,6 +79,8 @@ def check_target(output: str, overwrite: bool) -> tuple[Path, str]:
         raise PixartError("--output: the path is empty; give the folder to write the copy to")
     if "\n" in output or "\r" in output:
         raise PixartError(f"--output {output!r}: has a line break; give a path without one (stdout lists paths)")
+    if output == "-":
+        raise PixartError("--output -: a model copy is a folder, not a stream; give the folder to write it to")
     shown = str(Path(output))
     target = Path(os.path.abspath(output))
     if target.parent == target:
