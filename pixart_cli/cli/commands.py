@@ -6,6 +6,8 @@ model loads; 2. the run context resolved once; 3. the stage run; 4. the outputs 
 
 from __future__ import annotations
 
+import typer
+
 from pixart_cli.cli import options, shared
 from pixart_cli.cli.app import app
 from pixart_cli.cli.edge import run_command
@@ -17,6 +19,7 @@ from pixart_cli.signals import GUARD
 
 @app.command(short_help="Prompts → embeddings.pt (loads only T5).")
 def encode(
+    context: typer.Context,
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
     output: options.EmbeddingsOutput = "embeddings.pt",
@@ -46,7 +49,14 @@ def encode(
         # 1. Every option and path, before torch or a model loads
         budget = shared.check_common(device, dtype, vram)
         texts = read_prompts(prompts, prompts_file)
-        settings = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
+        settings = EncodeSettings(
+            negative_prompt,
+            max_sequence_length,
+            clean_caption,
+            text_encoder_precision,
+            cache,
+            shared.option_source(context, "cache", "--cache", "PIXART_CACHE"),
+        )
         (target,) = shared.targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
         # 2. Resolve once, run, write
         ctx = shared.context(out, shared.new_model(model, revision), device, dtype, budget, report_memory)
@@ -223,6 +233,7 @@ def encode_image(
 
 @app.command(short_help="Prompts → images: encode, denoise, decode in one process.")
 def generate(
+    context: typer.Context,
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
     output: options.ImageOutput = "image.png",
@@ -272,7 +283,14 @@ def generate(
         # 1. Every option and path, before torch or a model loads
         budget = shared.check_common(device, dtype, vram)
         texts = read_prompts(prompts, prompts_file)
-        encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
+        encoding = EncodeSettings(
+            negative_prompt,
+            max_sequence_length,
+            clean_caption,
+            text_encoder_precision,
+            cache,
+            shared.option_source(context, "cache", "--cache", "PIXART_CACHE"),
+        )
         denoising = DenoiseSettings(
             steps,
             guidance_scale,
@@ -353,7 +371,7 @@ def info(
         described = staged.describe(file)
         out.record.update(described)
         if not json:
-            print(info_table(described), end="")
+            out.table(info_table(described))
 
     run_command(out, work)
 
@@ -374,6 +392,6 @@ def compare(
         result = compare_files(a, b)
         out.record.update(result.as_dict())
         if not json:
-            print(format_table(result), end="")
+            out.table(format_table(result))
 
     run_command(out, work)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 
@@ -28,6 +30,8 @@ class Output:
         self._tasks: dict[str, int] = {}
         self._started: dict[str, float] = {}
         self._console = None
+        self.printed = 0  # paths that reached stdout
+        self.stdout_closed = False  # the reader went away (`| head -1`): the run goes on, stdout is left alone
 
     @property
     def console(self):
@@ -49,8 +53,34 @@ class Output:
         """A file was written: its path goes to stdout (scripts read it); ``-`` (the bytes went to stdout) is
         recorded only."""
         self.record["outputs"].append(str(path))
-        if not self.as_json and str(path) != "-":
-            print(path, flush=True)
+        if not self.as_json and str(path) != "-" and self._stdout(f"{path}\n"):
+            self.printed += 1
+
+    def table(self, text: str) -> None:
+        """A command's answer for people (info, compare) on stdout."""
+        self._stdout(text)
+
+    def _stdout(self, text: str) -> bool:
+        """Print on stdout; False once the reader has closed it. A closed stdout (a pipe whose reader left, such as
+        `| head -1`) stops nothing: the work goes on and every output is written and recorded as it would be, and
+        the end says how many paths reached stdout. stdout then points at /dev/null, so that nothing fails on it
+        again (the interpreter's final flush included)."""
+        if self.stdout_closed:
+            return False
+        try:
+            print(text, end="", flush=True)
+            return True
+        except (BrokenPipeError, ValueError, OSError) as error:
+            if isinstance(error, OSError) and error.errno not in (errno.EPIPE, errno.EBADF):
+                raise
+            self.stdout_closed = True
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+                os.close(devnull)
+            except (OSError, ValueError):
+                pass
+            return False
 
     def progress(self, stage: str, done: int, total: int) -> None:
         """Progress callback for the stage functions: a rich bar on a terminal, one line per stage otherwise.
@@ -96,8 +126,16 @@ class Output:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        if self.stdout_closed:
+            self._closed_note()
         if self.as_json:
             self._print_document(self.record)
+
+    def _closed_note(self) -> None:
+        outputs = self.record["outputs"]
+        shown = ", ".join(outputs) if len(outputs) <= 3 else f"{outputs[0]} ... {outputs[-1]}"
+        written = f"{len(outputs)} output(s) were written ({shown})" if outputs else "no output was written"
+        self.note(f"stdout was closed by its reader after {self.printed} path(s); the run went on: {written}")
 
     def error(self, message: str, exit_code: int) -> None:
         """The single red line of a failure, shown even with --quiet; with --json, stdout still gets one JSON
@@ -110,12 +148,11 @@ class Output:
         if self.as_json:
             self._print_document({**self.record, "error": message, "exit_code": exit_code})
 
-    @staticmethod
-    def _print_document(document: dict) -> None:
+    def _print_document(self, document: dict) -> None:
         """One JSON document on stdout; NaN and inf as strings, so that every JSON parser reads it."""
         from pixart_cli.files.atomic import json_safe
 
-        print(json.dumps(json_safe(document), indent=2, default=str, allow_nan=False), flush=True)
+        self._stdout(json.dumps(json_safe(document), indent=2, default=str, allow_nan=False) + "\n")
 
 
 def _escape(text: str) -> str:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
-from pixart_cli.errors import (
-    PixartError,
-)
+from pixart_cli.errors import PixartError
+
+# Read whole, up to this bound: 10,000 prompts (settings.MAX_IMAGES) of a few KB each fit many times over.
+MAX_PROMPTS_FILE_BYTES = 64 * 2**20
 
 
 def read_prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> list[str]:
@@ -29,7 +31,19 @@ def read_prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> l
             )
     if prompts_file is not None:
         try:
-            text = sys.stdin.read() if prompts_file == "-" else Path(prompts_file).read_text(encoding="utf-8")
+            from pixart_cli.files.untrusted import read_at_most
+
+            if prompts_file == "-":
+                data = read_at_most(sys.stdin.buffer, MAX_PROMPTS_FILE_BYTES)
+            else:  # a file, or a pipe (<(command)): read up to the bound (a device's endless stream too)
+                with open(Path(prompts_file), "rb") as handle:
+                    data = read_at_most(handle, MAX_PROMPTS_FILE_BYTES, os.fstat(handle.fileno()).st_size)
+            if len(data) > MAX_PROMPTS_FILE_BYTES:
+                raise PixartError(
+                    f"--prompts-file {prompts_file}: holds more than the {MAX_PROMPTS_FILE_BYTES // 2**20} MiB pixart "
+                    "reads as prompts; split it into several runs"
+                )
+            text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError) as error:
             raise PixartError(
                 f"--prompts-file {prompts_file}: cannot read it ({error.__class__.__name__}: "

@@ -96,7 +96,7 @@ _WHOLE = {  # component -> {field: (low, high, may be null)}; a missing field ta
 
 def read_json(path: Path, name: str, where: str) -> dict:
     """A config or index file: a regular file of at most MAX_CONFIG_BYTES holding one JSON object."""
-    from pixart_cli.files.untrusted import open_input
+    from pixart_cli.files.untrusted import open_input, read_at_most
 
     try:
         handle, size = open_input(path)
@@ -109,7 +109,7 @@ def read_json(path: Path, name: str, where: str) -> dict:
                 "config; the model folder is damaged",
                 EXIT_RUNTIME,
             )
-        data = handle.read(MAX_CONFIG_BYTES + 1)
+        data = read_at_most(handle, MAX_CONFIG_BYTES, size)
     try:
         if len(data) > MAX_CONFIG_BYTES:
             raise ValueError("it grew while being read")
@@ -132,6 +132,15 @@ def check_config(component: str | None, config: dict, name: str, where: str) -> 
             EXIT_RUNTIME,
         )
 
+    if "_class_name" in config and not isinstance(config["_class_name"], str):
+        refuse("_class_name", config["_class_name"], "is not a class name")
+    if component is None:  # model_index.json: each component is [library, class], or [null, null] where it lacks one
+        for part in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
+            entry = config.get(part)
+            if entry is not None and not (
+                isinstance(entry, list) and len(entry) == 2 and all(v is None or isinstance(v, str) for v in entry)
+            ):
+                refuse(part, entry, "is not a [library, class] pair")
     for field, (low, high, nullable) in _WHOLE.get(component, {}).items():
         if field not in config or (nullable and config[field] is None):
             continue

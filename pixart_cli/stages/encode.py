@@ -106,7 +106,9 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
     if settings.cache is not None:
         from pixart_cli.models.cache import EmbeddingCache
 
-        store = EmbeddingCache(settings.cache, made, source.config("text_encoder"), ctx.dtype, ctx.log)
+        store = EmbeddingCache(
+            settings.cache, made, source.config("text_encoder"), ctx.dtype, ctx.log, settings.cache_option
+        )
     rows = {prompt: store.get(prompt) for prompt in prompts} if store else {}
     todo = [prompt for prompt in dict.fromkeys(prompts) if rows.get(prompt) is None]
 
