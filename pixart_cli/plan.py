@@ -419,7 +419,7 @@ def plan_run(
     from pixart_cli.settings import check_prompts
 
     prompts = check_prompts(prompts)
-    for component in ("text_encoder", "vae"):  # the transformer's in plan_denoise: all three before T5 loads
+    for component in ("tokenizer", "text_encoder", "vae"):  # the transformer's in plan_denoise: before T5 loads
         source.check_fit(component)
     sizes = None if image is None else fit_image(image, source, denoising.width, denoising.height, denoising.binning)
     denoise_plan = plan_denoise(

@@ -223,7 +223,23 @@ ABSURD = {  # name -> (how to damage a copy of the tiny model, fragment of the l
     ),
     "shard-outside": (lambda m: _outside_shard(m), "names the shard '../../../outside.safetensors', outside"),
     "entry-beyond-data": (lambda m: _sparse_entry(m / SPARSE), f"{SPARSE} is damaged"),
+    "fifo-in-the-folder": (lambda m: _fifo(m / "tokenizer" / "tokenizer_config.json"), "is a named pipe (FIFO)"),
+    "sparse-tokenizer": (
+        lambda m: _sparse(m / "tokenizer" / "spiece.model"),
+        "tokenizer/spiece.model is 8,589,934,592 bytes, beyond the 64 MiB",
+    ),
 }
+
+
+def _fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _sparse(path):
+    path.unlink()  # a link to the model's own file: never written through
+    with open(path, "wb") as handle:
+        handle.truncate(8 * 2**30)
 
 
 def _outside_shard(model):

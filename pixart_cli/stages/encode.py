@@ -23,7 +23,8 @@ def plan(
     from pixart_cli.models.streaming import parameter_dtypes
     from pixart_cli.models.t5 import t5_config, t5_encoder
 
-    source.check_fit("text_encoder")  # the config agrees with the weights before a skeleton of it is built
+    for component in ("tokenizer", "text_encoder"):  # its files and config checked before a skeleton is built
+        source.check_fit(component)
     config = t5_config(source.config("text_encoder"))
     skeleton = memory.meta_model(
         t5_encoder, source.config("text_encoder"), dtype, where=config_where(source, "text_encoder")
