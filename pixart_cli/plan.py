@@ -401,7 +401,7 @@ def plan_run(
     from pixart_cli.settings import check_prompts
 
     prompts = check_prompts(prompts)
-    for component in ("text_encoder", "vae"):  # the transformer's in plan_denoise: all three before T5 loads
+    for component in ("tokenizer", "text_encoder", "vae"):  # the transformer's in plan_denoise: before T5 loads
         source.check_fit(component)
     width, height, binning = denoising.width, denoising.height, denoising.binning
     sizes = None if image is None else fit_image(image, source, width, height, binning)

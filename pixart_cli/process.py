@@ -15,12 +15,15 @@ def debugging() -> bool:
 
 
 def quiet_libraries() -> None:
-    """Silence diffusers', transformers' and the hub's progress bars and advisory warnings (we show our own),
-    unless PIXART_DEBUG=1."""
+    """Silence diffusers', transformers' and the hub's progress bars and advisory warnings (we show our own), and
+    their error logs too: each failure reaches the edge as an exception and becomes our one line there (diffusers
+    logs "An error occurred while trying to fetch ..." before it falls back from safetensors to a .bin). torch's C++
+    warnings (the process group's connection retries) likewise. With PIXART_DEBUG=1 all of it shows."""
     if debugging():
         return
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "critical")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "critical")
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

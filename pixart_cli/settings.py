@@ -21,6 +21,9 @@ MAX_SEED = 2**32 - 1
 MAX_STEPS = 1000
 MAX_GUIDANCE = 100.0
 MAX_SEQUENCE_LENGTH = 4096
+# Characters in one prompt: T5 reads at most MAX_SEQUENCE_LENGTH tokens (a few characters each) and cuts the rest;
+# each image's manifest line holds its prompt, within scale.manifest.MAX_LINE_BYTES.
+MAX_PROMPT_CHARS = 32_768
 # Images in one run: every image's latents stay in RAM until the run writes them (0.25 MB each at 1024², fp32),
 # and one run of more is better split with --prompts-file chunks or scale-out (README).
 MAX_IMAGES = 10_000
@@ -81,6 +84,7 @@ class EncodeSettings:
     clean_caption: bool = True
     precision: str = "full"
     cache: Path | None = None
+    cache_option: str = "--cache"  # what named the cache folder, for its errors: --cache or PIXART_CACHE
 
     def __post_init__(self):
         if not isinstance(self.negative_prompt, str):
@@ -112,6 +116,11 @@ def check_prompts(prompts) -> list[str]:
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise PixartError(f"PROMPT #{index + 1} is empty; give some text to draw")
+        if len(prompt) > MAX_PROMPT_CHARS:
+            raise PixartError(
+                f"PROMPT #{index + 1} is {len(prompt):,} characters, beyond the {MAX_PROMPT_CHARS:,} pixart takes "
+                f"(T5 reads at most {MAX_SEQUENCE_LENGTH} tokens of it); shorten it"
+            )
     return prompts
 
 

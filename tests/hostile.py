@@ -197,11 +197,38 @@ class Worker:
             self.process = None
 
 
+def plan_model(folder) -> None:
+    """Everything a generate run does with a model folder before T5 loads (the configs read and checked against
+    their weights, the schedule, the sizes), then the three skeletons its stages build to plan memory."""
+    from pixart_cli.models import memory
+    from pixart_cli.models.facade import import_diffusers
+    from pixart_cli.models.source import Model
+    from pixart_cli.models.vae import vae_skeleton
+    from pixart_cli.plan import plan_run
+    from pixart_cli.settings import DenoiseSettings, EncodeSettings
+    from pixart_cli.stages import encode
+
+    model = Model(str(folder))
+    plan_run(["a cat"], EncodeSettings(clean_caption=False), DenoiseSettings(steps=2, seed=0), model)
+    encode.plan(model, None, 0, torch.float32, 1, 120)
+    transformer = import_diffusers("diffusers.models.transformers.pixart_transformer_2d").PixArtTransformer2DModel
+    memory.meta_model(transformer.from_config, model.config("transformer"), torch.float32, cpu_buffers=True)
+    memory.meta_model(vae_skeleton, model.config("vae"), torch.float32)
+
+
 def _serve() -> None:
     from pixart_cli.errors import PixartError
-    from pixart_cli.files import staged
+    from pixart_cli.files import lora_file, staged
     from pixart_cli.models.cache import EmbeddingCache
+
+    # what the loaders import, imported before the limit is measured (the limit is for reading, not importing)
+    from pixart_cli.models.facade import import_diffusers
     from pixart_cli.record import RunRecord
+    from pixart_cli.scale import manifest
+
+    import_diffusers("diffusers.models.transformers.pixart_transformer_2d")
+    import_diffusers("diffusers.models.autoencoders.vae")
+    import safetensors.torch  # noqa: F401
 
     with open("/proc/self/status") as status:
         size = int(status.read().split("VmSize:")[1].split()[0]) * 1024
@@ -212,6 +239,9 @@ def _serve() -> None:
         "embeddings": staged.load_embeddings,
         "latents": staged.load_latents,
         "describe": lambda path: json.dumps(staged.describe(path), allow_nan=False),
+        "lora": lambda path: lora_file.read_lora(lora_file.LoraSpec(Path(path))),
+        "model": plan_model,
+        "manifest": lambda path: manifest.base_seed(Path(path), manifest.read(Path(path), 10), 10),
     }
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -223,7 +223,23 @@ ABSURD = {  # name -> (how to damage a copy of the tiny model, fragment of the l
     ),
     "shard-outside": (lambda m: _outside_shard(m), "names the shard '../../../outside.safetensors', outside"),
     "entry-beyond-data": (lambda m: _sparse_entry(m / SPARSE), f"{SPARSE} is damaged"),
+    "fifo-in-the-folder": (lambda m: _fifo(m / "tokenizer" / "tokenizer_config.json"), "is a named pipe (FIFO)"),
+    "sparse-tokenizer": (
+        lambda m: _sparse(m / "tokenizer" / "spiece.model"),
+        "tokenizer/spiece.model is 8,589,934,592 bytes, beyond the 64 MiB",
+    ),
 }
+
+
+def _fifo(path):
+    path.unlink()
+    os.mkfifo(path)
+
+
+def _sparse(path):
+    path.unlink()  # a link to the model's own file: never written through
+    with open(path, "wb") as handle:
+        handle.truncate(8 * 2**30)
 
 
 def _outside_shard(model):
@@ -269,3 +285,111 @@ def test_a_model_named_by_an_environment_variable_is_named_so(variable, tiny_mod
     args = ["generate", "cat", "-o", "x.png"] + (["--model", model] if variable == "PIXART_BASE_MODEL" else [])
     result, _ = run_limited(*args, cwd=tmp_path, env={variable: str(tmp_path / "missing")})
     assert_one_line_error(result, 2, f"{variable}={tmp_path / 'missing'}: no such folder")
+
+
+# --- classes 3, 8: decompression bombs and damaged EXIF, one bound for every command that reads images ------------
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    Image.new("L", (13000, 13000)).save(folder / "bomb.png")  # 169 M pixels in ~160 KB: PIL only warns
+    Image.new("L", (8000, 8000)).save(folder / "flat.png")  # 64 M pixels in ~60 KB: no warning from PIL at all
+    image = Image.new("RGB", (64, 48), "red")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated: the orientation tag is read, the damaged rest is not
+    buffer = __import__("io").BytesIO()
+    image.save(buffer, "JPEG", exif=exif.tobytes())
+    data = bytearray(buffer.getvalue())
+    at = data.find(b"Exif\x00\x00") + 14
+    data[at : at + 2] = b"\xff\x7f"  # an IFD entry count far beyond the EXIF block: PIL warns "Corrupt EXIF data"
+    (folder / "bad-exif.jpg").write_bytes(bytes(data))
+    return folder
+
+
+@pytest.mark.parametrize("image", ["bomb.png", "flat.png"])
+@pytest.mark.parametrize("command", ["encode-image", "generate", "compare", "info"])
+def test_decompression_bombs_are_refused_from_the_header(command, image, images, tiny_model, tmp_path):
+    path = images / image
+    args = {
+        "encode-image": ["encode-image", path, "--model", tiny_model, "-o", "init.pt"],
+        "generate": ["generate", "cat", "--image", path, "--model", tiny_model, "-o", "x.png"],
+        "compare": ["compare", path, path],
+        "info": ["info", path],
+    }[command]
+    result, seconds = run_limited(*args, cwd=tmp_path, timeout=60)
+    named = {"encode-image": f"IMAGE {path}", "generate": f"--image {path}"}.get(command, str(path))
+    reason = "beyond the 67,108,864 pixels" if image == "bomb.png" else "pixels per byte"
+    assert_one_line_error(result, 2, f"{named}: its header says", reason)
+    assert "Warning" not in result.stderr and seconds < 30
+    assert_untouched(tmp_path)
+
+
+def test_damaged_exif_is_read_without_a_library_warning(images, tiny_model, tmp_path):
+    result, _ = run_limited("encode-image", images / "bad-exif.jpg", "--model", tiny_model, "-o", "init.pt",
+                            "--quiet", cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0 and result.stderr == "" and result.stdout == "init.pt\n", result.stderr
+    from pixart_cli.files import staged
+
+    assert staged.load_latents(tmp_path / "init.pt").meta["requested_width"] == 48  # turned upright: 48 wide
+    result, _ = run_limited("info", images / "bad-exif.jpg", cwd=tmp_path)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_a_large_photo_within_the_bounds_is_read(tmp_path):
+    """Beyond 16.8 M pixels an image is decoded when its file holds at least a byte per 64 pixels, as photos do."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(0).integers(0, 256, (4300, 4300, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "photo.jpg", quality=30)
+    result, _ = run_limited("info", "photo.jpg", "--json", cwd=tmp_path)
+    assert result.returncode == 0 and json.loads(result.stdout)["size"] == [4300, 4300], result.stderr
+
+
+# --- classes 4, 9: manifests, prompts files, the cache named by PIXART_CACHE ------------------------------------------
+def test_manifest_and_prompts_reads_are_bounded(tiny_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with open(out / "manifest.jsonl", "wb") as handle:  # 16 GB without a newline, taking no disk
+        handle.truncate(16 * 2**30)
+    result, seconds = run_limited("generate", "cat", "--model", tiny_model, "--resume", "-o", "out/", cwd=tmp_path)
+    assert_one_line_error(result, 2, "manifest.jsonl: 17,179,869,184 bytes is beyond the 256 MiB")
+    assert seconds < 60 and sorted(p.name for p in out.iterdir()) == ["manifest.jsonl"]
+    with open(tmp_path / "prompts.txt", "wb") as handle:
+        handle.truncate(100 * 2**20)
+    result, _ = run_limited("generate", "--prompts-file", "prompts.txt", "--model", tiny_model, "-o", "x.png",
+                            cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(result, 2, "--prompts-file prompts.txt: holds more than the 64 MiB")
+    result, _ = run_limited("generate", "x" * 40_000, "--model", tiny_model, "-o", "x.png", cwd=tmp_path)
+    assert_one_line_error(result, 2, "PROMPT #1 is 40,000 characters, beyond the 32,768")
+
+
+def test_the_cache_named_by_pixart_cache_is_named_so(tiny_model, tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    result, _ = run_limited("encode", "cat", "--model", tiny_model, "-o", "e.pt", cwd=tmp_path,
+                            env={"PIXART_CACHE": "a-file"})  # fmt: skip
+    assert_one_line_error(result, 2, "PIXART_CACHE=a-file: is a file, not a folder")
+    result, _ = run_limited("encode", "cat", "--model", tiny_model, "-o", "e.pt", "--cache", "a-file", cwd=tmp_path)
+    assert_one_line_error(result, 2, "--cache a-file: is a file, not a folder")
+    assert_untouched(tmp_path, "a-file")
+
+
+def test_a_pickle_bin_in_place_of_the_weights_is_one_line(tiny_model, tmp_path):
+    """diffusers falls back from safetensors to .bin (weights_only: the pickle never runs) and logs a line of its
+    own first; pixart's one line is all that shows."""
+    import pickle
+
+    model = attacks.model_copy(tiny_model, tmp_path / "model")
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'RAN'}",))
+
+    (model / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
+    result, _ = run_limited("generate", "cat", "--model", model, "--steps", "2", "-o", "x.png", "--quiet",
+                            cwd=tmp_path)  # fmt: skip
+    assert_one_line_error(result, 1, f"--model {model}: cannot load transformer/")
+    assert not (tmp_path / "RAN").exists()
+    assert_untouched(tmp_path, "model")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import signal
@@ -630,3 +631,172 @@ def test_missing_vae_weights_are_named(tiny_model, good, tmp_path):
         "the model folder is incomplete: download it again"
     )
     assert not (tmp_path / "x.png").exists()
+
+
+# --- fuzzing LoRA files, model configs and manifests (issue 20), under the same limits ---------------------------
+REGEX_PARTS = ["a", ".", "\\.", "\\d", "\\w+", "[a-z]", "[^.]", "(a|a)", "(a+)+", "(.*)*", ".*", "x{2,5}", "(?:to_q|to_k)",
+               "^", "$", "(?=a)", "\\1", "(?P<n>a)", "*", "(", ")", "[", "{9999}", "a{1000}{1000}", "proj_out",
+               "transformer_blocks.0", "\\x41", "(?i)", "|"]  # fmt: skip
+JSON_VALUES = st.one_of(
+    st.integers(), st.integers(min_value=10**30), st.floats(allow_nan=False, allow_infinity=False), st.text(max_size=8),
+    st.booleans(), st.none(), st.lists(st.integers(), max_size=3), st.just({"x": 1}),
+)  # fmt: skip
+
+
+@st.composite
+def _pattern_keys(draw):
+    return "".join(draw(st.lists(st.sampled_from(REGEX_PARTS), min_size=1, max_size=8)))
+
+
+@st.composite
+def hostile_loras(draw):
+    """A LoRA file's bytes: its metadata, header or tensors made hostile (the name of the attack beside it)."""
+    attack = draw(st.sampled_from(["metadata", "patterns", "deep", "header", "tensors", "names"]))
+    module = attacks.LORA_MODULE
+    tensors = None
+    metadata = None
+    if attack == "metadata":
+        fields = {
+            name: json.dumps(draw(JSON_VALUES))
+            for name in draw(st.lists(st.sampled_from(["lora_alpha", "use_rslora", "r", "alpha_pattern"]), max_size=3))
+        }
+        metadata = attacks.adapter_metadata(**fields)
+        if draw(st.booleans()):
+            metadata = {"lora_adapter_metadata": draw(st.text(max_size=40))}
+    elif attack == "patterns":
+        keys = draw(st.dictionaries(_pattern_keys(), JSON_VALUES | st.integers(1, 64), max_size=6))
+        metadata = attacks.adapter_metadata(lora_alpha=8, alpha_pattern=json.dumps(keys))
+        name = draw(st.sampled_from(["a" * 80, "proj_out", "x" * 40 + "y", "transformer_blocks.0.attn1.to_q"]))
+        module = f"transformer.{name}"
+    elif attack == "deep":
+        depth = draw(st.sampled_from([50, 1000, 100_000]))
+        metadata = {"lora_adapter_metadata": "[" * depth + "]" * depth}
+    elif attack == "names":
+        module = draw(st.text(min_size=1, max_size=60))
+    if attack in ("header", "tensors"):
+        dtype = draw(st.sampled_from(["F32", "F16", "F8_E4M3", "I64", "C64", "BOOL", "F64", "X"]))
+        shape = draw(st.lists(st.integers(0, 10**7), min_size=0, max_size=4))
+        offsets = [draw(st.integers(0, 64)), draw(st.integers(0, 2**40))]
+        header = {f"{module}.lora_A.weight": {"dtype": dtype, "shape": shape, "data_offsets": offsets}}
+        blob = attacks.raw_safetensors(header, bytes(draw(st.integers(0, 256))))
+        if attack == "header" and draw(st.booleans()):
+            blob = (2**40).to_bytes(8, "little") + b"{" + blob[9:]
+        return Case(blob, f"{attack} {dtype} {shape} {offsets}")
+    if tensors is None:
+        rank = draw(st.sampled_from([0, 1, 4]))
+        tensors = {
+            f"{module}.lora_A.weight": torch.zeros(rank, 16),
+            f"{module}.lora_B.weight": torch.full((32, rank), draw(st.sampled_from([0.0, float("nan"), 1e38]))),
+        }
+    return Case(attacks.lora_bytes(tensors, metadata), f"{attack} {module[:20]!r} {str(metadata)[:120]}")
+
+
+def _refused_or_accepted(answer: dict, *prefixes: str) -> None:
+    assert answer["outcome"] in ("refused", "accepted"), answer  # not crashed, hung or killed for memory
+    if answer["outcome"] == "refused":
+        assert answer["message"].startswith(prefixes) and "\n" not in answer["message"], answer
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(data=st.data())
+def test_hostile_lora_files_are_read_or_refused_within_limits(worker, tmp_path_factory, data):
+    path = tmp_path_factory.getbasetemp() / "hostile.safetensors"
+    path.write_bytes(data.draw(hostile_loras()))
+    _refused_or_accepted(worker.read(path, "lora"), f"--lora {path}")
+
+
+CONFIG_FIELDS = {
+    "transformer": ["num_layers", "num_attention_heads", "attention_head_dim", "in_channels", "out_channels",
+                    "sample_size", "patch_size", "caption_channels", "cross_attention_dim", "interpolation_scale",
+                    "norm_type", "activation_fn", "num_embeds_ada_norm"],
+    "text_encoder": ["num_layers", "d_model", "d_kv", "d_ff", "num_heads", "vocab_size", "feed_forward_proj",
+                     "relative_attention_num_buckets"],
+    "vae": ["block_out_channels", "latent_channels", "in_channels", "out_channels", "layers_per_block",
+            "norm_num_groups", "scaling_factor", "up_block_types"],
+    "scheduler": ["num_train_timesteps", "solver_order", "_class_name", "beta_schedule"],
+}  # fmt: skip
+CONFIG_VALUES = st.one_of(
+    st.integers(-(10**12), 10**12), st.sampled_from([0, 1, 2, 3, 256, 257, 4096, 10**9, 10**400]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12), st.none(), st.booleans(),
+    st.lists(st.integers(-5, 10**6), max_size=12),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fuzz_model(tiny_model, tmp_path_factory):
+    """A copy of the tiny model whose configs each case changes (and puts back)."""
+    folder = attacks.model_copy(tiny_model, tmp_path_factory.mktemp("fuzz-model") / "model")
+    return folder, {path: path.read_bytes() for path in [*folder.glob("*.json"), *folder.glob("*/*.json")]}
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(data=st.data())
+def test_hostile_model_configs_are_planned_or_refused_within_limits(fuzz_model, worker, data):
+    folder, originals = fuzz_model
+    for path, original in originals.items():
+        path.write_bytes(original)
+    component = data.draw(st.sampled_from(sorted(CONFIG_FIELDS) + ["model_index"]))
+    name = {"model_index": "model_index.json", "scheduler": "scheduler/scheduler_config.json"}.get(
+        component, f"{component}/config.json"
+    )
+    if data.draw(st.integers(0, 4)) == 0:  # the whole file
+        depth = data.draw(st.sampled_from([10, 100_000]))
+        (folder / name).write_bytes(data.draw(st.sampled_from([b"[" * depth + b"]" * depth, b"[]", b"", b"\xff{"])))
+    elif component == "model_index":
+        index = json.loads(originals[folder / name])
+        index[data.draw(st.sampled_from(["text_encoder", "vae", "_class_name"]))] = data.draw(CONFIG_VALUES)
+        (folder / name).write_text(json.dumps(index))
+    else:
+        fields = data.draw(st.dictionaries(st.sampled_from(CONFIG_FIELDS[component]), CONFIG_VALUES, min_size=1))
+        attacks.set_config(folder, component, **fields)
+    # a model_index.json that lacks a component sends it to the base model (not in this test's cache)
+    _refused_or_accepted(worker.read(folder, "model"), "--model ", "the base model ")
+
+
+@st.composite
+def hostile_manifests(draw):
+    line = {"version": 1, "index": 0, "path": "image-0.png", "prompt": "a cat", "negative_prompt": "", "seed": 5,
+            "options": {"steps": 2}, "settings": {}, "size": 10, "sha256": "0" * 64}  # fmt: skip
+    parts = []
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["good", "field", "long", "deep", "garbage", "many"]))
+        if kind == "good":
+            parts.append(json.dumps({**line, "index": draw(st.integers(0, 20))}).encode() + b"\n")
+        elif kind == "field":
+            key = draw(st.sampled_from(sorted(line)))
+            parts.append(json.dumps({**line, key: draw(CONFIG_VALUES | JSON_VALUES)}).encode() + b"\n")
+        elif kind == "long":
+            parts.append(b'{"prompt": "' + b"x" * draw(st.sampled_from([2**20 - 20, 2**20 + 5, 3 * 2**20])) + b'"}')
+        elif kind == "deep":
+            parts.append(b"[" * 100_000 + b"]" * 100_000 + b"\n")
+        elif kind == "garbage":
+            parts.append(draw(st.binary(max_size=200)))
+        else:  # many lines of images the run does not make (kept, they would hold memory)
+            parts.append(b"".join(json.dumps({**line, "index": 10 + i}).encode() + b"\n" for i in range(20_000)))
+    return Case(b"".join(parts), f"{len(parts)} parts")
+
+
+@settings(
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
+@given(data=st.data())
+def test_hostile_manifests_are_read_or_refused_within_limits(worker, tmp_path_factory, data):
+    folder = tmp_path_factory.getbasetemp() / "fuzz-manifest"
+    folder.mkdir(exist_ok=True)
+    (folder / "manifest.jsonl").write_bytes(data.draw(hostile_manifests()))
+    _refused_or_accepted(worker.read(folder, "manifest"), str(folder / "manifest.jsonl"))
+
+
+def test_a_manifest_of_a_million_lines_is_read_in_bounded_memory(worker, tmp_path):
+    """Only the lines of images the run makes are kept: 700,000 lines of other indices (170 MB) stay within the
+    worker's limit, where keeping them took 1.2 GB."""
+    line = {"version": 1, "path": "image-0.png", "prompt": "a cat", "negative_prompt": "", "seed": 5,
+            "options": {"steps": 2}, "settings": {"prompt": "a cat", "seed": 5}, "size": 10, "sha256": "0" * 64}  # fmt: skip
+    with open(tmp_path / "manifest.jsonl", "w") as handle:
+        for index in range(700_000):
+            handle.write(json.dumps({**line, "index": index + 10, "seed": 5 + index}) + "\n")
+    assert worker.read(tmp_path, "manifest") == {"outcome": "accepted"}

@@ -181,7 +181,9 @@ def test_resume_redoes_only_missing_damaged_and_unrecorded_images(single, tiny_m
         *["--resume", "--model", tiny_model, *COMMON, "-g", "3"],
         cwd=work,
     )
-    assert other.exit_code == 0 and len(other.stdout.split()) == 4, other.stderr  # another guidance: all remade
+    # another guidance would remake and replace every image: --resume refuses it before any work (issue 20)
+    assert other.exit_code == 2 and other.stdout == "", other.stderr
+    assert "--guidance-scale 4.5 there, 3.0 now" in other.stderr
 
 
 def test_no_overwrite_replaces_no_image_and_no_manifest(single, tiny_model, tmp_path):

@@ -6,8 +6,10 @@ model loads; 2. the run context resolved once; 3. the stage run; 4. the outputs 
 
 from __future__ import annotations
 
+import typer
+
 from pixart_cli.cli import conditioning_options as conditioning
-from pixart_cli.cli import convert_options, image_commands, options, scale_options, shared
+from pixart_cli.cli import convert_command, image_commands, options, scale_options, shared
 from pixart_cli.cli.app import app
 from pixart_cli.cli.edge import run_command
 from pixart_cli.cli.output import Output, info_table
@@ -18,6 +20,7 @@ from pixart_cli.signals import GUARD
 
 @app.command(short_help="Prompts → embeddings.pt (loads only T5).")
 def encode(
+    context: typer.Context,
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
     output: options.EmbeddingsOutput = "embeddings.pt",
@@ -48,7 +51,14 @@ def encode(
         budget = shared.check_common(device, dtype, vram)
         texts = read_prompts(prompts, prompts_file)
         shared.note_unquoted(out, prompts)
-        settings = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
+        settings = EncodeSettings(
+            negative_prompt,
+            max_sequence_length,
+            clean_caption,
+            text_encoder_precision,
+            cache,
+            shared.option_source(context, "cache", "--cache", "PIXART_CACHE"),
+        )
         (target,) = shared.targets(out, output, 1, "embeddings", overwrite=not no_overwrite)
         # 2. Resolve once, run, write
         ctx = shared.context(out, shared.new_model(model, revision), device, dtype, budget, report_memory)
@@ -211,6 +221,7 @@ app.command(short_help="Mask image → mask.pt for inpainting (loads no model)."
 
 @app.command(short_help="Prompts → images: encode, denoise, decode in one process.")
 def generate(
+    context: typer.Context,
     prompts: options.Prompts = None,
     prompts_file: options.PromptsFile = None,
     output: options.ImageOutput = "image.png",
@@ -275,7 +286,14 @@ def generate(
         check_one_stdin(("--prompts-file", prompts_file), ("--image", image))
         texts = read_prompts(prompts, prompts_file)
         shared.note_unquoted(out, prompts)
-        encoding = EncodeSettings(negative_prompt, max_sequence_length, clean_caption, text_encoder_precision, cache)
+        encoding = EncodeSettings(
+            negative_prompt,
+            max_sequence_length,
+            clean_caption,
+            text_encoder_precision,
+            cache,
+            shared.option_source(context, "cache", "--cache", "PIXART_CACHE"),
+        )
         denoising = DenoiseSettings(
             steps,
             guidance_scale,
@@ -402,44 +420,4 @@ def compare(
     run_command(out, work)
 
 
-@app.command(short_help="Model → a local fp16 (or bf16) copy of it, a diffusers folder.")
-def convert(
-    model: convert_options.ConvertModel,
-    output: convert_options.ConvertOutput,
-    dtype: convert_options.ConvertDtype = "fp16",
-    components: convert_options.Components = None,
-    revision: options.Revision = None,
-    overwrite: convert_options.OverwriteFolder = False,
-    quiet: options.Quiet = False,
-    json: options.Json = False,
-) -> None:
-    """Copy MODEL to DIR with its text encoder, transformer and VAE in fp16 (or bf16), tensor by tensor (memory:
-    about one tensor). DIR is a diffusers folder that --model DIR and diffusers' from_pretrained load; the
-    tokenizer, scheduler and configs are copied as they are."""
-    out = Output("convert", quiet, json)
-
-    def work():
-        from pixart_cli.files import model_copy
-        from pixart_cli.models import convert as conversion
-        from pixart_cli.runtime import DTYPES
-
-        # 1. Every option and the target, before the model is read
-        if dtype not in conversion.DTYPE_WORDS:
-            raise PixartError(
-                f"--dtype {dtype!r}: a copy is written in {' or '.join(conversion.DTYPE_WORDS)}; use --dtype fp16 "
-                "(or bf16)"
-            )
-        chosen = shared.components(components)
-        target, shown = model_copy.check_target(output, overwrite)
-        source = shared.new_model(model, revision)
-        out.planned = 1
-        # 2. Every file of the copy decided from the model's file lists and headers, then written
-        import torch
-
-        plan = conversion.plan(source, target, shown, getattr(torch, DTYPES[dtype]), chosen, overwrite)
-        for line in plan.describe():
-            out.note(line)
-        model_copy.write(plan, progress=out.progress, placed=out.wrote)
-        out.record.update(plan.as_dict())
-
-    run_command(out, work)
+app.command(short_help="Model → a local fp16 (or bf16) copy of it, a diffusers folder.")(convert_command.convert)

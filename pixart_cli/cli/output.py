@@ -32,6 +32,8 @@ class Output:
         self._tasks: dict[str, int] = {}
         self._started: dict[str, float] = {}
         self._console = None
+        self.printed = 0  # paths that reached stdout
+        self.stdout_closed = False  # the reader went away (`| head -1`): the run goes on, stdout is left alone
 
     @property
     def console(self):
@@ -106,8 +108,16 @@ class Output:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+        if self.stdout_closed:
+            self._closed_note()
         if self.as_json:
             self.text(document_text(self.record))
+
+    def _closed_note(self) -> None:
+        outputs = self.record["outputs"]
+        shown = ", ".join(outputs) if len(outputs) <= 3 else f"{outputs[0]} ... {outputs[-1]}"
+        written = f"{len(outputs)} output(s) were written ({shown})" if outputs else "no output was written"
+        self.note(f"stdout was closed by its reader after {self.printed} path(s); the run went on: {written}")
 
     def error(self, message: str, exit_code: int) -> None:
         """The single red line of a failure, shown even with --quiet; with --json, stdout still gets one JSON

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from typing import Optional
 
-from pixart_cli.errors import (
-    PixartError,
-)
+from pixart_cli.errors import PixartError
+
+# Read whole, up to this bound: 10,000 prompts (settings.MAX_IMAGES) of a few KB each fit many times over.
+MAX_PROMPTS_FILE_BYTES = 64 * 2**20
 
 
 def read_prompts(prompts: Optional[list[str]], prompts_file: Optional[str]) -> list[str]:

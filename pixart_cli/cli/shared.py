@@ -86,6 +86,13 @@ def components(value: Optional[str]) -> Optional[tuple[str, ...]]:
     return tuple(dict.fromkeys(names))
 
 
+def option_source(context, name: str, flag: str, env: str) -> str:
+    """``flag``, or ``env`` when the parameter ``name``'s value came from that environment variable (the command's
+    ``typer.Context`` records where each value came from): errors about the value then name what the user set."""
+    source = context.get_parameter_source(name) if context is not None else None
+    return env if getattr(source, "name", None) == "ENVIRONMENT" else flag
+
+
 def check_common(device: str, dtype: str, vram: Optional[str]) -> Optional[int]:
     """Device and dtype words checked before torch loads (resolved later, once, in the run context); returns the
     parsed --vram budget in bytes (None: auto)."""

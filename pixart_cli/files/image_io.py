@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pixart_cli.errors import PixartError, bad_file, detail
 from pixart_cli.files.atomic import STDOUT, atomic_path, is_stdout, json_safe, plain, write_stdout
-from pixart_cli.files.untrusted import empty_path_error, open_input, plain_meta
+from pixart_cli.files.untrusted import empty_path_error, open_input, plain_meta, read_at_most
 from pixart_cli.signals import GUARD
 
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
@@ -87,19 +89,22 @@ def save_images(images: list[tuple], overwrite: bool = True, on_written=None) ->
 
     pool = ThreadPoolExecutor(min(IMAGE_WRITERS, len(images)), thread_name_prefix="image-write")
     futures = [pool.submit(save_image, *item, overwrite=overwrite) for item in images]
-    reported = 0
+    reported = 0  # images whose report has been made (or begun): each is reported once, never twice
     try:
         for index, future in enumerate(futures):
             path = future.result()
+            reported = index + 1
             if on_written is not None:
                 on_written(index, path)
-            reported += 1
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         for index in range(reported, len(futures)):
             future = futures[index]
             if on_written is not None and future.done() and not future.cancelled() and future.exception() is None:
-                on_written(index, future.result())
+                try:
+                    on_written(index, future.result())
+                except Exception:  # the failure under way is the one to tell
+                    break
         raise
     pool.shutdown()
     return [future.result() for future in futures]
@@ -114,7 +119,7 @@ def read_image_metadata(path: Path) -> dict:
         handle.close()
         raise bad_file(path, "is empty (0 bytes); the command that wrote it may have failed: run it again")
     try:
-        with handle, Image.open(handle) as image:
+        with handle, opened_image(handle, size_on_disk, str(path)) as image:
             image.load()  # the pixels too: a truncated or damaged file fails here, not only a bad header
             fmt, size = image.format, list(image.size)
             if fmt == "PNG":
@@ -129,7 +134,7 @@ def read_image_metadata(path: Path) -> dict:
                     else comment
                 )
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise bad_file(path, image_problem(error)) from error
+        raise bad_file(path, image_problem(error)) from None
     try:
         settings = plain_meta(path, json.loads(settings)) if isinstance(settings, (str, bytes)) else None
     except (ValueError, RecursionError, PixartError):  # not JSON, too deep or too big: another program's, not ours
@@ -172,7 +177,7 @@ def read_source_image(path, option: str = "IMAGE", mode: str = "RGB") -> SourceI
     ``mode``: the PIL mode it is converted to (an inpainting mask: "L", from any mode)."""
     import hashlib
 
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     if str(path) == "":
         raise empty_path_error(option)
@@ -188,11 +193,13 @@ def read_source_image(path, option: str = "IMAGE", mode: str = "RGB") -> SourceI
                 f"{option} {path}: {size} bytes is beyond the {MAX_SOURCE_IMAGE_BYTES // 2**20} MiB "
                 "pixart reads as a source image; give a smaller .png, .jpg or .webp file"
             )
-        data = handle.read(MAX_SOURCE_IMAGE_BYTES + 1)
+        data = read_at_most(handle, MAX_SOURCE_IMAGE_BYTES, size)
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with opened_image(io.BytesIO(data), size, f"{option} {path}") as image:
             # as diffusers.utils.load_image: upright per EXIF, then RGB (alpha dropped, palettes expanded)
             pixels = ImageOps.exif_transpose(image).convert(mode)
+    except PixartError:
+        raise
     except Exception as error:
         raise PixartError(f"{option} {path}: {image_problem(error)}; give a .png, .jpg or .webp file") from None
     return SourceImage(Path(path), hashlib.sha256(data).hexdigest(), pixels, option)
@@ -201,14 +208,67 @@ def read_source_image(path, option: str = "IMAGE", mode: str = "RGB") -> SourceI
 def load_image_pixels(path: Path):
     """An image's pixels as a uint8 array [H, W, 3] (RGB), for comparing; any unreadable file is one line."""
     import numpy as np
-    from PIL import Image
 
-    handle, _ = open_input(path)  # regular files and standard input only, as every input
+    handle, size = open_input(path)  # regular files and standard input only, as every input
     try:
-        with handle, Image.open(handle) as image:
+        with handle, opened_image(handle, size, str(path)) as image:
             return np.asarray(image.convert("RGB"))
+    except PixartError:
+        raise
     except Exception as error:
         raise bad_file(path, image_problem(error)) from None
+
+
+# Every image pixart reads (encode-image, generate --image, compare, info) is decoded only within these bounds, read
+# from its header first. Up to FREE_IMAGE_PIXELS (4x the native side of a 1024 px model) whatever the file's size;
+# beyond, up to MAX_IMAGE_PIXELS (4x the side of a 2048 px model), only with at least one byte of file for every
+# MAX_PIXELS_PER_BYTE pixels: photos hold far more, while a decompression bomb (a 20 KB PNG of 13000 x 13000)
+# holds far less. PIL's own bomb limits (a warning from 89 M pixels, an error from 179 M) are never reached.
+FREE_IMAGE_PIXELS = 4096 * 4096
+MAX_IMAGE_PIXELS = 8192 * 8192
+MAX_PIXELS_PER_BYTE = 64
+
+
+def check_image_size(where: str, width: int, height: int, file_size: int) -> None:
+    """Refuse, before decoding, an image larger than the bounds above allow for its file's size."""
+    pixels = width * height
+    if pixels <= FREE_IMAGE_PIXELS:
+        return
+    if pixels > MAX_IMAGE_PIXELS:
+        reason = f"beyond the {MAX_IMAGE_PIXELS:,} pixels pixart decodes"
+    elif pixels > file_size * MAX_PIXELS_PER_BYTE:
+        reason = (
+            f"{pixels / max(file_size, 1):,.0f} pixels per byte of its {file_size:,}-byte file, beyond the "
+            f"{MAX_PIXELS_PER_BYTE} pixart decodes above {FREE_IMAGE_PIXELS:,} pixels (a decompression bomb)"
+        )
+    else:
+        return
+    raise PixartError(
+        f"{where}: its header says {width}x{height} ({pixels:,} pixels), {reason}; scale it down first "
+        f"(at most {int(FREE_IMAGE_PIXELS**0.5)}x{int(FREE_IMAGE_PIXELS**0.5)} always works)"
+    )
+
+
+@contextmanager
+def opened_image(handle, file_size: int, where: str):
+    """``PIL.Image.open`` of an image file, its size checked from the header before anything is decoded
+    (``check_image_size``). PIL's own pixel limit is lifted while the header is read (ours is stricter and comes
+    right after), and PIL's warnings while the image is open (a decompression bomb, damaged EXIF data) are not
+    shown: our check is the one line, and an image with damaged EXIF data is read as it is (upright as far as its
+    orientation tag can be read)."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\..*")
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            image = Image.open(handle)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+        with image:
+            check_image_size(where, image.width, image.height, file_size)
+            yield image
 
 
 def image_problem(error: Exception) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pixart_cli.errors import PixartError, detail
 from pixart_cli.files.peft_patterns import MAX_PATTERNS, PatternError, PatternTable
-from pixart_cli.files.untrusted import open_input
+from pixart_cli.files.untrusted import open_input, read_at_most
 
 OPTION = "--lora"
 DEFAULT_SCALE = 1.0
@@ -162,7 +162,7 @@ def _read_bounded(path: Path, limit: int, what: str) -> bytes:
                 "is it the right file?"
             )
         try:
-            data = handle.read(limit + 1)
+            data = read_at_most(handle, limit, size)
         except OSError as error:
             raise PixartError(f"{OPTION} {path}: cannot read it ({error.strerror or error})") from None
     if len(data) > limit:  # it grew while being read

@@ -93,6 +93,21 @@ def is_image_data(head: bytes) -> bool:
     return head.startswith(_IMAGE_MAGIC) or (head[:4] == b"RIFF" and head[8:12] == b"WEBP")
 
 
+def read_at_most(handle, limit: int, expected: int | None = None) -> bytes:
+    """The bytes of ``handle``, up to ``limit`` + 1 (one more than the bound, so that the caller sees it passed).
+    No buffer is reserved beyond what is there: ``expected`` (the size on disk) is read at once, and anything more
+    (a pipe, a file that grows) in blocks."""
+    first = handle.read(min(limit, expected) + 1) if expected else b""
+    blocks, total = [first], len(first)
+    while total <= limit:
+        block = handle.read(min(2**20, limit + 1 - total))
+        if not block:
+            break
+        blocks.append(block)
+        total += len(block)
+    return first if len(blocks) == 1 else b"".join(blocks)
+
+
 def read_pt(
     path, expected_formats: tuple[str, ...], needed: str | None = None, argument: str | None = None
 ) -> tuple[dict, int]:

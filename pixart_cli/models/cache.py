@@ -23,20 +23,33 @@ from pixart_cli.record import RunRecord
 class EmbeddingCache:
     """``get(prompt)`` -> (embeds, mask, negative, negative mask), each [1, ...], or None; ``put`` stores one."""
 
-    def __init__(self, folder, made: RunRecord, text_encoder: dict, dtype, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        folder,
+        made: RunRecord,
+        text_encoder: dict,
+        dtype,
+        log: Callable[[str], None] | None = None,
+        option: str = "--cache",
+    ):
         """made: the encode run's record (its key fields: record.CACHE_KEY); text_encoder: T5's config (part of the
-        key; its d_model is the embedding width); dtype: the torch dtype."""
+        key; its d_model is the embedding width); dtype: the torch dtype; option: what named the folder (--cache,
+        or the PIXART_CACHE environment variable), named in its errors."""
+        from pixart_cli.models.source import naming
+
         if str(folder) == "":
-            raise PixartError("--cache: the path is empty; give a folder (or leave --cache out)")
+            undo = "unset PIXART_CACHE" if option.isupper() else "leave --cache out"
+            raise PixartError(f"{option}: the path is empty; give a folder (or {undo})")
+        where = naming(option, folder)
         self.folder = Path(folder).expanduser()
         if self.folder.exists() and not self.folder.is_dir():
-            raise PixartError(f"--cache {folder}: is a file, not a folder; give a folder (created if missing)")
+            raise PixartError(f"{where}: is a file, not a folder; give a folder (created if missing)")
         try:
             self.folder.mkdir(parents=True, exist_ok=True)
         except OSError as error:
-            raise PixartError(f"--cache {folder}: cannot create it ({error.strerror})") from None
+            raise PixartError(f"{where}: cannot create it ({error.strerror})") from None
         if not self.folder.is_dir():
-            raise PixartError(f"--cache {folder}: is not a folder")
+            raise PixartError(f"{where}: is not a folder")
         self.made = made
         self.key = record.cache_key(made, text_encoder)
         self.width = text_encoder.get("d_model")

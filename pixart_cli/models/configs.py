@@ -14,12 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import stat
 from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a config or index .json, read whole (PixArt's are under 30 KB)
 MAX_SAFETENSORS_HEADER = 100_000_000  # a weights file's JSON header (safetensors' own limit)
+# Any other file of a component, read whole by its library (T5's spiece.model: 0.8 MB; a tokenizer.json: 2.4 MB)
+MAX_SIDE_FILE_BYTES = 64 * 2**20
 MAX_LAYERS = 256  # blocks of the transformer or T5 (PixArt-XL: 28; T5-v1.1-XXL: 24)
 MAX_HEADS = 256  # attention heads (16; T5-XXL: 64)
 MAX_HEAD_DIM = 1024  # width of one head (72; T5: 64)
@@ -96,7 +99,7 @@ _WHOLE = {  # component -> {field: (low, high, may be null)}; a missing field ta
 
 def read_json(path: Path, name: str, where: str) -> dict:
     """A config or index file: a regular file of at most MAX_CONFIG_BYTES holding one JSON object."""
-    from pixart_cli.files.untrusted import open_input
+    from pixart_cli.files.untrusted import open_input, read_at_most
 
     try:
         handle, size = open_input(path)
@@ -109,7 +112,7 @@ def read_json(path: Path, name: str, where: str) -> dict:
                 "config; the model folder is damaged",
                 EXIT_RUNTIME,
             )
-        data = handle.read(MAX_CONFIG_BYTES + 1)
+        data = read_at_most(handle, MAX_CONFIG_BYTES, size)
     try:
         if len(data) > MAX_CONFIG_BYTES:
             raise ValueError("it grew while being read")
@@ -132,6 +135,15 @@ def check_config(component: str | None, config: dict, name: str, where: str) -> 
             EXIT_RUNTIME,
         )
 
+    if "_class_name" in config and not isinstance(config["_class_name"], str):
+        refuse("_class_name", config["_class_name"], "is not a class name")
+    if component is None:  # model_index.json: each component is [library, class], or [null, null] where it lacks one
+        for part in ("scheduler", "text_encoder", "tokenizer", "transformer", "vae"):
+            entry = config.get(part)
+            if entry is not None and not (
+                isinstance(entry, list) and len(entry) == 2 and all(v is None or isinstance(v, str) for v in entry)
+            ):
+                refuse(part, entry, "is not a [library, class] pair")
     for field, (low, high, nullable) in _WHOLE.get(component, {}).items():
         if field not in config or (nullable and config[field] is None):
             continue
@@ -177,6 +189,39 @@ def check_config(component: str | None, config: dict, name: str, where: str) -> 
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_files(folder: Path, component: str, where: str) -> None:
+    """Every file of a local component is a regular file (a FIFO would block its library's read, a device never
+    end), and every file but the weights within MAX_CONFIG_BYTES (.json) or MAX_SIDE_FILE_BYTES: they are read
+    whole, by pixart or by the component's library (a tokenizer's)."""
+    from pixart_cli.files.atomic import FILE_KINDS
+
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return  # a component that is missing is named where it is needed
+    for entry in entries:
+        name = f"{component}/{entry.name}"
+        try:
+            info = os.stat(entry.path)  # through a link, as the libraries open it (the hub cache links to blobs)
+        except OSError:
+            raise PixartError(f"{where}: {name} is a broken link; the model folder is damaged", EXIT_RUNTIME) from None
+        if stat.S_ISDIR(info.st_mode):
+            continue
+        if not stat.S_ISREG(info.st_mode):
+            kind = next((kind for test, kind in FILE_KINDS if test(info.st_mode)), "not a regular file")
+            raise PixartError(f"{where}: {name} is {kind}, not a file; the model folder is damaged", EXIT_RUNTIME)
+        if entry.name.endswith((".safetensors", ".bin")):
+            continue  # read by offsets, within their headers
+        config = entry.name.endswith(".json")
+        limit = MAX_CONFIG_BYTES if config else MAX_SIDE_FILE_BYTES
+        if info.st_size > limit:
+            raise PixartError(
+                f"{where}: {name} is {info.st_size:,} bytes, beyond the {limit // 2**20} MiB pixart reads as "
+                f"{'a config' if config else 'a model file'}; the model folder is damaged",
+                EXIT_RUNTIME,
+            )
 
 
 # --- the weights files' headers ---------------------------------------------------------------------------------

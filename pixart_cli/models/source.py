@@ -219,6 +219,10 @@ class Model:
             return holder.check_fit(component)
         if not self.local or component in self._fitted:
             return
+        configs.check_files(self.root / component, component, self.where)
+        if component == "tokenizer":
+            self._fitted.add(component)
+            return
         config = self.config(component)
         configs.check_against_weights(
             self.root / component, component, config, f"{component}/{_config_name(component)}", self.where

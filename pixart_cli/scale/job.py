@@ -3,6 +3,7 @@ for --resume, and how one pass of images runs through the one-process chain and 
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -88,9 +89,73 @@ class Job:
                 "--no-overwrite"
             )
 
+    def check_same_run(self, lines: dict[int, dict], seed: int) -> None:
+        """--resume finishes the run its manifest records: refused before any work, naming each option that differs
+        (both values), when this run would make any of its images otherwise (remaking and replacing them)."""
+        differing: dict[str, tuple] = {}
+        for index in sorted(lines):
+            line, wanted = lines[index], self.wanted(index, seed).identity()
+            options = {**{key: None for key in wanted["options"]}, **line["options"]}
+            for key in options:
+                if options[key] != wanted["options"].get(key):
+                    differing.setdefault(key, (options[key], wanted["options"].get(key)))
+            for key in ("negative_prompt", "seed", "prompt", "path"):
+                if line[key] != wanted[key]:
+                    there, now = line[key], wanted[key]
+                    if key == "seed":  # the run's seed (image 0's), as --seed gives it
+                        there, now = there - index, now - index
+                    differing.setdefault(key, (there, now, index))
+        if not differing:
+            return
+        told = "; ".join(_difference(key, values) for key, values in differing.items())
+        where = manifest.manifest_path(self.folder)
+        raise PixartError(
+            f"--resume: {where} records this folder's run with other options ({told}); --resume finishes that run "
+            f"as it was started: give its options again, or drop --resume to start a new run in {self.folder} "
+            "(replacing its images), or give -o another folder"
+        )
+
     def done(self, index: int, seed: int, lines: dict[int, dict]) -> bool:
         """Image ``index`` is complete on disk as the manifest lines record it (never, without a manifest)."""
         return self.folder is not None and manifest.complete(self.folder, self.wanted(index, seed), lines)
+
+
+# How --resume names an option of the manifest's identity (record.IDENTITY) when it differs
+RESUME_NAMES = {
+    "model": "--model",
+    "revision": "--revision",
+    "loras": "--lora",
+    "steps": "--steps",
+    "timesteps": "the model's fixed schedule (--steps)",
+    "guidance_scale": "--guidance-scale",
+    "width": "--width",
+    "height": "--height",
+    "binning": "binning (--no-binning)",
+    "scheduler": "--scheduler",
+    "step_cache": "--step-cache",
+    "compile": "--compile",
+    "dtype": "--dtype",
+    "max_sequence_length": "--max-sequence-length",
+    "clean_caption": "caption cleaning (--no-clean-caption)",
+    "precision": "--text-encoder-precision",
+    "negative_prompt": "--negative-prompt",
+    "seed": "--seed",
+    "prompt": "the prompt",
+    "path": "the file name",
+}
+
+
+def _difference(key: str, values: tuple) -> str:
+    def shown(value) -> str:
+        if isinstance(value, list) and all(isinstance(item, dict) and "file" in item for item in value):
+            return ", ".join(f"{item['file']}:{item.get('scale')}" for item in value) or "none"
+        text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else repr(value)
+        return text if len(text) <= 60 else text[:57] + "..."
+
+    name = RESUME_NAMES.get(key, key)
+    if len(values) == 3:  # a value of one image
+        name = f"{name} of image {values[2]}" if key in ("prompt", "path") else name
+    return f"{name} {shown(values[0])} there, {shown(values[1])} now"
 
 
 def make_job(

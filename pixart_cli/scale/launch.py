@@ -8,11 +8,20 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
-from pixart_cli.errors import PixartError
+from pixart_cli.errors import EXIT_RUNTIME, PixartError
 
 # An idle or early rank waits this long for the slowest one at the end (gloo's default, 30 min, is too short for
 # a big share). A rank that dies does not leave the others waiting: the launcher stops them.
 FINISH_TIMEOUT = timedelta(days=7)
+# Every process must have joined the group (at MASTER_ADDR:MASTER_PORT) within this many seconds of starting to,
+# before any model loads: a peer that never comes, or a master nobody listens at, ends the run with one line.
+# PIXART_RENDEZVOUS_TIMEOUT (seconds) sets another, up to MAX_RENDEZVOUS_SECONDS.
+RENDEZVOUS_SECONDS = 300
+RENDEZVOUS_ENV = "PIXART_RENDEZVOUS_TIMEOUT"
+MAX_RENDEZVOUS_SECONDS = 86_400
+# Processes in one run: far beyond any cluster's GPUs, and a share of no image for most (settings.MAX_IMAGES).
+MAX_WORLD_SIZE = 65_536
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_:[]%")
 
 
 def applies(output: Path, resume: bool, ray: bool, ray_address: str | None, devices: bool = False) -> bool:
@@ -46,6 +55,12 @@ class Ranks:
                 raise PixartError(
                     f"{name}={text!r}: not a process number; unset it, or start pixart with torchrun "
                     "or accelerate launch, which set it"
+                )
+            if len(text.strip()) > 9 or int(text) > MAX_WORLD_SIZE:  # compared as text first: no 10^4000 int
+                raise PixartError(
+                    f"{name}={text.strip()[:20]}{'...' if len(text.strip()) > 20 else ''}: beyond the "
+                    f"{MAX_WORLD_SIZE:,} processes pixart runs; start pixart with torchrun or accelerate launch, "
+                    "which set it"
                 )
             return int(text)
 
@@ -84,7 +99,8 @@ class Ranks:
 
 
 class ProcessGroup:
-    """A gloo group over the launcher's processes, used twice: broadcast the seed, gather the counts."""
+    """A gloo group over the launcher's processes, used twice: broadcast the seed (the rendezvous, bounded by
+    rendezvous_seconds()), then gather the counts at the end (a group of its own, waiting up to FINISH_TIMEOUT)."""
 
     def __init__(self, ranks: Ranks):
         import torch.distributed as dist
@@ -96,25 +112,88 @@ class ProcessGroup:
                 "torchrun or accelerate launch, which set them"
             )
         port = os.environ["MASTER_PORT"].strip()
-        if not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+        if not (port.isascii() and port.isdigit() and len(port) <= 5 and 0 < int(port) < 65536):
             raise PixartError(
                 f"MASTER_PORT={os.environ['MASTER_PORT']!r}: not a port number (1 to 65535); start pixart with "
                 "torchrun or accelerate launch, which set it"
             )
+        self.address = f"{check_master(os.environ['MASTER_ADDR'], int(port))}:{port}"
+        self.seconds = rendezvous_seconds()
         self.ranks = ranks
         self.dist = dist
-        dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=FINISH_TIMEOUT)
+        self.finish = None
+        timeout = timedelta(seconds=self.seconds)
+        self._joining(
+            lambda: dist.init_process_group("gloo", rank=ranks.rank, world_size=ranks.world_size, timeout=timeout)
+        )
+
+    def _joining(self, step):
+        """A step of the rendezvous, its failure (a timeout, a refused connection) one line."""
+        try:
+            return step()
+        except PixartError:
+            raise
+        except Exception as error:
+            self.close()
+            from pixart_cli.errors import detail
+
+            raise PixartError(
+                f"rank {self.ranks.rank} of WORLD_SIZE={self.ranks.world_size}: the processes did not all join at "
+                f"MASTER_ADDR:MASTER_PORT {self.address} within {self.seconds:g} s ({detail(error)[:160]}); start "
+                f"every rank (torchrun starts them all), or set {RENDEZVOUS_ENV} to wait longer",
+                EXIT_RUNTIME,
+            ) from None
 
     def broadcast(self, value):
+        """The seed from rank 0: the end of the rendezvous (every rank is there), then the group for the end."""
         box = [value]
-        self.dist.broadcast_object_list(box, src=0)
+        self._joining(lambda: self.dist.broadcast_object_list(box, src=0))
+        self.finish = self._joining(lambda: self.dist.new_group(backend="gloo", timeout=FINISH_TIMEOUT))
         return box[0]
 
     def gather(self, value) -> list:
         boxes = [None] * self.ranks.world_size
-        self.dist.all_gather_object(boxes, value)
+        self.dist.all_gather_object(boxes, value, group=self.finish)
         return boxes
 
     def close(self) -> None:
         if self.dist.is_initialized():
             self.dist.destroy_process_group()
+
+
+def rendezvous_seconds() -> float:
+    """RENDEZVOUS_SECONDS, or PIXART_RENDEZVOUS_TIMEOUT's seconds (checked)."""
+    text = os.environ.get(RENDEZVOUS_ENV)
+    if text is None or not text.strip():
+        return RENDEZVOUS_SECONDS
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds <= MAX_RENDEZVOUS_SECONDS:  # NaN fails too
+        raise PixartError(
+            f"{RENDEZVOUS_ENV}={text[:40]!r}: not a number of seconds from 1 to {MAX_RENDEZVOUS_SECONDS:,}; "
+            f"unset it for the default {RENDEZVOUS_SECONDS} s"
+        )
+    return seconds
+
+
+def check_master(address: str, port: int) -> str:
+    """MASTER_ADDR as a host this machine can resolve (a name or an address), before any process waits on it."""
+    import socket
+
+    host = address.strip()
+    if not host or len(host) > 253 or not set(host) <= _HOST_CHARS:
+        raise PixartError(
+            f"MASTER_ADDR={address[:80]!r}: not a host name or address; start pixart with torchrun or accelerate "
+            "launch, which set it (or give rank 0's host)"
+        )
+    try:
+        socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        raise PixartError(
+            f"MASTER_ADDR={host}: this machine cannot resolve it ({getattr(error, 'strerror', None) or error}); "
+            "give rank 0's host name or address",
+            EXIT_RUNTIME,
+        ) from None
+    return host

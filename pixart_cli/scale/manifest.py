@@ -19,6 +19,12 @@ from pathlib import Path
 
 NAME = "manifest.jsonl"
 VERSION = 1
+# A manifest is untrusted like any file: reading it is bounded before it is read. A line holds one image's prompt
+# (at most settings.MAX_PROMPT_CHARS), its settings and options: a few KB, far below MAX_LINE_BYTES; a longer line
+# is skipped (read in blocks, never held). A run of settings.MAX_IMAGES images writes a few MB; the lines of its
+# resumes add to that, far below MAX_MANIFEST_BYTES.
+MAX_LINE_BYTES = 2**20
+MAX_MANIFEST_BYTES = 256 * 2**20
 # What must match for a line to describe the image a run is about to make (options with defaults filled in).
 IDENTITY = ("index", "path", "prompt", "negative_prompt", "seed", "options")
 
@@ -102,9 +108,11 @@ def _open(path: Path, flags: int) -> int:
     return fd
 
 
-def read(folder: Path) -> dict[int, dict]:
-    """The newest well-formed line of each index. Damaged or foreign lines are skipped, never fatal. The manifest
-    must be a regular file this process can append to (checked here, before any image is made)."""
+def read(folder: Path, images: int | None = None) -> dict[int, dict]:
+    """The newest well-formed line of each index (below ``images``, the run's count, when given: a line for an
+    image the run does not make is not kept). Damaged, foreign or overlong lines are skipped, never fatal; a
+    manifest beyond MAX_MANIFEST_BYTES is refused. It must be a regular file this process can append to (checked
+    here, before any image is made)."""
     from pixart_cli.errors import PixartError
 
     path = manifest_path(folder)
@@ -116,24 +124,48 @@ def read(folder: Path) -> dict[int, dict]:
     with handle:
         if not os.access(path, os.W_OK):
             raise PixartError(f"{path}: not writable, so finished images could not be recorded; fix its permissions")
-        for raw in handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > MAX_MANIFEST_BYTES:
+            raise PixartError(
+                f"{path}: {size:,} bytes is beyond the {MAX_MANIFEST_BYTES // 2**20} MiB pixart reads as a manifest; "
+                "not one pixart wrote for a run: drop --resume to start a new run, or give -o another folder"
+            )
+        for raw in _lines(handle, MAX_MANIFEST_BYTES):
             try:
                 line = json.loads(raw)
             except (ValueError, RecursionError):  # RecursionError: a line nested deeper than the parser goes
                 continue
-            if _well_formed(line):
+            if _well_formed(line) and (images is None or line["index"] < images):
                 newest[line["index"]] = line
     return newest
+
+
+def _lines(handle, budget: int):
+    """The file's lines of at most MAX_LINE_BYTES, ``budget`` bytes in all; a longer line is read through in blocks
+    of that size and skipped."""
+    skipping = False
+    while budget > 0:
+        block = handle.readline(min(MAX_LINE_BYTES + 1, budget))
+        if not block:
+            return
+        budget -= len(block)
+        complete = block.endswith(b"\n")
+        if not skipping and (complete or len(block) <= MAX_LINE_BYTES):
+            yield block
+        skipping = not complete
 
 
 def _well_formed(line) -> bool:
     return (
         isinstance(line, dict)
         and line.get("version") == VERSION
-        and isinstance(line.get("index"), int)
+        and type(line.get("index")) is int
+        and line["index"] >= 0
         and isinstance(line.get("path"), str)
         and isinstance(line.get("sha256"), str)
-        and isinstance(line.get("size"), int)
+        and type(line.get("size")) is int
+        and type(line.get("seed")) is int
+        and isinstance(line.get("options"), dict)
         and all(key in line for key in IDENTITY)
     )
 

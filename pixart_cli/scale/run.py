@@ -70,9 +70,11 @@ def generate_images(
             f"--no-overwrite: {manifest.manifest_path(job.folder)} already exists and a new run would start it "
             "again; add --resume to finish that run, or drop --no-overwrite"
         )
-    lines = manifest.read(job.folder) if resume else {}
+    lines = manifest.read(job.folder, len(job.prompts)) if resume else {}
     if seed is None and resume:
         seed = manifest.base_seed(job.folder, lines, len(job.prompts))  # the interrupted run's: found complete
+    if lines:
+        job.check_same_run(lines, seed)  # --resume finishes that run: other options are refused, naming each
 
     if ray:
         from pixart_cli.scale.ray_run import run_ray

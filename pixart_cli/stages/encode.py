@@ -23,7 +23,8 @@ def plan(
     from pixart_cli.models.streaming import parameter_dtypes
     from pixart_cli.models.t5 import t5_config, t5_encoder
 
-    source.check_fit("text_encoder")  # the config agrees with the weights before a skeleton of it is built
+    for component in ("tokenizer", "text_encoder"):  # its files and config checked before a skeleton is built
+        source.check_fit(component)
     config = t5_config(source.config("text_encoder"))
     skeleton = memory.meta_model(
         t5_encoder, source.config("text_encoder"), dtype, where=config_where(source, "text_encoder")
@@ -106,7 +107,9 @@ def encode(prompts: Sequence[str], settings: EncodeSettings, ctx: RunContext) ->
     if settings.cache is not None:
         from pixart_cli.models.cache import EmbeddingCache
 
-        store = EmbeddingCache(settings.cache, made, source.config("text_encoder"), ctx.dtype, ctx.log)
+        store = EmbeddingCache(
+            settings.cache, made, source.config("text_encoder"), ctx.dtype, ctx.log, settings.cache_option
+        )
     rows = {prompt: store.get(prompt) for prompt in prompts} if store else {}
     todo = [prompt for prompt in dict.fromkeys(prompts) if rows.get(prompt) is None]
 
