@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 from pixart_cli.errors import PixartError
@@ -48,26 +50,28 @@ def unquoted_note(prompts: Optional[list[str]]) -> Optional[str]:
     )
 
 
-MAX_PROMPTS_BYTES = 64 * 2**20  # a run holds at most settings.MAX_IMAGES images; 64 MiB of prompts is far beyond it
-
-
 def _read_text(path: str) -> str:
-    """The --prompts-file's text: a regular file (or ``-``, stdin) of at most MAX_PROMPTS_BYTES of UTF-8, read once."""
-    from pixart_cli.files.untrusted import open_input
+    """The --prompts-file's text: a file, a pipe (``<(command)``) or ``-`` (stdin), at most MAX_PROMPTS_FILE_BYTES
+    of UTF-8, read once (no buffer reserved beyond what is there)."""
+    from pixart_cli.files.untrusted import read_at_most
 
-    if path == "-":
-        data = sys.stdin.buffer.read(MAX_PROMPTS_BYTES + 1)
-    else:
-        handle, size = open_input(path, "--prompts-file")
-        with handle:
-            if size > MAX_PROMPTS_BYTES:
-                raise PixartError(
-                    f"--prompts-file {path}: is {size} bytes, over the {MAX_PROMPTS_BYTES // 2**20} MiB a prompts file "
-                    "may hold; split it into several runs"
-                )
-            data = handle.read(MAX_PROMPTS_BYTES + 1)
-    if len(data) > MAX_PROMPTS_BYTES:
-        raise PixartError(f"--prompts-file {path}: over {MAX_PROMPTS_BYTES // 2**20} MiB; split it into several runs")
+    try:
+        if path == "-":
+            data = read_at_most(sys.stdin.buffer, MAX_PROMPTS_FILE_BYTES)
+        else:
+            with open(Path(path), "rb") as handle:
+                data = read_at_most(handle, MAX_PROMPTS_FILE_BYTES, os.fstat(handle.fileno()).st_size)
+    except IsADirectoryError:
+        raise PixartError(f"--prompts-file {path}: is a folder; give a text file of prompts, one per line") from None
+    except FileNotFoundError:
+        raise PixartError(f"--prompts-file {path}: no such file; give a text file of prompts, one per line") from None
+    except OSError as error:
+        raise PixartError(f"--prompts-file {path}: cannot read it ({error.strerror or type(error).__name__})") from None
+    if len(data) > MAX_PROMPTS_FILE_BYTES:
+        raise PixartError(
+            f"--prompts-file {path}: holds more than the {MAX_PROMPTS_FILE_BYTES // 2**20} MiB pixart reads as "
+            "prompts; split it into several runs"
+        )
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
