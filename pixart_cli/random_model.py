@@ -193,6 +193,7 @@ def write_full_size_configs(out: Path) -> Path:
     transformer.save_config(out / "transformer")
     autoencoder.save_config(out / "vae")
     DPMSolverMultistepScheduler(**_SCHEDULER).save_config(out / "scheduler")
+    train_tiny_tokenizer(out / "tokenizer")  # every component folder is there, as in the real checkpoint
     index = {
         "_class_name": "PixArtAlphaPipeline",
         "scheduler": ["diffusers", "DPMSolverMultistepScheduler"],

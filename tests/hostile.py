@@ -203,7 +203,7 @@ def plan_model(folder) -> None:
     from pixart_cli.models import memory
     from pixart_cli.models.facade import import_diffusers
     from pixart_cli.models.source import Model
-    from pixart_cli.models.vae import vae_skeleton
+    from pixart_cli.models.vae import decoder_skeleton as vae_skeleton
     from pixart_cli.plan import plan_run
     from pixart_cli.settings import DenoiseSettings, EncodeSettings
     from pixart_cli.stages import encode
