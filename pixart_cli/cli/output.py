@@ -30,6 +30,9 @@ class Output:
         self._tasks: dict[str, int] = {}
         self._started: dict[str, float] = {}
         self._console = None
+        # stdout as the command found it: paths and the JSON document go there even while a library (Ray's driver)
+        # has sys.stdout pointed elsewhere, so that nothing but them reaches it
+        self.stream = sys.stdout
         self.printed = 0  # paths that reached stdout
         self.stdout_closed = False  # the reader went away (`| head -1`): the run goes on, stdout is left alone
 
@@ -68,7 +71,7 @@ class Output:
         if self.stdout_closed:
             return False
         try:
-            print(text, end="", flush=True)
+            print(text, end="", flush=True, file=self.stream)
             return True
         except (BrokenPipeError, ValueError, OSError) as error:
             if isinstance(error, OSError) and error.errno not in (errno.EPIPE, errno.EBADF):
@@ -76,7 +79,7 @@ class Output:
             self.stdout_closed = True
             try:
                 devnull = os.open(os.devnull, os.O_WRONLY)
-                os.dup2(devnull, sys.stdout.fileno())
+                os.dup2(devnull, self.stream.fileno())
                 os.close(devnull)
             except (OSError, ValueError):
                 pass
@@ -137,14 +140,16 @@ class Output:
         written = f"{len(outputs)} output(s) were written ({shown})" if outputs else "no output was written"
         self.note(f"stdout was closed by its reader after {self.printed} path(s); the run went on: {written}")
 
-    def error(self, message: str, exit_code: int) -> None:
-        """The single red line of a failure, shown even with --quiet; with --json, stdout still gets one JSON
-        document, so a script that parses stdout always can."""
+    def error(self, message: str, exit_code: int, silent: bool = False) -> None:
+        """The single red line of a failure, shown even with --quiet (``silent``: not shown, another process tells
+        the run's account); with --json, stdout still gets one JSON document, so a script that parses stdout
+        always can."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
-        sys.stderr.flush()
+        if not silent:
+            self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
+            sys.stderr.flush()
         if self.as_json:
             self._print_document({**self.record, "error": message, "exit_code": exit_code})
 
