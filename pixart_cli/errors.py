@@ -45,6 +45,17 @@ class PixartError(Exception):
         self.option, self.value, self.reason, self.fix = option, value, reason, fix
 
 
+class RunStopped(PixartError):
+    """A run of several processes (or Ray's actors) stopped by a signal. Its line is the whole run's account, what
+    is complete on disk over every process, told once: by rank 0 or Ray's driver; ``silent`` on every other rank
+    (its images are in that account). The edge adds nothing to it."""
+
+    def __init__(self, message: str, exit_code: int, silent: bool = False, complete: int | None = None):
+        super().__init__(message, exit_code)
+        self.silent = silent
+        self.complete = complete  # the run's images complete on disk (None where another process counts them)
+
+
 def bad_file(path, problem: str) -> PixartError:
     """An input file that cannot be used: the line names the file first (``-``: standard input; ``reason`` holds
     the problem alone)."""

@@ -202,7 +202,7 @@ def plan_model(folder) -> None:
     their weights, the schedule, the sizes), then the three skeletons its stages build to plan memory."""
     from pixart_cli.models import memory
     from pixart_cli.models.facade import import_diffusers
-    from pixart_cli.models.source import Model
+    from pixart_cli.models.source import Model, config_where
     from pixart_cli.models.vae import decoder_skeleton as vae_skeleton
     from pixart_cli.plan import plan_run
     from pixart_cli.settings import DenoiseSettings, EncodeSettings
@@ -212,8 +212,9 @@ def plan_model(folder) -> None:
     plan_run(["a cat"], EncodeSettings(clean_caption=False), DenoiseSettings(steps=2, seed=0), model)
     encode.plan(model, None, 0, torch.float32, 1, 120)
     transformer = import_diffusers("diffusers.models.transformers.pixart_transformer_2d").PixArtTransformer2DModel
-    memory.meta_model(transformer.from_config, model.config("transformer"), torch.float32, cpu_buffers=True)
-    memory.meta_model(vae_skeleton, model.config("vae"), torch.float32)
+    config = model.config("transformer")
+    memory.meta_model(transformer.from_config, config, torch.float32, True, config_where(model, "transformer"))
+    memory.meta_model(vae_skeleton, model.config("vae"), torch.float32, where=config_where(model, "vae"))
 
 
 def _serve() -> None:

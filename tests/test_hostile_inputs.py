@@ -393,3 +393,17 @@ def test_a_pickle_bin_in_place_of_the_weights_is_one_line(tiny_model, tmp_path):
     assert_one_line_error(result, 1, f"--model {model}: cannot load transformer/")
     assert not (tmp_path / "RAN").exists()
     assert_untouched(tmp_path, "model")
+
+
+def test_a_model_named_by_a_file_is_named_as_the_file_named_it(tiny_model, tmp_path):
+    """decode takes the model from the latents' meta: a damaged config there names the file, not --model."""
+    from helpers import denoised, encoded
+    from pixart_cli.files import staged
+
+    model = attacks.model_copy(tiny_model, tmp_path / "model")
+    latents = denoised(encoded(["a cat"], model), steps=2, seed=0)
+    staged.save(tmp_path / "lat.pt", latents)
+    attacks.set_config(model, "vae", block_out_channels=[8] * 40)
+    result, _ = run_limited("decode", "lat.pt", "-o", "x.png", cwd=tmp_path)
+    assert_one_line_error(result, 1, f"the model {model} named by lat.pt: vae/config.json: block_out_channels")
+    assert not (tmp_path / "x.png").exists()

@@ -96,3 +96,61 @@ def test_a_closed_stdout_leaves_disk_manifest_and_last_line_agreeing(tiny_model,
     assert images == [f"image-{i}.png" for i in range(8)]
     lines = [json.loads(line) for line in (tmp_path / "hp" / "manifest.jsonl").read_text().splitlines()]
     assert sorted(line["index"] for line in lines) == list(range(8))  # each image once
+
+
+# --- class 12: an interrupted scale-out run is accounted once, truly, over every process ---------------------------
+SMALL = ["--width", "64", "--height", "64", "--no-binning", "--steps", "2", "--seed", "1", "--device", "cpu"]
+
+
+def _complete(folder):
+    """Indices the manifest records whose image is there (as --resume counts them, less the digest)."""
+    lines = [json.loads(line) for line in (folder / "manifest.jsonl").read_text().splitlines() if line.strip()]
+    return sorted({line["index"] for line in lines if (folder / line["path"]).is_file()})
+
+
+def _interrupt_after_first_path(command, cwd, env=None):
+    """Run ``command`` in a session of its own, SIGINT the whole group once a path is on stdout (as Ctrl-C does)."""
+    import signal
+    import threading
+
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, env={**os.environ, **(env or {})})  # fmt: skip
+    paths, errors = [], []
+    reader = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
+    reader.start()
+    paths.append(process.stdout.readline())
+    os.killpg(process.pid, signal.SIGINT)
+    paths.extend(process.stdout)
+    process.wait(timeout=300)
+    reader.join(timeout=60)
+    return process.returncode, [p.strip() for p in paths if p.strip()], errors
+
+
+def test_sigint_to_a_torchrun_group_is_accounted_once_and_truly(tiny_model, tmp_path):
+    import sys
+
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "pixart_cli", "generate", "cat", "--num-images", "150", "-o", "out/", "--model", str(tiny_model),
+               *SMALL]  # fmt: skip
+    _, paths, errors = _interrupt_after_first_path(command, tmp_path)
+    ours = [line for line in errors if line.startswith("error: ")]
+    assert len(ours) == 1, errors  # rank 0's account; the other rank says nothing (torchrun says its own)
+    complete = _complete(tmp_path / "out")
+    assert ours[0].startswith(f"error: interrupted; {len(complete)} of the run's 150 images are complete by the 2 "), (
+        ours
+    )
+    assert "--resume makes them" in ours[0]
+    assert sorted(paths) == sorted(f"out/image-{i}.png" for i in complete)  # each complete image's path, once
+    assert not list((tmp_path / "out").glob(".pixart-*"))
+
+
+def test_sigint_to_a_ray_run_is_accounted_truly(tiny_model, tmp_path):
+    pytest.importorskip("ray.data")
+    command = [pixart_bin(), "generate", "cat", "--num-images", "150", "-o", "out/", "--model", str(tiny_model),
+               "--ray", *SMALL]  # fmt: skip
+    code, paths, errors = _interrupt_after_first_path(command, tmp_path, env={"RAY_ADDRESS": ""})
+    ours = [line for line in errors if line.startswith("error: ")]
+    assert code == 130 and len(ours) == 1, errors
+    complete = _complete(tmp_path / "out")
+    assert ours[0].startswith(f"error: interrupted; {len(complete)} of the run's 150 images are complete"), ours
+    assert sorted(paths) == sorted(f"out/image-{i}.png" for i in complete)

@@ -360,8 +360,9 @@ def test_ray_ends_with_pixart_s_own_message_from_an_actor(tiny_model, tmp_path):
     pytest.importorskip("ray.data")
     model = tmp_path / "model"
     shutil.copytree(tiny_model, model)
-    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-1000])  # found only when the actor loads the VAE
+    # a tokenizer that cannot be read is found only when the actor loads it (a damaged weights file is found by the
+    # driver's plan, from its header, before Ray starts)
+    (model / "tokenizer" / "spiece.model").write_bytes(b"not a sentencepiece model")
     pixart = [str(Path(sys.executable).parent / "pixart"), "generate", "a cat", "--model", str(model), *COMMON]
     result = subprocess.run(
         [*pixart, "-o", "out/", "--ray"],
@@ -372,7 +373,7 @@ def test_ray_ends_with_pixart_s_own_message_from_an_actor(tiny_model, tmp_path):
         env={**os.environ, "RAY_ADDRESS": ""},
     )
     # the line and exit code one process gives
-    expected = f"error: --model {model}: vae/diffusion_pytorch_model.safetensors is damaged ("
+    expected = f"error: --model {model}: cannot load tokenizer/ ("
     assert result.returncode == 1 and expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr and "UDF" not in result.stderr
 

@@ -19,6 +19,7 @@ from pixart_cli.errors import (
     EXIT_SIGPIPE,
     EXIT_SIGTERM,
     PixartError,
+    RunStopped,
     StdoutClosed,
     Terminated,
     detail,
@@ -60,7 +61,7 @@ def run_command(out: Output, work: Callable[[], None], quantized: bool = False) 
         code, message = failure(error, written, planned)
         if debug:
             traceback.print_exception(error)
-        out.error(message, code)
+        out.error(message, code, silent=isinstance(error, RunStopped) and error.silent)
         Outcome.reported = True
         raise typer.Exit(code) from None
 
@@ -71,6 +72,8 @@ def all_written(written: list[str], planned: int | None) -> bool:
 
 def failure(error: BaseException, written: list[str] = (), planned: int | None = None) -> tuple[int, str]:
     """Exit code and one-line message for any failure, saying truthfully which outputs were written before it."""
+    if isinstance(error, RunStopped):  # the run's account, over every process: complete as it is
+        return error.exit_code, str(error)
     if isinstance(error, KeyboardInterrupt):
         code, message = EXIT_SIGINT, "interrupted"
     elif isinstance(error, Terminated):

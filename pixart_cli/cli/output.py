@@ -32,6 +32,9 @@ class Output:
         self._tasks: dict[str, int] = {}
         self._started: dict[str, float] = {}
         self._console = None
+        # stdout as the command found it: paths and the JSON document go there even while a library (Ray's driver)
+        # has sys.stdout pointed elsewhere, so that nothing but them reaches it
+        self.stream = sys.stdout
         self.printed = 0  # paths that reached stdout
         self.stdout_closed = False  # the reader went away (`| head -1`): the run goes on, stdout is left alone
 
@@ -61,7 +64,7 @@ class Output:
     def text(self, text: str) -> None:
         """Text for stdout (a written path, `info`'s table, the JSON document). A reader that closed the pipe
         early (``| head -1``) raises StdoutClosed once; the edge ends the command quietly."""
-        if not write_out(text):
+        if not write_out(text, self.stream):
             raise StdoutClosed()
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -119,16 +122,18 @@ class Output:
         written = f"{len(outputs)} output(s) were written ({shown})" if outputs else "no output was written"
         self.note(f"stdout was closed by its reader after {self.printed} path(s); the run went on: {written}")
 
-    def error(self, message: str, exit_code: int) -> None:
-        """The single red line of a failure, shown even with --quiet; with --json, stdout still gets one JSON
-        document, so a script that parses stdout always can."""
+    def error(self, message: str, exit_code: int, silent: bool = False) -> None:
+        """The single red line of a failure, shown even with --quiet (``silent``: not shown, another process tells
+        the run's account); with --json, stdout still gets one JSON document, so a script that parses stdout
+        always can."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
-        sys.stderr.flush()
+        if not silent:
+            self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
+            sys.stderr.flush()
         if self.as_json:
-            write_out(document_text({**self.record, "error": message, "exit_code": exit_code}))
+            write_out(document_text({**self.record, "error": message, "exit_code": exit_code}), self.stream)
 
 
 def document_text(document: dict) -> str:
@@ -138,10 +143,11 @@ def document_text(document: dict) -> str:
     return json.dumps(json_safe(document), indent=2, default=str, allow_nan=False) + "\n"
 
 
-def write_out(text: str) -> bool:
-    """Write ``text`` to stdout and flush; False when its reader has closed the pipe (then, and for the rest of
-    the process, stdout goes to /dev/null, so that Python's own flush at exit does not report it again)."""
-    stream = sys.stdout
+def write_out(text: str, stream=None) -> bool:
+    """Write ``text`` to stdout (``stream``, else sys.stdout) and flush; False when its reader has closed the pipe
+    (then, and for the rest of the process, stdout goes to /dev/null, so that Python's own flush at exit does not
+    report it again)."""
+    stream = sys.stdout if stream is None else stream
     try:
         binary = getattr(stream, "buffer", None)
         if binary is None:
@@ -158,7 +164,7 @@ def write_out(text: str) -> bool:
         return True
     except BrokenPipeError:
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
         except (OSError, ValueError):
             pass
         return False

@@ -101,7 +101,7 @@ class _Parser:
         if not match.group(1) and not match.group(2):
             return None
         self.at = match.end()
-        low = int(match.group(1) or 0)
+        low = int(match.group(1)) if match.group(1) else 0
         high = low if not match.group(2) else (int(match.group(3)) if match.group(3) else None)
         return low, high
 

@@ -97,6 +97,23 @@ _WHOLE = {  # component -> {field: (low, high, may be null)}; a missing field ta
 }
 
 
+# The libraries' own defaults for a field a config leaves out (PixArtTransformer2DModel's, T5Config's,
+# AutoencoderKL's): what a skeleton is built with then
+LIBRARY_DEFAULTS = {
+    "transformer": {"num_attention_heads": 16, "attention_head_dim": 72, "in_channels": 4, "num_layers": 28,
+                    "sample_size": 128, "patch_size": 2},
+    "text_encoder": {"num_heads": 8, "d_kv": 64, "d_model": 512, "d_ff": 2048, "vocab_size": 32128, "num_layers": 6},
+    "vae": {"block_out_channels": [64], "latent_channels": 4, "in_channels": 3, "out_channels": 3,
+            "scaling_factor": 0.18215},
+}  # fmt: skip
+
+
+def _field(component: str, config: dict, field: str):
+    """A config's field, the library's default where it is missing or null (None: not given)."""
+    value = config.get(field)
+    return LIBRARY_DEFAULTS[component].get(field) if value is None else value
+
+
 def read_json(path: Path, name: str, where: str) -> dict:
     """A config or index file: a regular file of at most MAX_CONFIG_BYTES holding one JSON object."""
     from pixart_cli.files.untrusted import open_input, read_at_most
@@ -153,26 +170,33 @@ def check_config(component: str | None, config: dict, name: str, where: str) -> 
         if not low <= value <= high:
             refuse(field, value, f"is outside pixart's bounds ({low} to {high:,})")
     if component == "transformer":
-        heads, head_dim = config.get("num_attention_heads", 16), config.get("attention_head_dim", 72)
+        heads, head_dim = (
+            _field("transformer", config, "num_attention_heads"),
+            _field("transformer", config, "attention_head_dim"),
+        )
         if heads * head_dim > MAX_TRANSFORMER_WIDTH:
             refuse("num_attention_heads x attention_head_dim", heads * head_dim, f"is beyond {MAX_TRANSFORMER_WIDTH:,}")
-        side = config.get("sample_size", 128) // config.get("patch_size", 2)
+        side = _field("transformer", config, "sample_size") // _field("transformer", config, "patch_size")
         table = side * side * heads * head_dim * 4
         if side < 1 or table > MAX_POSITION_TABLE:
             refuse(
                 "sample_size",
-                config.get("sample_size", 128),
-                f"makes a {table / 2**20:,.0f} MiB position table with patch_size {config.get('patch_size', 2)}, "
+                _field("transformer", config, "sample_size"),
+                f"makes a {table / 2**20:,.0f} MiB position table with patch_size {_field('transformer', config, 'patch_size')}, "
                 f"beyond pixart's {MAX_POSITION_TABLE // 2**20} MiB",
             )
         scale = config.get("interpolation_scale")
         if scale is not None and not (_number(scale) and 0 < scale <= MAX_SAMPLE_SIZE):
             refuse("interpolation_scale", scale, "is not a positive number")
     elif component == "text_encoder":
-        if config.get("num_heads", 8) * config.get("d_kv", 64) > MAX_WIDTH:
-            refuse("num_heads x d_kv", config.get("num_heads", 8) * config.get("d_kv", 64), f"is beyond {MAX_WIDTH:,}")
+        if _field("text_encoder", config, "num_heads") * _field("text_encoder", config, "d_kv") > MAX_WIDTH:
+            refuse(
+                "num_heads x d_kv",
+                _field("text_encoder", config, "num_heads") * _field("text_encoder", config, "d_kv"),
+                f"is beyond {MAX_WIDTH:,}",
+            )
     elif component == "vae":
-        channels = config.get("block_out_channels", [64])
+        channels = _field("vae", config, "block_out_channels")
         if not (isinstance(channels, list) and 1 <= len(channels) <= MAX_VAE_BLOCKS):
             refuse("block_out_channels", channels, f"is not a list of 1 to {MAX_VAE_BLOCKS} widths")
         if not all(type(c) is int and 1 <= c <= MAX_WIDTH for c in channels):
@@ -181,10 +205,15 @@ def check_config(component: str | None, config: dict, name: str, where: str) -> 
             kinds = config.get(field)
             if kinds is not None and not (isinstance(kinds, list) and len(kinds) == len(channels)):
                 refuse(field, kinds, f"does not name one block for each of the {len(channels)} block_out_channels")
-        factor = config.get("scaling_factor", 0.18215)
+        factor = _field("vae", config, "scaling_factor")
         if not (_number(factor) and factor > 0):
             refuse("scaling_factor", factor, "is not a positive number")
     return config
+
+
+def _given(config: dict, field: str, default):
+    """A field's value, the default where it is missing or null (None: not given)."""
+    return default if config.get(field) is None else config[field]
 
 
 def _number(value) -> bool:
@@ -315,33 +344,40 @@ def expected_shapes(component: str, config: dict) -> tuple[dict[str, list], dict
     """(a few tensors' shapes, block counts) that a component's config implies, in diffusers' or transformers'
     naming."""
     if component == "transformer":
-        inner = config.get("num_attention_heads", 16) * config.get("attention_head_dim", 72)
-        patch, channels = config.get("patch_size", 2), config.get("in_channels", 4)
-        out = config.get("out_channels") or channels
+        inner = _field("transformer", config, "num_attention_heads") * _field(
+            "transformer", config, "attention_head_dim"
+        )
+        patch, channels = _field("transformer", config, "patch_size"), _field("transformer", config, "in_channels")
+        out = _given(config, "out_channels", channels)
         shapes = {
             "pos_embed.proj.weight": [inner, channels, patch, patch],
             "proj_out.weight": [patch * patch * out, inner],
-            "transformer_blocks.0.attn2.to_k.weight": [inner, config.get("cross_attention_dim") or inner],
+            "transformer_blocks.0.attn2.to_k.weight": [inner, _given(config, "cross_attention_dim", inner)],
         }
         if config.get("caption_channels") is not None:
             shapes["caption_projection.linear_1.weight"] = [inner, config["caption_channels"]]
-        return shapes, {"transformer_blocks.": config.get("num_layers", 28)}
+        return shapes, {"transformer_blocks.": _field("transformer", config, "num_layers")}
     if component == "text_encoder":
-        d_model, width = config.get("d_model", 512), config.get("num_heads", 8) * config.get("d_kv", 64)
-        layers = config.get("num_layers", config.get("num_hidden_layers", 6))
+        d_model, width = (
+            _field("text_encoder", config, "d_model"),
+            _field("text_encoder", config, "num_heads") * _field("text_encoder", config, "d_kv"),
+        )
+        layers = _given(
+            config, "num_layers", _given(config, "num_hidden_layers", LIBRARY_DEFAULTS["text_encoder"]["num_layers"])
+        )
         shapes = {
-            "shared.weight": [config.get("vocab_size", 32128), d_model],
+            "shared.weight": [_field("text_encoder", config, "vocab_size"), d_model],
             "encoder.block.0.layer.0.SelfAttention.q.weight": [width, d_model],
-            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": [config.get("d_ff", 2048), d_model],
-            "encoder.block.0.layer.1.DenseReluDense.wi.weight": [config.get("d_ff", 2048), d_model],
+            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight": [_field("text_encoder", config, "d_ff"), d_model],
+            "encoder.block.0.layer.1.DenseReluDense.wi.weight": [_field("text_encoder", config, "d_ff"), d_model],
         }
         return shapes, {"encoder.block.": layers}
-    channels = config.get("block_out_channels", [64])
-    latent = config.get("latent_channels", 4)
+    channels = _field("vae", config, "block_out_channels")
+    latent = _field("vae", config, "latent_channels")
     shapes = {
-        "encoder.conv_in.weight": [channels[0], config.get("in_channels", 3), 3, 3],
+        "encoder.conv_in.weight": [channels[0], _field("vae", config, "in_channels"), 3, 3],
         "decoder.conv_in.weight": [channels[-1], latent, 3, 3],
-        "decoder.conv_out.weight": [config.get("out_channels", 3), channels[0], 3, 3],
+        "decoder.conv_out.weight": [_field("vae", config, "out_channels"), channels[0], 3, 3],
     }
     return shapes, {"encoder.down_blocks.": len(channels), "decoder.up_blocks.": len(channels)}
 

@@ -128,7 +128,10 @@ class Model:
 
     @property
     def where(self) -> str:
-        """How errors name this model: ``--model X``, ``PIXART_MODEL=X``, ``PIXART_BASE_MODEL=X``."""
+        """How errors name this model: ``--model X``, ``PIXART_MODEL=X``, ``PIXART_BASE_MODEL=X``, or the file that
+        named it (``the model X named by latents.pt``)."""
+        if self.named_by is not None:
+            return f"the model {self.id} named by {self.named_by}"
         return naming(self.option, self.id)
 
     @property

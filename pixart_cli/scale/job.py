@@ -115,6 +115,25 @@ class Job:
             "(replacing its images), or give -o another folder"
         )
 
+    def complete_now(self, seed: int, started_ns: int) -> list[int]:
+        """The run's images complete on disk now, over every process: as the manifest records them (its newest
+        line matches, the file has its size), or without a manifest, a file at its path written since
+        ``started_ns``. For the account of a stopped run."""
+        if self.folder is not None:
+            try:
+                lines = manifest.read(self.folder, len(self.prompts))
+            except PixartError:
+                lines = {}
+            return [i for i in sorted(lines) if manifest.complete(self.folder, self.wanted(i, seed), lines, False)]
+        found = []
+        for index, path in enumerate(self.paths):
+            try:
+                if os.stat(path).st_mtime_ns >= started_ns:
+                    found.append(index)
+            except OSError:
+                pass
+        return found
+
     def done(self, index: int, seed: int, lines: dict[int, dict]) -> bool:
         """Image ``index`` is complete on disk as the manifest lines record it (never, without a manifest)."""
         return self.folder is not None and manifest.complete(self.folder, self.wanted(index, seed), lines)

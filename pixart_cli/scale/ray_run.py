@@ -12,8 +12,9 @@ three stages at once on a card split its 8 GB, so the VAE got 3.2 GB and decoded
 66 from the one-process images), the transformer ran small batches, and each stage reloaded its model per
 unit: 0.56x the throughput of one GPU.
 
-The decode step writes the images; the driver alone appends the manifest lines and prints the paths, as results
-arrive. Ray is imported only here, and only for --ray. Actors that die (a lost node) are restarted and their
+The decode step writes the images and appends their manifest lines as each lands (as ranks do), so the manifest is
+true even when the driver is stopped; the driver prints the paths as results arrive, and after a signal, once Ray
+is shut down, the paths of every image the actors placed that it had not heard of, with the run's account. Ray is imported only here, and only for --ray. Actors that die (a lost node) are restarted and their
 unit retried: Ray Data's default for actor pools. An error in pixart's own code is not retried; it ends the run
 with its one-line message and exit code (the actor returns it with the unit's results).
 """
@@ -67,10 +68,17 @@ def run_ray(
         return 0
     address = os.environ.get("RAY_ADDRESS") if address is None else address
     started_here = not ray.is_initialized()
-    _init(ray, address)
-    if new_manifest:
-        manifest.start_new(job.folder)
+    # Ray's driver prints its raylet's and workers' messages (a task retried, an actor killed) on sys.stdout, which
+    # is for paths: they go to stderr while Ray runs (pixart's own output keeps the real stdout, cli/output.py)
+    stdout, sys.stdout = sys.stdout, sys.stderr
     try:
+        _init(ray, address)
+    except BaseException:
+        sys.stdout = stdout
+        raise
+    try:
+        if new_manifest:
+            manifest.start_new(job.folder)
         log = callbacks.log or (lambda message: None)
         gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0
         actors = max(gpus, 1)
@@ -107,8 +115,6 @@ def run_ray(
             callbacks.progress("ray", 0, len(todo))
         try:
             for row in dataset.iter_rows():
-                for line in json.loads(row["lines"]):
-                    manifest.append(job.folder, line)
                 for path in json.loads(row["paths"]):
                     callbacks.wrote(Path(path))
                     written += 1
@@ -124,6 +130,7 @@ def run_ray(
             # Here rather than in Ray's exit hook, which first sleeps 0.5 s for worker log lines (not forwarded
             # unless PIXART_DEBUG=1). A joined cluster is only disconnected from.
             ray.shutdown()
+        sys.stdout = stdout
 
 
 def unit_size(images: int, actors: int) -> int:
@@ -271,8 +278,7 @@ class GenerateActor:
                         self.denoising,
                         self.ctx,
                         Callbacks(written.append, None, None, None),
-                        append=False,
-                    )
+                    )  # each line appended as its image lands, as ranks do: true even when the driver is stopped
                 except PixartError as error:
                     failure = error
             lines.append(json.dumps(unit_lines))

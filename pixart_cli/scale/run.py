@@ -19,11 +19,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from pixart_cli.errors import PixartError
+from pixart_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, PixartError, RunStopped, Terminated
 from pixart_cli.scale import manifest
 from pixart_cli.scale.job import IMAGES_PER_PASS, Callbacks, RunOptions, Summary, make_job, make_pass, passes
 from pixart_cli.scale.launch import ProcessGroup, Ranks
 from pixart_cli.settings import DenoiseSettings, EncodeSettings, check_prompts
+from pixart_cli.signals import GUARD
 
 
 def generate_images(
@@ -49,7 +50,7 @@ def generate_images(
     ``denoising.seed`` None: rank 0 draws one and every process uses it (or, with --resume, the manifest's).
     """
     # 1. Check everything before any process waits on another or any model loads
-    started = time.perf_counter()
+    started, started_ns = time.perf_counter(), time.time_ns()
     ranks = Ranks.from_env() if ranks is None else ranks
     prompts = check_prompts(prompts)
     seed = denoising.seed
@@ -82,9 +83,20 @@ def generate_images(
         seed = denoising.with_seed().seed if seed is None else seed
         todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
         job.check_not_replacing(todo)
+        if todo:  # what the configs can tell (the weights' headers, the LoRAs' fit), before Ray starts
+            from pixart_cli.plan import plan_run
+
+            plan_run(prompts[:1], encoding, replace(denoising, seed=seed, num_images=1), model, loras=run.loras)
         # run_ray starts a new manifest only once Ray is up: a missing Ray or a bad address leaves the old one
         new_manifest = job.folder is not None and not resume
-        written = run_ray(job, todo, seed, model, encoding, denoising, run, ray_address, callbacks, new_manifest)
+        reported: set[str] = set()
+        report = callbacks.wrote
+        callbacks = replace(callbacks, wrote=lambda path: (reported.add(str(path)), report(path)))
+        try:
+            written = run_ray(job, todo, seed, model, encoding, denoising, run, ray_address, callbacks, new_manifest)
+        except (KeyboardInterrupt, Terminated) as error:
+            # Ray is shut down: what the actors placed is on disk and in the manifest, reported or not
+            raise stopped(error, job, seed, started_ns, Ranks(), unreported=(reported, report)) from None
         return Summary(
             written,
             len(job.prompts) - len(todo),
@@ -154,6 +166,11 @@ def generate_images(
         # 5. One summary, on rank 0, once every rank is done
         counts = (len(todo), len(share) - len(todo))
         gathered = group.gather(counts) if group is not None else [counts]
+    except (KeyboardInterrupt, Terminated) as error:
+        account = stopped(error, job, seed, started_ns, ranks)  # told once, over every rank, by rank 0
+        if ranks.world_size == 1 and account.complete == len(job.prompts):
+            raise  # a signal after every image landed: the edge tells it as for any command
+        raise account from None
     finally:
         if group is not None:
             group.close()
@@ -168,6 +185,70 @@ def generate_images(
         len(job.prompts),
         manifest.manifest_path(job.folder) if job.folder else None,
     )
+
+
+# After a signal, rank 0 (or Ray's driver) counts once the other processes have placed what they were placing:
+# the manifest still for this long, waiting at most SETTLE_MOST_SECONDS.
+SETTLE_QUIET_SECONDS = 1.0
+SETTLE_MOST_SECONDS = 10.0
+
+
+def stopped(error, job, seed: int | None, started_ns: int, ranks: Ranks, unreported=None) -> RunStopped:
+    """The account of a run of several processes (or Ray's actors) stopped by a signal, told once (rank 0, or the
+    driver): how many of the run's images are complete on disk now, over every process, as --resume counts them.
+    ``unreported``: (paths reported, report): Ray's driver reports the images its actors placed that it had not
+    heard of yet, so that stdout lists every image written."""
+    sigint = isinstance(error, KeyboardInterrupt)
+    word, code = ("interrupted", EXIT_SIGINT) if sigint else ("terminated", EXIT_SIGTERM)
+    if ranks.rank != 0:
+        return RunStopped(word, code, silent=True)
+    if seed is None:  # before the seed was agreed: no image was made
+        return RunStopped(f"{word}; no output was written", code, complete=0)
+    try:
+        with GUARD.deferred():  # a second signal of the same stop (torchrun's SIGTERM) waits for the account
+            _settle(job)
+            done = job.complete_now(seed, started_ns)
+    except (KeyboardInterrupt, Terminated):
+        done = job.complete_now(seed, started_ns)
+    if unreported is not None:
+        reported, report = unreported
+        for index in done:
+            if str(job.paths[index]) not in reported:
+                report(job.paths[index])
+    total = len(job.prompts)
+    everyone = f" by the {ranks.world_size} processes" if ranks.world_size > 1 else ""
+    if job.folder is None:
+        told = f"{word}; {len(done)} of the run's {total} images had been written{everyone}, the rest were not"
+        return RunStopped(told, code, complete=len(done))
+    return RunStopped(
+        f"{word}; {len(done)} of the run's {total} images are complete{everyone} (recorded in "
+        f"{manifest.manifest_path(job.folder)}), the other {total - len(done)} are not: --resume makes them",
+        code,
+        complete=len(done),
+    )
+
+
+def _settle(job) -> None:
+    """Wait until the manifest (or the images, without one) has been still for SETTLE_QUIET_SECONDS."""
+    import os
+
+    def fingerprint():
+        paths = [manifest.manifest_path(job.folder)] if job.folder is not None else job.paths
+        marks = []
+        for path in paths:
+            try:
+                info = os.stat(path)
+                marks.append((info.st_size, info.st_mtime_ns))
+            except OSError:
+                marks.append(None)
+        return marks
+
+    deadline, last, still_since = time.monotonic() + SETTLE_MOST_SECONDS, fingerprint(), time.monotonic()
+    while time.monotonic() < deadline and time.monotonic() - still_since < SETTLE_QUIET_SECONDS:
+        time.sleep(0.2)
+        now = fingerprint()
+        if now != last:
+            last, still_since = now, time.monotonic()
 
 
 def _ranges(indices: range) -> str:

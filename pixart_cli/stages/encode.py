@@ -23,8 +23,7 @@ def plan(
     from pixart_cli.models.streaming import parameter_dtypes
     from pixart_cli.models.t5 import t5_config, t5_encoder
 
-    for component in ("tokenizer", "text_encoder"):  # its files and config checked before a skeleton is built
-        source.check_fit(component)
+    source.check_fit("text_encoder")  # its files and config agree with its weights before a skeleton is built
     config = t5_config(source.config("text_encoder"))
     skeleton = memory.meta_model(
         t5_encoder, source.config("text_encoder"), dtype, where=config_where(source, "text_encoder")
@@ -148,6 +147,7 @@ def _encode_texts(texts: list[str], max_length: int, settings: EncodeSettings, c
     ctx.note(chosen.describe())
 
     # Load the tokenizer and T5 only; dtype at load time (a later .to(fp16) breaks T5, diffusers #8604)
+    source.check_fit("tokenizer")  # its files regular and within bounds: its library reads them whole
     with meter.phase("load"):
         tokenizer = load_component(source, "tokenizer", T5Tokenizer.from_pretrained)
         text_encoder = _load_text_encoder(source, chosen, ctx.dtype, ctx.device)
