@@ -58,6 +58,8 @@ class RunContext:
         cuda, cuda:N or mps, ``dtype`` auto, fp32, fp16 or bf16, ``vram`` a budget in bytes (``memory.parse_vram``)
         or None for auto."""
         torch_device = resolve_device(device)
+        if torch_device.type == "cuda":
+            initialise_in_background(torch_device)
         context = cls(
             torch_device,
             resolve_dtype(dtype, torch_device),
@@ -120,6 +122,24 @@ def resolve_device(device: str):
     if resolved.type == "mps" and not torch.backends.mps.is_available():
         raise PixartError(f"--device {device}: MPS is not available here; use --device cpu or auto")
     return resolved
+
+
+def initialise_in_background(device) -> None:
+    """Start CUDA's initialisation (the driver, the device's context, torch's lazy init) on a thread, so that it
+    runs while this process imports the libraries its stage needs and reads the model's headers; the first CUDA
+    call of the stage waits for it (torch's own lock). A failure here is left for that call to report."""
+    import threading
+
+    import torch
+
+    def initialise() -> None:
+        try:
+            torch.cuda.init()
+            torch.cuda.synchronize(device)
+        except Exception:  # the stage's first CUDA call raises it again, with the edge's line
+            pass
+
+    threading.Thread(target=initialise, name="pixart-cuda-init", daemon=True).start()
 
 
 def resolve_dtype(dtype: str, device):

@@ -233,6 +233,29 @@ print(DiTTransformer2DModel.__name__, AutoencoderKL.__name__, PixArtAlphaPipelin
     assert result.stdout.split() == ["DiTTransformer2DModel", "AutoencoderKL", "PixArtAlphaPipeline", "T5EncoderModel"]
 
 
+def test_diffusers_package_map_is_computed_only_when_read(tmp_path):
+    """diffusers computes importlib.metadata.packages_distributions() when it imports (every file of every
+    distribution statted); through the facade it is computed the first time diffusers reads it, with the same
+    answers, and importlib.metadata is left as it was."""
+    code = """
+import importlib.metadata as metadata
+calls = []
+real = metadata.packages_distributions
+metadata.packages_distributions = lambda: calls.append(1) or real()
+from pixart_cli.models.facade import import_diffusers
+import_diffusers("diffusers.models.autoencoders.vae")
+assert calls == [], calls
+assert metadata.packages_distributions() is not None and calls == [1]  # the caller's own function again
+import diffusers.utils.import_utils as diffusers_imports
+lazy = diffusers_imports._package_map
+assert dict(lazy) == dict(real()) and len(calls) == 2  # read: computed once, the real map
+assert diffusers_imports._is_package_available("numpy", get_dist_name=True)[0]
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
 def test_bin_tables_read_from_source_equal_the_pipelines():
     from diffusers.pipelines.pixart_alpha import pipeline_pixart_alpha, pipeline_pixart_sigma
 

@@ -29,6 +29,7 @@ import importlib.util
 import os
 import sys
 import threading
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 LEAN_ENV = "PIXART_LEAN"
@@ -88,7 +89,7 @@ def import_diffusers(name: str, hide_optional: bool = True):
             return importlib.import_module(name)
         import torch  # noqa: F401  (torch itself imports some of what is hidden below; it must come first)
 
-        with _hidden(OPTIONAL_AT_IMPORT):
+        with _hidden(OPTIONAL_AT_IMPORT), _package_map_on_first_use():
             importlib.import_module("diffusers")
             for package in EAGER_PACKAGES:
                 _shallow_package(package)
@@ -225,7 +226,49 @@ def import_transformers(name: str):
 
             _shallow_package("transformers", {"__version__": metadata.version("transformers")})
             _shallow_package("transformers.models")
-        return importlib.import_module(name)
+        if not lean():
+            return importlib.import_module(name)
+        with _package_map_on_first_use():
+            return importlib.import_module(name)
+
+
+class _PackageMapOnFirstUse(Mapping):
+    """``importlib.metadata.packages_distributions()``, computed the first time it is read. diffusers computes it
+    when ``diffusers.utils`` imports and reads it only for optional packages that are installed (optimum,
+    flashinfer, modelopt); computing it stats every file of every installed distribution without a
+    ``top_level.txt`` (torch's and the CUDA wheels' among them): about a second of each process on the benchmark
+    GPU machine (profile of 2026-12-01), for a map that is then never read."""
+
+    def __init__(self, compute):
+        self._compute, self._map = compute, None
+
+    def _mapping(self) -> dict:
+        if self._map is None:
+            self._map = self._compute()
+        return self._map
+
+    def __getitem__(self, key):
+        return self._mapping()[key]
+
+    def __iter__(self):
+        return iter(self._mapping())
+
+    def __len__(self) -> int:
+        return len(self._mapping())
+
+
+@contextmanager
+def _package_map_on_first_use():
+    """While the block imports a library, ``importlib.metadata.packages_distributions()`` returns the map
+    unevaluated (_PackageMapOnFirstUse): the same answers, computed only if they are asked for."""
+    from importlib import metadata
+
+    original = metadata.packages_distributions
+    metadata.packages_distributions = lambda: _PackageMapOnFirstUse(original)
+    try:
+        yield
+    finally:
+        metadata.packages_distributions = original
 
 
 @contextmanager
