@@ -6,7 +6,10 @@
 - ``diffusers.utils.torch_utils`` imports ``torch._dynamo`` (sympy, torch.fx, FSDP...) only to mark classes
   for ``torch.compile`` (``maybe_allow_in_graph``), and falls back to a no-op when it is missing;
 - ``diffusers.quantizers`` imports all of ``transformers`` for one class it compares configs against in
-  ``PipelineQuantizationConfig``, and falls back to a stand-in class when it is missing.
+  ``PipelineQuantizationConfig``, and falls back to a stand-in class when it is missing;
+- ``diffusers.utils`` computes ``importlib.metadata.packages_distributions()`` (a stat of every installed file of
+  most distributions) for a map it reads only when certain optional packages are installed: it gets the map
+  unevaluated, computed the first time it is read.
 
 ``import_diffusers(name)`` imports one diffusers module with those three avoided:
 - the eager packages are registered without running their ``__init__``; their submodules import as usual,
