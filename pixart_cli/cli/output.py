@@ -104,7 +104,8 @@ class Output:
             self._progress.update(self._tasks[stage], completed=done, total=total)
         elif done == total:
             elapsed = time.perf_counter() - self._started[stage]
-            self.console.print(f"{stage}: {done}/{total} {UNITS.get(stage, 'done')} in {elapsed:.1f} s", markup=False)
+            unit = UNITS.get(stage.rsplit(" ", 1)[-1], "done")  # "cuda:1: denoise", "rank 0 denoise": the stage's
+            self.console.print(f"{stage}: {done}/{total} {unit} in {elapsed:.1f} s", markup=False)
 
     def close(self) -> None:
         """Stop the progress display and, in JSON mode, print the document."""

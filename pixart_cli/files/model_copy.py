@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
-from pixart_cli.files.untrusted import open_input, open_safetensors, read_json
+from pixart_cli.files.model_weights import open_safetensors
+from pixart_cli.files.untrusted import open_input, read_json
 from pixart_cli.signals import GUARD
 
 COPY_CHUNK = 64 * 2**20  # bytes per read when a file is copied

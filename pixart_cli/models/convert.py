@@ -31,7 +31,8 @@ from pixart_cli.errors import EXIT_RUNTIME, PixartError
 from pixart_cli.files import model_copy
 from pixart_cli.files.atomic import existing_kind
 from pixart_cli.files.model_copy import CODES, FLOATS, ITEMSIZE, Tensor, gb
-from pixart_cli.files.untrusted import read_json, safetensors_header
+from pixart_cli.files.model_weights import safetensors_header
+from pixart_cli.files.untrusted import read_json
 from pixart_cli.models.source import WEIGHTS_FILES, Model
 
 # The components with weights, in the order they are converted; the others (tokenizer, scheduler) are copied.
