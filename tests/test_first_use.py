@@ -6,6 +6,8 @@ offline."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers import assert_one_line_error, run_pixart
@@ -67,3 +69,53 @@ def test_devices_lines_name_their_device_once(tiny_model, tmp_path):
         assert line.startswith(("cpu #1: ", "cpu #2: ")) and line.count("cpu") == 1, line
     assert "cpu #1: encode: plan" in result.stderr
     assert any(line.startswith("cpu #2: denoise: 2/2 steps, over all batches") for line in lines), result.stderr
+
+
+# --- 4. `-` as the PROMPT: standard input, as --prompts-file - reads it ------------------------------------------
+def _prompts(path) -> list[str]:
+    from pixart_cli.files import staged
+
+    return staged.load_embeddings(path).meta["prompts"]
+
+
+def test_dash_as_the_prompt_reads_stdin_as_prompts_file_dash_does(tiny_model, tmp_path):
+    model = ("--model", tiny_model)
+    result = run_pixart("encode", "-", *model, "-o", "one.pt", cwd=tmp_path, stdin=b"a red chair\n")
+    assert result.stdout == "one.pt\n" and "PROMPT -" not in result.stderr, result.stderr
+    assert _prompts(tmp_path / "one.pt") == ["a red chair"]
+    # several lines are several prompts (blank ones skipped), in the place of the -, as --prompts-file - reads them
+    result = run_pixart("encode", "a bowl", "-", *model, "-o", "many.pt", cwd=tmp_path, stdin=b"a cat\n\na dog\n")
+    assert "PROMPT -: read 2 prompts from standard input, one per line" in result.stderr
+    assert _prompts(tmp_path / "many.pt") == ["a bowl", "a cat", "a dog"]
+    file_run = run_pixart("encode", "a bowl", "--prompts-file", "-", *model, "-o", "file.pt", cwd=tmp_path,
+                          stdin=b"a cat\n\na dog\n")  # fmt: skip
+    assert file_run.returncode == 0 and _prompts(tmp_path / "file.pt") == ["a bowl", "a cat", "a dog"]
+    # a literal "-" prompt: a line of a prompts file
+    run_pixart("encode", "--prompts-file", "-", *model, "-q", "-o", "literal.pt", cwd=tmp_path, stdin=b"-\n")
+    assert _prompts(tmp_path / "literal.pt") == ["-"]
+    # generate too, and the image records the prompt
+    run_pixart("generate", "-", *model, *SMALL, "-q", "-o", "cat.png", cwd=tmp_path, stdin=b"a cute cat\n")
+    info = json.loads(run_pixart("info", "cat.png", "--json", cwd=tmp_path).stdout)
+    assert info["settings"]["prompt"] == "a cute cat"
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (("encode", "-", "-"), "PROMPT -: standard input is read once"),
+        (("encode", "-", "--prompts-file", "-"), "PROMPT - and --prompts-file -: standard input is read once"),
+        (("generate", "-", "--image", "-"), "PROMPT and --image: both are -"),
+        (("encode", "-", "-o", "e.pt"), "PROMPT -: holds no prompts; pipe the prompts in, one per line"),
+    ],
+)
+def test_dash_as_the_prompt_is_refused_where_stdin_cannot_serve(tiny_model, tmp_path, args, fragment):
+    result = run_pixart(*args, "--model", tiny_model, cwd=tmp_path, check=False, stdin=b"\n\n")
+    assert_one_line_error(result, 2, fragment)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dash_as_the_prompt_is_refused_under_several_processes(tiny_model, tmp_path):
+    env = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}
+    result = run_pixart("generate", "-", "--model", tiny_model, "-o", "out/", cwd=tmp_path, env=env, check=False,
+                        stdin=b"a cat\n")  # fmt: skip
+    assert_one_line_error(result, 2, "PROMPT -: standard input reaches only one of the WORLD_SIZE=2 processes")
