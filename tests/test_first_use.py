@@ -7,6 +7,7 @@ offline."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -17,9 +18,10 @@ SMALL = ["--width", "64", "--height", "64", "--no-binning", "--steps", "2", "--s
 
 @pytest.fixture(scope="module")
 def emb(tiny_model, tmp_path_factory):
-    """emb.pt of the tiny model, and a PNG to encode as init latents or an edge map."""
+    """emb.pt and lat.pt of the tiny model, and a PNG to encode as init latents or an edge map."""
     folder = tmp_path_factory.mktemp("first-use")
     run_pixart("encode", "a cute cat", "--model", tiny_model, "-q", "-o", "emb.pt", cwd=folder)
+    run_pixart("denoise", "emb.pt", "--model", tiny_model, *SMALL, "-q", "-o", "lat.pt", cwd=folder)
     run_pixart("generate", "a cute cat", "--model", tiny_model, *SMALL, "-q", "-o", "cat.png", cwd=folder)
     return folder
 
@@ -119,3 +121,56 @@ def test_dash_as_the_prompt_is_refused_under_several_processes(tiny_model, tmp_p
     result = run_pixart("generate", "-", "--model", tiny_model, "-o", "out/", cwd=tmp_path, env=env, check=False,
                         stdin=b"a cat\n")  # fmt: skip
     assert_one_line_error(result, 2, "PROMPT -: standard input reaches only one of the WORLD_SIZE=2 processes")
+
+
+# --- 2. an output location that cannot be written: refused in the plan, before any model loads ---------------------
+def _commands(emb, tiny_model):
+    """Every command with -o, with its inputs."""
+    model = ("--model", tiny_model)
+    return {
+        "encode": ("encode", "a cat", *model),
+        "denoise": ("denoise", emb / "emb.pt", *model, *SMALL),
+        "decode": ("decode", emb / "lat.pt"),
+        "encode-image": ("encode-image", emb / "cat.png", *model),
+        "encode-control": ("encode-control", emb / "cat.png", *model),
+        "encode-mask": ("encode-mask", emb / "cat.png", "--image", emb / "cat.png", *model),
+        "generate": ("generate", "a cat", *model, *SMALL),
+        "convert": ("convert", tiny_model),
+    }
+
+
+NAMES = {"encode": "e.pt", "denoise": "l.pt", "encode-image": "i.pt", "encode-control": "c.pt", "encode-mask": "m.pt"}
+
+
+@pytest.mark.parametrize("command", list(NAMES) + ["decode", "generate", "convert"])
+def test_an_unwritable_output_location_is_refused_before_any_work(command, emb, tiny_model, tmp_path):
+    args = _commands(emb, tiny_model)[command]
+    name = NAMES.get(command, "copy" if command == "convert" else "x.png")
+    # /proc takes no new files, even from root (os.access says it is writable there)
+    result = run_pixart(*args, "-o", f"/proc/{name}", cwd=tmp_path, check=False)
+    fix = "write elsewhere" if command == "convert" else "give -o a path in a folder you can write"
+    assert_one_line_error(result, 2, f"--output /proc/{name}: cannot create", "(No such file or directory)", fix)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", ["generate", "decode"])
+def test_an_output_folder_that_cannot_be_created_is_refused_before_any_work(command, emb, tiny_model, tmp_path):
+    args = _commands(emb, tiny_model)[command]
+    result = run_pixart(*args, "-o", "/proc/new/", cwd=tmp_path, check=False)
+    assert_one_line_error(result, 2, "--output /proc/new/image.png: cannot create folder /proc/new", "give -o a")
+    result = run_pixart(*args, "-o", "missing/x.png", cwd=tmp_path, check=False)
+    assert_one_line_error(result, 2, "--output missing/x.png: folder missing does not exist", "end the path with /")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder (the /proc case covers root)")
+def test_a_read_only_output_folder_is_refused_before_any_work(tiny_model, tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    try:
+        result = run_pixart("generate", "a cat", "--model", tiny_model, *SMALL, "-o", locked / "x.png",
+                            cwd=tmp_path, check=False)  # fmt: skip
+        assert_one_line_error(result, 2, f"folder {locked} is not writable", "give -o a path in a folder you can")
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
+from pixart_cli.files.atomic import creation_problem
 from pixart_cli.files.model_weights import open_safetensors
 from pixart_cli.files.untrusted import open_input, read_json
 from pixart_cli.signals import GUARD
@@ -91,6 +92,9 @@ def check_target(output: str, overwrite: bool) -> tuple[Path, str]:
         raise PixartError(f"--output {shown}: the folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PixartError(f"--output {shown}: cannot write in {parent} (permission denied); write elsewhere")
+    problem = creation_problem(parent, make_folder=True)  # the copy is made in a temp folder there (root in /proc)
+    if problem is not None:
+        raise PixartError(f"--output {shown}: cannot create a folder in {parent} ({problem}); write elsewhere")
     if os.path.islink(target):
         raise PixartError(f"--output {shown}: is a symbolic link; give the folder itself, or a new path")
     if not os.path.lexists(target):
