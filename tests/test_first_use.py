@@ -174,3 +174,48 @@ def test_a_read_only_output_folder_is_refused_before_any_work(tiny_model, tmp_pa
         assert list(locked.iterdir()) == []
     finally:
         locked.chmod(0o755)
+
+
+# --- 3. a stdout that cannot be written: the last line names what was written, not stdout ------------------------
+def _to_full(*args, cwd):
+    """pixart with stdout on /dev/full: every write to it fails with ENOSPC."""
+    import subprocess
+
+    from helpers import pixart_bin
+
+    with open("/dev/full", "w") as full:
+        return subprocess.run([pixart_bin(), *map(str, args)], cwd=cwd, stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=300)  # fmt: skip
+
+
+def _one_line(result, code: int) -> str:
+    assert result.returncode == code, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_stdout_ends_with_a_line_naming_the_files_written(emb, tiny_model, tmp_path):
+    model = ("--model", tiny_model)
+    line = _one_line(_to_full("generate", "a cat", *model, *SMALL, "-q", "-o", "cat.png", cwd=tmp_path), 1)
+    assert line == "error: cannot write to stdout (No space left on device); the output had been written (cat.png)"
+    assert (tmp_path / "cat.png").is_file()
+    line = _one_line(_to_full("generate", "a cat", *model, *SMALL, "--num-images", "3", "-o", "out/", "-q",
+                              cwd=tmp_path), 1)  # fmt: skip
+    assert line == (
+        "error: cannot write to stdout (No space left on device); all 3 outputs had been written "
+        "(out/image-0.png, out/image-1.png, out/image-2.png)"
+    )
+    lines = (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["index"] for line in lines) == [0, 1, 2]  # disk, manifest and line agree
+    line = _one_line(_to_full("encode", "a cat", *model, "--json", "-q", "-o", "e.pt", cwd=tmp_path), 1)
+    assert "the output had been written (e.pt)" in line and "stdout)" not in line.split(";", 1)[1]
+    for args in (
+        ("info", emb / "emb.pt"),
+        ("info", emb / "emb.pt", "--json"),
+        ("compare", emb / "lat.pt", emb / "lat.pt"),
+    ):
+        assert _one_line(_to_full(*args, cwd=tmp_path), 1) == "error: cannot write to stdout (No space left on device)"
+    line = _one_line(_to_full("encode", "a cat", *model, "-q", "-o", "-", cwd=tmp_path), 1)
+    assert "--output -: cannot write the output to stdout (No space left on device)" in line

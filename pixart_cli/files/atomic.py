@@ -171,6 +171,16 @@ def write_stdout(data: bytes) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         raise PixartError("--output -: stdout was closed before the output was written", EXIT_RUNTIME) from None
+    except OSError as error:  # a full disk behind `> file`, /dev/full: what went out is not the whole output
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        raise PixartError(
+            f"--output -: cannot write the output to stdout ({error.strerror or type(error).__name__}), so what "
+            "reached it is incomplete; give -o a file name instead",
+            EXIT_RUNTIME,
+        ) from None
 
 
 def plain(meta: dict) -> dict:
