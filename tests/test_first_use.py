@@ -219,3 +219,33 @@ def test_a_full_stdout_ends_with_a_line_naming_the_files_written(emb, tiny_model
         assert _one_line(_to_full(*args, cwd=tmp_path), 1) == "error: cannot write to stdout (No space left on device)"
     line = _one_line(_to_full("encode", "a cat", *model, "-q", "-o", "-", cwd=tmp_path), 1)
     assert "--output -: cannot write the output to stdout (No space left on device)" in line
+
+
+# --- 6. a test ControlNet adapter, made offline (README's recipe) --------------------------------------------------
+def test_random_model_makes_a_controlnet_adapter_that_fits_and_steers(tiny_model, emb, tmp_path):
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from helpers import read_png
+
+    made = subprocess.run(
+        [sys.executable, "-m", "pixart_cli.random_model", "cn.safetensors", "--controlnet-for", str(tiny_model)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert made.returncode == 0 and made.stdout == "cn.safetensors\n", made.stderr
+    common = ("--model", tiny_model, *SMALL, "-q")
+    control = ("--control-image", emb / "cat.png", "--controlnet")
+    run_pixart("generate", "a house", *common, *control, "cn.safetensors:0.8", "-o", "house.png", cwd=tmp_path)
+    run_pixart("generate", "a house", *common, *control, "cn.safetensors:0", "-o", "zero.png", cwd=tmp_path)
+    run_pixart("generate", "a house", *common, "-o", "plain.png", cwd=tmp_path)
+    house, zero, plain = (read_png(tmp_path / name) for name in ("house.png", "zero.png", "plain.png"))
+    assert np.array_equal(zero, plain) and not np.array_equal(house, plain)  # it fits the model, and it steers
+    info = json.loads(run_pixart("info", "house.png", "--json", cwd=tmp_path).stdout)["settings"]
+    assert info["controlnet"]["file"] == "cn.safetensors" and info["controlnet_scale"] == 0.8
+    refused = subprocess.run(
+        [sys.executable, "-m", "pixart_cli.random_model", "cn.pth", "--controlnet-for", str(tiny_model)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert refused.returncode != 0 and "*.safetensors" in refused.stderr and not (tmp_path / "cn.pth").exists()

@@ -15,6 +15,7 @@ UNITS = {
     "denoise": "steps, over all batches",
     "decode": "images",
     "encode-image": "images",
+    "encode-control": "images",
     "convert": "tensors written and files copied",
 }
 
