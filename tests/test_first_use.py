@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -249,3 +250,119 @@ def test_random_model_makes_a_controlnet_adapter_that_fits_and_steers(tiny_model
         cwd=tmp_path, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert refused.returncode != 0 and "*.safetensors" in refused.stderr and not (tmp_path / "cn.pth").exists()
+
+
+# --- 1. a .bin checkpoint: one rule for every component, in every stage and in convert ----------------------------
+def _to_bin(folder, component: str, stem: str, shards: int = 1) -> None:
+    """``component``'s safetensors replaced by the .bin checkpoint its library falls back to (a torch.save zip
+    archive, as save_pretrained(safe_serialization=False) writes), in ``shards`` files with an index when several."""
+    import torch
+    from safetensors.torch import load_file
+
+    source = folder / component / f"{'model' if stem == 'pytorch_model' else stem}.safetensors"
+    state = load_file(source)
+    source.unlink()
+    if shards == 1:
+        torch.save(state, folder / component / f"{stem}.bin")
+        return
+    names = sorted(state)
+    weight_map = {}
+    for index in range(shards):
+        shard = f"{stem}-{index + 1:05d}-of-{shards:05d}.bin"
+        part = names[index::shards]
+        torch.save({name: state[name] for name in part}, folder / component / shard)
+        weight_map.update(dict.fromkeys(part, shard))
+    (folder / component / f"{stem}.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+@pytest.fixture(scope="module")
+def bin_model(tiny_model, tmp_path_factory):
+    """The tiny model with every component's weights as .bin: T5 in two shards, the transformer and the VAE whole."""
+    folder = tmp_path_factory.mktemp("bin") / "model"
+    shutil.copytree(tiny_model, folder)
+    _to_bin(folder, "text_encoder", "pytorch_model", shards=2)
+    _to_bin(folder, "transformer", "diffusion_pytorch_model")
+    _to_bin(folder, "vae", "diffusion_pytorch_model")
+    assert not list(folder.rglob("*.safetensors"))
+    return folder
+
+
+def _weights(folder) -> dict[str, list[str]]:
+    return {c: sorted(p.name for p in (folder / c).iterdir() if p.name != "config.json") for c in COMPONENTS}
+
+
+COMPONENTS = ("text_encoder", "transformer", "vae")
+
+
+def test_a_bin_checkpoint_loads_in_every_stage_and_converts_alike(bin_model, tiny_model, tmp_path):
+    import numpy as np
+
+    from helpers import read_png
+
+    def image(model, name, *extra):
+        run_pixart("generate", "a cute cat", "--model", model, *SMALL, *extra, "-q", "-o", name, cwd=tmp_path)
+        return read_png(tmp_path / name)
+
+    # every stage reads the .bin weights as diffusers and transformers do: the very image of the safetensors model
+    assert np.array_equal(image(bin_model, "bin.png"), image(tiny_model, "safetensors.png"))
+    staged = ("--model", bin_model)
+    run_pixart("encode", "a cute cat", *staged, "-q", "-o", "e.pt", cwd=tmp_path)
+    run_pixart("denoise", "e.pt", *staged, *SMALL, "-q", "-o", "l.pt", cwd=tmp_path)
+    run_pixart("decode", "l.pt", "-q", "-o", "staged.png", cwd=tmp_path)
+    assert np.array_equal(read_png(tmp_path / "staged.png"), read_png(tmp_path / "bin.png"))
+    # convert reads them by the same rule and writes safetensors: the copy equals the fp16 copy of the original
+    result = run_pixart("convert", bin_model, "-o", "copy", cwd=tmp_path)
+    assert "left out: transformer/diffusion_pytorch_model.bin: read with weights_only and written as safetensors" in (
+        result.stderr
+    )
+    assert _weights(tmp_path / "copy") == {
+        "text_encoder": ["model.safetensors"],
+        "transformer": ["diffusion_pytorch_model.safetensors"],
+        "vae": ["diffusion_pytorch_model.safetensors"],
+    }
+    run_pixart("convert", tiny_model, "-o", "reference", "-q", cwd=tmp_path)
+    for component in COMPONENTS:
+        for name in _weights(tmp_path / "copy")[component]:
+            assert (tmp_path / "copy" / component / name).read_bytes() == (
+                tmp_path / "reference" / component / name
+            ).read_bytes(), (component, name)
+    # a component not converted keeps its .bin weights, copied as they are, and the copy loads
+    run_pixart("convert", bin_model, "-o", "part", "--components", "transformer", "-q", cwd=tmp_path)
+    assert _weights(tmp_path / "part") == {
+        "text_encoder": [
+            "pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin", "pytorch_model.bin.index.json",
+        ],
+        "transformer": ["diffusion_pytorch_model.safetensors"],
+        "vae": ["diffusion_pytorch_model.bin"],
+    }  # fmt: skip
+    assert image(tmp_path / "part", "part.png").shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("kind", ["names a function", "legacy pickle"])
+@pytest.mark.parametrize("component", COMPONENTS)
+def test_a_hostile_bin_is_refused_alike_by_the_stages_and_convert(bin_model, tmp_path, kind, component):
+    import torch
+
+    model = tmp_path / "model"
+    shutil.copytree(bin_model, model)
+    name = {"text_encoder": "pytorch_model-00001-of-00002.bin"}.get(component, "diffusion_pytorch_model.bin")
+    path = model / component / name
+    state = torch.load(path, weights_only=True)
+    ran = tmp_path / "RAN"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {ran}",))
+
+    if kind == "legacy pickle":
+        torch.save(state, path, _use_new_zipfile_serialization=False)
+        fragment = f"{component}/{name}: is not the zip archive torch.save writes"
+    else:
+        torch.save({**state, "x": Payload()}, path)
+        fragment = f"{component}/{name}: refused: it holds Python objects other than tensors"
+    # generate plans every component before any model loads; convert reads the same file by the same rule
+    for args in (("generate", "a cat", "--model", model, *SMALL, "-o", "x.png"), ("convert", model, "-o", "copy")):
+        result = run_pixart(*args, cwd=tmp_path, check=False)
+        assert_one_line_error(result, 1, f"--model {model}: {fragment}", "get the model's safetensors files")
+    assert not ran.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

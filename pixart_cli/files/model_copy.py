@@ -26,7 +26,7 @@ from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
 from pixart_cli.files.atomic import creation_problem
-from pixart_cli.files.model_weights import open_safetensors
+from pixart_cli.files.model_weights import open_weights
 from pixart_cli.files.untrusted import open_input, read_json
 from pixart_cli.signals import GUARD
 
@@ -58,7 +58,7 @@ class Tensor:
     """One tensor of a component: where it is read from and how it is written."""
 
     name: str
-    source: Path  # the safetensors file holding it
+    source: Path  # the weights file holding it (safetensors, or a .bin checkpoint: files/model_weights.py)
     dtype: str  # its safetensors dtype code there
     shape: tuple[int, ...]
     target: str  # the code it is written as
@@ -293,7 +293,7 @@ def _read(tensor: Tensor, handles: dict, plan):
     where = f"--model {plan.model.id}: {tensor.source.parent.name}/{tensor.source.name}"
     try:
         if tensor.source not in handles:
-            handles[tensor.source] = open_safetensors(tensor.source).__enter__()
+            handles[tensor.source] = open_weights(tensor.source, where).__enter__()
         data = handles[tensor.source].get_tensor(tensor.name)
     except (SafetensorError, OSError, RuntimeError) as error:
         raise PixartError(f"{where}: cannot read tensor {tensor.name} ({detail(error)})", EXIT_RUNTIME) from error
