@@ -20,6 +20,15 @@ class StdoutClosed(Exception):
     """Standard output's reader went away (a closed pipe): raised by the output sink, ended quietly at the edge."""
 
 
+class StdoutFailed(Exception):
+    """Standard output cannot be written (a full disk behind ``> file``, /dev/full, an I/O error): raised once by the
+    output sink, whose stdout then points at /dev/null; the edge's line names the files written, not stdout."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"cannot write to stdout ({reason})")
+        self.reason = reason
+
+
 class PixartError(Exception):
     """A failure the user can fix. ``str(error)`` is the single line shown; it names the value and the fix.
 

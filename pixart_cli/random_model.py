@@ -9,8 +9,9 @@ benchmark all run on models made here:
 * ``full``: the PixArt-XL-2-1024-MS architecture at full size (T5-v1.1-XXL, 28-layer DiT, SD VAE),
   for memory and speed measurements. Memory and time do not depend on weight values.
 
-Usage: ``python -m pixart_cli.random_model OUT_DIR [--size tiny|full] [--sample-size N]``.
-Images made with these weights are noise.
+Usage: ``python -m pixart_cli.random_model OUT_DIR [--size tiny|full] [--sample-size N]``; with
+``--controlnet-for MODEL_DIR``, OUT is instead a random ControlNet adapter (``.safetensors``, diffusers layout) that
+fits that model, for trying ``--controlnet`` offline. Images made with these weights are noise.
 """
 
 from __future__ import annotations
@@ -286,6 +287,30 @@ def build(
     return out
 
 
+def build_controlnet(model: Path, out: Path, num_blocks: int | None = None, seed: int = 1) -> Path:
+    """Write a random PixArt-α ControlNet adapter for the model folder ``model`` to ``out`` (a ``.safetensors``
+    file in the diffusers layout, which ``--controlnet`` reads) and return it: the published initialisation
+    (copies of the transformer's first ``num_blocks`` blocks, default 13 or one fewer than it has, and zero
+    projections, which change nothing), then every weight moved at random so that it steers the image."""
+    import torch
+    from safetensors.torch import save_file
+
+    from pixart_cli.models import controlnet
+
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        raise SystemExit(f"--controlnet-for: name the adapter file *.safetensors, not {out.name}")
+    transformer = plain("diffusers").PixArtTransformer2DModel.from_pretrained(Path(model), subfolder="transformer")
+    adapter = controlnet.adapter_from_transformer(transformer, num_blocks)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({key: value.contiguous() for key, value in adapter.state_dict().items()}, out)
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pixart_cli.random_model", description=__doc__.split("\n")[0])
     parser.add_argument("out", type=Path)
@@ -295,6 +320,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="where to build the weights (full size: cuda is fast)")
     parser.add_argument("--family", choices=FAMILIES, default="alpha")
     parser.add_argument("--dtype", choices=("fp32", "fp16"), default=None, help="default: fp32 tiny, fp16 full")
+    parser.add_argument(
+        "--controlnet-for",
+        type=Path,
+        default=None,
+        metavar="MODEL_DIR",
+        help="write OUT, a random ControlNet adapter (.safetensors) for this model folder, instead of a model",
+    )
+    parser.add_argument("--controlnet-blocks", type=int, default=None, help="its blocks (default 13, or fewer)")
     args = parser.parse_args(argv)
     from pixart_cli import process
 
@@ -303,6 +336,9 @@ def main(argv: list[str] | None = None) -> None:
     process.quiet_libraries()
     if not process.debugging():
         process.lean_imports()
+    if args.controlnet_for is not None:
+        print(build_controlnet(args.controlnet_for, args.out, args.controlnet_blocks))
+        return
     print(
         build(args.out, args.size, args.sample_size, args.tokenizer, args.device, family=args.family, dtype=args.dtype)
     )

@@ -394,7 +394,7 @@ def test_hostile_and_mismatched_inputs_exit_2_before_any_model_loads(deep, files
         (("denoise", "emb.pt", "--control", "small.pt", "--controlnet", pth, "--init-latents", "control.pt"),
          "control.pt: is a control file (from pixart encode-control), but this command needs init latents"),
         (("denoise", "emb.pt", "--control", "init.pt", "--controlnet", pth),
-         "init.pt: is a latents file (from pixart denoise), but this command needs control latents"),
+         "init.pt: is an init latents file (from pixart encode-image), but this command needs control latents"),
         (("denoise", "emb.pt", "--control", "control.pt", "--controlnet", pth, "--init-latents", "init.pt"),
          "control.pt: the control image was encoded for 200x296 but the init image (init.pt) for 128x128"),
         (("denoise", "emb.pt", "--control", "control.pt", "--controlnet", pth, "--no-binning"),

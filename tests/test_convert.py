@@ -246,13 +246,13 @@ def test_pickles_stray_weights_and_subfolders_are_left_out_and_named(source, tmp
     result = invoke("convert", model, "-o", "copy", "--json", cwd=tmp_path)
     assert result.exit_code == 0, result.stderr
     assert json.loads(result.stdout)["left_out"] == [
-        "vae/diffusion_pytorch_model.bin: not safetensors (such files are never read or copied)",
+        "vae/diffusion_pytorch_model.bin: not weights the loaders read (such files are never read or copied)",
         "vae/diffusion_pytorch_model.fp16.safetensors: not among the weights the loaders read",
         "PixArt-XL-2-1024x1024.pth: weights outside the component folders",
         "asset/: not a component of model_index.json",
         "pipe: a named pipe (FIFO), not a regular file",
     ]
-    assert "left out: vae/diffusion_pytorch_model.bin: not safetensors" in result.stderr
+    assert "left out: vae/diffusion_pytorch_model.bin: not weights the loaders read" in result.stderr
     assert sorted(files_of(tmp_path / "copy")) == sorted(files_of(source))
 
 
@@ -429,7 +429,7 @@ def _index_disagrees(model: Path) -> None:
         (_absolute_shard, 2, ["names '/etc/passwd'", "only files inside the component's folder"]),
         (_huge_index, 2, ["model.safetensors.index.json is larger than 16 MiB"]),
         (_huge_model_index, 2, ["model_index.json is larger than 16 MiB"]),
-        (_pickle_only, 2, ["vae/ has only weights that are not safetensors (diffusion_pytorch_model.bin)"]),
+        (_pickle_only, 1, ["vae/diffusion_pytorch_model.bin: is not the zip archive torch.save writes", "never loads"]),
         (_escaping_component, 2, ["names a component '../outside'", "not a plain folder name"]),
         (_both_weights, 2, ["vae/ holds both diffusion_pytorch_model.safetensors and", "remove the stale one"]),
         (_truncated, 1, ["transformer/diffusion_pytorch_model.safetensors is damaged", "download the model again"]),

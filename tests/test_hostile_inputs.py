@@ -376,8 +376,8 @@ def test_the_cache_named_by_pixart_cache_is_named_so(tiny_model, tmp_path):
 
 
 def test_a_pickle_bin_in_place_of_the_weights_is_one_line(tiny_model, tmp_path):
-    """diffusers falls back from safetensors to .bin (weights_only: the pickle never runs) and logs a line of its
-    own first; pixart's one line is all that shows."""
+    """A .bin where the safetensors would be is read as diffusers reads it (weights_only), after pixart's checks: a
+    raw pickle is refused unread, before any model loads, and never runs; pixart's one line is all that shows."""
     import pickle
 
     model = attacks.model_copy(tiny_model, tmp_path / "model")
@@ -390,7 +390,9 @@ def test_a_pickle_bin_in_place_of_the_weights_is_one_line(tiny_model, tmp_path):
     (model / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({"w": Payload()}))
     result, _ = run_limited("generate", "cat", "--model", model, "--steps", "2", "-o", "x.png", "--quiet",
                             cwd=tmp_path)  # fmt: skip
-    assert_one_line_error(result, 1, f"--model {model}: cannot load transformer/")
+    assert_one_line_error(
+        result, 1, f"--model {model}: transformer/diffusion_pytorch_model.bin: is not the zip archive torch.save"
+    )
     assert not (tmp_path / "RAN").exists()
     assert_untouched(tmp_path, "model")
 

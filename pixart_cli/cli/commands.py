@@ -49,7 +49,7 @@ def encode(
 
         # 1. Every option and path, before torch or a model loads
         budget = shared.check_common(device, dtype, vram)
-        texts = read_prompts(prompts, prompts_file)
+        texts = read_prompts(prompts, prompts_file, out.note)
         shared.note_unquoted(out, prompts)
         settings = EncodeSettings(
             negative_prompt,
@@ -283,8 +283,8 @@ def generate(
         spread = parse_devices(devices)
         if spread is not None and device != "auto":
             raise PixartError(f"--device {device}: --devices names the devices already; give one of the two")
-        check_one_stdin(("--prompts-file", prompts_file), ("--image", image))
-        texts = read_prompts(prompts, prompts_file)
+        check_one_stdin(("PROMPT", shared.stdin_prompt(prompts)), ("--prompts-file", prompts_file), ("--image", image))
+        texts = read_prompts(prompts, prompts_file, out.note)
         shared.note_unquoted(out, prompts)
         encoding = EncodeSettings(
             negative_prompt,

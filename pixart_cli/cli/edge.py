@@ -21,6 +21,7 @@ from pixart_cli.errors import (
     PixartError,
     RunStopped,
     StdoutClosed,
+    StdoutFailed,
     Terminated,
     detail,
 )
@@ -58,7 +59,7 @@ def run_command(out: Output, work: Callable[[], None], quantized: bool = False) 
             out.close()
             Outcome.completed = True
             return
-        code, message = failure(error, written, planned)
+        code, message = failure(error, written, planned, listed=out.stdout_lost is None)
         if debug:
             traceback.print_exception(error)
         out.error(message, code, silent=isinstance(error, RunStopped) and error.silent)
@@ -70,8 +71,12 @@ def all_written(written: list[str], planned: int | None) -> bool:
     return bool(planned) and len(written) >= planned
 
 
-def failure(error: BaseException, written: list[str] = (), planned: int | None = None) -> tuple[int, str]:
-    """Exit code and one-line message for any failure, saying truthfully which outputs were written before it."""
+def failure(
+    error: BaseException, written: list[str] = (), planned: int | None = None, listed: bool = True
+) -> tuple[int, str]:
+    """Exit code and one-line message for any failure, saying truthfully which outputs were written before it;
+    ``listed``: whether their paths reached stdout (not once its reader closed it or writing it failed, when the
+    line names them itself)."""
     if isinstance(error, RunStopped):  # the run's account, over every process: complete as it is
         return error.exit_code, str(error)
     if isinstance(error, KeyboardInterrupt):
@@ -82,6 +87,8 @@ def failure(error: BaseException, written: list[str] = (), planned: int | None =
         code, message = error.exit_code, str(error)
     elif isinstance(error, StdoutClosed):  # before every output file was written
         code, message = EXIT_RUNTIME, "stdout was closed by its reader (Broken pipe)"
+    elif isinstance(error, StdoutFailed):  # a full disk behind `> file`, /dev/full, an I/O error
+        code, message = EXIT_RUNTIME, str(error)
     elif isinstance(error, OSError) and error.strerror:  # a full disk, a vanished folder: the file is named
         code, message = EXIT_RUNTIME, f"cannot write {error.filename or 'an output'} ({error.strerror})"
     else:
@@ -90,14 +97,20 @@ def failure(error: BaseException, written: list[str] = (), planned: int | None =
         if code in (EXIT_SIGINT, EXIT_SIGTERM):
             message += "; no output was written"
         return code, message
-    if all_written(written, planned):
-        return code, f"{message}; all {len(written)} outputs had been written (listed on stdout)"
-    of = f" of {planned}" if planned else ""
     names = ", ".join(written) if len(written) <= 3 else f"{written[0]} ... {written[-1]}"
-    return (
-        code,
-        f"{message}; {len(written)}{of} outputs had been written ({names}; listed on stdout), the rest were not",
-    )
+    if all_written(written, planned):
+        if len(written) == 1:
+            return (
+                code,
+                f"{message}; the output had been written ({written[0]}{'; listed on stdout' if listed else ''})",
+            )
+        return (
+            code,
+            f"{message}; all {len(written)} outputs had been written ({'listed on stdout' if listed else names})",
+        )
+    of = f" of {planned}" if planned else ""
+    listing = "; listed on stdout" if listed else ""
+    return code, f"{message}; {len(written)}{of} outputs had been written ({names}{listing}), the rest were not"
 
 
 def unexpected(error: Exception) -> str:

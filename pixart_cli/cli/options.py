@@ -31,7 +31,12 @@ MODEL_HELP = (
 )
 
 Prompts = Annotated[
-    Optional[list[str]], typer.Argument(metavar="PROMPT", help="Text prompt(s), each quoted.", show_default=False)
+    Optional[list[str]],
+    typer.Argument(
+        metavar="PROMPT",
+        help="Text prompt(s), each quoted; - reads prompts from stdin, one per line (as --prompts-file -).",
+        show_default=False,
+    ),
 ]
 PromptsFile = Annotated[
     Optional[str],

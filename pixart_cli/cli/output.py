@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from pixart_cli.errors import StdoutClosed
+from pixart_cli.errors import StdoutClosed, StdoutFailed
 
 # What each stage's progress counts (encode also encodes the negative prompt, "" when none is given).
 UNITS = {
@@ -15,6 +15,7 @@ UNITS = {
     "denoise": "steps, over all batches",
     "decode": "images",
     "encode-image": "images",
+    "encode-control": "images",
     "convert": "tensors written and files copied",
 }
 
@@ -35,8 +36,9 @@ class Output:
         # stdout as the command found it: paths and the JSON document go there even while a library (Ray's driver)
         # has sys.stdout pointed elsewhere, so that nothing but them reaches it
         self.stream = sys.stdout
-        self.printed = 0  # paths that reached stdout
-        self.stdout_closed = False  # the reader went away (`| head -1`): the run goes on, stdout is left alone
+        # why stdout stopped taking text (its reader closed it, or writing failed), None while it takes it: the
+        # paths written after that reached no one, and a failure's line must not say they are listed there
+        self.stdout_lost: str | None = None
 
     @property
     def console(self):
@@ -64,8 +66,14 @@ class Output:
     def text(self, text: str) -> None:
         """Text for stdout (a written path, `info`'s table, the JSON document). A reader that closed the pipe
         early (``| head -1``) raises StdoutClosed once; the edge ends the command quietly."""
-        if not write_out(text, self.stream):
-            raise StdoutClosed()
+        try:
+            if write_out(text, self.stream):
+                return
+        except StdoutFailed as error:
+            self.stdout_lost = self.stdout_lost or error.reason
+            raise
+        self.stdout_lost = self.stdout_lost or "closed by its reader"
+        raise StdoutClosed()
 
     def progress(self, stage: str, done: int, total: int) -> None:
         """Progress callback for the stage functions: a rich bar on a terminal, one line per stage otherwise.
@@ -104,23 +112,16 @@ class Output:
             self._progress.update(self._tasks[stage], completed=done, total=total)
         elif done == total:
             elapsed = time.perf_counter() - self._started[stage]
-            self.console.print(f"{stage}: {done}/{total} {UNITS.get(stage, 'done')} in {elapsed:.1f} s", markup=False)
+            unit = UNITS.get(stage.rsplit(" ", 1)[-1], "done")  # "cuda:1: denoise", "rank 0 denoise": the stage's
+            self.console.print(f"{stage}: {done}/{total} {unit} in {elapsed:.1f} s", markup=False)
 
     def close(self) -> None:
         """Stop the progress display and, in JSON mode, print the document."""
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
-        if self.stdout_closed:
-            self._closed_note()
         if self.as_json:
             self.text(document_text(self.record))
-
-    def _closed_note(self) -> None:
-        outputs = self.record["outputs"]
-        shown = ", ".join(outputs) if len(outputs) <= 3 else f"{outputs[0]} ... {outputs[-1]}"
-        written = f"{len(outputs)} output(s) were written ({shown})" if outputs else "no output was written"
-        self.note(f"stdout was closed by its reader after {self.printed} path(s); the run went on: {written}")
 
     def error(self, message: str, exit_code: int, silent: bool = False) -> None:
         """The single red line of a failure, shown even with --quiet (``silent``: not shown, another process tells
@@ -133,7 +134,10 @@ class Output:
             self.console.print(f"[bold red]error:[/] {_escape(printable(message))}", soft_wrap=True)
             sys.stderr.flush()
         if self.as_json:
-            write_out(document_text({**self.record, "error": message, "exit_code": exit_code}), self.stream)
+            try:
+                write_out(document_text({**self.record, "error": message, "exit_code": exit_code}), self.stream)
+            except StdoutFailed:
+                pass  # the line on stderr above says it all
 
 
 def document_text(document: dict) -> str:
@@ -144,9 +148,9 @@ def document_text(document: dict) -> str:
 
 
 def write_out(text: str, stream=None) -> bool:
-    """Write ``text`` to stdout (``stream``, else sys.stdout) and flush; False when its reader has closed the pipe
-    (then, and for the rest of the process, stdout goes to /dev/null, so that Python's own flush at exit does not
-    report it again)."""
+    """Write ``text`` to stdout (``stream``, else sys.stdout) and flush; False when its reader has closed the pipe,
+    StdoutFailed when writing fails otherwise (a full disk, an I/O error). Then, and for the rest of the process,
+    stdout goes to /dev/null, so that nothing fails on it again (Python's own flush at exit included)."""
     stream = sys.stdout if stream is None else stream
     try:
         binary = getattr(stream, "buffer", None)
@@ -163,11 +167,20 @@ def write_out(text: str, stream=None) -> bool:
         stream.flush()
         return True
     except BrokenPipeError:
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
-        except (OSError, ValueError):
-            pass
+        _to_devnull(stream)
         return False
+    except OSError as error:
+        _to_devnull(stream)
+        raise StdoutFailed(error.strerror or type(error).__name__) from None
+
+
+def _to_devnull(stream) -> None:
+    """stdout's descriptor pointed at /dev/null, and what is still buffered dropped."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
+        stream.flush()
+    except (OSError, ValueError):
+        pass
 
 
 def _escape(text: str) -> str:

@@ -58,6 +58,11 @@ def new_model(model: Optional[str], revision: Optional[str]):
     return Model(default_model() if model is None else model, revision, option=model_option(model))
 
 
+def stdin_prompt(prompts: Optional[list[str]]) -> Optional[str]:
+    """``-`` where a PROMPT argument reads standard input, else None (for ``check_one_stdin``)."""
+    return "-" if prompts and "-" in prompts else None
+
+
 def note_unquoted(out: Output, prompts: Optional[list[str]]) -> None:
     """`pixart encode cute cat` reads two prompts: say so, as a note, when several PROMPT arguments are one word
     each (the shell split an unquoted prompt, most likely)."""

@@ -24,6 +24,25 @@ def is_stdout(path) -> bool:
     return str(path) == STDOUT
 
 
+def creation_problem(folder: Path, make_folder: bool = False) -> str | None:
+    """Why a file (``make_folder``: a folder) cannot be made in the existing ``folder``, or None: found by making one
+    (a hidden temp name) and removing it at once, which tells what ``os.access`` cannot (root in /proc or /sys, a
+    file system that refuses new names). Nothing is left behind; a signal waits until it is removed."""
+    from pixart_cli.signals import GUARD
+
+    try:
+        with GUARD.deferred():
+            if make_folder:
+                os.rmdir(tempfile.mkdtemp(prefix=".pixart-probe-", dir=folder))
+            else:
+                handle, name = tempfile.mkstemp(prefix=".pixart-probe-", dir=folder)
+                os.close(handle)
+                os.unlink(name)
+    except OSError as error:
+        return error.strerror or type(error).__name__
+    return None
+
+
 @contextmanager
 def atomic_path(path: Path, overwrite: bool = True, follow_link: bool = False):
     """Yield a temp path beside ``path``; put it in place only if the block succeeds (see ``place``).
@@ -152,6 +171,16 @@ def write_stdout(data: bytes) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         raise PixartError("--output -: stdout was closed before the output was written", EXIT_RUNTIME) from None
+    except OSError as error:  # a full disk behind `> file`, /dev/full: what went out is not the whole output
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        raise PixartError(
+            f"--output -: cannot write the output to stdout ({error.strerror or type(error).__name__}), so what "
+            "reached it is incomplete; give -o a file name instead",
+            EXIT_RUNTIME,
+        ) from None
 
 
 def plain(meta: dict) -> dict:

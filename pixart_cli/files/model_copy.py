@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
-from pixart_cli.files.untrusted import open_input, open_safetensors, read_json
+from pixart_cli.files.atomic import creation_problem
+from pixart_cli.files.model_weights import open_weights
+from pixart_cli.files.untrusted import open_input, read_json
 from pixart_cli.signals import GUARD
 
 COPY_CHUNK = 64 * 2**20  # bytes per read when a file is copied
@@ -56,7 +58,7 @@ class Tensor:
     """One tensor of a component: where it is read from and how it is written."""
 
     name: str
-    source: Path  # the safetensors file holding it
+    source: Path  # the weights file holding it (safetensors, or a .bin checkpoint: files/model_weights.py)
     dtype: str  # its safetensors dtype code there
     shape: tuple[int, ...]
     target: str  # the code it is written as
@@ -90,6 +92,9 @@ def check_target(output: str, overwrite: bool) -> tuple[Path, str]:
         raise PixartError(f"--output {shown}: the folder {parent} does not exist; create it first")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PixartError(f"--output {shown}: cannot write in {parent} (permission denied); write elsewhere")
+    problem = creation_problem(parent, make_folder=True)  # the copy is made in a temp folder there (root in /proc)
+    if problem is not None:
+        raise PixartError(f"--output {shown}: cannot create a folder in {parent} ({problem}); write elsewhere")
     if os.path.islink(target):
         raise PixartError(f"--output {shown}: is a symbolic link; give the folder itself, or a new path")
     if not os.path.lexists(target):
@@ -288,7 +293,7 @@ def _read(tensor: Tensor, handles: dict, plan):
     where = f"--model {plan.model.id}: {tensor.source.parent.name}/{tensor.source.name}"
     try:
         if tensor.source not in handles:
-            handles[tensor.source] = open_safetensors(tensor.source).__enter__()
+            handles[tensor.source] = open_weights(tensor.source, where).__enter__()
         data = handles[tensor.source].get_tensor(tensor.name)
     except (SafetensorError, OSError, RuntimeError) as error:
         raise PixartError(f"{where}: cannot read tensor {tensor.name} ({detail(error)})", EXIT_RUNTIME) from error

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pixart_cli.errors import PixartError
-from pixart_cli.files.atomic import STDOUT, existing_kind, is_stdout, written_path
+from pixart_cli.files.atomic import STDOUT, creation_problem, existing_kind, is_stdout, written_path
 from pixart_cli.files.image_io import image_format
 from pixart_cli.files.stdin import is_stdin
 from pixart_cli.files.untrusted import empty_path_error, short
@@ -86,8 +86,9 @@ def output_targets(
         if images:
             image_format(path, option)
         paths = [path] if count == 1 else [path.with_name(f"{path.stem}-{i}{path.suffix}") for i in range(count)]
+    probed: dict = {}  # (folder, whether folders are made in it) -> why nothing can be made there, or None
     for path in paths:
-        _check_target(path, option, inputs, overwrite, create_folder=folder_given)
+        _check_target(path, option, inputs, overwrite, create_folder=folder_given, probed=probed)
     if not images and not folder_given and paths[0].suffix.lower() != PT_SUFFIX:
         raise PixartError(
             f"{option} {text}: {'an' if kind[0] in 'aeiou' else 'a'} {kind} file is a torch .pt file; "
@@ -96,7 +97,9 @@ def output_targets(
     return paths
 
 
-def _check_target(path: Path, option: str, inputs: tuple, overwrite: bool, create_folder: bool) -> None:
+def _check_target(
+    path: Path, option: str, inputs: tuple, overwrite: bool, create_folder: bool, probed: dict | None = None
+) -> None:
     found = existing_kind(path)
     if found == "a folder":
         raise PixartError(f"{option} {path}: is a folder; give a file name")
@@ -119,11 +122,23 @@ def _check_target(path: Path, option: str, inputs: tuple, overwrite: bool, creat
             "with / to have pixart create it"
         )
     if not existing.is_dir():
-        raise PixartError(f"{option} {path}: {existing} is not a folder")
-    if not os.access(existing, os.W_OK):
-        raise PixartError(f"{option} {path}: folder {existing} is not writable")
+        raise PixartError(f"{option} {path}: {existing} is not a folder; give -o a path in a folder")
+    writable = "give -o a path in a folder you can write"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PixartError(f"{option} {path}: folder {existing} is not writable; {writable}")
+    # what access() cannot tell (root in /proc, a file system that takes no new names): a file, or the folder to
+    # create, made there and removed at once, before any work
+    probed = {} if probed is None else probed
+    key = (existing, existing != folder)
+    if key not in probed:
+        probed[key] = creation_problem(existing, make_folder=existing != folder)
+    if probed[key] is not None:
+        made = f"cannot create folder {folder}" if existing != folder else f"cannot create files in {existing}"
+        raise PixartError(f"{option} {path}: {made} ({probed[key]}); {writable}")
     destination = written_path(path)
-    if destination != path and not os.access(destination.parent, os.W_OK):
+    if destination != path and (
+        not os.access(destination.parent, os.W_OK) or creation_problem(destination.parent) is not None
+    ):
         raise PixartError(f"{option} {path}: links to {destination}, whose folder is not writable; give another path")
     try:
         name_max = os.pathconf(existing, "PC_NAME_MAX")

@@ -54,6 +54,9 @@ def empty_path_error(option: str) -> PixartError:
     )
 
 
+_STDIN_NAMES = ("/dev/stdin", "/dev/fd/0", "/proc/self/fd/0")
+
+
 def open_input(path, option: str | None = None, name: str | None = None):
     """Open an input file for reading: (binary file object, size in bytes). Refuses, naming the file (``name``,
     else its path), an empty path, a missing file, a folder, and anything that is not a regular file (a FIFO
@@ -78,6 +81,8 @@ def open_input(path, option: str | None = None, name: str | None = None):
         os.close(handle)
         kind = next((word for test, word in FILE_KINDS if test(info.st_mode)), "not a regular file")
         fix = "give a file" if kind == "a folder" else "pixart reads only regular files"
+        if option is not None and (stat.S_ISFIFO(info.st_mode) or text in _STDIN_NAMES):  # /dev/stdin, <(cmd)
+            fix = f"pixart reads regular files, and standard input as -: pipe the data in and give - in place of {text}"
         raise bad_file(shown, f"is {kind}, not a file; {fix}")
     os.set_blocking(handle, True)
     return os.fdopen(handle, "rb"), info.st_size
@@ -152,6 +157,8 @@ def read_pt(
             CONTROL_FORMAT: "a control file (from pixart encode-control)",
             MASK_FORMAT: "a mask file (from pixart encode-mask)",
         }
+        if fmt == LATENTS_FORMAT and meta.get("sample") == "latent_dist.sample":  # staged.encoded_image_meta
+            kind[fmt] = "an init latents file (from pixart encode-image)"
         if fmt in kind:
             raise bad_file(path, f"is {kind[fmt]}, but this command needs {needed or kind[expected_formats[0]]}")
         raise bad_file(path, f"unknown format {short(fmt)}; expected {' or '.join(expected_formats)}")
@@ -398,7 +405,7 @@ def text_list(path, meta: dict, key: str, count: int, what: str) -> list:
     return values
 
 
-# --- a model folder's files (pixart convert): bounded JSON, safetensors headers ------------------------------------
+# --- a model folder's files: bounded JSON (its weights files: files/model_weights.py) ----------------------------
 def read_json(path, what: str, limit: int = MAX_JSON_BYTES):
     """A JSON file of a model folder, opened as ``open_input`` opens (regular files only, a FIFO never blocks) and
     parsed only below ``limit`` bytes; ``what`` names it in errors ("--model ID: vae/config.json")."""
@@ -414,34 +421,3 @@ def read_json(path, what: str, limit: int = MAX_JSON_BYTES):
         return json.loads(data)
     except (ValueError, RecursionError) as error:
         raise PixartError(f"{what} is broken ({detail(error)}); the model folder is damaged", EXIT_RUNTIME) from None
-
-
-def open_safetensors(path):
-    """``safetensors.safe_open`` through ``pread`` where this safetensors has it (0.8 on): a memory map would count
-    every page read in this process's RSS."""
-    from safetensors import safe_open
-
-    try:
-        return safe_open(str(path), framework="pt", backend="pread")
-    except TypeError:  # an older safetensors: no backend argument
-        return safe_open(str(path), framework="pt")
-
-
-def safetensors_header(path, what: str) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype code, shape) of one safetensors file, in the order of its data, from its header only
-    (safetensors bounds the header and checks that its offsets cover the file exactly); ``what`` names the file."""
-    from safetensors import SafetensorError
-
-    try:
-        with open_safetensors(path) as handle:
-            names = handle.offset_keys() if hasattr(handle, "offset_keys") else handle.keys()
-            entries = {}
-            for name in names:
-                view = handle.get_slice(name)
-                entries[name] = (view.get_dtype(), tuple(int(n) for n in view.get_shape()))
-            return entries
-    except (SafetensorError, OSError, ValueError) as error:
-        raise PixartError(
-            f"{what} is damaged (truncated or not safetensors: {detail(error)}); download the model again",
-            EXIT_RUNTIME,
-        ) from error

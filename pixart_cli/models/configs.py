@@ -273,19 +273,36 @@ def shard_names(index: dict, index_name: str, where: str) -> set[str]:
     return names
 
 
+def weights_files(folder: Path, component: str, where: str) -> list[Path] | None:
+    """The files a local component's loader reads its weights from: its safetensors (an index's shards, or the one
+    file) or, where it has none, its .bin checkpoint (files/model_weights.py: one rule for every component); None
+    when it has neither."""
+    from pixart_cli.files.model_weights import BIN_WEIGHTS
+
+    for single in (folder / WEIGHTS_FILES[component], folder / BIN_WEIGHTS[component]):
+        index = folder / f"{single.name}.index.json"
+        if index.is_file():
+            names = sorted(shard_names(read_json(index, index.name, where), index.name, where))
+            return [folder / name for name in names]
+        if single.is_file():
+            return [single]
+    return None
+
+
 def header_shapes(folder: Path, component: str, where: str) -> dict[str, list] | None:
-    """Tensor name -> shape, from the headers of a local component's safetensors files (its index's shards, or the
-    one file); None when it has none (a .bin checkpoint: its loader checks it)."""
-    single = folder / WEIGHTS_FILES[component]
-    index = folder / f"{WEIGHTS_FILES[component]}.index.json"
-    if index.is_file():
-        files = [folder / name for name in sorted(shard_names(read_json(index, index.name, where), index.name, where))]
-    elif single.is_file():
-        files = [single]
-    else:
+    """Tensor name -> shape, from the headers of a local component's weights files (``weights_files``; a .bin
+    checkpoint memory-mapped, its data unread); None when it has none."""
+    from pixart_cli.files.model_weights import weights_header
+
+    files = weights_files(folder, component, where)
+    if files is None:
         return None
     shapes = {}
     for path in files:
+        if path.suffix == ".bin":
+            entries = weights_header(path, f"{where}: {component}/{path.name}")
+            shapes.update({name: list(shape) for name, (_, shape) in entries.items()})
+            continue
         try:
             _, entries, _ = read_header(path)
         except (OSError, ValueError) as error:

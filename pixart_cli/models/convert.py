@@ -14,9 +14,11 @@ copy's dtype:
   ``_keep_in_fp32_modules`` under any dtype, matching whole parts of the dotted name (``load_model_dict_into_meta``);
 - integer and bool tensors are copied unchanged, as the loaders leave them.
 
-The source is not trusted: only ``.safetensors`` weights are read (a pickle is never read or copied), the shard
-names of an index must be plain names of files in the component's own folder, JSON files are read only below a
-size cap, and only regular files are read (``files/untrusted.py``).
+The source is not trusted, and its weights are read by the rule every stage reads them by (files/model_weights.py):
+a component's safetensors files or, where it has none, its ``.bin`` checkpoint, read with ``torch.load(
+weights_only=True)`` after the archive's checks and written as safetensors; other pickles are never read or copied.
+The shard names of an index must be plain names of files in the component's own folder, JSON files are read only
+below a size cap, and only regular files are read (``files/untrusted.py``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from pixart_cli.errors import EXIT_RUNTIME, PixartError
 from pixart_cli.files import model_copy
 from pixart_cli.files.atomic import existing_kind
 from pixart_cli.files.model_copy import CODES, FLOATS, ITEMSIZE, Tensor, gb
-from pixart_cli.files.untrusted import read_json, safetensors_header
+from pixart_cli.files.model_weights import BIN_WEIGHTS, weights_header
+from pixart_cli.files.untrusted import read_json
 from pixart_cli.models.source import WEIGHTS_FILES, Model
 
 # The components with weights, in the order they are converted; the others (tokenizer, scheduler) are copied.
@@ -41,8 +44,9 @@ DTYPE_WORDS = ("fp16", "bf16")
 # The largest shard written, in bytes: the "5GB" of transformers' and diffusers' save_pretrained (GB = 10^9).
 # A tensor larger than this gets a shard of its own, as there.
 SHARD_BYTES = 5 * 10**9
-# Weights in formats other than safetensors: pickles (which could run code) and other frameworks' files. They
-# are never read, nor copied.
+# Weights in formats other than safetensors: pickles (which could run code) and other frameworks' files. They are
+# never read, nor copied, except a component's .bin checkpoint where it has no safetensors (BIN_WEIGHTS: read as the
+# stages read it, with weights_only).
 FOREIGN_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".h5", ".msgpack", ".gguf", ".onnx")
 
 _COMPONENT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
@@ -60,7 +64,7 @@ class Component:
     copies: list[str] = field(default_factory=list)  # file names copied as they are
     left_out: list[str] = field(default_factory=list)  # file names not copied, each with the reason
     library: str | None = None
-    weights: list[str] = field(default_factory=list)  # the safetensors files the loaders read (an index first)
+    weights: list[str] = field(default_factory=list)  # the weights files the loaders read (an index first)
     weight_map: dict | None = None  # the index's, when sharded
     tensors: list[Tensor] = field(default_factory=list)  # converted components: every tensor, in reading order
     shards: list[list[Tensor]] = field(default_factory=list)  # converted components: the files written, in order
@@ -245,11 +249,18 @@ def _component(model: Model, name: str, folder: Path, convert: bool, library: st
             raise PixartError(f"{where}{entry.name} is {kind}; pixart convert reads only regular files")
         elif entry.name.endswith(FOREIGN_WEIGHTS):
             foreign.append(entry.name)
-            part.left_out.append(f"{entry.name}: not safetensors (such files are never read or copied)")
         else:
             files.add(entry.name)
     if name in WEIGHTS_FILES:
         part.weights, part.weight_map = _weight_files(model, name, part.folder, files, foreign)
+    pickled = [n for n in part.weights if not n.endswith(".safetensors")]  # a .bin checkpoint and its index
+    files -= set(pickled)
+    for other in (n for n in foreign if n not in pickled):
+        part.left_out.append(f"{other}: not weights the loaders read (such files are never read or copied)")
+    if pickled and convert:
+        part.left_out += [f"{n}: read with weights_only and written as safetensors" for n in pickled]
+    elif pickled:
+        part.copies = sorted(pickled)  # the weights the loaders read, copied as they are (below)
     if convert:
         # the weights are written anew; other safetensors files (variants, leftovers) are not what loads
         unused = sorted(n for n in files if _is_weights(n) and n not in part.weights)
@@ -257,17 +268,20 @@ def _component(model: Model, name: str, folder: Path, convert: bool, library: st
         part.copies = sorted(n for n in files if not _is_weights(n))
         part.config_dtype = library == "transformers" and "config.json" in files
     else:
-        part.copies = sorted(files)
+        part.copies = sorted(files | set(part.copies))
     return part
 
 
 def _weight_files(
     model: Model, name: str, folder: Path, files: set[str], foreign: list[str]
 ) -> tuple[list[str], dict | None]:
-    """The safetensors files the loaders read for this component, with the index's weight map when sharded:
-    [index, shards...] or [single file]. Shard names must be plain names of regular files of the folder."""
+    """The weights files the loaders read for this component, with the index's weight map when sharded:
+    [index, shards...] or [single file]: its safetensors or, where it has none, its .bin checkpoint (the stages'
+    rule, files/model_weights.py). Shard names must be plain names of regular files of the folder."""
     where = f"--model {model.id}: {name}/"
     single = WEIGHTS_FILES[name]
+    if single not in files and f"{single}.index.json" not in files:  # no safetensors: the loaders read the .bin
+        single, files = BIN_WEIGHTS[name], files | set(foreign)
     index_name = f"{single}.index.json"
     if single in files and index_name in files:
         raise PixartError(
@@ -279,11 +293,13 @@ def _weight_files(
     if index_name not in files:
         if foreign:
             raise PixartError(
-                f"{where} has only weights that are not safetensors ({', '.join(foreign)}); pixart reads "
-                ".safetensors files only (a pickle could run code): get the model's safetensors files"
+                f"{where} has only weights the loaders do not read ({', '.join(foreign)}); pixart reads a "
+                f"component's .safetensors files or its {BIN_WEIGHTS[name]} (other pickles could run code): get the "
+                "model's safetensors files"
             )
         raise PixartError(
-            f"{where} has no weights file ({single} is missing); the model folder is incomplete", EXIT_RUNTIME
+            f"{where} has no weights file ({WEIGHTS_FILES[name]} is missing); the model folder is incomplete",
+            EXIT_RUNTIME,
         )
     index = read_json(folder / index_name, f"{where}{index_name}")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -291,9 +307,10 @@ def _weight_files(
         raise PixartError(f"{where}{index_name} has no weight_map; the model folder is damaged", EXIT_RUNTIME)
     shards = set()
     for tensor, shard in weight_map.items():
-        if not isinstance(shard, str) or not _plain_name(shard) or not shard.endswith(".safetensors"):
+        kind = Path(single).suffix
+        if not isinstance(shard, str) or not _plain_name(shard) or not shard.endswith(kind):
             raise PixartError(
-                f"{where}{index_name} names {shard!r} for tensor {tensor}, which is not a .safetensors file of that "
+                f"{where}{index_name} names {shard!r} for tensor {tensor}, which is not a {kind} file of that "
                 "folder; pixart convert reads only files inside the component's folder"
             )
         if shard not in files:
@@ -309,9 +326,9 @@ def _plan_tensors(model: Model, part: Component, dtype, entry: list[str], shard_
     keeps_fp32 = _fp32_rule(model, part.name, *entry, dtype)
     target = CODES[str(dtype).removeprefix("torch.")]
     seen: dict[str, str] = {}
-    for file_name in (n for n in part.weights if n.endswith(".safetensors")):
+    for file_name in (n for n in part.weights if not n.endswith(".json")):
         path = part.folder / file_name
-        for name, (code, shape) in safetensors_header(path, f"--model {model.id}: {part.name}/{file_name}").items():
+        for name, (code, shape) in weights_header(path, f"--model {model.id}: {part.name}/{file_name}").items():
             if name in seen:
                 raise PixartError(
                     f"--model {model.id}: {part.name}/ holds tensor {name} in both {seen[name]} and {file_name}; "
@@ -413,7 +430,7 @@ def _kind(path: Path) -> str:
 
 def _is_weights(name: str) -> bool:
     """A safetensors file or a weights index: written anew for a converted component, never copied there."""
-    return name.endswith(".safetensors") or bool(re.search(r"\.safetensors\.index(\.[\w-]+)?\.json$", name))
+    return name.endswith(".safetensors") or bool(re.search(r"\.(safetensors|bin)\.index(\.[\w-]+)?\.json$", name))
 
 
 def _plain_name(name: str) -> bool:

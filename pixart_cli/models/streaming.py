@@ -1,4 +1,4 @@
-"""T5 encoder streamed block by block from its safetensors files to the device.
+"""T5 encoder streamed block by block from its safetensors files (or its .bin checkpoint) to the device.
 
 T5-v1.1-XXL is ~9.5 GB in fp16, more than an 8 GB card holds. Here the model skeleton lives on the ``meta``
 device; the embedding and final norm (~0.27 GB) are loaded once, and each of the 24 blocks is read from the
@@ -25,6 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from pixart_cli.files.formats import SAFETENSORS_DTYPES
+from pixart_cli.files.model_weights import BIN_WEIGHTS, BinTensors
 from pixart_cli.models.configs import read_header, read_json, shard_names
 
 _BLOCK = re.compile(r"^encoder\.block\.(\d+)\.(.+)$")
@@ -77,21 +78,31 @@ class TensorFile:
         os.close(self.fd)
 
 
+def tensor_file(path: Path, where: str = ""):
+    """A reader of one weights file: ``TensorFile`` for safetensors, ``BinTensors`` for a .bin checkpoint (the
+    component's weights where it has no safetensors: files/model_weights.py), with the same interface."""
+    if Path(path).suffix == ".bin":
+        return BinTensors(path, f"{where}: {Path(path).parent.name}/{Path(path).name}" if where else str(path))
+    return TensorFile(path)
+
+
 def _weight_files(folder: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file holding it (sharded or single-file checkpoints); an index's shards must be
-    files beside it (configs.shard_names)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        where = str(folder)
-        weight_map = read_json(index, index.name, where)
-        shard_names(weight_map, index.name, where)
-        return {name: folder / file for name, file in weight_map["weight_map"].items()}
-    single = folder / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    tensor_file = TensorFile(single)
-    tensor_file.close()
-    return dict.fromkeys(tensor_file.keys(), single)
+    """Tensor name -> weights file holding it (sharded or single-file checkpoints, safetensors or else .bin, as
+    configs.weights_files finds them); an index's shards must be files beside it (configs.shard_names)."""
+    folder = Path(folder)
+    for single in (folder / "model.safetensors", folder / BIN_WEIGHTS["text_encoder"]):
+        index = folder / f"{single.name}.index.json"
+        if index.is_file():
+            where = str(folder)
+            weight_map = read_json(index, index.name, where)
+            shard_names(weight_map, index.name, where)
+            return {name: folder / file for name, file in weight_map["weight_map"].items()}
+        if single.is_file():
+            reader = tensor_file(single)
+            names = list(reader.keys())
+            reader.close()
+            return dict.fromkeys(names, single)
+    raise FileNotFoundError(f"{folder}: no model.safetensors or {BIN_WEIGHTS['text_encoder']} (or an index of them)")
 
 
 def parameter_dtypes(model, dtype) -> dict[str, object]:
@@ -125,7 +136,7 @@ class StreamedT5:
 
         self.device = device
         self.files = _weight_files(folder)
-        self.handles = {file: TensorFile(file) for file in set(self.files.values())}
+        self.handles = {file: tensor_file(file) for file in set(self.files.values())}
         self.pool = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="t5-read")
         config = read_json(Path(folder) / "config.json", "text_encoder/config.json", str(folder))
         with torch.device("meta"):

@@ -186,15 +186,19 @@ def _blend(a, b, extent: int, dim: int):
 
 
 def _load_weights(module, folder: Path, dtype, device):
-    """``module``'s tensors (built on the meta device) read from the folder's one safetensors file, or None."""
-    from pixart_cli.models.streaming import TensorFile
+    """``module``'s tensors (built on the meta device) read from the folder's one safetensors file (or, where it has
+    none, its one .bin checkpoint: files/model_weights.py), or None."""
+    from pixart_cli.files.model_weights import BIN_WEIGHTS
+    from pixart_cli.models.streaming import tensor_file as open_tensor_file
 
     path = Path(folder) / WEIGHTS
+    if not path.is_file() and not (Path(folder) / f"{WEIGHTS}.index.json").is_file():
+        path = Path(folder) / BIN_WEIGHTS["vae"]
     if not path.is_file():
         return None
     shapes = {name: tuple(tensor.shape) for name, tensor in module.state_dict().items()}
     wanted = set(shapes)
-    tensor_file = TensorFile(path)
+    tensor_file = open_tensor_file(path)
     try:
         if not wanted <= set(tensor_file.keys()):
             return None  # renamed (older) attention keys, and the like: AutoencoderKL converts those

@@ -60,6 +60,21 @@ def parse_devices(text: str | None) -> list[str] | None:
     return devices
 
 
+def labels(devices: list[str]) -> list[str]:
+    """How each worker is named in the run's lines, once at their start: its device, numbered where a device is
+    named more than once (``cpu #1``, ``cpu #2``)."""
+    numbers: dict[str, int] = {}
+    named = []
+    for device in devices:
+        numbers[device] = numbers.get(device, 0) + 1
+        named.append(device if devices.count(device) == 1 else f"{device} #{numbers[device]}")
+    return named
+
+
+def _prefixed(log, prefix: str):
+    return None if log is None else (lambda message: log(prefix + message))
+
+
 def unit_size(images: int, devices: int) -> int:
     """Images per unit: at most a pass, and small enough that every device gets several units."""
     return max(1, min(IMAGES_PER_PASS, -(-images // (devices * UNITS_PER_DEVICE))))
@@ -86,6 +101,7 @@ def run_devices(
     if not todo:
         return 0
     log = callbacks.log or (lambda message: None)
+    names = labels(devices)
     lock = threading.Lock()  # what workers report: paths, progress, failures
     writing = threading.Lock()  # one unit written at a time (image_io's writer threads report under `lock`)
     stopping = threading.Event()
@@ -100,35 +116,37 @@ def run_devices(
 
     signals: list[BaseException] = []
 
-    def progress_of(device: str):
+    def progress_of(name: str):
         def progress(stage: str, done: int, total: int) -> None:
             if stopping.is_set():
                 raise _Stopped()
             if callbacks.progress is not None:
                 with lock:
-                    callbacks.progress(f"{device} {stage}", done, total)
+                    callbacks.progress(f"{name}: {stage}", done, total)
 
         return progress
 
-    # 1. Every check the configs can tell (the LoRAs' fit included), then T5 once for every prompt of the job
+    # 1. Every check the configs can tell (the LoRAs' fit included); the units of images, each line naming its device
     plan_run(job.prompts[:1], encoding, replace(denoising, seed=seed, num_images=1), model, loras=run.loras)
-    first = run.context(model, replace(callbacks, progress=None), device=devices[0])
+    units: queue.Queue = queue.Queue()
+    for unit in passes(todo, unit_size(len(todo), len(devices))):
+        units.put(unit)
+    log(f"devices: {', '.join(names)}; {units.qsize()} unit(s) of up to {unit_size(len(todo), len(devices))} images")
+
+    # 2. T5 once for every prompt of the job, on the first device
+    first = run.context(
+        model, replace(callbacks, log=_prefixed(callbacks.log, f"{names[0]}: "), progress=None), device=devices[0]
+    )
     prompts = list(dict.fromkeys(job.prompts[index] for index in todo))
     embeddings = encode(prompts, encoding, first)
     row_of = {prompt: row for row, prompt in enumerate(prompts)}
     del first
 
-    # 2. One worker per device over a shared queue of units
-    units: queue.Queue = queue.Queue()
-    for unit in passes(todo, unit_size(len(todo), len(devices))):
-        units.put(unit)
-    log(f"devices: {', '.join(devices)}; {units.qsize()} unit(s) of up to {unit_size(len(todo), len(devices))} images")
-
-    def work(device: str) -> None:
+    # 3. One worker per device over the shared queue of units
+    def work(device: str, name: str) -> None:
         try:
-            ctx = run.context(
-                model, Callbacks(None, callbacks.log, progress_of(device), None, callbacks.settle), device=device
-            )
+            worker = Callbacks(None, _prefixed(callbacks.log, f"{name}: "), progress_of(name), None, callbacks.settle)
+            ctx = run.context(model, worker, device=device)
             while not stopping.is_set():
                 try:
                     start, stop = units.get_nowait()
@@ -151,10 +169,13 @@ def run_devices(
             stopping.set()
         except BaseException as error:  # reported once, by the main thread
             with lock:
-                failures.append((device, error))
+                failures.append((name, error))
             stopping.set()
 
-    threads = [threading.Thread(target=work, args=(device,), name=f"pixart-{device}") for device in devices]
+    threads = [
+        threading.Thread(target=work, args=(device, name), name=f"pixart-{name}")
+        for device, name in zip(devices, names)
+    ]
     for thread in threads:
         thread.start()
     try:

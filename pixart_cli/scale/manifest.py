@@ -99,12 +99,29 @@ def _open(path: Path, flags: int) -> int:
     except FileNotFoundError:
         raise
     except OSError as error:
+        if os.path.islink(path):  # O_NOFOLLOW: ELOOP (EMLINK, EFTYPE on some systems) for a link
+            target = os.readlink(path)
+            fix = (
+                f"replace the link with the file itself (mv {os.path.realpath(path)} {path}), or give -o another folder"
+                if os.path.isfile(path)
+                else "remove it (it points nowhere), or give -o another folder"
+            )
+            raise PixartError(
+                f"{path}: is a symbolic link (to {target}); the manifest must be a regular file, so that a link "
+                f"cannot redirect its lines elsewhere: {fix}"
+            ) from None
         raise PixartError(
             f"{path}: cannot be used as the manifest ({error.strerror}); remove it, or give -o another folder"
         ) from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
         os.close(fd)
-        raise PixartError(f"{path}: not a regular file; remove it, or give -o another folder")
+        from pixart_cli.files.atomic import FILE_KINDS
+
+        kind = next((word for test, word in FILE_KINDS if test(mode)), "not a regular file")
+        raise PixartError(
+            f"{path}: is {kind}, not a regular file, so it cannot be the manifest; remove it, or give -o another folder"
+        )
     return fd
 
 
