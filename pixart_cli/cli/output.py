@@ -20,6 +20,9 @@ UNITS = {
 }
 
 
+READER_LEFT = "closed by its reader"
+
+
 class Output:
     """Human mode prints each path on stdout and notes/progress on stderr; --quiet keeps only paths;
     --json prints one JSON document on stdout at the end and keeps stderr for progress."""
@@ -60,8 +63,12 @@ class Output:
         """A file was written: its path goes to stdout (scripts read it); ``-`` (the bytes went to stdout) is
         recorded only."""
         self.record["outputs"].append(str(path))
-        if not self.as_json and str(path) != "-":
-            self.text(f"{path}\n")
+        if not self.as_json and str(path) != "-" and self.stdout_lost is None:
+            try:
+                self.text(f"{path}\n")
+            except StdoutClosed:
+                pass  # the reader left (`| head -1`): the run goes on, every output is written and recorded,
+                # and close() ends the command as coreutils end when their reader leaves
 
     def text(self, text: str) -> None:
         """Text for stdout (a written path, `info`'s table, the JSON document). A reader that closed the pipe
@@ -72,7 +79,7 @@ class Output:
         except StdoutFailed as error:
             self.stdout_lost = self.stdout_lost or error.reason
             raise
-        self.stdout_lost = self.stdout_lost or "closed by its reader"
+        self.stdout_lost = self.stdout_lost or READER_LEFT
         raise StdoutClosed()
 
     def progress(self, stage: str, done: int, total: int) -> None:
@@ -122,6 +129,8 @@ class Output:
             self._progress = None
         if self.as_json:
             self.text(document_text(self.record))
+        elif self.stdout_lost == READER_LEFT:
+            raise StdoutClosed()
 
     def error(self, message: str, exit_code: int, silent: bool = False) -> None:
         """The single red line of a failure, shown even with --quiet (``silent``: not shown, another process tells
