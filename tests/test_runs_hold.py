@@ -160,6 +160,10 @@ def test_sigint_to_a_ray_run_is_accounted_truly(tiny_model, tmp_path):
 # a dead raylet or node is known within about 2 s (Ray's default is 30 s): for the Ray the test starts, or pixart's
 FAST_HEALTH_CHECK = {"RAY_health_check_period_ms": "500", "RAY_health_check_failure_threshold": "3",
                      "RAY_health_check_initial_delay_ms": "1000"}  # fmt: skip
+# Ray 2.60's local ray.init (the tests before) writes ~/.ray/auth_token, and a `ray start --head` that finds one
+# turns token authentication on, while `ray start --address` sends a token only with RAY_AUTH_MODE=token: the
+# test's cluster says which mode, for every process that joins it
+NO_TOKEN = {"RAY_AUTH_MODE": "disabled"}
 RAY_TEXT = ("(raylet)", "\x1b[", "Traceback", "worker died", "retried")  # Ray's own lines, none of them ours
 
 
@@ -347,7 +351,7 @@ def _ray_start(ports: int, *args) -> int:
     numbered = [item for offset, name in enumerate(names) for item in (name, str(ports + offset))]
     command = [os.path.join(os.path.dirname(pixart_bin()), "ray"), "start", *args, *numbered, "--min-worker-port",
                str(ports + 10), "--max-worker-port", str(ports + 49), "--disable-usage-stats"]  # fmt: skip
-    env = {**os.environ, "RAY_ADDRESS": "", **FAST_HEALTH_CHECK}
+    env = {**os.environ, "RAY_ADDRESS": "", **FAST_HEALTH_CHECK, **NO_TOKEN}
     node = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)  # fmt: skip
     output, _ = node.communicate(timeout=120)
@@ -374,7 +378,7 @@ def test_a_two_node_ray_cluster_spreads_a_run_and_completes_it_when_a_node_is_st
         sessions.append(_ray_start(ports + 50, "--address", address, "--num-cpus", "1", "--resources",
                                    '{"second_node": 1}', "--node-ip-address", "127.0.0.1"))  # fmt: skip
         # every actor up before the first unit is handed out (else the first one up may take them all)
-        env = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120"}
+        env = {"RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S": "120", **NO_TOKEN}
         base = ["generate", "cat", "--model", str(tiny_model), "--ray", "--ray-address", address, *SMALL,
                 "--num-images", "200", "-o", "out/"]  # fmt: skip
         # 4 units of 50, one at a time per actor: once 2 are back, each node holds one of the other two
