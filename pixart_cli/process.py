@@ -1,5 +1,6 @@
 """Process-wide state, set only at a process's edge (``cli.edge`` for the `pixart` command, the Ray actor on a
-worker): the libraries' warning filters and environment, the lean-import switches, and gc freezing."""
+worker): the libraries' warning filters and environment, the lean-import switches, gc freezing, and the tag of the
+temp files a Ray actor writes."""
 
 from __future__ import annotations
 
@@ -34,6 +35,14 @@ def quiet_libraries() -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=module)
     logging.getLogger("torch").setLevel(logging.ERROR)
     logging.getLogger("huggingface_hub").setLevel(logging.ERROR)  # retry chatter; our own line says it all
+
+
+def tag_temp_files(tag: str) -> None:
+    """This process's temp files carry the run's ``tag`` (a Ray actor's), so that the run's driver can remove what
+    the process left half-written if it is killed (``files.atomic.remove_temps``)."""
+    from pixart_cli.files import atomic
+
+    atomic.tag_temps(tag)
 
 
 def compile_cache() -> None:

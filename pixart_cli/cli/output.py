@@ -36,8 +36,8 @@ class Output:
         self._tasks: dict[str, int] = {}
         self._started: dict[str, float] = {}
         self._console = None
-        # stdout as the command found it: paths and the JSON document go there even while a library (Ray's driver)
-        # has sys.stdout pointed elsewhere, so that nothing but them reaches it
+        # stdout as the command found it: paths and the JSON document go there even if a library points sys.stdout
+        # elsewhere (Ray's driver, which prints its own lines there, runs in a process of its own: scale/ray_driver.py)
         self.stream = sys.stdout
         # why stdout stopped taking text (its reader closed it, or writing failed), None while it takes it: the
         # paths written after that reached no one, and a failure's line must not say they are listed there

@@ -18,6 +18,43 @@ PLAIN_TYPES = (str, int, float, bool, type(None))
 
 STDOUT = "-"
 
+# Every temp file pixart writes is named TEMP_PREFIX + (the process's tag + "-") + random + TEMP_SUFFIX. A Ray
+# actor's files carry the run's tag, so that the run's driver can remove what a killed actor left half-written
+# (remove_temps) and nothing else.
+TEMP_PREFIX, TEMP_SUFFIX = ".pixart-", ".tmp"
+_temp_tag = ""
+
+
+def tag_temps(tag: str) -> None:
+    """Name this process's temp files ``.pixart-TAG-*.tmp`` (``process.tag_temp_files``, at a worker's edge)."""
+    global _temp_tag
+    _temp_tag = tag
+
+
+def remove_temps(folders, tag: str) -> int:
+    """Remove the regular files named ``.pixart-TAG-*.tmp`` directly in ``folders`` (a killed writer's leftovers
+    of the run tagged ``tag``); nothing else is touched. Returns how many were removed."""
+    if not tag:
+        return 0
+    start, removed = f"{TEMP_PREFIX}{tag}-", 0
+    for folder in set(folders):
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if (
+                entry.name.startswith(start)
+                and entry.name.endswith(TEMP_SUFFIX)
+                and entry.is_file(follow_symlinks=False)
+            ):
+                try:
+                    os.unlink(entry.path)
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
 
 def is_stdout(path) -> bool:
     """``-o -``: the single output's bytes go to stdout (scripts pipe them) instead of a file."""
@@ -58,7 +95,8 @@ def atomic_path(path: Path, overwrite: bool = True, follow_link: bool = False):
     placed = False
     temp = None
     try:
-        handle, temp = tempfile.mkstemp(prefix=".pixart-", suffix=".tmp", dir=path.parent)
+        prefix = f"{TEMP_PREFIX}{_temp_tag}-" if _temp_tag else TEMP_PREFIX
+        handle, temp = tempfile.mkstemp(prefix=prefix, suffix=TEMP_SUFFIX, dir=path.parent)
         os.close(handle)
         umask = os.umask(0)
         os.umask(umask)

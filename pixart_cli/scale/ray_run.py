@@ -12,11 +12,15 @@ three stages at once on a card split its 8 GB, so the VAE got 3.2 GB and decoded
 66 from the one-process images), the transformer ran small batches, and each stage reloaded its model per
 unit: 0.56x the throughput of one GPU.
 
-The decode step writes the images and appends their manifest lines as each lands (as ranks do), so the manifest is
-true even when the driver is stopped; the driver prints the paths as results arrive, and after a signal, once Ray
-is shut down, the paths of every image the actors placed that it had not heard of, with the run's account. Ray is imported only here, and only for --ray. Actors that die (a lost node) are restarted and their
-unit retried: Ray Data's default for actor pools. An error in pixart's own code is not retried; it ends the run
-with its one-line message and exit code (the actor returns it with the unit's results).
+This module runs in the run's Ray driver, a process of its own (scale/ray_driver.py), so that nothing Ray prints
+reaches pixart's stdout and a driver that Ray ends (its raylet died) still gets its one-line account. The decode
+step writes the images and appends their manifest lines as each lands (as ranks do), so the manifest is true
+whatever ends the driver; the driver reports the paths as results arrive. Ray is imported only here, and only for
+--ray. Actors that die are restarted and their unit retried (Ray Data's default for actor pools), those of a lost
+node too, once the pool has a place for them; when the cluster holds nothing an actor can run on (every GPU node
+lost) for the run's node wait, the driver says so and the run ends with its account. An error in pixart's own
+code is not retried; it ends the run with its one-line message and exit code (the actor returns it with the
+unit's results).
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ import json
 import logging
 import os
 import signal
-import sys
-from contextlib import contextmanager
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
@@ -48,40 +54,44 @@ def import_ray():
     return ray
 
 
+class RayLost(Exception):
+    """Ray ended the run (a node or the cluster lost, a Ray error): the reason, told with the run's account."""
+
+
 def run_ray(
     job: Job,
     todo: list[int],
     seed: int,
-    model,
+    model: tuple,
     encoding: EncodeSettings,
     denoising: DenoiseSettings,
     run: RunOptions,
     address: str | None,
     callbacks: Callbacks,
     new_manifest: bool = False,
+    temp_tag: str = "",
+    node_wait: float = 60.0,
+    on_lost: Callable[[str], None] | None = None,
 ) -> int:
-    """Make images ``todo`` of ``job`` on Ray; append their manifest lines and report each path. Returns the count.
-    ``new_manifest``: start the folder's manifest again once Ray is up (a run without --resume)."""
+    """Make images ``todo`` of ``job`` on Ray; report each path. Returns the count. ``model``: (id, revision), the
+    model each actor loads. ``new_manifest``: start the folder's manifest again once Ray is up (a run without
+    --resume). ``temp_tag``: the actors' temp files carry it. ``on_lost(reason)``: told once when the cluster has
+    held nothing an actor can run on for ``node_wait`` seconds (the caller then stops this run). A Ray failure
+    raises RayLost."""
     ray = import_ray()
     device = run.device
     if not todo:
         return 0
     address = os.environ.get("RAY_ADDRESS") if address is None else address
     started_here = not ray.is_initialized()
-    # Ray's driver prints its raylet's and workers' messages (a task retried, an actor killed) on sys.stdout, which
-    # is for paths: they go to stderr while Ray runs (pixart's own output keeps the real stdout, cli/output.py)
-    stdout, sys.stdout = sys.stdout, sys.stderr
-    try:
-        _init(ray, address)
-    except BaseException:
-        sys.stdout = stdout
-        raise
+    _init(ray, address)
     try:
         if new_manifest:
             manifest.start_new(job.folder)
         log = callbacks.log or (lambda message: None)
         gpus = int(ray.cluster_resources().get("GPU", 0)) if device != "cpu" else 0
-        actors = max(gpus, 1)
+        # one actor per GPU; without GPUs, one per node (each process's torch uses its node's cores)
+        actors = gpus or max(1, len([node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU")]))
         size = unit_size(len(todo), actors)
         units = [
             {"start": start, "stop": stop, "prompts": json.dumps(job.prompts[start:stop])}
@@ -89,48 +99,102 @@ def run_ray(
         ]
         log(
             f"ray: {'cluster ' + address if address else 'local Ray'}, {len(units)} unit(s) of up to {size} images, "
-            + (f"{gpus} GPU(s), one actor per GPU" if gpus else "CPU only, one actor")
+            + (f"{gpus} GPU(s), one actor per GPU" if gpus else f"CPU only, one actor per node ({actors})")
         )
         from ray.data import ActorPoolStrategy
 
+        # The actors' job names each file by its absolute path: a joined cluster's workers run in their node's
+        # folder, not in this one (-o out/ is this folder's out/); the paths are reported as the job names them.
+        placed = replace(
+            job,
+            paths=[Path(os.path.abspath(path)) for path in job.paths],
+            folder=None if job.folder is None else Path(os.path.abspath(job.folder)),
+        )
+        named = {str(path): given for path, given in zip(placed.paths, job.paths)}
         # Each actor resolves its own run context on its worker: the model by id (a hub id or an absolute folder).
         dataset = ray.data.from_items(units).map_batches(
             GenerateActor,
             batch_size=1,
             fn_constructor_kwargs={
-                "job": job,
+                "job": placed,
                 "seed": seed,
-                "model": (model.id, model.revision),
+                "model": tuple(model),
                 "encoding": encoding,
                 "denoising": denoising,
                 "run": RunOptions("cuda" if gpus else device, run.dtype, run.vram, run.loras),
+                "temp_tag": temp_tag,
             },
             # One unit at a time per actor: otherwise the first actor up queues every unit and the other GPUs idle
-            # (measured: 2 units on 2 H200s both ran on GPU 0).
+            # (measured: 2 units on 2 H200s both ran on GPU 0). Ray Data spreads the actors over the nodes.
             compute=ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=1),
             **({"num_gpus": 1} if gpus else {"num_cpus": 1}),
         )
-        written = 0
+        written, nodes = 0, set()
         if callbacks.progress:
             callbacks.progress("ray", 0, len(todo))
+        watch = CapacityWatch(ray, "GPU" if gpus else "CPU", node_wait, on_lost)
         try:
-            for row in dataset.iter_rows():
-                for path in json.loads(row["paths"]):
-                    callbacks.wrote(Path(path))
-                    written += 1
-                if callbacks.progress:
-                    callbacks.progress("ray", written, len(todo))
-                if row["error"]:
-                    raise PixartError(row["error"], int(row["exit_code"]))
+            with watch:
+                for row in dataset.iter_rows():
+                    nodes.add(row["node"])
+                    for path in json.loads(row["paths"]):
+                        callbacks.wrote(named.get(path, Path(path)))
+                        written += 1
+                    if callbacks.progress:
+                        callbacks.progress("ray", written, len(todo))
+                    if row["error"]:
+                        raise PixartError(row["error"], int(row["exit_code"]))
         except Exception as error:
             raise _unwrap(error) from error  # the chain shows with PIXART_DEBUG=1
+        finally:
+            if nodes:
+                log(f"ray: the images were made on {len(nodes)} node(s)")
         return written
     finally:
         if started_here:
             # Here rather than in Ray's exit hook, which first sleeps 0.5 s for worker log lines (not forwarded
             # unless PIXART_DEBUG=1). A joined cluster is only disconnected from.
             ray.shutdown()
-        sys.stdout = stdout
+
+
+class CapacityWatch:
+    """While the run's units come back: every second, the cluster's ``kind`` (GPU or CPU). Ray restarts an actor
+    that died and retries its unit there; an actor whose node is gone is placed again once another actor of the
+    pool is released (Ray Data releases idle actors when every unit is handed out), so a run that loses a node
+    completes on what is left. When the cluster holds less than one actor needs (every GPU node lost), nothing can
+    ever take the lost actor's unit: after ``wait`` seconds of that, ``on_lost`` is told once, and its caller stops
+    the run (the account says what is complete)."""
+
+    def __init__(self, ray, kind: str, wait: float, on_lost: Callable[[str], None] | None):
+        self.ray, self.kind, self.wait, self.on_lost = ray, kind, wait, on_lost
+        self.stop = threading.Event()
+
+    def __enter__(self):
+        if self.on_lost is not None:
+            threading.Thread(target=self._watch, name="pixart-capacity", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+
+    def _watch(self) -> None:
+        short_since = None
+        while not self.stop.wait(1.0):
+            try:
+                held = self.ray.cluster_resources().get(self.kind, 0)
+            except Exception:  # the cluster itself gone: the driver hears it from Ray
+                return
+            now = time.monotonic()
+            if held >= 1:
+                short_since = None
+            elif short_since is None:
+                short_since = now
+            elif now - short_since >= self.wait:
+                self.on_lost(
+                    f"Ray lost the run's nodes: the cluster has held no {self.kind} for {now - short_since:.0f} s, "
+                    "and its actors need one each"
+                )
+                return
 
 
 def unit_size(images: int, actors: int) -> int:
@@ -159,23 +223,17 @@ def _init(ray, address: str | None) -> None:
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         if address:
-            _check_answers(address)  # ray.init waits minutes, silently, on a port where nothing listens
-        with _stderr_silenced(os.environ.get("PIXART_DEBUG") != "1"):
-            if address:
-                ray.init(address=address, **common)
-            else:
-                ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), **common)
+            check_address(address)
+            ray.init(address=address, **common)
+        else:
+            ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), **common)
         # Ray's core installs its own SIGTERM handler below Python's (it prints a stack and exits 15): pixart's
         # go back in, so a SIGTERM ends the run as everywhere else (143, one line, the JSON document).
         for signum, handler in handlers.items():
             if callable(handler):
                 signal.signal(signum, handler)
     except (ConnectionError, RuntimeError, ValueError) as error:
-        raise PixartError(
-            f"--ray-address {address}: cannot join the Ray cluster ({detail(error)}); start one with "
-            "`ray start --head`, or leave out --ray-address and RAY_ADDRESS for a local Ray",
-            EXIT_RUNTIME,
-        ) from None
+        raise _cannot_join(address, error) from None
     from ray.data import DataContext
 
     context = DataContext.get_current()
@@ -183,6 +241,25 @@ def _init(ray, address: str | None) -> None:
     if hasattr(context, "print_on_execution_start"):
         context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # its execution notes and the progress-bar advisory
+
+
+def check_address(address: str | None) -> None:
+    """One line (exit 1) when ``address`` is HOST:PORT and nothing answers there: ray.init waits minutes, silently,
+    on a port where nothing listens. Called before the driver process starts, and again by it."""
+    if not address:
+        return
+    try:
+        _check_answers(address)
+    except ConnectionError as error:
+        raise _cannot_join(address, error) from None
+
+
+def _cannot_join(address: str | None, error: BaseException) -> PixartError:
+    return PixartError(
+        f"--ray-address {address}: cannot join the Ray cluster ({detail(error)}); start one with "
+        "`ray start --head`, or leave out --ray-address and RAY_ADDRESS for a local Ray",
+        EXIT_RUNTIME,
+    )
 
 
 def _check_answers(address: str) -> None:
@@ -201,26 +278,9 @@ def _check_answers(address: str) -> None:
         ) from None
 
 
-@contextmanager
-def _stderr_silenced(silenced: bool):
-    """File descriptor 2 to /dev/null while Ray starts: its C++ core prints a line about the log level we set
-    (even under --quiet) from below Python; failures still come back as exceptions."""
-    if not silenced:
-        yield
-        return
-    sys.stderr.flush()
-    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
 def _unwrap(error: BaseException) -> BaseException:
-    """The PixartError an actor raised, if one did; else one line naming the actor's own exception."""
+    """The PixartError an actor raised, if one did; else RayLost, naming the innermost exception (a Ray failure:
+    an actor or node lost for good, the cluster gone; or an unexpected error in the actor)."""
     seen, innermost = error, error
     for _ in range(10):
         if isinstance(seen, PixartError):
@@ -229,10 +289,7 @@ def _unwrap(error: BaseException) -> BaseException:
         seen = getattr(seen, "cause", None) or seen.__cause__
         if seen is None:
             break
-    return PixartError(
-        f"Ray run failed: {type(innermost).__name__}: {detail(innermost)} (run with PIXART_DEBUG=1 for the traceback)",
-        EXIT_RUNTIME,
-    )
+    return RayLost(f"Ray lost the run ({type(innermost).__name__}: {detail(innermost)})")
 
 
 # --- the actor (built by Ray Data on the workers) -------------------------------------------------------------
@@ -247,10 +304,15 @@ class GenerateActor:
         encoding: EncodeSettings,
         denoising: DenoiseSettings,
         run: RunOptions,
+        temp_tag: str = "",
     ):
+        import ray
+
         from pixart_cli import process
         from pixart_cli.models.source import Model
 
+        process.tag_temp_files(temp_tag)  # a unit cut short by this process's death leaves only the run's temps
+        self.node = ray.get_runtime_context().get_node_id()
         process.quiet_libraries()
         process.lean_imports(encoding.precision != "full")
         process.compile_cache()
@@ -285,4 +347,4 @@ class GenerateActor:
             paths.append(json.dumps([str(path) for path in written]))
             errors.append("" if failure is None else str(failure))
             codes.append(0 if failure is None else failure.exit_code)
-        return {"lines": lines, "paths": paths, "error": errors, "exit_code": codes}
+        return {"lines": lines, "paths": paths, "error": errors, "exit_code": codes, "node": [self.node] * len(paths)}

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from pixart_cli.errors import EXIT_SIGINT, EXIT_SIGTERM, PixartError, RunStopped, Terminated
+from pixart_cli.errors import EXIT_RUNTIME, EXIT_SIGINT, EXIT_SIGTERM, PixartError, RunStopped, StdoutClosed, Terminated
 from pixart_cli.scale import manifest
 from pixart_cli.scale.job import IMAGES_PER_PASS, Callbacks, RunOptions, Summary, make_job, make_pass, passes
 from pixart_cli.scale.launch import ProcessGroup, Ranks
@@ -78,35 +78,8 @@ def generate_images(
         job.check_same_run(lines, seed)  # --resume finishes that run: other options are refused, naming each
 
     if ray:
-        from pixart_cli.scale.ray_run import run_ray
-
-        seed = denoising.with_seed().seed if seed is None else seed
-        todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
-        job.check_not_replacing(todo)
-        if todo:  # what the configs can tell (the weights' headers, the LoRAs' fit), before Ray starts
-            from pixart_cli.plan import plan_run
-
-            plan_run(prompts[:1], encoding, replace(denoising, seed=seed, num_images=1), model, loras=run.loras)
-        # run_ray starts a new manifest only once Ray is up: a missing Ray or a bad address leaves the old one
-        new_manifest = job.folder is not None and not resume
-        reported: set[str] = set()
-        report = callbacks.wrote
-        callbacks = replace(callbacks, wrote=lambda path: (reported.add(str(path)), report(path)))
-        try:
-            written = run_ray(job, todo, seed, model, encoding, denoising, run, ray_address, callbacks, new_manifest)
-        except (KeyboardInterrupt, Terminated) as error:
-            # Ray is shut down: what the actors placed is on disk and in the manifest, reported or not
-            raise stopped(error, job, seed, started_ns, Ranks(), unreported=(reported, report)) from None
-        return Summary(
-            written,
-            len(job.prompts) - len(todo),
-            1,
-            time.perf_counter() - started,
-            seed,
-            len(job.prompts),
-            manifest.manifest_path(job.folder) if job.folder else None,
-            "Ray",
-        )
+        return _on_ray(job, lines, seed, started, started_ns, prompts, encoding, denoising, model, run, resume,
+                       callbacks, ray_address)  # fmt: skip
 
     if devices is not None:
         from pixart_cli.scale.devices import run_devices
@@ -187,6 +160,58 @@ def generate_images(
     )
 
 
+def _on_ray(job, lines, seed, started, started_ns, prompts, encoding, denoising, model, run, resume, callbacks,
+            address) -> Summary:  # fmt: skip
+    """The run on Ray, from its driver process (scale/ray_driver.py). However it ends (a signal, Ray losing the
+    run), the account is this process's: what is complete on disk, as --resume counts it; and what a killed actor
+    left half-written (its temp files, named with the run's tag) is removed."""
+    import secrets
+
+    from pixart_cli.files import atomic
+    from pixart_cli.scale.ray_driver import drive
+    from pixart_cli.scale.ray_run import RayLost
+
+    seed = denoising.with_seed().seed if seed is None else seed
+    todo = [index for index in range(len(job.prompts)) if not job.done(index, seed, lines)]
+    job.check_not_replacing(todo)
+    if todo:  # what the configs can tell (the weights' headers, the LoRAs' fit), before Ray starts
+        from pixart_cli.plan import plan_run
+
+        plan_run(prompts[:1], encoding, replace(denoising, seed=seed, num_images=1), model, loras=run.loras)
+    # the driver starts a new manifest only once Ray is up: a missing Ray or a bad address leaves the old one
+    new_manifest = job.folder is not None and not resume
+    reported: set[str] = set()
+    report = callbacks.wrote
+    callbacks = replace(callbacks, wrote=lambda path: (reported.add(str(path)), report(path)))
+    tag = f"ray{secrets.token_hex(4)}"  # the actors' temp files: .pixart-TAG-*.tmp
+    try:
+        written = (
+            drive(job, todo, seed, model, encoding, denoising, run, address, callbacks, new_manifest, tag)
+            if todo
+            else 0
+        )
+    except (KeyboardInterrupt, Terminated) as error:
+        # Ray is shut down: what the actors placed is on disk and in the manifest, reported or not
+        raise stopped(error, job, seed, started_ns, Ranks(), unreported=(reported, report)) from None
+    except RayLost as error:
+        account = stopped(error, job, seed, started_ns, Ranks(), unreported=(reported, report))
+        if account.complete != len(job.prompts):
+            raise account from None
+        written = len(reported)  # every image is complete all the same
+    finally:
+        atomic.remove_temps({atomic.written_path(path).parent for path in job.paths}, tag)
+    return Summary(
+        written,
+        len(job.prompts) - len(todo),
+        1,
+        time.perf_counter() - started,
+        seed,
+        len(job.prompts),
+        manifest.manifest_path(job.folder) if job.folder else None,
+        "Ray",
+    )
+
+
 # After a signal, rank 0 (or Ray's driver) counts once the other processes have placed what they were placing:
 # the manifest still for this long, waiting at most SETTLE_MOST_SECONDS.
 SETTLE_QUIET_SECONDS = 1.0
@@ -194,12 +219,16 @@ SETTLE_MOST_SECONDS = 10.0
 
 
 def stopped(error, job, seed: int | None, started_ns: int, ranks: Ranks, unreported=None) -> RunStopped:
-    """The account of a run of several processes (or Ray's actors) stopped by a signal, told once (rank 0, or the
-    driver): how many of the run's images are complete on disk now, over every process, as --resume counts them.
-    ``unreported``: (paths reported, report): Ray's driver reports the images its actors placed that it had not
-    heard of yet, so that stdout lists every image written."""
-    sigint = isinstance(error, KeyboardInterrupt)
-    word, code = ("interrupted", EXIT_SIGINT) if sigint else ("terminated", EXIT_SIGTERM)
+    """The account of a run of several processes (or Ray's actors) stopped by a signal, or ended by Ray
+    (``error`` a ray_run.RayLost: its reason, exit 1), told once (rank 0, or the driver): how many of the run's
+    images are complete on disk now, over every process, as --resume counts them. ``unreported``: (paths reported,
+    report): Ray's driver reports the images its actors placed that it had not heard of yet, so that stdout lists
+    every image written."""
+    if isinstance(error, (KeyboardInterrupt, Terminated)):
+        sigint = isinstance(error, KeyboardInterrupt)
+        word, code = ("interrupted", EXIT_SIGINT) if sigint else ("terminated", EXIT_SIGTERM)
+    else:
+        word, code = str(error), EXIT_RUNTIME
     if ranks.rank != 0:
         return RunStopped(word, code, silent=True)
     if seed is None:  # before the seed was agreed: no image was made
@@ -214,7 +243,10 @@ def stopped(error, job, seed: int | None, started_ns: int, ranks: Ranks, unrepor
         reported, report = unreported
         for index in done:
             if str(job.paths[index]) not in reported:
-                report(job.paths[index])
+                try:
+                    report(job.paths[index])
+                except StdoutClosed:
+                    pass  # the account below says what was written
     total = len(job.prompts)
     everyone = f" by the {ranks.world_size} processes" if ranks.world_size > 1 else ""
     if job.folder is None:
