@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
-	$(PY) -m pytest -q -p no:warnings
+	$(PY) -m pytest -q -p no:warnings --durations=12
 
 # A tiny random-weight model (its images are noise), then the real staged flow as three processes.
 demo: install

@@ -289,22 +289,20 @@ def _temps(folder):
     return [name for name in os.listdir(folder) if name.startswith(".pixart-")]
 
 
-@pytest.mark.parametrize("as_json", [False, True], ids=["paths", "json"])
-def test_a_ray_actor_killed_while_it_writes_is_retried_and_leaves_no_temp_file(as_json, tiny_model, tmp_path):
+def test_a_ray_actor_killed_while_it_writes_is_retried_and_leaves_no_temp_file(tiny_model, tmp_path):
+    # under --json: stdout must stay one JSON document (Ray's driver prints nowhere near it; paths one per line are
+    # the same stream, checked by the other Ray runs)
     pytest.importorskip("ray.data")
     command = [pixart_bin(), "generate", "cat", "--num-images", "64", "-o", "out/", "--model", str(tiny_model),
-               "--ray", *SMALL, *(["--json"] if as_json else [])]  # fmt: skip
+               "--ray", *SMALL, "--json"]  # fmt: skip
     # killed while a temp file of its unit's images is in out/ (or, should none be seen, once an image is there)
     writing = lambda names: any(name.startswith(".pixart-") or name.endswith(".png") for name in names)  # noqa: E731
     actor = _kill_first(lambda line: line.startswith(b"ray::MapWorker"))
     code, stdout, stderr, seen = _ray_run(command, tmp_path, writing, actor)
     assert code == 0, stderr
     paths = sorted(f"out/image-{i}.png" for i in range(64))
-    if as_json:
-        document = json.loads(stdout)  # one JSON document: nothing of Ray's on stdout
-        assert sorted(document["outputs"]) == paths and "error" not in document
-    else:
-        assert sorted(stdout.splitlines()) == paths  # one path per line, each once
+    document = json.loads(stdout)  # one JSON document: nothing of Ray's on stdout
+    assert sorted(document["outputs"]) == paths and "error" not in document
     _assert_no_ray_text(stderr)
     assert "error" not in stderr
     _assert_manifest_matches_disk(tmp_path / "out", 64)
