@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 from contextlib import contextmanager
 
@@ -37,7 +38,14 @@ class SignalGuard:
     @contextmanager
     def deferred(self):
         """A signal that arrives inside the block takes effect at its end: an output placed inside is also
-        reported inside, so a failure line never says "not written" about a file that is there."""
+        reported inside, so a failure line never says "not written" about a file that is there.
+
+        Only the main thread's blocks count: Python runs signal handlers, and so raises the stop, in the main thread
+        alone. A block on another thread (an image writer placing its file) is never interrupted; counted, its end
+        would raise the main thread's signal in that thread, failing a write that had succeeded."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
         self.deferring += 1
         try:
             yield

@@ -102,6 +102,32 @@ def test_a_closed_stdout_leaves_disk_manifest_and_last_line_agreeing(tiny_model,
     assert sorted(line["index"] for line in lines) == list(range(images))  # each image once
 
 
+def test_a_signal_while_a_pass_writes_its_images_leaves_every_image_on_disk_reported(tiny_model, tmp_path):
+    """SIGINT once the second pass's images are landing (its writer threads busy): every image on disk has its path
+    on stdout and its manifest line, and the account counts them."""
+    import signal
+    import time
+
+    command = [pixart_bin(), "generate", "a", "--model", str(tiny_model), "--steps", "2", "--width", "64",
+               "--height", "64", "--no-binning", "--num-images", "130", "--batch-size", "2", "--seed", "0",
+               "-o", "race/"]  # fmt: skip
+    process = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    folder = tmp_path / "race"
+    deadline = time.monotonic() + 240
+    while process.poll() is None and time.monotonic() < deadline:
+        if folder.is_dir() and sum(name.startswith("image-") for name in os.listdir(folder)) > 65:
+            break
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    on_disk = sorted(f"race/{name}" for name in os.listdir(folder) if name.startswith("image-"))
+    assert process.returncode == 130 and len(on_disk) < 130, stderr
+    assert sorted(stdout.splitlines()) == on_disk  # each image on disk reported once
+    recorded = [json.loads(line)["path"] for line in (folder / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(f"race/{path}" for path in recorded) == on_disk  # each with its line (paths within the folder)
+    assert f"error: interrupted; {len(on_disk)} of the run's 130 images are complete" in stderr, stderr
+
+
 # --- class 12: an interrupted scale-out run is accounted once, truly, over every process ---------------------------
 SMALL = ["--width", "64", "--height", "64", "--no-binning", "--steps", "2", "--seed", "1", "--device", "cpu"]
 

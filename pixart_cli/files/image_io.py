@@ -88,21 +88,26 @@ def save_images(images: list[tuple], overwrite: bool = True, on_written=None) ->
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(min(IMAGE_WRITERS, len(images)), thread_name_prefix="image-write")
-    futures = [pool.submit(save_image, *item, overwrite=overwrite) for item in images]
-    reported = 0  # images whose report has been made (or begun): each is reported once, never twice
+    futures = []
+    reported = 0  # images whose report has been made: each is reported once, never twice, and whole
     try:
+        with GUARD.deferred():  # every image handed to a writer has its future here (a signal inside submit()
+            for item in images:  # could leave one queued, then written and never reported)
+                futures.append(pool.submit(save_image, *item, overwrite=overwrite))
         for index, future in enumerate(futures):
             path = future.result()
-            reported = index + 1
-            if on_written is not None:
-                on_written(index, path)
+            with GUARD.deferred():  # a signal waits for the report (path and manifest line) to be whole
+                if on_written is not None:
+                    on_written(index, path)
+                reported = index + 1
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         for index in range(reported, len(futures)):
             future = futures[index]
             if on_written is not None and future.done() and not future.cancelled() and future.exception() is None:
                 try:
-                    on_written(index, future.result())
+                    with GUARD.deferred():
+                        on_written(index, future.result())
                 except Exception:  # the failure under way is the one to tell
                     break
         raise
