@@ -222,6 +222,26 @@ def test_a_full_stdout_ends_with_a_line_naming_the_files_written(emb, tiny_model
     assert "--output -: cannot write the output to stdout (No space left on device)" in line
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_a_full_stderr_changes_nothing_but_what_is_shown(tiny_model, tmp_path):
+    import subprocess
+
+    from helpers import pixart_bin
+
+    def run(*args):
+        with open("/dev/full", "w") as full:
+            return subprocess.run([pixart_bin(), *map(str, args)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=full,
+                                  text=True, timeout=300)  # fmt: skip
+
+    result = run("generate", "a cat", "--model", tiny_model, *SMALL, "-o", "cat.png")
+    assert result.returncode == 0 and result.stdout == "cat.png\n" and (tmp_path / "cat.png").is_file()
+    result = run("generate", "a cat", "--model", tiny_model, *SMALL, "-o", "out/", "--num-images", "2", "--json")
+    assert result.returncode == 0 and len(json.loads(result.stdout)["outputs"]) == 2
+    result = run("generate", "a cat", "--model", tiny_model, "--steps", "0", "-o", "no.png", "--json")
+    assert result.returncode == 2 and json.loads(result.stdout)["exit_code"] == 2  # the failure is still told
+    assert not (tmp_path / "no.png").exists()
+
+
 # --- 6. a test ControlNet adapter, made offline (README's recipe) --------------------------------------------------
 def test_random_model_makes_a_controlnet_adapter_that_fits_and_steers(tiny_model, emb, tmp_path):
     import subprocess

@@ -17,6 +17,7 @@ def main(args: Optional[list[str]] = None) -> None:
 
     GUARD.install()
     _closed_streams_to_devnull()
+    sys.stderr = _StderrThatNeverFails(sys.stderr)
     try:
         _parse_and_run(args)
     except (KeyboardInterrupt, Terminated) as error:  # while importing the commands
@@ -40,6 +41,30 @@ def _closed_streams_to_devnull() -> None:
     for name in ("stdout", "stderr"):
         if getattr(sys, name) is None:
             setattr(sys, name, open(os.devnull, "w", encoding="utf-8"))
+
+
+class _StderrThatNeverFails:
+    """stderr for people: a write it cannot take (`2>/dev/full`, a full disk behind `2>log`, a reader that left)
+    is dropped, as a closed stderr's is, so that progress and notes never fail the work; the exit code, the files
+    and stdout (paths, or the JSON document) still tell the outcome. Everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: a stream closed under it
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _parse_and_run(args: Optional[list[str]]) -> None:

@@ -89,7 +89,7 @@ def save_images(images: list[tuple], overwrite: bool = True, on_written=None) ->
 
     pool = ThreadPoolExecutor(min(IMAGE_WRITERS, len(images)), thread_name_prefix="image-write")
     futures = []
-    reported = 0  # images whose report has been made: each is reported once, never twice, and whole
+    reported = 0  # images whose report has been made (or begun): each is reported once, never twice
     try:
         with GUARD.deferred():  # every image handed to a writer has its future here (a signal inside submit()
             for item in images:  # could leave one queued, then written and never reported)
@@ -97,9 +97,9 @@ def save_images(images: list[tuple], overwrite: bool = True, on_written=None) ->
         for index, future in enumerate(futures):
             path = future.result()
             with GUARD.deferred():  # a signal waits for the report (path and manifest line) to be whole
+                reported = index + 1  # begun: a report that fails part-way (stdout lost) is not made twice
                 if on_written is not None:
                     on_written(index, path)
-                reported = index + 1
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)
         for index in range(reported, len(futures)):
