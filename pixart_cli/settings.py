@@ -40,6 +40,9 @@ MAX_MASK_BLUR = 256
 DEFAULT_PAG_SCALE = 0.0
 MAX_PAG_SCALE = 100.0
 MAX_PAG_LAYERS = 64
+# --lora FILE:SCALE and --controlnet FILE:SCALE: published settings are 0-2; far beyond, the fused weights or the
+# adapter's residuals overflow fp16 (NaN after all the work) or a float conversion (1e300).
+MAX_ADAPTER_SCALE = 100.0
 
 
 @dataclass(frozen=True)

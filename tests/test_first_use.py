@@ -386,3 +386,13 @@ def test_a_hostile_bin_is_refused_alike_by_the_stages_and_convert(bin_model, tmp
         assert_one_line_error(result, 1, f"--model {model}: {fragment}", "get the model's safetensors files")
     assert not ran.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@pytest.mark.parametrize("flag", ["--lora", "--controlnet"])
+@pytest.mark.parametrize("scale", ["1e300", "-1e30", "101"])
+def test_an_adapter_scale_beyond_its_bound_is_refused_before_any_model_loads(flag, scale, tiny_model, tmp_path):
+    (tmp_path / "a.safetensors").write_bytes(b"")  # never read: the scale is checked first
+    result = run_pixart("generate", "a cat", "--model", tiny_model, *SMALL, flag, f"a.safetensors:{scale}", "-o",
+                        "x.png", cwd=tmp_path, check=False)  # fmt: skip
+    assert_one_line_error(result, 2, f"{flag} a.safetensors:{scale}: scale {scale} is beyond ±100")
+    assert not (tmp_path / "x.png").exists() and "encode:" not in result.stderr

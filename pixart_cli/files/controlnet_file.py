@@ -24,6 +24,7 @@ from pixart_cli.errors import PixartError
 from pixart_cli.files.controlnet_keys import KeyPlan, check_folder_config, expected, plan_keys
 from pixart_cli.files.controlnet_source import open_source
 from pixart_cli.models.controlnet import DEFAULT_SCALE, config_of
+from pixart_cli.settings import MAX_ADAPTER_SCALE
 
 OPTION = "--controlnet"
 # Where the weights are in a folder: diffusers' save_pretrained names, also under the controlnet/ subfolder that
@@ -61,6 +62,11 @@ def parse_controlnet_spec(text: str, option: str = OPTION) -> ControlNetSpec:
         raise PixartError(f"{option} {text!r}: no file name; give FILE, DIR or FILE:SCALE")
     if not math.isfinite(scale):
         raise PixartError(f"{option} {text}: scale {tail} is not a finite number; give FILE:0.8 or FILE")
+    if not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
+        raise PixartError(
+            f"{option} {text}: scale {tail} is beyond ±{MAX_ADAPTER_SCALE:g}; published settings are 0 to 2 "
+            "(give FILE:0.8 or FILE)"
+        )
     if path == text and colon and head and not os.path.lexists(text) and os.path.exists(head):
         raise PixartError(f"{option} {text}: the scale {tail!r} is not a number; give {head}:0.8 or {head}")
     return ControlNetSpec(Path(path), scale)

@@ -14,6 +14,7 @@ from typing import Any
 from pixart_cli.errors import PixartError, detail
 from pixart_cli.files.peft_patterns import MAX_PATTERNS, PatternError, PatternTable
 from pixart_cli.files.untrusted import open_input, read_at_most
+from pixart_cli.settings import MAX_ADAPTER_SCALE
 
 OPTION = "--lora"
 DEFAULT_SCALE = 1.0
@@ -113,6 +114,11 @@ def parse_lora_spec(text: str) -> LoraSpec:
             pass  # a path with a colon in it (C:\... or a:b.safetensors)
     if not math.isfinite(scale):
         raise PixartError(f"{OPTION} {text}: scale {tail} is not a finite number; give FILE:0.8 or FILE")
+    if not -MAX_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE:
+        raise PixartError(
+            f"{OPTION} {text}: scale {tail} is beyond ±{MAX_ADAPTER_SCALE:g}; published settings are 0 to 2 "
+            "(give FILE:0.8 or FILE)"
+        )
     if not path:
         raise PixartError(f"{OPTION} {text!r}: no file name; give FILE or FILE:SCALE")
     if path == text and colon and head and not os.path.lexists(text) and os.path.isfile(head):
