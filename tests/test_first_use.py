@@ -396,3 +396,25 @@ def test_an_adapter_scale_beyond_its_bound_is_refused_before_any_model_loads(fla
                         "x.png", cwd=tmp_path, check=False)  # fmt: skip
     assert_one_line_error(result, 2, f"{flag} a.safetensors:{scale}: scale {scale} is beyond ±100")
     assert not (tmp_path / "x.png").exists() and "encode:" not in result.stderr
+
+
+def test_a_pt_file_the_disk_cannot_take_is_one_line_naming_it(tiny_model, tmp_path):
+    """A full disk, here a file size limit (RLIMIT_FSIZE: the write fails as on a full disk): the line names the
+    output and the reason (torch's own writer says "unexpected pos"); no temp file is left; a cache that cannot
+    take an entry is noted and skipped."""
+    import resource
+    import signal
+    import subprocess
+
+    from helpers import pixart_bin
+
+    def small_files():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    result = subprocess.run([pixart_bin(), "encode", "a cat", "--model", tiny_model, "--cache", "c", "-o", "e.pt"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, preexec_fn=small_files)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "error: --output e.pt: cannot write it (File too large)"
+    assert "cache: could not store an entry in c (" in result.stderr and "continuing without it" in result.stderr
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".pixart-") or p.name == "e.pt"]

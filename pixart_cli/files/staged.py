@@ -8,8 +8,10 @@ through ``untrusted`` (weights_only, bounded by the file size); then each kind c
 
 from __future__ import annotations
 
+import errno
 import io
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,9 +159,36 @@ def save(path: Path, artifact: Embeddings | Latents | Mask, overwrite: bool = Tr
         torch.save(payload, buffer)
         write_stdout(buffer.getvalue())
         return Path(STDOUT)
-    with atomic_path(path, overwrite, follow_link) as temp:
-        torch.save(payload, temp)
+    with atomic_path(path, overwrite, follow_link) as temp, open(temp, "wb", buffering=0) as handle:
+        # through _WholeWrites: a full disk (or a file size limit) is then an OSError that names the output
+        # (atomic_path); torch writing to a path reports it as "[enforce fail at inline_container.cc] unexpected pos"
+        try:
+            torch.save(payload, _WholeWrites(handle))
+        except RuntimeError as error:  # torch's archive writer, ending after our OSError, masks it: the OSError
+            if isinstance(error.__context__, OSError):
+                raise error.__context__ from None
+            raise
     return Path(path)
+
+
+class _WholeWrites:
+    """A raw file for torch.save: each write goes out whole or raises the OSError that stopped it (a short write,
+    as a nearly full disk gives, is continued; the next write's error is the reason)."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        while view:
+            written = self.raw.write(view)
+            if not written:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            view = view[written:]
+        return len(data) if isinstance(data, (bytes, bytearray)) else memoryview(data).nbytes
+
+    def flush(self) -> None:
+        self.raw.flush()
 
 
 def compact(tensor):
