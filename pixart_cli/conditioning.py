@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pixart_cli.errors import PixartError, bad_file
+from pixart_cli.models.source import FAMILIES
 from pixart_cli.settings import DEFAULT_STRENGTH, DenoiseSettings, MaskSettings
 
 
@@ -381,6 +382,15 @@ def check_latents(latents, source, path: str, batch_size: int | None = None) -> 
     found = latents.latents.shape[1]
     if found != channels:
         raise bad_file(path, f"latents have {found} channels but the VAE of {source.id} takes {channels}")
+    made_by = FAMILIES.get(latents.meta.get("family"))
+    if made_by is not None and made_by.pipeline != source.family.pipeline:
+        # Σ's latents are its VAE's (SDXL's), α's, LCM's and DMD's the SD VAE's: another VAE decodes them to noise
+        raise bad_file(
+            path,
+            f"latents come from a PixArt-{made_by.name} model, whose VAE is not the one of {source.id} "
+            f"({source.family.name}); decode them with the model that made them (without --model, decode uses the "
+            "one the file names)",
+        )
     scale = source.vae_scale_factor
     height, width = latents.meta["height"], latents.meta["width"]
     decoded_size = (latents.latents.shape[2] * scale, latents.latents.shape[3] * scale)

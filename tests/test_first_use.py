@@ -418,3 +418,17 @@ def test_a_pt_file_the_disk_cannot_take_is_one_line_naming_it(tiny_model, tmp_pa
     assert result.stderr.strip().splitlines()[-1] == "error: --output e.pt: cannot write it (File too large)"
     assert "cache: could not store an entry in c (" in result.stderr and "continuing without it" in result.stderr
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".pixart-") or p.name == "e.pt"]
+
+
+def test_decode_refuses_latents_of_a_family_whose_vae_is_another(emb, tiny_model, tmp_path):
+    from pixart_cli import random_model
+
+    sigma = random_model.build(tmp_path / "sigma", "tiny", family="sigma")
+    run_pixart("encode", "a cute cat", "--model", sigma, "-q", "-o", "s-emb.pt", cwd=tmp_path)
+    run_pixart("denoise", "s-emb.pt", "--model", sigma, *SMALL, "-q", "-o", "s-lat.pt", cwd=tmp_path)
+    for latents, model in (("s-lat.pt", tiny_model), (emb / "lat.pt", sigma)):
+        result = run_pixart("decode", latents, "--model", model, "-o", "x.png", cwd=tmp_path, check=False)
+        assert_one_line_error(result, 2, "latents come from a PixArt-", "decode them with the model that made them")
+        assert not (tmp_path / "x.png").exists()
+    run_pixart("decode", "s-lat.pt", "-q", "-o", "s.png", cwd=tmp_path)  # the model the file names
+    assert (tmp_path / "s.png").is_file()
