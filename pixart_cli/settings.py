@@ -92,6 +92,11 @@ class EncodeSettings:
     def __post_init__(self):
         if not isinstance(self.negative_prompt, str):
             raise PixartError(f"--negative-prompt {self.negative_prompt!r}: must be text")
+        if len(self.negative_prompt) > MAX_PROMPT_CHARS:
+            raise PixartError(
+                f"--negative-prompt is {len(self.negative_prompt):,} characters, beyond the {MAX_PROMPT_CHARS:,} "
+                f"pixart takes (T5 reads at most {MAX_SEQUENCE_LENGTH} tokens of it); shorten it"
+            )
         _check_int("--max-sequence-length", self.max_sequence_length, 1, MAX_SEQUENCE_LENGTH)
         if self.precision not in PRECISIONS:
             raise PixartError(f"--text-encoder-precision {self.precision!r}: use {', '.join(PRECISIONS)}")

@@ -432,3 +432,10 @@ def test_decode_refuses_latents_of_a_family_whose_vae_is_another(emb, tiny_model
         assert not (tmp_path / "x.png").exists()
     run_pixart("decode", "s-lat.pt", "-q", "-o", "s.png", cwd=tmp_path)  # the model the file names
     assert (tmp_path / "s.png").is_file()
+
+
+def test_a_negative_prompt_is_bounded_as_a_prompt_is(tiny_model, tmp_path):
+    result = run_pixart("encode", "a cat", "--model", tiny_model, "--negative-prompt", "x" * 40_000, "-o", "n.pt",
+                        cwd=tmp_path, check=False)  # fmt: skip
+    assert_one_line_error(result, 2, "--negative-prompt is 40,000 characters, beyond the 32,768")
+    assert not (tmp_path / "n.pt").exists()
