@@ -163,17 +163,22 @@ class ProcessGroup:
 
 def rendezvous_seconds() -> float:
     """RENDEZVOUS_SECONDS, or PIXART_RENDEZVOUS_TIMEOUT's seconds (checked)."""
-    text = os.environ.get(RENDEZVOUS_ENV)
+    return env_seconds(RENDEZVOUS_ENV, RENDEZVOUS_SECONDS, MAX_RENDEZVOUS_SECONDS)
+
+
+def env_seconds(name: str, default: float, most: float) -> float:
+    """Seconds from the environment variable ``name`` (``default`` when unset or blank), from above 0 to ``most``;
+    anything else is one line naming the variable."""
+    text = os.environ.get(name)
     if text is None or not text.strip():
-        return RENDEZVOUS_SECONDS
+        return default
     try:
         seconds = float(text)
     except ValueError:
         seconds = float("nan")
-    if not 0 < seconds <= MAX_RENDEZVOUS_SECONDS:  # NaN fails too
+    if not 0 < seconds <= most:  # NaN fails too
         raise PixartError(
-            f"{RENDEZVOUS_ENV}={text[:40]!r}: not a number of seconds from 1 to {MAX_RENDEZVOUS_SECONDS:,}; "
-            f"unset it for the default {RENDEZVOUS_SECONDS} s"
+            f"{name}={text[:40]!r}: not a number of seconds from 1 to {most:,}; unset it for the default {default:g} s"
         )
     return seconds
 

@@ -219,19 +219,9 @@ def _stderr_fd() -> int:
 
 def node_wait_seconds() -> float:
     """NODE_WAIT_SECONDS, or PIXART_RAY_NODE_WAIT's seconds (checked)."""
-    text = os.environ.get(NODE_WAIT_ENV)
-    if text is None or not text.strip():
-        return NODE_WAIT_SECONDS
-    try:
-        seconds = float(text)
-    except ValueError:
-        seconds = float("nan")
-    if not 0 < seconds <= MAX_NODE_WAIT_SECONDS:  # NaN fails too
-        raise PixartError(
-            f"{NODE_WAIT_ENV}={text[:40]!r}: not a number of seconds from 1 to {MAX_NODE_WAIT_SECONDS:,}; unset it "
-            f"for the default {NODE_WAIT_SECONDS:g} s"
-        )
-    return seconds
+    from pixart_cli.scale.launch import env_seconds
+
+    return env_seconds(NODE_WAIT_ENV, NODE_WAIT_SECONDS, MAX_NODE_WAIT_SECONDS)
 
 
 # --- the driver process ---------------------------------------------------------------------------------------

@@ -90,16 +90,7 @@ def generate_images(
         if job.folder is not None and not resume:
             manifest.start_new(job.folder)
         written = run_devices(job, todo, seed, model, encoding, denoising, run, devices, callbacks)
-        return Summary(
-            written,
-            len(job.prompts) - len(todo),
-            1,
-            time.perf_counter() - started,
-            seed,
-            len(job.prompts),
-            manifest.manifest_path(job.folder) if job.folder else None,
-            f"{len(devices)} devices",
-        )
+        return _summary(job, written, len(job.prompts) - len(todo), 1, started, seed, f"{len(devices)} devices")
 
     # 2. Agree on the seed, and start a new manifest before any rank appends to it
     group = ProcessGroup(ranks) if ranks.world_size > 1 else None
@@ -149,15 +140,14 @@ def generate_images(
             group.close()
     if ranks.rank != 0:
         return None
-    return Summary(
-        sum(c[0] for c in gathered),
-        sum(c[1] for c in gathered),
-        ranks.world_size,
-        time.perf_counter() - started,
-        seed,
-        len(job.prompts),
-        manifest.manifest_path(job.folder) if job.folder else None,
-    )
+    return _summary(job, sum(c[0] for c in gathered), sum(c[1] for c in gathered), ranks.world_size, started, seed)
+
+
+def _summary(job, written: int, skipped: int, processes: int, started: float, seed: int, engine: str = "processes"):
+    """The run's Summary: ``started`` its perf_counter at the start."""
+    folder = job.folder
+    return Summary(written, skipped, processes, time.perf_counter() - started, seed, len(job.prompts),
+                   manifest.manifest_path(folder) if folder else None, engine)  # fmt: skip
 
 
 def _on_ray(job, lines, seed, started, started_ns, prompts, encoding, denoising, model, run, resume, callbacks,
@@ -200,16 +190,7 @@ def _on_ray(job, lines, seed, started, started_ns, prompts, encoding, denoising,
         written = len(reported)  # every image is complete all the same
     finally:
         atomic.remove_temps({atomic.written_path(path).parent for path in job.paths}, tag)
-    return Summary(
-        written,
-        len(job.prompts) - len(todo),
-        1,
-        time.perf_counter() - started,
-        seed,
-        len(job.prompts),
-        manifest.manifest_path(job.folder) if job.folder else None,
-        "Ray",
-    )
+    return _summary(job, written, len(job.prompts) - len(todo), 1, started, seed, "Ray")
 
 
 # After a signal, rank 0 (or Ray's driver) counts once the other processes have placed what they were placing:
