@@ -439,3 +439,14 @@ def test_a_negative_prompt_is_bounded_as_a_prompt_is(tiny_model, tmp_path):
                         cwd=tmp_path, check=False)  # fmt: skip
     assert_one_line_error(result, 2, "--negative-prompt is 40,000 characters, beyond the 32,768")
     assert not (tmp_path / "n.pt").exists()
+
+
+def test_resume_without_a_manifest_says_it_starts_a_new_run(tiny_model, tmp_path):
+    common = ["generate", "a cat", "--model", tiny_model, *SMALL, "--num-images", "2", "-o", "out/", "--resume"]
+    result = run_pixart(*common, cwd=tmp_path)
+    assert f"--resume: {os.path.join('out', 'manifest.jsonl')} is not there; starting a new run in out" in result.stderr
+    (tmp_path / "out" / "manifest.jsonl").write_text("")
+    result = run_pixart(*common, cwd=tmp_path)
+    assert "manifest.jsonl holds no line of a run; starting a new run in out" in result.stderr
+    result = run_pixart(*common, cwd=tmp_path)  # now its manifest is there: it finishes that run, nothing to say
+    assert "starting a new run" not in result.stderr

@@ -161,6 +161,10 @@ RESUME_NAMES = {
     "seed": "--seed",
     "prompt": "the prompt",
     "path": "the file name",
+    "pag_scale": "--pag-scale",
+    "pag_layers": "--pag-layers",
+    "controlnet": "--controlnet",
+    "mask_blur": "--mask-blur",
 }
 
 

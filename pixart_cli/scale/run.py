@@ -72,6 +72,9 @@ def generate_images(
             "again; add --resume to finish that run, or drop --no-overwrite"
         )
     lines = manifest.read(job.folder, len(job.prompts)) if resume else {}
+    if resume and not lines and job.folder is not None and callbacks.log is not None and ranks.rank == 0:
+        found = "holds no line of a run" if manifest.manifest_path(job.folder).is_file() else "is not there"
+        callbacks.log(f"--resume: {manifest.manifest_path(job.folder)} {found}; starting a new run in {job.folder}")
     if seed is None and resume:
         seed = manifest.base_seed(job.folder, lines, len(job.prompts))  # the interrupted run's: found complete
     if lines:
