@@ -8,6 +8,16 @@ import pytest
 
 from pixart_cli import random_model
 
+try:  # the fuzz draws the same examples on every run (a landing never fails by chance); PIXART_FUZZ_RANDOM=1 explores
+    import os
+
+    from hypothesis import settings
+
+    settings.register_profile("pixart", derandomize=os.environ.get("PIXART_FUZZ_RANDOM") != "1")
+    settings.load_profile("pixart")
+except ImportError:
+    pass
+
 
 @pytest.fixture(autouse=True)
 def isolated_env(tmp_path_factory, monkeypatch):

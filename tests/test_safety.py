@@ -800,3 +800,12 @@ def test_a_manifest_of_a_million_lines_is_read_in_bounded_memory(worker, tmp_pat
         for index in range(700_000):
             handle.write(json.dumps({**line, "index": index + 10, "seed": 5 + index}) + "\n")
     assert worker.read(tmp_path, "manifest") == {"outcome": "accepted"}
+
+
+def test_a_t5_config_whose_activation_is_not_text_is_refused():
+    """Found by the model-config fuzz: ``feed_forward_proj: null`` crashed the plan (AttributeError)."""
+    from pixart_cli.models.t5 import t5_config
+
+    for value in (None, 3, ["gated-gelu"], "gated-gelu-x"):
+        with pytest.raises(ValueError, match="is not a T5 activation"):
+            t5_config({"feed_forward_proj": value})

@@ -42,6 +42,8 @@ def t5_config(config: dict) -> SimpleNamespace:
     values = {key: config.get(key, default) for key, default in DEFAULTS.items()}
     if config.get("num_layers") is None and "num_hidden_layers" in config:
         values["num_layers"] = config["num_hidden_layers"]
+    if not isinstance(values["feed_forward_proj"], str):
+        raise ValueError(f"feed_forward_proj {values['feed_forward_proj']!r} is not a T5 activation")
     projection = values["feed_forward_proj"].split("-")
     if len(projection) > 2 or (len(projection) == 2 and projection[0] != "gated"):
         raise ValueError(f"feed_forward_proj {values['feed_forward_proj']!r} is not a T5 activation")
