@@ -31,3 +31,17 @@ SAFETENSORS_DTYPES = {
     "U8": "uint8",
     "BOOL": "bool",
 }
+
+
+def entry_layout_valid(shape, offsets, data_size: int) -> bool:
+    """A safetensors header entry's shape (at most 8 dimensions, each below 2^40) and data offsets (two integers,
+    in order, within the ``data_size`` bytes after the header), as JSON gave them."""
+    return (
+        isinstance(shape, list)
+        and len(shape) <= 8
+        and all(type(n) is int and 0 <= n < 2**40 for n in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(n) is int for n in offsets)
+        and 0 <= offsets[0] <= offsets[1] <= data_size
+    )

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pixart_cli.errors import PixartError, detail
+from pixart_cli.files.formats import entry_layout_valid
 from pixart_cli.files.peft_patterns import MAX_PATTERNS, PatternError, PatternTable
 from pixart_cli.files.untrusted import open_input, read_at_most
 from pixart_cli.settings import MAX_ADAPTER_SCALE
@@ -224,15 +225,7 @@ def _check_entry(key: str, entry, data_size: int, where: str) -> None:
     """One header entry: a dtype LoRA weights come in, a shape of whole numbers whose bytes are its offsets'."""
     fields = entry if isinstance(entry, dict) else {}
     dtype, shape, offsets = fields.get("dtype"), fields.get("shape"), fields.get("data_offsets")
-    if not (
-        isinstance(shape, list)
-        and len(shape) <= 8
-        and all(type(n) is int and 0 <= n < 2**40 for n in shape)
-        and isinstance(offsets, list)
-        and len(offsets) == 2
-        and all(type(n) is int for n in offsets)
-        and 0 <= offsets[0] <= offsets[1] <= data_size
-    ):
+    if not entry_layout_valid(shape, offsets, data_size):
         raise PixartError(f"{where}: damaged .safetensors file (the header entry of {key} is not valid)")
     if dtype not in LORA_DTYPES:
         raise PixartError(

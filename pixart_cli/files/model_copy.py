@@ -26,6 +26,7 @@ from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError, detail
 from pixart_cli.files.atomic import creation_problem
+from pixart_cli.files.formats import SAFETENSORS_DTYPES
 from pixart_cli.files.model_weights import open_weights
 from pixart_cli.files.untrusted import open_input, read_json
 from pixart_cli.signals import GUARD
@@ -36,18 +37,7 @@ CAST_CHUNK = 2**22  # elements cast at a time (16 MB of fp32), through one buffe
 # Safetensors dtype codes: bytes per element, the floating ones (cast to the copy's dtype), and torch's names.
 ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 FLOATS = ("F64", "F32", "F16", "BF16")
-TORCH_NAMES = {
-    "F64": "float64",
-    "F32": "float32",
-    "F16": "float16",
-    "BF16": "bfloat16",
-    "I64": "int64",
-    "I32": "int32",
-    "I16": "int16",
-    "I8": "int8",
-    "U8": "uint8",
-    "BOOL": "bool",
-}
+TORCH_NAMES = SAFETENSORS_DTYPES  # safetensors code -> torch dtype name
 CODES = {name: code for code, name in TORCH_NAMES.items()}
 
 Progress = Callable[[str, int, int], None]

@@ -18,6 +18,7 @@ import stat
 from pathlib import Path
 
 from pixart_cli.errors import EXIT_RUNTIME, PixartError
+from pixart_cli.files.formats import entry_layout_valid
 
 MAX_CONFIG_BYTES = 16 * 2**20  # a config or index .json, read whole (PixArt's are under 30 KB)
 MAX_SAFETENSORS_HEADER = 100_000_000  # a weights file's JSON header (safetensors' own limit)
@@ -342,13 +343,7 @@ def read_header(path: Path) -> tuple[int, dict, int]:
         shape, offsets = fields.get("shape"), fields.get("data_offsets")
         valid = (
             fields.get("dtype") in DTYPE_SIZES
-            and isinstance(shape, list)
-            and len(shape) <= 8
-            and all(type(n) is int and 0 <= n < 2**40 for n in shape)
-            and isinstance(offsets, list)
-            and len(offsets) == 2
-            and all(type(n) is int for n in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_size
+            and entry_layout_valid(shape, offsets, data_size)
             and math.prod(shape) * DTYPE_SIZES[fields["dtype"]] == offsets[1] - offsets[0]
         )
         if not valid:
